@@ -1,0 +1,53 @@
+# The README's two commands: `make demo` (tmb's main job) and `make test`.
+# Each installs what it needs: Debian packages (when missing), a virtualenv, the package.
+
+VENV      ?= .venv
+PYTHON    ?= python3
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.tmb-installed
+APT_PKGS  := swtpm swtpm-tools libtss2-dev pkg-config cryptsetup-bin erofs-utils tpm2-tools
+# Commands whose absence means the Debian packages above still need installing.
+APT_BINS  := swtpm swtpm_setup veritysetup mkfs.erofs pkg-config tpm2_quote
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps venv test lint typecheck unit demo bench clean
+
+all: test
+
+deps:
+	@missing=""; for b in $(APT_BINS); do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	pkg-config --exists tss2-esys 2>/dev/null || missing="$$missing libtss2-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PKGS); \
+	fi
+
+$(STAMP): pyproject.toml | deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: deps $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	PATH=/usr/sbin:$$PATH $(VENV)/bin/pytest -q -ra
+
+test: lint typecheck unit
+
+demo: venv
+	PATH=/usr/sbin:$$PATH $(VENV)/bin/python -m tmb demo
+
+bench: venv
+	$(PY) -m pip install -q -e '.[bench]'
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Evidence verification: IMA measurement lists, PCR replay, TPM quotes, runtime policy, bundles."""

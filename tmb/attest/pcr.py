@@ -1,0 +1,322 @@
+"""PCR replay of an IMA measurement list, full or incremental.
+
+For each entry the kernel extends ``PCR[bank] = H_bank(PCR[bank] || d_bank)`` where
+
+* ``d_sha1`` is the SHA-1 template hash;
+* ``d_bank`` for a non-SHA-1 bank is, on newer kernels (``per-bank``), ``H_bank(template data)``; on
+  older ones (``padded-sha1``) the SHA-1 template hash zero-padded to the bank's size;
+* a violation (all-zero template hash in the log) extends all-ones of the bank's size.
+
+tmb extends with the digest *computed from the entry's data*, so the PCR binds the data the policy
+reads; a template hash that does not match its data is reported as ``ima.template_hash_mismatch``.
+
+Incremental use: a :class:`ReplayState` (byte offset, entry count, running PCRs, mode) is saved after a
+verified quote; the next call reads only the bytes after that offset. Because the quote can lag the log,
+a quoted value matches at *any* entry at or past the saved state; the state at the first match becomes
+the new verified state, entries after it stay pending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from tmb.attest.ima import ImaEntry, iter_log, open_log, parse_fields, sniff_format
+from tmb.errors import InputError, ParseError, Report, Severity
+
+BANK_SIZES: dict[str, int] = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+MODES = ("per-bank", "padded-sha1")
+IMA_PCR = 10
+
+
+def check_bank(bank: str) -> str:
+    if bank not in BANK_SIZES:
+        raise InputError(f"unsupported PCR bank {bank!r}", hint=f"one of {', '.join(BANK_SIZES)}")
+    return bank
+
+
+@dataclass(frozen=True)
+class ReplayState:
+    """Where a replay stands: resume reading at ``offset`` with ``index`` entries already consumed.
+
+    ``pcrs`` maps ``"<pcr>:<bank>"`` keys (e.g. ``"10:sha256"``) to running values, so entries a policy
+    sends to another PCR are tracked too. ``mode`` is the non-SHA-1 bank behaviour (None until known).
+    """
+
+    offset: int = 0
+    index: int = 0
+    pcrs: Mapping[str, bytes] = field(default_factory=dict)
+    mode: str | None = None
+    fmt: str | None = None
+
+    def value(self, bank: str, pcr: int = IMA_PCR) -> bytes:
+        return self.pcrs.get(f"{pcr}:{bank}", bytes(BANK_SIZES[bank]))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "offset": self.offset,
+            "index": self.index,
+            "pcrs": {k: v.hex() for k, v in sorted(self.pcrs.items())},
+            "mode": self.mode,
+            "fmt": self.fmt,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, object]) -> ReplayState:
+        try:
+            pcrs_doc = doc.get("pcrs", {})
+            if not isinstance(pcrs_doc, Mapping):
+                raise TypeError("pcrs")
+            offset, index = doc.get("offset", 0), doc.get("index", 0)
+            if not isinstance(offset, int) or not isinstance(index, int) or offset < 0 or index < 0:
+                raise TypeError("offset/index")
+            mode, fmt = doc.get("mode"), doc.get("fmt")
+            if mode is not None and mode not in MODES:
+                raise TypeError("mode")
+            pcrs = {str(k): bytes.fromhex(str(v)) for k, v in pcrs_doc.items()}
+            return cls(offset, index, pcrs, mode if isinstance(mode, str) else None, str(fmt) if fmt else None)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"invalid saved replay state ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """``state``: after every entry read. ``matched``: the state where the expected values were met
+    (None if no expectation was given or none matched). ``report``: every finding."""
+
+    state: ReplayState
+    matched: ReplayState | None
+    mode: str
+    entries: int
+    report: Report
+
+
+def replay(
+    entries: Iterable[ImaEntry],
+    *,
+    banks: Iterable[str] = ("sha1", "sha256"),
+    mode: str = "auto",
+    state: ReplayState | None = None,
+    expected: Mapping[str, bytes] | None = None,
+    pcr_index: int = IMA_PCR,
+    report: Report | None = None,
+    on_entry: Callable[[ImaEntry], None] | None = None,
+) -> ReplayResult:
+    """Check every template hash and replay ``entries`` into the given banks.
+
+    ``expected`` maps bank -> quoted value of PCR ``pcr_index``; the first entry (or the saved state
+    itself) at which every expected bank matches becomes ``matched``. ``mode`` is ``per-bank``,
+    ``padded-sha1`` or ``auto`` (tries both, keeps the one that matches; ``per-bank`` when nothing is
+    expected). ``on_entry`` sees each entry (policy evaluation in the same pass).
+    """
+    report = report if report is not None else Report()
+    bank_list = [check_bank(b) for b in banks]
+    state = state or ReplayState()
+    if mode != "auto" and mode not in MODES:
+        raise InputError(f"unknown sha256 mode {mode!r}", hint="per-bank, padded-sha1 or auto")
+    if state.mode is not None and mode == "auto":
+        mode = state.mode
+    exp = dict(expected or {})
+    for bank, value in exp.items():
+        check_bank(bank)
+        if len(value) != BANK_SIZES[bank]:
+            raise InputError(f"expected {bank} value is {len(value)} bytes, not {BANK_SIZES[bank]}")
+        if bank not in bank_list:
+            bank_list.append(bank)
+    has_other = any(b != "sha1" for b in bank_list)
+    if mode == "auto":
+        modes = list(MODES) if (has_other and exp) else ["per-bank"]
+    else:
+        modes = [mode]
+    # One slot per (mode, bank): kind 0 = SHA-1 template hash, 1 = per-bank hash of the data,
+    # 2 = SHA-1 template hash zero-padded. ``running[pcr]`` holds one value per slot.
+    slots = [(m, b) for m in modes for b in bank_list]
+    specs = [
+        (0 if b == "sha1" else 1 if m == "per-bank" else 2, getattr(hashlib, b), bytes(BANK_SIZES[b] - 20))
+        for m, b in slots
+    ]
+    ones = [
+        (b"\xff" * 20 + (b"\xff" if m == "per-bank" else b"\0") * (BANK_SIZES[b] - 20)) for m, b in slots
+    ]
+    zeros = [bytes(BANK_SIZES[b]) for _, b in slots]
+    running: dict[int, list[bytes]] = {}
+    for key, value in state.pcrs.items():
+        pcr_s, _, bank = key.partition(":")
+        vals = running.setdefault(int(pcr_s), list(zeros))
+        for i, (_, b) in enumerate(slots):
+            if b == bank:
+                vals[i] = value
+    exp_slots = {m: [(i, exp[b]) for i, (mm, b) in enumerate(slots) if mm == m and b in exp] for m in modes}
+
+    def _matches(m: str, vals: list[bytes] | None) -> bool:
+        return all((vals[i] if vals else zeros[i]) == v for i, v in exp_slots[m])
+
+    matched: dict[str, ReplayState] = {}
+    if exp:
+        for m in modes:
+            if _matches(m, running.get(pcr_index)):
+                matched[m] = replace(state, mode=m)
+    pending = bool(exp) and len(matched) < len(modes)
+
+    offset, index, count = state.offset, state.index, 0
+    sha1 = hashlib.sha1
+    zero_th = bytes(20)
+    for entry in entries:
+        e_index, e_offset, e_size, _, pcr, th, _, _, hashed = entry
+        count += 1
+        if on_entry is not None:
+            on_entry(entry)
+        vals = running.get(pcr)
+        if vals is None:
+            vals = running[pcr] = list(zeros)
+        if th == zero_th:
+            report.add(
+                "ima.violation",
+                "measurement violation (all-zero template hash), extended as all-ones",
+                severity=Severity.WARNING,
+                **entry.where(),
+                path=_path_of(entry),
+            )
+            for i, (_, ctor, _) in enumerate(specs):
+                vals[i] = ctor(vals[i] + ones[i]).digest()
+        else:
+            computed = sha1(hashed).digest()
+            if computed != th:
+                report.add(
+                    "ima.template_hash_mismatch",
+                    "template hash does not match the entry's data",
+                    **entry.where(),
+                    path=_path_of(entry),
+                    expected=computed.hex(),
+                    got=th.hex(),
+                )
+            for i, (kind, ctor, pad) in enumerate(specs):
+                if kind == 0:
+                    vals[i] = sha1(vals[i] + computed).digest()
+                elif kind == 1:
+                    vals[i] = ctor(vals[i] + ctor(hashed).digest()).digest()
+                else:
+                    vals[i] = ctor(vals[i] + computed + pad).digest()
+        index = e_index + 1
+        offset = e_offset + e_size
+        if pending and pcr == pcr_index:
+            for m in modes:
+                if m not in matched and _matches(m, vals):
+                    matched[m] = ReplayState(offset, index, _state_pcrs(running, slots, m), m, state.fmt)
+            pending = len(matched) < len(modes)
+
+    chosen = modes[0]
+    if len(modes) > 1:
+        hits = [m for m in modes if m in matched]
+        if hits:
+            chosen = hits[0]
+            report.add(
+                "pcr.mode_detected",
+                f"non-SHA-1 banks follow the {chosen} behaviour",
+                severity=Severity.INFO,
+                mode=chosen,
+            )
+    final = ReplayState(offset, index, _state_pcrs(running, slots, chosen), chosen, state.fmt)
+    hit = matched.get(chosen)
+    if exp and hit is None:
+        for bank, value in exp.items():
+            report.add(
+                "pcr.mismatch",
+                f"no entry from {state.index} to {index} replays PCR {pcr_index} to the quoted value",
+                pcr=pcr_index,
+                bank=bank,
+                expected=value.hex(),
+                got=final.value(bank, pcr_index).hex(),
+                entries_checked=count,
+                mode=chosen,
+            )
+    return ReplayResult(final, hit, chosen, count, report)
+
+
+def _state_pcrs(running: Mapping[int, list[bytes]], slots: list[tuple[str, str]], mode: str) -> dict[str, bytes]:
+    return {
+        f"{pcr}:{bank}": vals[i] for pcr, vals in running.items() for i, (m, bank) in enumerate(slots) if m == mode
+    }
+
+
+def render_ascii(entry: ImaEntry) -> str:
+    """The ascii line the kernel prints for ``entry`` (without newline)."""
+    f = parse_fields(entry)
+    head = f"{entry.pcr} {entry.template_hash.hex()} {entry.template_name}"
+    if entry.template_name == "ima":
+        return f"{head} {f.digest.hex()} {f.name}"
+    parts = [f"{f.digest_alg}:{f.digest.hex()}", f.name]
+    if entry.template_name == "ima-sig":
+        parts.append(f.sig.hex())
+    elif entry.template_name == "ima-buf":
+        parts.append(f.buf.hex())
+    elif entry.template_name == "ima-modsig":
+        dm = f"{f.modsig_digest_alg}:{f.modsig_digest.hex()}" if f.modsig_digest_alg else ""
+        parts += [f.sig.hex(), dm, f.modsig.hex()]
+    return f"{head} {' '.join(parts)}"
+
+
+def _path_of(entry: ImaEntry) -> str:
+    try:
+        return parse_fields(entry).name
+    except ParseError:
+        return "?"
+
+
+def replay_file(
+    source: str | Path | BinaryIO,
+    *,
+    banks: Iterable[str] = ("sha1", "sha256"),
+    mode: str = "auto",
+    state: ReplayState | None = None,
+    expected: Mapping[str, bytes] | None = None,
+    pcr_index: int = IMA_PCR,
+    on_entry: Callable[[ImaEntry], None] | None = None,
+) -> ReplayResult:
+    """Replay a log file (or open binary stream) from ``state.offset``; parse errors become findings.
+
+    A trailing partial record (a log read while the kernel appends, or cut short) is a warning and is
+    left out of the state, so the next incremental read starts at its first byte. A malformed record
+    in a binary log stops the replay there (``ima.malformed_record``); a malformed ascii line is
+    reported (``ima.malformed_entry``) and skipped.
+    """
+    report = Report()
+    state = state or ReplayState()
+    stream = open_log(source) if isinstance(source, str | Path) else source
+    try:
+        stream.seek(state.offset)
+        fmt = state.fmt or sniff_format(stream)
+        state = replace(state, fmt=fmt)
+
+        def bad_line(exc: ParseError) -> None:
+            report.add("ima.malformed_entry", exc.message, **exc.context)
+
+        def guarded() -> Iterator[ImaEntry]:
+            try:
+                yield from iter_log(
+                    stream, fmt=fmt, start_offset=state.offset, start_index=state.index, on_error=bad_line
+                )
+            except ParseError as exc:
+                if "trailing_bytes" in exc.context:
+                    report.add(
+                        "ima.trailing_partial_record", exc.message, severity=Severity.WARNING, **exc.context
+                    )
+                else:
+                    report.add("ima.malformed_record", exc.message, **exc.context)
+
+        return replay(
+            guarded(),
+            banks=banks,
+            mode=mode,
+            state=state,
+            expected=expected,
+            pcr_index=pcr_index,
+            report=report,
+            on_entry=on_entry,
+        )
+    finally:
+        if isinstance(source, str | Path):
+            stream.close()
