@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from tmb.errors import InputError, ParseError
 
@@ -75,7 +75,7 @@ class ImaEntry(NamedTuple):
     stores it. A NamedTuple rather than a frozen dataclass: a log has millions of these and tuple
     construction is several times cheaper on the replay hot path."""
 
-    index: int
+    num: int  # 0-based position in the log
     offset: int  # byte offset of the record (binary) or of the line (ascii)
     size: int  # bytes the record (or the line with its newline) occupies in the log
     line: int  # 1-based line for ascii logs, 0 for binary
@@ -89,9 +89,9 @@ class ImaEntry(NamedTuple):
     def is_violation(self) -> bool:
         return self.template_hash == ZERO_SHA1
 
-    def where(self) -> dict[str, int]:
+    def where(self) -> dict[str, Any]:
         """Location context for findings."""
-        loc = {"entry": self.index, "offset": self.offset}
+        loc: dict[str, Any] = {"entry": self.num, "offset": self.offset}
         if self.line:
             loc["line"] = self.line
         return loc
@@ -127,7 +127,7 @@ def template_hashed_data(template_name: str, data: bytes) -> bytes:
     return data[:SHA1_LEN] + name.ljust(IMA_NAME_PAD, b"\0")
 
 
-def _split_fields(data: bytes, count: int, where: dict[str, int]) -> list[bytes]:
+def _split_fields(data: bytes, count: int, where: dict[str, Any]) -> list[bytes]:
     out: list[bytes] = []
     pos = 0
     for i in range(count):
@@ -144,7 +144,7 @@ def _split_fields(data: bytes, count: int, where: dict[str, int]) -> list[bytes]
     return out
 
 
-def _parse_dng(raw: bytes, where: dict[str, int]) -> tuple[str, bytes]:
+def _parse_dng(raw: bytes, where: dict[str, Any]) -> tuple[str, bytes]:
     sep = raw.find(b":\0")
     if sep < 0:
         raise ParseError("d-ng field has no 'algo:' prefix", **where)
@@ -200,8 +200,10 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
     unpack_u32 = _U32.unpack_from
     names: dict[bytes, str] = {}
     new_entry = tuple.__new__
+    need = False  # the record at ``pos`` is incomplete: read more before parsing again
     while True:
-        if not eof and len(buf) - pos < CHUNK:
+        if not eof and (need or len(buf) - pos < CHUNK):
+            need = False
             more = stream.read(CHUNK)
             if more:
                 buf = buf[pos:] + more
@@ -216,6 +218,7 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
         if start + 28 > avail:
             if eof:
                 raise _trailing(base + start, avail - start, "record header")
+            need = True
             continue
         pcr, th, nlen = unpack_head(buf, start)
         if nlen == 0 or nlen > MAX_TEMPLATE_NAME:
@@ -228,6 +231,7 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
         if p + nlen + 4 > avail:
             if eof:
                 raise _trailing(base + start, avail - start, "template name")
+            need = True
             continue
         name_b = buf[p : p + nlen]
         p += nlen
@@ -235,6 +239,7 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
             if p + SHA1_LEN + 4 > avail:
                 if eof:
                     raise _trailing(base + start, avail - start, "ima template data")
+                need = True
                 continue
             (plen,) = unpack_u32(buf, p + SHA1_LEN)
             if plen >= IMA_NAME_PAD:
@@ -256,11 +261,7 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
         if p + dlen > avail:
             if eof:
                 raise _trailing(base + start, avail - start, "template data")
-            if dlen > CHUNK:  # a record larger than a chunk: read exactly what is missing
-                more = stream.read(p + dlen - avail)
-                buf = buf[pos:] + more
-                base += pos
-                pos = 0
+            need = True
             continue
         data = buf[p : p + dlen]
         pos = p + dlen
@@ -291,7 +292,7 @@ def _field(value: bytes) -> bytes:
     return _U32.pack(len(value)) + value
 
 
-def _dng_from_text(text: str, where: dict[str, int]) -> bytes:
+def _dng_from_text(text: str, where: dict[str, Any]) -> bytes:
     alg, sep, hexd = text.partition(":")
     if not sep:
         raise ParseError(f"digest {text[:80]!r} is not 'algo:hex'", **where)
@@ -302,7 +303,7 @@ def _dng_from_text(text: str, where: dict[str, int]) -> bytes:
     return alg.encode("ascii") + b":\0" + digest
 
 
-def _unhex(text: str, what: str, where: dict[str, int]) -> bytes:
+def _unhex(text: str, what: str, where: dict[str, Any]) -> bytes:
     try:
         return bytes.fromhex(text)
     except ValueError:
@@ -314,7 +315,7 @@ _TAIL_FIELDS = {"ima-ng": 0, "ima-sig": 1, "ima-buf": 1, "ima-modsig": 3}
 
 def entry_from_ascii(line: str, *, index: int, offset: int, lineno: int, size: int = 0) -> ImaEntry:
     """Rebuild the binary template data from one ascii line (so the template hash can be checked)."""
-    where = {"entry": index, "line": lineno, "offset": offset}
+    where: dict[str, Any] = {"entry": index, "line": lineno, "offset": offset}
     head = line.split(" ", 3)
     if len(head) < 4:
         raise ParseError("ascii entry has fewer than 4 fields", **where)
@@ -390,10 +391,11 @@ def iter_ascii(
 # ----------------------------------------------------------------------------------------- detection
 
 
-def detect_format(head: bytes) -> str:
-    """``"binary"`` or ``"ascii"`` from the first bytes of a log; ParseError for anything else."""
+def detect_format(head: bytes) -> str | None:
+    """``"binary"`` or ``"ascii"`` from the first bytes of a log, None when there are none yet (an empty
+    log is valid in either format); ParseError for anything else."""
     if not head:
-        return "binary"  # an empty log is valid in either format and has no entries
+        return None
     first = head.split(b"\n", 1)[0]
     if first.startswith(b"#") or (first[:1].isdigit() and b" " in first[:4] and _looks_text(first)):
         return "ascii"
@@ -412,7 +414,7 @@ def _looks_text(line: bytes) -> bool:
 
 def open_log(path: str | Path) -> BinaryIO:
     try:
-        return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+        return open(path, "rb")
     except OSError as exc:
         raise InputError(f"cannot read IMA log: {exc.strerror}", path=str(path)) from None
 
@@ -429,7 +431,7 @@ def iter_log(
     (the stream must already be positioned there). ``on_error`` applies to ascii logs, where a bad line
     can be skipped; a binary log cannot be resynchronised after a malformed record."""
     if fmt is None:
-        fmt = sniff_format(stream)
+        fmt = sniff_format(stream) or "binary"
     if fmt == "binary":
         return iter_binary(stream, start_offset=start_offset, start_index=start_index)
     if fmt == "ascii":
@@ -437,7 +439,7 @@ def iter_log(
     raise InputError(f"unknown IMA log format {fmt!r} (binary or ascii)")
 
 
-def sniff_format(stream: BinaryIO) -> str:
+def sniff_format(stream: BinaryIO) -> str | None:
     """Detect the format from the stream's next bytes without consuming them."""
     if not stream.seekable():
         raise InputError("cannot auto-detect the format of a non-seekable stream; name the format")

@@ -134,3 +134,54 @@ class LogBuilder:
     def buffer(self, name: str, payload: bytes, *, alg: str = "sha256") -> Built:
         """An ima-buf event (critical data such as ``dm_table_load``)."""
         return self.add("ima-buf", name, digest=hashlib.new(alg, payload).digest(), alg=alg, buf=payload)
+
+
+# ----------------------------------------------------------------------- device-mapper payloads (dm-ima)
+
+
+def _dm_device(name: str, uuid: str, minor: int) -> str:
+    return f"dm_version=4.45.0;name={name},uuid={uuid},major=253,minor={minor},minor_count=1,num_targets=1;"
+
+
+def dm_table_load_verity(
+    name: str,
+    *,
+    root_digest: str,
+    salt: str,
+    data_blocks: int,
+    algorithm: str = "sha256",
+    uuid: str = "",
+    minor: int = 0,
+    data_device: str = "7:1",
+    hash_device: str = "7:0",
+) -> bytes:
+    """The ``dm_table_load`` payload the kernel measures for a single-target verity table."""
+    target = (
+        f"target_index=0,target_begin=0,target_len={data_blocks * 8},target_name=verity,"
+        f"target_version=1.9.0,hash_failed=V,verity_version=1,data_device_name={data_device},"
+        f"hash_device_name={hash_device},verity_algorithm={algorithm},root_digest={root_digest},"
+        f"salt={salt or '-'},ignore_zero_blocks=n,check_at_most_once=n;"
+    )
+    return (_dm_device(name, uuid, minor) + target).encode("ascii")
+
+
+def dm_device_resume(name: str, *, table_digest: str, capacity: int, uuid: str = "", minor: int = 0) -> bytes:
+    """``dm_device_resume``: ``table_digest`` is ``alg:hex`` of the activated table load event."""
+    return (
+        _dm_device(name, uuid, minor)
+        + f"active_table_hash={table_digest};current_device_capacity={capacity};"
+    ).encode("ascii")
+
+
+def dm_device_remove(name: str, *, table_digest: str, capacity: int, uuid: str = "", minor: int = 0) -> bytes:
+    meta = _dm_device(name, uuid, minor).replace(";name=", ";device_active_metadata=name=", 1)
+    return (
+        meta + f"active_table_hash={table_digest},remove_all=n;current_device_capacity={capacity};"
+    ).encode("ascii")
+
+
+def dm_table_clear(name: str, *, capacity: int, uuid: str = "") -> bytes:
+    text = (
+        f"dm_version=4.45.0;name={name},uuid={uuid};table_clear=no_data;current_device_capacity={capacity};"
+    )
+    return text.encode("ascii")

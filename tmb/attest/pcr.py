@@ -77,7 +77,9 @@ class ReplayState:
             if mode is not None and mode not in MODES:
                 raise TypeError("mode")
             pcrs = {str(k): bytes.fromhex(str(v)) for k, v in pcrs_doc.items()}
-            return cls(offset, index, pcrs, mode if isinstance(mode, str) else None, str(fmt) if fmt else None)
+            return cls(
+                offset, index, pcrs, mode if isinstance(mode, str) else None, str(fmt) if fmt else None
+            )
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid saved replay state ({exc})") from None
 
@@ -138,9 +140,7 @@ def replay(
         (0 if b == "sha1" else 1 if m == "per-bank" else 2, getattr(hashlib, b), bytes(BANK_SIZES[b] - 20))
         for m, b in slots
     ]
-    ones = [
-        (b"\xff" * 20 + (b"\xff" if m == "per-bank" else b"\0") * (BANK_SIZES[b] - 20)) for m, b in slots
-    ]
+    ones = [(b"\xff" * 20 + (b"\xff" if m == "per-bank" else b"\0") * (BANK_SIZES[b] - 20)) for m, b in slots]
     zeros = [bytes(BANK_SIZES[b]) for _, b in slots]
     running: dict[int, list[bytes]] = {}
     for key, value in state.pcrs.items():
@@ -169,9 +169,7 @@ def replay(
         count += 1
         if on_entry is not None:
             on_entry(entry)
-        vals = running.get(pcr)
-        if vals is None:
-            vals = running[pcr] = list(zeros)
+        vals = running.get(pcr) or running.setdefault(pcr, list(zeros))
         if th == zero_th:
             report.add(
                 "ima.violation",
@@ -236,9 +234,14 @@ def replay(
     return ReplayResult(final, hit, chosen, count, report)
 
 
-def _state_pcrs(running: Mapping[int, list[bytes]], slots: list[tuple[str, str]], mode: str) -> dict[str, bytes]:
+def _state_pcrs(
+    running: Mapping[int, list[bytes]], slots: list[tuple[str, str]], mode: str
+) -> dict[str, bytes]:
     return {
-        f"{pcr}:{bank}": vals[i] for pcr, vals in running.items() for i, (m, bank) in enumerate(slots) if m == mode
+        f"{pcr}:{bank}": vals[i]
+        for pcr, vals in running.items()
+        for i, (m, bank) in enumerate(slots)
+        if m == mode
     }
 
 
@@ -290,6 +293,10 @@ def replay_file(
         stream.seek(state.offset)
         fmt = state.fmt or sniff_format(stream)
         state = replace(state, fmt=fmt)
+        if fmt is None:  # no bytes past the saved offset: nothing new
+            return replay(
+                [], banks=banks, mode=mode, state=state, expected=expected, pcr_index=pcr_index, report=report
+            )
 
         def bad_line(exc: ParseError) -> None:
             report.add("ima.malformed_entry", exc.message, **exc.context)

@@ -1,0 +1,142 @@
+"""Auditor-facing commands: ``tmb ima replay``, ``tmb ima check``, ``tmb audit``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tmb.attest.pcr import BANK_SIZES, MODES, ReplayState, replay_file
+from tmb.attest.policy import PolicyChecker, load_policy
+from tmb.errors import InputError, Report, Severity
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ima = sub.add_parser("ima", help="IMA measurement lists: replay and policy checks")
+    ima_sub = ima.add_subparsers(dest="ima_command", metavar="COMMAND", required=True)
+
+    rp = ima_sub.add_parser(
+        "replay",
+        help="check every template hash and print the replayed PCR 10",
+        description="Parse a binary or ascii IMA log (auto-detected), check every template hash and "
+        "replay it. The last line printed is the replayed PCR value in hex. Exit 1 when an entry is bad "
+        "or the expected value is not reached.",
+    )
+    rp.add_argument("log", type=Path, help="binary_runtime_measurements or ascii_runtime_measurements")
+    rp.add_argument("--bank", choices=sorted(BANK_SIZES), default="sha256", help="PCR bank (default sha256)")
+    rp.add_argument(
+        "--sha256-mode",
+        choices=[*MODES, "auto"],
+        default=None,
+        help="non-SHA-1 bank behaviour: per-bank hash of the template data (newer kernels) or the "
+        "zero-padded SHA-1 template hash (older kernels); default per-bank, or auto with --expect",
+    )
+    rp.add_argument("--expect", metavar="HEX", help="quoted PCR value: find the entry where it is reached")
+    rp.add_argument("--pcr", type=int, default=10, help="PCR index the log extends (default 10)")
+    rp.add_argument("--state", type=Path, help="resume from a saved state (JSON from --save-state)")
+    rp.add_argument("--save-state", type=Path, help="write the state after the last verified entry")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.set_defaults(func=_cmd_replay)
+
+    ck = ima_sub.add_parser("check", help="evaluate a runtime policy against an IMA log (no quote)")
+    ck.add_argument("log", type=Path)
+    ck.add_argument("--policy", type=Path, required=True, help="runtime policy TOML (docs/policy.md)")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=_cmd_check)
+
+    au = sub.add_parser(
+        "audit",
+        help="re-check an evidence bundle offline (quotes, IMA log, policy, verity)",
+        description="Verify every quote in an evidence bundle with the AK, replay the IMA log to each "
+        "quoted PCR 10, evaluate the runtime policy and the dm-verity rules over the quoted entries. "
+        "Exit 0 only when no check failed.",
+    )
+    au.add_argument("bundle", type=Path, help="evidence bundle directory (docs/evidence-bundle.md)")
+    au.add_argument("--policy", type=Path, help="runtime policy TOML (default: the bundle's policy.toml)")
+    au.add_argument("--json", action="store_true")
+    au.set_defaults(func=_cmd_audit)
+
+
+def print_findings(report: Report, *, out: Any = None, verbose: bool = True) -> None:
+    out = out or sys.stdout
+    for f in report:
+        if f.severity is Severity.INFO and not verbose:
+            continue
+        print(str(f), file=out)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    expected: dict[str, bytes] = {}
+    if args.expect:
+        try:
+            expected[args.bank] = bytes.fromhex(args.expect)
+        except ValueError:
+            raise InputError("--expect is not hex", got=args.expect) from None
+    mode = args.sha256_mode or ("auto" if expected else "per-bank")
+    state = None
+    if args.state:
+        try:
+            state = ReplayState.from_json(json.loads(args.state.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read state file: {exc}", path=str(args.state)) from None
+    banks = ["sha1"] if args.bank == "sha1" else ["sha1", args.bank]
+    result = replay_file(args.log, banks=banks, mode=mode, state=state, expected=expected, pcr_index=args.pcr)
+    value = result.state.value(args.bank, args.pcr)
+    if args.save_state:
+        keep = result.matched if expected else result.state
+        if keep is not None:
+            args.save_state.write_text(json.dumps(keep.to_json(), indent=1) + "\n")
+    if args.json:
+        doc = {
+            "ok": result.report.ok,
+            "entries": result.entries,
+            "bank": args.bank,
+            "mode": result.mode,
+            "pcr": args.pcr,
+            "value": value.hex(),
+            "matched_at_entry": result.matched.index if result.matched else None,
+            "state": result.state.to_json(),
+            "findings": result.report.to_list(),
+        }
+        print(json.dumps(doc, indent=1))
+    else:
+        print_findings(result.report)
+        print(f"entries: {result.entries}  bank: {args.bank}  mode: {result.mode}")
+        if result.matched is not None:
+            m = result.matched
+            print(f"quoted value reached after entry {m.index - 1} (offset {m.offset})")
+        print(value.hex())
+    return 0 if result.report.ok else 1
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    report = Report()
+    checker = PolicyChecker(policy, report)
+    result = replay_file(args.log, banks=["sha1"], on_entry=checker)
+    report.extend(result.report)
+    from tmb.attest.dm import check_verity, dm_events
+
+    check_verity(dm_events(checker.entries, report), policy.verity, report)
+    checker.finish()
+    if args.json:
+        print(
+            json.dumps({"ok": report.ok, "entries": result.entries, "findings": report.to_list()}, indent=1)
+        )
+    else:
+        print_findings(report)
+        print(f"{result.entries} entries, {len(report.errors)} errors: {'PASS' if report.ok else 'FAIL'}")
+    return 0 if report.ok else 1
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from tmb.attest.evidence import audit_bundle, render_text
+
+    result = audit_bundle(args.bundle, policy_path=args.policy)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(render_text(result))
+    return 0 if result.ok else 1

@@ -1,0 +1,347 @@
+"""Runtime policy: which measurements a node may have, which it must have, which model images it mounts.
+
+The policy is one TOML file (format documented in docs/policy.md)::
+
+    version = 1
+
+    [allow]                         # path -> allowed digests ("alg:hex", or bare hex: any algorithm)
+    "/usr/bin/python3.11" = ["sha256:9f86d0..."]
+    "boot_aggregate" = ["sha256:..."]
+
+    [allow_any_path]
+    digests = ["sha256:..."]        # allowed whatever the path (e.g. a binary installed in many places)
+
+    [exclude]
+    paths = ["^/tmp/", "^/var/log/"]  # regular expressions, matched with re.search
+
+    [require]
+    paths = ["/usr/bin/vllm", "/usr/bin/tmb-probe"]   # must be measured with an allowed digest
+
+    [options]
+    allow_violations = false        # a measurement violation is an error unless true
+    allow_unknown = false           # a path neither allowed nor excluded is an error unless true
+
+    [[verity]]                      # one per model image (see `tmb verity policy`)
+    name = "llama-1b@main"
+    root_digest = "..."
+    verity_algorithm = "sha256"
+    salt = "..."
+    data_blocks = 51200
+
+    [[import]]
+    keylime = "runtime-policy.json"  # Keylime runtime policy as an allowlist source (relative path)
+
+An empty policy (nothing allowed, nothing required, no verity rule) fails closed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tmb.attest.dm import DM_EVENTS, VerityRule
+from tmb.attest.ima import DIGEST_SIZES, ImaEntry, parse_fields
+from tmb.errors import ConfigError, ParseError, Report
+
+POLICY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AllowedDigest:
+    alg: str | None  # None: bare hex from Keylime, any algorithm of that length
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class RuntimePolicy:
+    allow: Mapping[str, frozenset[AllowedDigest]] = field(default_factory=dict)
+    allow_any_path: frozenset[AllowedDigest] = frozenset()
+    exclude: tuple[str, ...] = ()
+    require: tuple[str, ...] = ()
+    verity: tuple[VerityRule, ...] = ()
+    allow_violations: bool = False
+    allow_unknown: bool = False
+    ignored_keyrings: frozenset[str] = frozenset()
+    source: str = "<memory>"
+
+    @property
+    def empty(self) -> bool:
+        return not (self.allow or self.allow_any_path or self.require or self.verity or self.allow_unknown)
+
+
+def parse_digest(text: str, where: str) -> AllowedDigest:
+    alg, sep, hexd = text.strip().rpartition(":")
+    try:
+        raw = bytes.fromhex(hexd)
+    except ValueError:
+        raise ConfigError(f"digest {text[:80]!r} is not hex", where=where) from None
+    if sep and alg not in DIGEST_SIZES:
+        raise ConfigError(f"unknown digest algorithm {alg!r}", where=where)
+    if sep and DIGEST_SIZES[alg] != len(raw):
+        raise ConfigError(f"{alg} digest must be {DIGEST_SIZES[alg]} bytes, got {len(raw)}", where=where)
+    if not raw:
+        raise ConfigError("empty digest", where=where)
+    return AllowedDigest(alg if sep else None, raw)
+
+
+def _digest_list(value: Any, where: str) -> frozenset[AllowedDigest]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("expected a list of digest strings", where=where)
+    return frozenset(parse_digest(v, where) for v in value)
+
+
+def _compile(patterns: Iterable[str], where: str) -> tuple[str, ...]:
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ConfigError("exclude patterns must be strings", where=where)
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ConfigError(f"bad regular expression {p!r}: {exc}", where=where) from None
+        out.append(p)
+    return tuple(out)
+
+
+def load_keylime_policy(path: str | Path) -> RuntimePolicy:
+    """Import a Keylime runtime policy (JSON, ``meta.version`` 1) as an allowlist source."""
+    where = str(path)
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read Keylime policy: {exc.strerror}", path=where) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Keylime policy is not JSON: {exc}", path=where) from None
+    if not isinstance(doc, dict):
+        raise ConfigError("Keylime policy must be a JSON object", path=where)
+    if "payload" in doc and "signatures" in doc:
+        raise ConfigError(
+            "this is a signed (DSSE) Keylime policy envelope",
+            path=where,
+            hint="verify and unwrap it with keylime_policy, then import the payload",
+        )
+    meta = doc.get("meta")
+    if not isinstance(meta, dict) or meta.get("version") != 1:
+        raise ConfigError("unsupported Keylime runtime policy version (need meta.version = 1)", path=where)
+    digests = doc.get("digests", {})
+    if not isinstance(digests, dict):
+        raise ConfigError("'digests' must map paths to lists", path=where)
+    allow = {p: _digest_list(v, f"{where}: digests[{p!r}]") for p, v in digests.items()}
+    keyrings = doc.get("keyrings", {})
+    if isinstance(keyrings, dict):
+        for ring, values in keyrings.items():
+            allow[ring] = allow.get(ring, frozenset()) | _digest_list(values, f"{where}: keyrings[{ring!r}]")
+    ima = doc.get("ima", {}) if isinstance(doc.get("ima"), dict) else {}
+    return RuntimePolicy(
+        allow=allow,
+        exclude=_compile(doc.get("excludes", []), f"{where}: excludes"),
+        ignored_keyrings=frozenset(ima.get("ignored_keyrings", []) or []),
+        source=where,
+    )
+
+
+def load_policy(path: str | Path) -> RuntimePolicy:
+    """Load a TOML runtime policy; ConfigError names the file and the key on any problem."""
+    path = Path(path)
+    where = str(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy: {exc.strerror}", path=where) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"policy is not valid TOML: {exc}", path=where) from None
+    return policy_from_dict(doc, where=where, base=path.parent)
+
+
+def policy_from_dict(
+    doc: Mapping[str, Any], *, where: str = "<policy>", base: Path | None = None
+) -> RuntimePolicy:
+    known = {"version", "allow", "allow_any_path", "exclude", "require", "options", "verity", "import"}
+    unknown = set(doc) - known
+    if unknown:
+        raise ConfigError(f"unknown policy keys: {', '.join(sorted(unknown))}", path=where)
+    if doc.get("version") != POLICY_VERSION:
+        raise ConfigError(f"policy version must be {POLICY_VERSION}", path=where, got=doc.get("version"))
+    allow_doc = doc.get("allow", {})
+    if not isinstance(allow_doc, dict):
+        raise ConfigError("[allow] must be a table of path = [digests]", path=where)
+    allow = {p: _digest_list(v, f"{where}: allow[{p!r}]") for p, v in allow_doc.items()}
+    any_path = _digest_list(
+        _table(doc, "allow_any_path", where).get("digests", []), f"{where}: allow_any_path"
+    )
+    exclude = _compile(_table(doc, "exclude", where).get("paths", []), f"{where}: exclude.paths")
+    require = _table(doc, "require", where).get("paths", [])
+    if not isinstance(require, list) or not all(isinstance(p, str) for p in require):
+        raise ConfigError("require.paths must be a list of paths", path=where)
+    options = _table(doc, "options", where)
+    for key in options:
+        if key not in ("allow_violations", "allow_unknown"):
+            raise ConfigError(f"unknown option {key!r}", path=where)
+    verity = tuple(_verity_rule(r, f"{where}: verity[{i}]") for i, r in enumerate(doc.get("verity", [])))
+    policy = RuntimePolicy(
+        allow=allow,
+        allow_any_path=any_path,
+        exclude=exclude,
+        require=tuple(require),
+        verity=verity,
+        allow_violations=bool(options.get("allow_violations", False)),
+        allow_unknown=bool(options.get("allow_unknown", False)),
+        source=where,
+    )
+    for i, imp in enumerate(doc.get("import", [])):
+        if not isinstance(imp, dict) or set(imp) != {"keylime"}:
+            raise ConfigError("each [[import]] needs exactly: keylime = 'file.json'", path=where, index=i)
+        target = Path(imp["keylime"])
+        policy = merge(
+            policy, load_keylime_policy(target if target.is_absolute() else (base or Path()) / target)
+        )
+    return policy
+
+
+def _table(doc: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table", path=where)
+    return value
+
+
+def _verity_rule(doc: Any, where: str) -> VerityRule:
+    if not isinstance(doc, dict):
+        raise ConfigError("a [[verity]] entry must be a table", where=where)
+    allowed = {"name", "root_digest", "verity_algorithm", "salt", "data_blocks", "data_block_size", "device"}
+    allowed |= {"required", "hash_block_size"}
+    extra = set(doc) - allowed
+    if extra:
+        raise ConfigError(f"unknown verity keys: {', '.join(sorted(extra))}", where=where)
+    for key in ("name", "root_digest"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            raise ConfigError(f"verity rule needs a non-empty {key}", where=where)
+    try:
+        bytes.fromhex(doc["root_digest"])
+    except ValueError:
+        raise ConfigError("root_digest is not hex", where=where) from None
+    blocks = doc.get("data_blocks")
+    if blocks is not None and (not isinstance(blocks, int) or blocks <= 0):
+        raise ConfigError("data_blocks must be a positive integer", where=where)
+    return VerityRule(
+        name=doc["name"],
+        root_digest=doc["root_digest"].lower(),
+        verity_algorithm=str(doc.get("verity_algorithm", "sha256")),
+        salt=str(doc.get("salt", "-")).lower(),
+        data_blocks=blocks,
+        data_block_size=int(doc.get("data_block_size", 4096)),
+        device=doc.get("device"),
+        required=bool(doc.get("required", True)),
+    )
+
+
+def merge(a: RuntimePolicy, b: RuntimePolicy) -> RuntimePolicy:
+    allow = dict(a.allow)
+    for path, digests in b.allow.items():
+        allow[path] = allow.get(path, frozenset()) | digests
+    return RuntimePolicy(
+        allow=allow,
+        allow_any_path=a.allow_any_path | b.allow_any_path,
+        exclude=a.exclude + b.exclude,
+        require=a.require + b.require,
+        verity=a.verity + b.verity,
+        allow_violations=a.allow_violations or b.allow_violations,
+        allow_unknown=a.allow_unknown or b.allow_unknown,
+        ignored_keyrings=a.ignored_keyrings | b.ignored_keyrings,
+        source=a.source,
+    )
+
+
+def _allowed(digests: Iterable[AllowedDigest], alg: str, digest: bytes) -> bool:
+    return any(d.digest == digest and (d.alg is None or d.alg == alg) for d in digests)
+
+
+class PolicyChecker:
+    """Evaluates entries one at a time (so it can ride along a replay); ``finish`` adds the findings
+    that need the whole log (required measurements, empty policy)."""
+
+    def __init__(self, policy: RuntimePolicy, report: Report) -> None:
+        self.policy = policy
+        self.report = report
+        self._exclude = [re.compile(p) for p in policy.exclude]
+        self._seen_required: set[str] = set()
+        self.entries: list[ImaEntry] = []  # dm events, kept for the verity rules
+
+    def __call__(self, entry: ImaEntry) -> None:
+        self.check(entry)
+
+    def check(self, entry: ImaEntry) -> None:
+        policy, report = self.policy, self.report
+        try:
+            fields = parse_fields(entry)
+        except ParseError as exc:
+            report.add(
+                "ima.unknown_template" if "unknown IMA template" in exc.message else "ima.malformed_entry",
+                exc.message,
+                **entry.where(),
+            )
+            return
+        name = fields.name
+        if entry.template_name == "ima-buf" and name in DM_EVENTS:
+            self.entries.append(entry)
+            return
+        if entry.is_violation:
+            if not policy.allow_violations:
+                report.add(
+                    "policy.violation",
+                    "measurement violation not allowed by policy",
+                    **entry.where(),
+                    path=name,
+                )
+            return
+        if entry.template_name == "ima-buf" and name in policy.ignored_keyrings:
+            return
+        if any(rx.search(name) for rx in self._exclude):
+            return
+        allowed = policy.allow.get(name)
+        if allowed is not None and _allowed(allowed, fields.digest_alg, fields.digest):
+            self._seen_required.add(name)
+            return
+        if _allowed(policy.allow_any_path, fields.digest_alg, fields.digest):
+            self._seen_required.add(name)
+            return
+        got = f"{fields.digest_alg}:{fields.digest.hex()}"
+        if allowed is not None:
+            report.add(
+                "policy.digest_not_allowed",
+                "file measured with a digest the policy does not allow for its path",
+                **entry.where(),
+                path=name,
+                got=got,
+                expected=sorted(f"{d.alg or '*'}:{d.digest.hex()}" for d in allowed),
+            )
+        elif not policy.allow_unknown:
+            report.add(
+                "policy.path_not_allowed",
+                "measured file is not in the allowlist",
+                **entry.where(),
+                path=name,
+                got=got,
+            )
+
+    def finish(self) -> None:
+        if self.policy.empty:
+            self.report.add(
+                "policy.empty",
+                "the policy allows and requires nothing: failing closed",
+                source=self.policy.source,
+            )
+        for path in self.policy.require:
+            if path not in self._seen_required:
+                self.report.add(
+                    "policy.required_missing",
+                    "a required measurement is absent (or only present with a disallowed digest)",
+                    path=path,
+                )
