@@ -87,7 +87,7 @@ def test_streaming_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_incremental_replay_equals_full_replay_from_every_split(tmp_path: Path) -> None:
-    binary, text, builder = _log(12)
+    binary, text, _ = _log(12)
     for data in (binary, text):
         path = tmp_path / "log"
         path.write_bytes(data)

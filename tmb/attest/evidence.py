@@ -1,0 +1,373 @@
+"""Evidence bundles and the offline audit (``tmb audit``).
+
+A bundle is a directory (format documented in docs/evidence-bundle.md)::
+
+    manifest.json            {"format": "tmb-evidence/1", "node": "...", "ak": "ak.pem",
+                              "ima_log": "ima.log", "pcr_bank": "sha256", "sha256_mode": "auto",
+                              "quotes": [{"message": "quotes/0.attest", "signature": "quotes/0.sig",
+                                          "pcrs": "quotes/0.pcrs", "nonce": "<hex>"}, ...],
+                              "policy": "policy.toml", "commitments": ["model.commitment.json"]}
+
+``ak`` is PEM/DER SubjectPublicKeyInfo or TPM2B_PUBLIC; quote files are what ``tpm2_quote -m/-s/-o``
+write (the PCR file may also be JSON ``{"sha256": {"10": "hex"}}``); ``ima_log`` is a binary or ascii
+measurement list; ``policy`` and ``commitments`` are optional (``--policy`` overrides the first).
+
+The audit verifies every quote (signature, nonce, pcrDigest, PCR 10 selected, clock monotonic across
+quotes), replays the IMA log incrementally to each quoted PCR 10 (the quote may lag the log), then
+evaluates the runtime policy and the dm-verity rules over the entries the last quote covers. Entries
+after it are reported as unattested, not evaluated as proof.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tmb.attest.dm import VerityRule, check_verity, dm_events
+from tmb.attest.ima import ImaEntry
+from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
+from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy
+from tmb.attest.quote import QuoteResult, load_ak, verify_quote
+from tmb.attest.tpm2 import load_pcr_values, parse_attest
+from tmb.errors import Finding, InputError, ParseError, Report, Severity, TmbError
+
+BUNDLE_FORMAT = "tmb-evidence/1"
+
+
+@dataclass(frozen=True)
+class QuoteFiles:
+    message: bytes
+    signature: bytes
+    pcrs: bytes
+    nonce: bytes | None
+    label: str
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    node: str
+    ak: bytes
+    ima_log: Path
+    pcr_bank: str
+    sha256_mode: str
+    quotes: tuple[QuoteFiles, ...]
+    policy: Path | None
+    commitments: tuple[Path, ...]
+
+
+def _read(root: Path, rel: Any, what: str) -> bytes:
+    if not isinstance(rel, str) or not rel:
+        raise InputError(f"manifest: {what} must be a relative file name", bundle=str(root))
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise InputError(f"manifest: {what} points outside the bundle", bundle=str(root), path=rel)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what}: {exc.strerror}", path=str(path)) from None
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and validate a bundle's manifest; InputError names the bundle and the bad key."""
+    root = Path(root)
+    raw = _read(root, "manifest.json", "manifest.json")
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"manifest.json is not JSON: {exc}", bundle=str(root)) from None
+    if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
+        raise InputError(
+            f"not a tmb evidence bundle (manifest format must be {BUNDLE_FORMAT!r})",
+            bundle=str(root),
+            got=doc.get("format") if isinstance(doc, dict) else type(doc).__name__,
+        )
+    quotes_doc = doc.get("quotes")
+    if not isinstance(quotes_doc, list):
+        raise InputError("manifest: 'quotes' must be a list", bundle=str(root))
+    quotes = []
+    for i, q in enumerate(quotes_doc):
+        if not isinstance(q, dict):
+            raise InputError(f"manifest: quotes[{i}] must be an object", bundle=str(root))
+        nonce = q.get("nonce")
+        try:
+            nonce_b = bytes.fromhex(nonce) if isinstance(nonce, str) else None
+        except ValueError:
+            raise InputError(f"manifest: quotes[{i}].nonce is not hex", bundle=str(root)) from None
+        quotes.append(
+            QuoteFiles(
+                _read(root, q.get("message"), f"quotes[{i}].message"),
+                _read(root, q.get("signature"), f"quotes[{i}].signature"),
+                _read(root, q.get("pcrs"), f"quotes[{i}].pcrs"),
+                nonce_b,
+                str(q.get("label", i)),
+            )
+        )
+    bank = doc.get("pcr_bank", "sha256")
+    if bank not in BANK_SIZES:
+        raise InputError(f"manifest: unsupported pcr_bank {bank!r}", bundle=str(root))
+    log_rel = doc.get("ima_log")
+    _read(root, log_rel, "ima_log")[:0]  # existence and containment check
+    policy = doc.get("policy")
+    commitments = doc.get("commitments", [])
+    if not isinstance(commitments, list):
+        raise InputError("manifest: 'commitments' must be a list", bundle=str(root))
+    return Bundle(
+        root=root,
+        node=str(doc.get("node", "")),
+        ak=_read(root, doc.get("ak"), "ak"),
+        ima_log=root / str(log_rel),
+        pcr_bank=bank,
+        sha256_mode=str(doc.get("sha256_mode", "auto")),
+        quotes=tuple(quotes),
+        policy=root / policy if isinstance(policy, str) else None,
+        commitments=tuple(root / c for c in commitments if isinstance(c, str)),
+    )
+
+
+def write_bundle(
+    root: str | Path,
+    *,
+    node: str,
+    ak: bytes,
+    ima_log: bytes,
+    quotes: Sequence[Mapping[str, bytes | str | None]],
+    pcr_bank: str = "sha256",
+    policy_toml: str | None = None,
+    commitments: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write a bundle. Each quote mapping has ``message``, ``signature``, ``pcrs`` (bytes) and
+    ``nonce`` (bytes or None)."""
+    root = Path(root)
+    (root / "quotes").mkdir(parents=True, exist_ok=True)
+    (root / "ak.key").write_bytes(ak)
+    (root / "ima.log").write_bytes(ima_log)
+    entries = []
+    for i, q in enumerate(quotes):
+        for part, ext in (("message", "attest"), ("signature", "sig"), ("pcrs", "pcrs")):
+            value = q[part]
+            assert isinstance(value, bytes)
+            (root / "quotes" / f"{i}.{ext}").write_bytes(value)
+        nonce = q.get("nonce")
+        entries.append(
+            {
+                "message": f"quotes/{i}.attest",
+                "signature": f"quotes/{i}.sig",
+                "pcrs": f"quotes/{i}.pcrs",
+                "nonce": nonce.hex() if isinstance(nonce, bytes) else None,
+            }
+        )
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "node": node,
+        "ak": "ak.key",
+        "ima_log": "ima.log",
+        "pcr_bank": pcr_bank,
+        "sha256_mode": "auto",
+        "quotes": entries,
+    }
+    if policy_toml is not None:
+        (root / "policy.toml").write_text(policy_toml)
+        manifest["policy"] = "policy.toml"
+    if commitments:
+        manifest["commitments"] = []
+        for name, data in commitments.items():
+            (root / name).write_bytes(data)
+            manifest["commitments"].append(name)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return root
+
+
+@dataclass(frozen=True)
+class QuoteSummary:
+    label: str
+    ok: bool
+    clock: int
+    reset_count: int
+    restart_count: int
+    pcr10: str | None
+    matched_entry: int | None  # entries covered by this quote (count), None if PCR 10 never matched
+
+
+@dataclass
+class AuditResult:
+    bundle: str
+    node: str
+    quotes: list[QuoteSummary] = field(default_factory=list)
+    entries_total: int = 0
+    entries_attested: int = 0
+    mode: str | None = None
+    verity: dict[str, int] = field(default_factory=dict)
+    report: Report = field(default_factory=Report)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and bool(self.quotes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bundle": self.bundle,
+            "node": self.node,
+            "ok": self.ok,
+            "quotes": [q.__dict__ for q in self.quotes],
+            "entries_total": self.entries_total,
+            "entries_attested": self.entries_attested,
+            "sha256_mode": self.mode,
+            "verity_satisfied": self.verity,
+            "findings": self.report.to_list(),
+        }
+
+
+def _tag(findings: Sequence[Finding], **ctx: Any) -> Iterator[Finding]:
+    for f in findings:
+        yield Finding(f.id, f.message, f.severity, {**ctx, **f.context})
+
+
+def _verity_rules(bundle: Bundle, policy: RuntimePolicy) -> list[VerityRule]:
+    rules = list(policy.verity)
+    for path in bundle.commitments:
+        from tmb.verity.commitment import load_commitment, policy_rule_from_commitment
+
+        rule = policy_rule_from_commitment(load_commitment(path))
+        rules.append(
+            VerityRule(
+                name=str(rule["name"]),
+                root_digest=str(rule["root_digest"]),
+                verity_algorithm=str(rule["verity_algorithm"]),
+                salt=str(rule["salt"]),
+                data_blocks=int(rule["data_blocks"]),
+                data_block_size=int(rule["data_block_size"]),
+            )
+        )
+    return rules
+
+
+def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> AuditResult:
+    """Re-check everything in a bundle; every finding lands in ``result.report``."""
+    bundle = load_bundle(root)
+    result = AuditResult(str(bundle.root), bundle.node)
+    report = result.report
+    ak = load_ak(bundle.ak)
+    ppath = Path(policy_path) if policy_path is not None else bundle.policy
+    if ppath is None:
+        raise InputError(
+            "no runtime policy: the bundle names none and --policy was not given", bundle=str(root)
+        )
+    policy = load_policy(ppath)
+    if not bundle.quotes:
+        report.add("audit.no_quotes", "the bundle holds no quote: nothing is attested", bundle=str(root))
+
+    state = ReplayState()
+    previous: QuoteResult | None = None
+    banks = ["sha1", bundle.pcr_bank] if bundle.pcr_bank != "sha1" else ["sha1"]
+    mode = bundle.sha256_mode
+    for q in bundle.quotes:
+        label = q.label
+        try:
+            selection = parse_attest(q.message).quote
+            pcrs = load_pcr_values(q.pcrs, selection.pcr_select if selection else None)
+            qr = verify_quote(
+                ak, q.message, q.signature, nonce=q.nonce, pcrs=pcrs, require_pcrs=[10], previous=previous
+            )
+        except ParseError as exc:
+            report.add("quote.malformed", exc.message, quote=label, **exc.context)
+            continue
+        report.extend(_tag(qr.report.findings, quote=label))
+        previous = qr
+        pcr10 = pcrs.get(bundle.pcr_bank, 10)
+        matched: int | None = None
+        if qr.ok and pcr10 is not None:
+            rr = replay_file(
+                bundle.ima_log, banks=banks, mode=mode, state=state, expected={bundle.pcr_bank: pcr10}
+            )
+            report.extend(_tag([f for f in rr.report if not f.id.startswith("ima.")], quote=label))
+            if rr.matched is not None:
+                state = rr.matched
+                mode = rr.mode
+                matched = rr.matched.index
+            result.mode = rr.mode
+        elif not qr.ok:
+            report.add(
+                "audit.quote_rejected",
+                "quote failed verification; its PCR 10 is not used",
+                quote=label,
+                severity=Severity.WARNING,
+            )
+        ci = qr.attest.clock_info
+        result.quotes.append(
+            QuoteSummary(
+                label,
+                qr.ok,
+                ci.clock,
+                ci.reset_count,
+                ci.restart_count,
+                pcr10.hex() if pcr10 else None,
+                matched,
+            )
+        )
+
+    # One full pass for template hashes, violations and structure; the policy sees only quoted entries.
+    result.entries_attested = state.index
+    checker = PolicyChecker(policy, report)
+
+    def on_entry(entry: ImaEntry) -> None:
+        if entry.num < state.index:
+            checker(entry)
+
+    full = replay_file(bundle.ima_log, banks=["sha1"], on_entry=on_entry)
+    report.extend(full.report)
+    result.entries_total = full.entries
+    if full.entries > state.index:
+        report.add(
+            "ima.unattested_entries",
+            "entries after the last verified quote are not covered by any quote",
+            severity=Severity.WARNING,
+            first_entry=state.index,
+            count=full.entries - state.index,
+        )
+    try:
+        result.verity = check_verity(
+            dm_events(checker.entries, report), _verity_rules(bundle, policy), report
+        )
+    except TmbError as exc:
+        report.add("audit.commitment_unreadable", exc.message, **exc.context)
+    checker.finish()
+    return result
+
+
+def render_text(result: AuditResult) -> str:
+    """The human report ``tmb audit`` prints."""
+    lines = [f"evidence bundle: {result.bundle}", f"node: {result.node or '(unnamed)'}", ""]
+    lines.append("quotes (TPM signature, nonce, PCR digest, clock):")
+    if not result.quotes:
+        lines.append("  (none)")
+    for q in result.quotes:
+        covered = f"covers IMA entries 0..{q.matched_entry - 1}" if q.matched_entry else "PCR 10 NOT reached"
+        lines.append(
+            f"  [{'ok' if q.ok else 'FAIL'}] quote {q.label}: clock {q.clock} reset {q.reset_count} "
+            f"restart {q.restart_count}; {covered}"
+        )
+    lines.append("")
+    lines.append(
+        f"IMA log: {result.entries_total} entries, {result.entries_attested} covered by a verified quote"
+        + (f" (non-SHA-1 banks: {result.mode})" if result.mode else "")
+    )
+    lines.append(
+        "dm-verity model images: "
+        + (
+            ", ".join(f"{name} (activated at entry {idx})" for name, idx in result.verity.items())
+            or "none satisfied"
+        )
+    )
+    lines.append("")
+    errors = result.report.errors
+    notes = [f for f in result.report if f.severity is not Severity.ERROR]
+    lines.append(f"findings: {len(errors)} errors, {len(notes)} warnings/notes")
+    for f in result.report:
+        lines.append(f"  {f}")
+    lines.append("")
+    lines.append("RESULT: PASS" if result.ok else "RESULT: FAIL")
+    return "\n".join(lines)
