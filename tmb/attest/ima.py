@@ -20,6 +20,10 @@ offset (binary) or the line (ascii). Absurd length fields are rejected before an
 from __future__ import annotations
 
 import hashlib
+import io
+import mmap
+import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -185,94 +189,121 @@ def parse_fields(entry: ImaEntry) -> ImaFields:
 # --------------------------------------------------------------------------------------------- binary
 
 
+class Incomplete(Exception):
+    """The record at the given position needs more bytes than the buffer holds (internal)."""
+
+    def __init__(self, part: str) -> None:
+        super().__init__(part)
+        self.part = part
+
+
+def parse_record(
+    buf: bytes | mmap.mmap, pos: int, base: int, index: int, names: dict[bytes, str]
+) -> tuple[ImaEntry, int]:
+    """Parse the binary record at ``buf[pos:]`` (``base`` = file offset of ``buf[0]``, for messages).
+
+    Returns the entry and the position after it. Raises :class:`Incomplete` when the buffer ends inside
+    the record and ParseError when the record is malformed. ``names`` caches decoded template names.
+    """
+    avail = len(buf)
+    if pos + 28 > avail:
+        raise Incomplete("record header")
+    pcr, th, nlen = _HEAD.unpack_from(buf, pos)
+    if nlen == 0 or nlen > MAX_TEMPLATE_NAME:
+        raise ParseError(
+            f"template name length {nlen} is not plausible (1..{MAX_TEMPLATE_NAME})",
+            offset=base + pos,
+            entry=index,
+        )
+    p = pos + 28
+    if p + nlen + 4 > avail:
+        raise Incomplete("template name")
+    name_b = buf[p : p + nlen]
+    p += nlen
+    if name_b == b"ima":
+        if p + SHA1_LEN + 4 > avail:
+            raise Incomplete("ima template data")
+        (plen,) = _U32.unpack_from(buf, p + SHA1_LEN)
+        if plen >= IMA_NAME_PAD:
+            raise ParseError(
+                f"legacy ima path length {plen} exceeds {IMA_NAME_PAD - 1}", offset=base + pos, entry=index
+            )
+        dlen = SHA1_LEN + 4 + plen
+    else:
+        (dlen,) = _U32.unpack_from(buf, p)
+        p += 4
+        if dlen > MAX_TEMPLATE_DATA:
+            raise ParseError(
+                f"template data length {dlen} exceeds the {MAX_TEMPLATE_DATA}-byte limit",
+                offset=base + pos,
+                entry=index,
+            )
+    end = p + dlen
+    if end > avail:
+        raise Incomplete("template data")
+    data = buf[p:end]
+    name = names.get(name_b)
+    if name is None:
+        if not all(33 <= c < 127 for c in name_b):
+            raise ParseError("template name is not printable ASCII", offset=base + pos, entry=index)
+        name = names[name_b] = name_b.decode("ascii")
+    hashed = data if name != "ima" else data[:SHA1_LEN] + data[SHA1_LEN + 4 :].ljust(IMA_NAME_PAD, b"\0")
+    # tuple.__new__ skips the NamedTuple's Python-level __new__ (hot path: one call per entry).
+    return tuple.__new__(ImaEntry, (index, base + pos, end - pos, 0, pcr, th, name, data, hashed)), end
+
+
+def map_file(stream: BinaryIO) -> mmap.mmap | None:
+    """A read-only map of a regular file behind ``stream`` (None for pipes, securityfs, BytesIO, empty
+    files): the kernel pages the log in and out, so a 1 GB log is never copied into Python memory."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size == 0:
+            return None
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
 def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0) -> Iterator[ImaEntry]:
     """Parse binary records from ``stream`` (positioned at ``start_offset``) until EOF.
 
-    A trailing partial record raises ParseError with ``offset`` and ``trailing_bytes`` in its context,
-    after every complete record before it has been yielded.
+    Regular files are memory-mapped; other streams are read in chunks of :data:`CHUNK` bytes. A trailing
+    partial record raises ParseError with ``offset`` and ``trailing_bytes`` in its context, after every
+    complete record before it has been yielded.
     """
+    names: dict[bytes, str] = {}
+    index = start_index
+    mapped = map_file(stream)
+    if mapped is not None:
+        with mapped:
+            pos, size = start_offset, len(mapped)
+            while pos < size:
+                try:
+                    entry, pos = parse_record(mapped, pos, 0, index, names)
+                except Incomplete as inc:
+                    raise _trailing(pos, size - pos, inc.part) from None
+                yield entry
+                index += 1
+        return
     buf = b""
     base = start_offset  # file offset of buf[0]
     pos = 0
-    index = start_index
     eof = False
-    unpack_head = _HEAD.unpack_from
-    unpack_u32 = _U32.unpack_from
-    names: dict[bytes, str] = {}
-    new_entry = tuple.__new__
-    need = False  # the record at ``pos`` is incomplete: read more before parsing again
     while True:
-        if not eof and (need or len(buf) - pos < CHUNK):
-            need = False
-            more = stream.read(CHUNK)
-            if more:
-                buf = buf[pos:] + more
-                base += pos
-                pos = 0
-            else:
-                eof = True
-        avail = len(buf)
-        if pos == avail and eof:
-            return
-        start = pos
-        if start + 28 > avail:
+        try:
+            entry, pos = parse_record(buf, pos, base, index, names)
+        except Incomplete as inc:
             if eof:
-                raise _trailing(base + start, avail - start, "record header")
-            need = True
+                if pos == len(buf):
+                    return
+                raise _trailing(base + pos, len(buf) - pos, inc.part) from None
+            more = stream.read(max(CHUNK, len(buf) - pos))
+            eof = not more
+            buf = buf[pos:] + more
+            base += pos
+            pos = 0
             continue
-        pcr, th, nlen = unpack_head(buf, start)
-        if nlen == 0 or nlen > MAX_TEMPLATE_NAME:
-            raise ParseError(
-                f"template name length {nlen} is not plausible (1..{MAX_TEMPLATE_NAME})",
-                offset=base + start,
-                entry=index,
-            )
-        p = start + 28
-        if p + nlen + 4 > avail:
-            if eof:
-                raise _trailing(base + start, avail - start, "template name")
-            need = True
-            continue
-        name_b = buf[p : p + nlen]
-        p += nlen
-        if name_b == b"ima":
-            if p + SHA1_LEN + 4 > avail:
-                if eof:
-                    raise _trailing(base + start, avail - start, "ima template data")
-                need = True
-                continue
-            (plen,) = unpack_u32(buf, p + SHA1_LEN)
-            if plen >= IMA_NAME_PAD:
-                raise ParseError(
-                    f"legacy ima path length {plen} exceeds {IMA_NAME_PAD - 1}",
-                    offset=base + start,
-                    entry=index,
-                )
-            dlen = SHA1_LEN + 4 + plen
-        else:
-            (dlen,) = unpack_u32(buf, p)
-            p += 4
-            if dlen > MAX_TEMPLATE_DATA:
-                raise ParseError(
-                    f"template data length {dlen} exceeds the {MAX_TEMPLATE_DATA}-byte limit",
-                    offset=base + start,
-                    entry=index,
-                )
-        if p + dlen > avail:
-            if eof:
-                raise _trailing(base + start, avail - start, "template data")
-            need = True
-            continue
-        data = buf[p : p + dlen]
-        pos = p + dlen
-        name = names.get(name_b)
-        if name is None:
-            if not all(33 <= c < 127 for c in name_b):
-                raise ParseError("template name is not printable ASCII", offset=base + start, entry=index)
-            name = names[name_b] = name_b.decode("ascii")
-        hashed = data if name != "ima" else data[:SHA1_LEN] + data[SHA1_LEN + 4 :].ljust(IMA_NAME_PAD, b"\0")
-        # tuple.__new__ skips the NamedTuple's Python-level __new__ (hot path: one call per entry).
-        yield new_entry(ImaEntry, (index, base + start, pos - start, 0, pcr, th, name, data, hashed))
+        yield entry
         index += 1
 
 

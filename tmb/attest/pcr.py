@@ -19,12 +19,25 @@ the new verified state, entries after it stay pending.
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from tmb.attest.ima import ImaEntry, iter_log, open_log, parse_fields, sniff_format
+from tmb.attest.ima import (
+    _HEAD,
+    _U32,
+    ZERO_SHA1,
+    ImaEntry,
+    Incomplete,
+    iter_log,
+    map_file,
+    open_log,
+    parse_fields,
+    parse_record,
+    sniff_format,
+)
 from tmb.errors import InputError, ParseError, Report, Severity
 
 BANK_SIZES: dict[str, int] = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
@@ -96,6 +109,215 @@ class ReplayResult:
     report: Report
 
 
+class _Replayer:
+    """Running state of one replay. ``step`` takes one entry; ``fast_binary`` walks a mapped binary log
+    with the common case (an intact, non-violation record for ``pcr_index``) inlined."""
+
+    def __init__(
+        self,
+        banks: Iterable[str],
+        mode: str,
+        state: ReplayState,
+        expected: Mapping[str, bytes] | None,
+        pcr_index: int,
+        report: Report,
+    ) -> None:
+        bank_list = [check_bank(b) for b in banks]
+        if mode != "auto" and mode not in MODES:
+            raise InputError(f"unknown sha256 mode {mode!r}", hint="per-bank, padded-sha1 or auto")
+        if state.mode is not None and mode == "auto":
+            mode = state.mode
+        self.exp = dict(expected or {})
+        for bank, value in self.exp.items():
+            check_bank(bank)
+            if len(value) != BANK_SIZES[bank]:
+                raise InputError(f"expected {bank} value is {len(value)} bytes, not {BANK_SIZES[bank]}")
+            if bank not in bank_list:
+                bank_list.append(bank)
+        has_other = any(b != "sha1" for b in bank_list)
+        if mode == "auto":
+            self.modes = list(MODES) if (has_other and self.exp) else ["per-bank"]
+        else:
+            self.modes = [mode]
+        # One slot per (mode, bank): kind 0 = SHA-1 template hash, 1 = per-bank hash of the data,
+        # 2 = SHA-1 template hash zero-padded. ``running[pcr]`` holds one value per slot.
+        self.slots = [(m, b) for m in self.modes for b in bank_list]
+        self.specs = [
+            (
+                0 if b == "sha1" else 1 if m == "per-bank" else 2,
+                getattr(hashlib, b),
+                bytes(BANK_SIZES[b] - 20),
+            )
+            for m, b in self.slots
+        ]
+        self.ones = [
+            (b"\xff" * 20 + (b"\xff" if m == "per-bank" else b"\0") * (BANK_SIZES[b] - 20))
+            for m, b in self.slots
+        ]
+        self.zeros = [bytes(BANK_SIZES[b]) for _, b in self.slots]
+        self.running: dict[int, list[bytes]] = {}
+        for key, value in state.pcrs.items():
+            pcr_s, _, bank = key.partition(":")
+            vals = self.running.setdefault(int(pcr_s), list(self.zeros))
+            for i, (_, b) in enumerate(self.slots):
+                if b == bank:
+                    vals[i] = value
+        self.exp_slots = {
+            m: [(i, self.exp[b]) for i, (mm, b) in enumerate(self.slots) if mm == m and b in self.exp]
+            for m in self.modes
+        }
+        self.state = state
+        self.pcr_index = pcr_index
+        self.report = report
+        self.matched: dict[str, ReplayState] = {}
+        if self.exp:
+            for m in self.modes:
+                if self._matches(m, self.running.get(pcr_index)):
+                    self.matched[m] = replace(state, mode=m)
+        self.pending = bool(self.exp) and len(self.matched) < len(self.modes)
+        self.offset, self.index, self.count = state.offset, state.index, 0
+
+    def _matches(self, m: str, vals: list[bytes] | None) -> bool:
+        return all((vals[i] if vals else self.zeros[i]) == v for i, v in self.exp_slots[m])
+
+    def _check_match(self, vals: list[bytes]) -> None:
+        for m in self.modes:
+            if m not in self.matched and self._matches(m, vals):
+                pcrs = _state_pcrs(self.running, self.slots, m)
+                self.matched[m] = ReplayState(self.offset, self.index, pcrs, m, self.state.fmt)
+        self.pending = len(self.matched) < len(self.modes)
+
+    def step(self, entry: ImaEntry) -> None:
+        """Check and extend one entry (any template, violation or not, any PCR)."""
+        e_index, e_offset, e_size, _, pcr, th, _, _, hashed = entry
+        self.count += 1
+        vals = self.running.get(pcr) or self.running.setdefault(pcr, list(self.zeros))
+        if th == ZERO_SHA1:
+            self.report.add(
+                "ima.violation",
+                "measurement violation (all-zero template hash), extended as all-ones",
+                severity=Severity.WARNING,
+                **entry.where(),
+                path=_path_of(entry),
+            )
+            for i, (_, ctor, _) in enumerate(self.specs):
+                vals[i] = ctor(vals[i] + self.ones[i]).digest()
+        else:
+            computed = hashlib.sha1(hashed).digest()
+            if computed != th:
+                self.report.add(
+                    "ima.template_hash_mismatch",
+                    "template hash does not match the entry's data",
+                    **entry.where(),
+                    path=_path_of(entry),
+                    expected=computed.hex(),
+                    got=th.hex(),
+                )
+            _extend(vals, self.specs, computed, hashed)
+        self.index = e_index + 1
+        self.offset = e_offset + e_size
+        if self.pending and pcr == self.pcr_index:
+            self._check_match(vals)
+
+    def fast_binary(self, buf: mmap.mmap, pos: int) -> int:
+        """Replay records of a mapped binary log from ``pos``; returns where it stopped (the end, or a
+        record it could not parse, which the caller reports)."""
+        size = len(buf)
+        unpack_head, unpack_u32 = _HEAD.unpack_from, _U32.unpack_from
+        sha1 = hashlib.sha1
+        specs, pcr_index = self.specs, self.pcr_index
+        vals = self.running.get(pcr_index) or self.running.setdefault(pcr_index, list(self.zeros))
+        names: dict[bytes, str] = {}
+        fast_names: set[bytes] = set()
+        kinds = [k for k, _, _ in specs]
+        shape = 1 if kinds == [0] else 2 if kinds == [0, 1] else 0
+        h2 = specs[1][1] if shape == 2 else sha1
+        # With one mode, a cheap first test (one slot's value) gates the full match check.
+        first = self.exp_slots[self.modes[0]][:1] if len(self.modes) == 1 else []
+        watch = first[0] if first else None
+        index = self.index
+        count = 0
+        try:
+            while pos < size:
+                if pos + 32 <= size:
+                    pcr, th, nlen = unpack_head(buf, pos)
+                    p = pos + 28 + nlen
+                    if pcr == pcr_index and 0 < nlen <= 16 and p + 4 <= size and th != ZERO_SHA1:
+                        (dlen,) = unpack_u32(buf, p)
+                        end = p + 4 + dlen
+                        if end <= size and buf[pos + 28 : p] in fast_names:
+                            data = buf[p + 4 : end]
+                            computed = sha1(data).digest()
+                            if computed == th:
+                                if shape == 1:  # the usual layouts, unrolled
+                                    vals[0] = sha1(vals[0] + computed).digest()
+                                elif shape == 2:
+                                    vals[0] = sha1(vals[0] + computed).digest()
+                                    vals[1] = h2(vals[1] + h2(data).digest()).digest()
+                                else:
+                                    _extend(vals, specs, computed, data)
+                                count += 1
+                                index += 1
+                                if self.pending and (watch is None or vals[watch[0]] == watch[1]):
+                                    self.index, self.offset = index, end
+                                    self._check_match(vals)
+                                pos = end
+                                continue
+                # Anything unusual goes through the full parser and the generic step.
+                self.index, self.offset, self.count = index, pos, self.count + count
+                count = 0
+                entry, end = parse_record(buf, pos, 0, index, names)
+                if (
+                    entry.template_name != "ima"
+                ):  # validated by the parser: later records may take the fast path
+                    fast_names.add(entry.template_name.encode("ascii"))
+                self.step(entry)
+                index, pos = self.index, end
+        finally:
+            self.index, self.offset, self.count = index, pos, self.count + count
+        return pos
+
+    def finish(self) -> ReplayResult:
+        chosen = self.modes[0]
+        if len(self.modes) > 1:
+            hits = [m for m in self.modes if m in self.matched]
+            if hits:
+                chosen = hits[0]
+                self.report.add(
+                    "pcr.mode_detected",
+                    f"non-SHA-1 banks follow the {chosen} behaviour",
+                    severity=Severity.INFO,
+                    mode=chosen,
+                )
+        pcrs = _state_pcrs(self.running, self.slots, chosen)
+        final = ReplayState(self.offset, self.index, pcrs, chosen, self.state.fmt)
+        hit = self.matched.get(chosen)
+        if self.exp and hit is None:
+            for bank, value in self.exp.items():
+                self.report.add(
+                    "pcr.mismatch",
+                    f"no entry from {self.state.index} to {self.index} replays PCR {self.pcr_index} "
+                    "to the quoted value",
+                    pcr=self.pcr_index,
+                    bank=bank,
+                    expected=value.hex(),
+                    got=final.value(bank, self.pcr_index).hex(),
+                    entries_checked=self.count,
+                    mode=chosen,
+                )
+        return ReplayResult(final, hit, chosen, self.count, self.report)
+
+
+def _extend(vals: list[bytes], specs: list[tuple[int, Any, bytes]], computed: bytes, hashed: bytes) -> None:
+    for i, (kind, ctor, pad) in enumerate(specs):
+        if kind == 0:
+            vals[i] = ctor(vals[i] + computed).digest()
+        elif kind == 1:
+            vals[i] = ctor(vals[i] + ctor(hashed).digest()).digest()
+        else:
+            vals[i] = ctor(vals[i] + computed + pad).digest()
+
+
 def replay(
     entries: Iterable[ImaEntry],
     *,
@@ -115,123 +337,12 @@ def replay(
     expected). ``on_entry`` sees each entry (policy evaluation in the same pass).
     """
     report = report if report is not None else Report()
-    bank_list = [check_bank(b) for b in banks]
-    state = state or ReplayState()
-    if mode != "auto" and mode not in MODES:
-        raise InputError(f"unknown sha256 mode {mode!r}", hint="per-bank, padded-sha1 or auto")
-    if state.mode is not None and mode == "auto":
-        mode = state.mode
-    exp = dict(expected or {})
-    for bank, value in exp.items():
-        check_bank(bank)
-        if len(value) != BANK_SIZES[bank]:
-            raise InputError(f"expected {bank} value is {len(value)} bytes, not {BANK_SIZES[bank]}")
-        if bank not in bank_list:
-            bank_list.append(bank)
-    has_other = any(b != "sha1" for b in bank_list)
-    if mode == "auto":
-        modes = list(MODES) if (has_other and exp) else ["per-bank"]
-    else:
-        modes = [mode]
-    # One slot per (mode, bank): kind 0 = SHA-1 template hash, 1 = per-bank hash of the data,
-    # 2 = SHA-1 template hash zero-padded. ``running[pcr]`` holds one value per slot.
-    slots = [(m, b) for m in modes for b in bank_list]
-    specs = [
-        (0 if b == "sha1" else 1 if m == "per-bank" else 2, getattr(hashlib, b), bytes(BANK_SIZES[b] - 20))
-        for m, b in slots
-    ]
-    ones = [(b"\xff" * 20 + (b"\xff" if m == "per-bank" else b"\0") * (BANK_SIZES[b] - 20)) for m, b in slots]
-    zeros = [bytes(BANK_SIZES[b]) for _, b in slots]
-    running: dict[int, list[bytes]] = {}
-    for key, value in state.pcrs.items():
-        pcr_s, _, bank = key.partition(":")
-        vals = running.setdefault(int(pcr_s), list(zeros))
-        for i, (_, b) in enumerate(slots):
-            if b == bank:
-                vals[i] = value
-    exp_slots = {m: [(i, exp[b]) for i, (mm, b) in enumerate(slots) if mm == m and b in exp] for m in modes}
-
-    def _matches(m: str, vals: list[bytes] | None) -> bool:
-        return all((vals[i] if vals else zeros[i]) == v for i, v in exp_slots[m])
-
-    matched: dict[str, ReplayState] = {}
-    if exp:
-        for m in modes:
-            if _matches(m, running.get(pcr_index)):
-                matched[m] = replace(state, mode=m)
-    pending = bool(exp) and len(matched) < len(modes)
-
-    offset, index, count = state.offset, state.index, 0
-    sha1 = hashlib.sha1
-    zero_th = bytes(20)
+    replayer = _Replayer(banks, mode, state or ReplayState(), expected, pcr_index, report)
     for entry in entries:
-        e_index, e_offset, e_size, _, pcr, th, _, _, hashed = entry
-        count += 1
         if on_entry is not None:
             on_entry(entry)
-        vals = running.get(pcr) or running.setdefault(pcr, list(zeros))
-        if th == zero_th:
-            report.add(
-                "ima.violation",
-                "measurement violation (all-zero template hash), extended as all-ones",
-                severity=Severity.WARNING,
-                **entry.where(),
-                path=_path_of(entry),
-            )
-            for i, (_, ctor, _) in enumerate(specs):
-                vals[i] = ctor(vals[i] + ones[i]).digest()
-        else:
-            computed = sha1(hashed).digest()
-            if computed != th:
-                report.add(
-                    "ima.template_hash_mismatch",
-                    "template hash does not match the entry's data",
-                    **entry.where(),
-                    path=_path_of(entry),
-                    expected=computed.hex(),
-                    got=th.hex(),
-                )
-            for i, (kind, ctor, pad) in enumerate(specs):
-                if kind == 0:
-                    vals[i] = sha1(vals[i] + computed).digest()
-                elif kind == 1:
-                    vals[i] = ctor(vals[i] + ctor(hashed).digest()).digest()
-                else:
-                    vals[i] = ctor(vals[i] + computed + pad).digest()
-        index = e_index + 1
-        offset = e_offset + e_size
-        if pending and pcr == pcr_index:
-            for m in modes:
-                if m not in matched and _matches(m, vals):
-                    matched[m] = ReplayState(offset, index, _state_pcrs(running, slots, m), m, state.fmt)
-            pending = len(matched) < len(modes)
-
-    chosen = modes[0]
-    if len(modes) > 1:
-        hits = [m for m in modes if m in matched]
-        if hits:
-            chosen = hits[0]
-            report.add(
-                "pcr.mode_detected",
-                f"non-SHA-1 banks follow the {chosen} behaviour",
-                severity=Severity.INFO,
-                mode=chosen,
-            )
-    final = ReplayState(offset, index, _state_pcrs(running, slots, chosen), chosen, state.fmt)
-    hit = matched.get(chosen)
-    if exp and hit is None:
-        for bank, value in exp.items():
-            report.add(
-                "pcr.mismatch",
-                f"no entry from {state.index} to {index} replays PCR {pcr_index} to the quoted value",
-                pcr=pcr_index,
-                bank=bank,
-                expected=value.hex(),
-                got=final.value(bank, pcr_index).hex(),
-                entries_checked=count,
-                mode=chosen,
-            )
-    return ReplayResult(final, hit, chosen, count, report)
+        replayer.step(entry)
+    return replayer.finish()
 
 
 def _state_pcrs(
@@ -297,6 +408,25 @@ def replay_file(
             return replay(
                 [], banks=banks, mode=mode, state=state, expected=expected, pcr_index=pcr_index, report=report
             )
+
+        mapped = map_file(stream) if fmt == "binary" and on_entry is None else None
+        if mapped is not None:
+            with mapped:
+                replayer = _Replayer(banks, mode, state, expected, pcr_index, report)
+                try:
+                    replayer.fast_binary(mapped, state.offset)
+                except Incomplete as inc:
+                    trailing = len(mapped) - replayer.offset
+                    report.add(
+                        "ima.trailing_partial_record",
+                        f"log ends inside a record ({trailing} trailing bytes, incomplete {inc.part})",
+                        severity=Severity.WARNING,
+                        offset=replayer.offset,
+                        trailing_bytes=trailing,
+                    )
+                except ParseError as exc:
+                    report.add("ima.malformed_record", exc.message, **exc.context)
+                return replayer.finish()
 
         def bad_line(exc: ParseError) -> None:
             report.add("ima.malformed_entry", exc.message, **exc.context)
