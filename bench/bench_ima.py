@@ -27,8 +27,8 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
-from tmb.attest.ima_build import LogBuilder
 from tmb.attest.ima import iter_log
+from tmb.attest.ima_build import LogBuilder
 from tmb.attest.pcr import replay_file
 
 

@@ -1,0 +1,44 @@
+"""GPU telemetry: samples and their canonical encoding, features, and the NVML, synthetic and replay sources.
+
+Stable surface (formats in docs/telemetry.md):
+
+* records: :class:`Sample`, :class:`SampleBatch` (``encode``/``decode``), :data:`FLOAT_FIELDS`;
+* features: :data:`FEATURES`, :func:`features`, :func:`extract`, :func:`energy_per_token_j`;
+* synthetic: :data:`MODELS`, :data:`REGIMES`, :class:`WorkloadModel`, :func:`generate`, :func:`simulate`,
+  :class:`SyntheticSource`;
+* sources: :class:`TelemetrySource`, :func:`open_source`, :class:`ReplaySource`
+  (``tmb.telemetry.nvml.NvmlSource`` is imported on demand: it needs ``pynvml``);
+* traces: :class:`Trace`, :func:`write_trace`, :func:`read_trace`, :func:`record`, :func:`record_async`.
+"""
+
+from tmb.telemetry.features import FEATURES, FeatureSet, energy_per_token_j, extract, features
+from tmb.telemetry.record import record, record_async
+from tmb.telemetry.replay import ReplaySource, Trace, read_trace, write_trace
+from tmb.telemetry.sample import FLOAT_FIELDS, Sample, SampleBatch
+from tmb.telemetry.source import TelemetrySource, open_source
+from tmb.telemetry.synthetic import MODELS, REGIMES, SyntheticSource, WorkloadModel, generate, simulate
+
+__all__ = [
+    "FEATURES",
+    "FLOAT_FIELDS",
+    "MODELS",
+    "REGIMES",
+    "FeatureSet",
+    "ReplaySource",
+    "Sample",
+    "SampleBatch",
+    "SyntheticSource",
+    "TelemetrySource",
+    "Trace",
+    "WorkloadModel",
+    "energy_per_token_j",
+    "extract",
+    "features",
+    "generate",
+    "open_source",
+    "read_trace",
+    "record",
+    "record_async",
+    "simulate",
+    "write_trace",
+]

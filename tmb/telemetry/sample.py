@@ -1,0 +1,386 @@
+"""Telemetry samples: one reading (:class:`Sample`) and the columnar batch (:class:`SampleBatch`).
+
+Units are fixed by the field names: watts, millijoules, bytes, MHz, degrees Celsius, wall-clock nanoseconds.
+Utilisation from NVML (``gpu_util``, ``mem_util``) is in percent (0..100, integer steps on real drivers);
+GPM activities (``sm_active``, ``tensor_*``, ``dram_active``) are fractions (0..1). A field the driver does
+not offer is *absent*: ``None`` in a :class:`Sample`, NaN in a :class:`SampleBatch`, never 0.
+
+The canonical byte encoding of a batch lives in :mod:`tmb.telemetry._codec` and is documented in
+``docs/telemetry.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from tmb.errors import InputError
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+SourceKind = Literal["nvml", "synthetic", "replay"]
+PowerField = Literal["instant", "average", "none"]
+SOURCES: Final = ("nvml", "synthetic", "replay")
+POWER_FIELDS: Final = ("instant", "average", "none")
+
+#: The optional float fields of a sample, in canonical order (the encoding's field-mask bit order).
+FLOAT_FIELDS: Final[tuple[str, ...]] = (
+    "power_w",  # board power, W (instant where the driver has it: see SampleBatch.power_field)
+    "energy_mj",  # total energy counter since driver load, mJ
+    "gpu_util",  # percent of time a kernel was running, 0..100
+    "mem_util",  # percent of time device memory was read or written, 0..100
+    "sm_active",  # GPM: fraction of SMs busy, 0..1
+    "tensor_active",  # GPM: fraction of cycles any tensor pipe was active, 0..1
+    "tensor_hmma",  # GPM: half-precision (HMMA) tensor pipe activity, 0..1
+    "tensor_imma",  # GPM: integer (IMMA) tensor pipe activity, 0..1
+    "tensor_dfma",  # GPM: double-precision (DFMA) tensor pipe activity, 0..1
+    "dram_active",  # GPM: DRAM bandwidth utilisation, 0..1
+    "mem_used_bytes",  # device memory in use, bytes
+    "mem_total_bytes",  # device memory total, bytes
+    "sm_clock_mhz",  # SM clock, MHz
+    "mem_clock_mhz",  # memory clock, MHz
+    "temp_c",  # GPU temperature, degrees Celsius
+    "power_limit_w",  # enforced power limit, W
+)
+
+Process = tuple[int, int | None]
+"""A GPU compute process: (pid, used device memory in bytes, or None where the driver does not say)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One telemetry reading of one GPU at wall-clock time ``t_ns`` (ns since the Unix epoch)."""
+
+    t_ns: int
+    gpu: str
+    power_w: float | None = None
+    energy_mj: float | None = None
+    gpu_util: float | None = None
+    mem_util: float | None = None
+    sm_active: float | None = None
+    tensor_active: float | None = None
+    tensor_hmma: float | None = None
+    tensor_imma: float | None = None
+    tensor_dfma: float | None = None
+    dram_active: float | None = None
+    mem_used_bytes: float | None = None
+    mem_total_bytes: float | None = None
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    temp_c: float | None = None
+    power_limit_w: float | None = None
+    processes: tuple[Process, ...] = ()
+
+    def values(self) -> tuple[float | None, ...]:
+        """The float fields in :data:`FLOAT_FIELDS` order."""
+        return tuple(getattr(self, name) for name in FLOAT_FIELDS)
+
+    def same_reading(self, other: Sample) -> bool:
+        """True when ``other`` reads the same values for the same GPU (time ignored): used for dedup."""
+        return self.gpu == other.gpu and self.values() == other.values() and self.processes == other.processes
+
+
+assert tuple(f.name for f in fields(Sample))[2:-1] == FLOAT_FIELDS
+
+
+def _readonly_float(values: Any, n: int, name: str) -> FloatArray:
+    arr = np.array(values, dtype=np.float64)
+    if arr.shape != (n,):
+        raise InputError(f"column {name!r} has shape {arr.shape}, expected ({n},)", column=name)
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class SampleBatch:
+    """Samples in columnar form, sorted by time (ties keep their order).
+
+    ``t_ns`` is int64 wall-clock ns; ``gpu`` is an int64 index into ``gpus`` (UUIDs); every name in
+    :data:`FLOAT_FIELDS` is a float64 column with NaN for absent; ``processes`` holds one tuple per sample.
+    ``source`` says where the samples came from and ``synthetic`` is True for anything synthetic, also when
+    a synthetic trace is replayed. ``power_field`` says which NVML power reading ``power_w`` holds.
+    Arrays are read-only. Build with :meth:`from_columns` or :meth:`from_samples`.
+    """
+
+    t_ns: IntArray
+    gpu: IntArray
+    gpus: tuple[str, ...]
+    power_w: FloatArray
+    energy_mj: FloatArray
+    gpu_util: FloatArray
+    mem_util: FloatArray
+    sm_active: FloatArray
+    tensor_active: FloatArray
+    tensor_hmma: FloatArray
+    tensor_imma: FloatArray
+    tensor_dfma: FloatArray
+    dram_active: FloatArray
+    mem_used_bytes: FloatArray
+    mem_total_bytes: FloatArray
+    sm_clock_mhz: FloatArray
+    mem_clock_mhz: FloatArray
+    temp_c: FloatArray
+    power_limit_w: FloatArray
+    processes: tuple[tuple[Process, ...], ...]
+    source: SourceKind
+    synthetic: bool
+    power_field: PowerField = field(default="none")
+
+    def __post_init__(self) -> None:
+        t = np.array(self.t_ns, dtype=np.int64)
+        n = t.shape[0] if t.ndim == 1 else -1
+        if n < 0:
+            raise InputError("t_ns must be one-dimensional")
+        t.setflags(write=False)
+        g = np.array(self.gpu, dtype=np.int64)
+        if g.shape != (n,):
+            raise InputError(f"gpu column has shape {g.shape}, expected ({n},)")
+        g.setflags(write=False)
+        object.__setattr__(self, "t_ns", t)
+        object.__setattr__(self, "gpu", g)
+        for name in FLOAT_FIELDS:
+            object.__setattr__(self, name, _readonly_float(getattr(self, name), n, name))
+        gpus = tuple(self.gpus)
+        object.__setattr__(self, "gpus", gpus)
+        procs = tuple(
+            tuple((int(p), None if m is None else int(m)) for p, m in row) for row in self.processes
+        )
+        object.__setattr__(self, "processes", procs)
+        if len(procs) != n:
+            raise InputError(f"processes has {len(procs)} rows, expected {n}")
+        if len(set(gpus)) != len(gpus):
+            raise InputError("duplicate GPU uuid in batch", gpus=list(gpus))
+        if n and (int(g.min()) < 0 or int(g.max()) >= len(gpus)):
+            raise InputError("gpu index out of range", gpus=len(gpus))
+        if n > 1 and bool(np.any(np.diff(t) < 0)):
+            raise InputError("samples are not sorted by time", index=int(np.argmax(np.diff(t) < 0)) + 1)
+        if self.source not in SOURCES:
+            raise InputError(f"unknown telemetry source {self.source!r}", expected=list(SOURCES))
+        if self.power_field not in POWER_FIELDS:
+            raise InputError(f"unknown power field {self.power_field!r}", expected=list(POWER_FIELDS))
+        if self.source == "synthetic" and not self.synthetic:
+            raise InputError("a batch from the synthetic source must be labelled synthetic")
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_columns(
+        cls,
+        t_ns: Sequence[int] | IntArray,
+        gpus: Sequence[str],
+        *,
+        source: SourceKind,
+        synthetic: bool | None = None,
+        power_field: PowerField = "none",
+        gpu: Sequence[int] | IntArray | None = None,
+        processes: Sequence[Sequence[Process]] | None = None,
+        **columns: Sequence[float] | FloatArray,
+    ) -> SampleBatch:
+        """A batch from columns; omitted float columns are absent (all NaN), omitted ``gpu`` means index 0."""
+        unknown = sorted(set(columns) - set(FLOAT_FIELDS))
+        if unknown:
+            raise InputError(f"unknown telemetry field(s) {unknown}", expected=list(FLOAT_FIELDS))
+        n = len(t_ns)
+        nan = np.full(n, np.nan)
+        cols: dict[str, Any] = {name: columns.get(name, nan) for name in FLOAT_FIELDS}
+        return cls(
+            t_ns=np.asarray(t_ns, dtype=np.int64),
+            gpu=np.zeros(n, dtype=np.int64) if gpu is None else np.asarray(gpu, dtype=np.int64),
+            gpus=tuple(gpus),
+            processes=tuple(tuple(row) for row in processes) if processes is not None else ((),) * n,
+            source=source,
+            synthetic=(source == "synthetic") if synthetic is None else synthetic,
+            power_field=power_field,
+            **cols,
+        )
+
+    @classmethod
+    def empty(
+        cls, source: SourceKind, *, synthetic: bool | None = None, power_field: PowerField = "none"
+    ) -> SampleBatch:
+        """A batch with no samples."""
+        return cls.from_columns([], (), source=source, synthetic=synthetic, power_field=power_field)
+
+    @classmethod
+    def from_samples(
+        cls,
+        samples: Iterable[Sample],
+        *,
+        source: SourceKind,
+        synthetic: bool | None = None,
+        power_field: PowerField = "none",
+    ) -> SampleBatch:
+        """Columns from samples (stably sorted by time); GPUs are indexed in order of first appearance."""
+        rows = sorted(samples, key=lambda s: s.t_ns)
+        gpus: dict[str, int] = {}
+        for s in rows:
+            gpus.setdefault(s.gpu, len(gpus))
+        cols = {
+            name: np.array(
+                [math.nan if (v := getattr(s, name)) is None else v for s in rows], dtype=np.float64
+            )
+            for name in FLOAT_FIELDS
+        }
+        return cls.from_columns(
+            [s.t_ns for s in rows],
+            tuple(gpus),
+            gpu=[gpus[s.gpu] for s in rows],
+            processes=[s.processes for s in rows],
+            source=source,
+            synthetic=synthetic,
+            power_field=power_field,
+            **cols,
+        )
+
+    # -- access ---------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.t_ns.shape[0])
+
+    def column(self, name: str) -> FloatArray:
+        """The float column ``name`` (one of :data:`FLOAT_FIELDS`)."""
+        if name not in FLOAT_FIELDS:
+            raise InputError(f"unknown telemetry field {name!r}", expected=list(FLOAT_FIELDS))
+        col: FloatArray = getattr(self, name)
+        return col
+
+    def columns(self) -> dict[str, FloatArray]:
+        """Every float column by name."""
+        return {name: self.column(name) for name in FLOAT_FIELDS}
+
+    def present_fields(self) -> tuple[str, ...]:
+        """The float fields with at least one non-NaN value, in canonical order."""
+        return tuple(name for name in FLOAT_FIELDS if bool(np.any(~np.isnan(self.column(name)))))
+
+    def to_samples(self) -> list[Sample]:
+        """Row form; NaN becomes None."""
+        cols = [self.column(name).tolist() for name in FLOAT_FIELDS]
+        out = []
+        for i in range(len(self)):
+            vals = {
+                name: (None if math.isnan(c[i]) else c[i]) for name, c in zip(FLOAT_FIELDS, cols, strict=True)
+            }
+            out.append(
+                Sample(
+                    t_ns=int(self.t_ns[i]),
+                    gpu=self.gpus[int(self.gpu[i])],
+                    processes=self.processes[i],
+                    **vals,
+                )
+            )
+        return out
+
+    def _take(self, index: npt.NDArray[np.intp] | slice) -> SampleBatch:
+        idx = np.arange(len(self))[index]
+        return SampleBatch(
+            t_ns=self.t_ns[idx],
+            gpu=self.gpu[idx],
+            gpus=self.gpus,
+            processes=tuple(self.processes[int(i)] for i in idx),
+            source=self.source,
+            synthetic=self.synthetic,
+            power_field=self.power_field,
+            **{name: self.column(name)[idx] for name in FLOAT_FIELDS},
+        )
+
+    def slice_time(self, t0_ns: int, t1_ns: int) -> SampleBatch:
+        """The samples with ``t0_ns <= t_ns < t1_ns`` (same GPU table)."""
+        lo = int(np.searchsorted(self.t_ns, t0_ns, side="left"))
+        hi = int(np.searchsorted(self.t_ns, t1_ns, side="left"))
+        return self._take(slice(lo, max(lo, hi)))
+
+    def for_gpu(self, uuid: str) -> SampleBatch:
+        """The samples of one GPU, with a one-entry GPU table (empty when the batch has none for it)."""
+        if uuid not in self.gpus:
+            return SampleBatch(**{**self._take(slice(0, 0))._fields(), "gpus": ()})
+        part = self._take(np.flatnonzero(self.gpu == self.gpus.index(uuid)))
+        return SampleBatch(**{**part._fields(), "gpus": (uuid,), "gpu": np.zeros(len(part), dtype=np.int64)})
+
+    def with_source(self, source: SourceKind) -> SampleBatch:
+        """The same samples relabelled (``synthetic`` is kept: a replayed synthetic trace stays synthetic)."""
+        return SampleBatch(**{**self._fields(), "source": source})
+
+    def shift_time(self, delta_ns: int) -> SampleBatch:
+        """The same samples with every timestamp moved by ``delta_ns``."""
+        return SampleBatch(**{**self._fields(), "t_ns": self.t_ns + np.int64(delta_ns)})
+
+    def _fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def concat(batches: Sequence[SampleBatch]) -> SampleBatch:
+        """One batch from several, merged by time (stable). GPU tables are unified in order of appearance.
+
+        ``synthetic`` is True if any part is; sources and power fields must agree (else :class:`InputError`).
+        """
+        if not batches:
+            raise InputError("concat needs at least one batch")
+        first = batches[0]
+        for b in batches[1:]:
+            if b.source != first.source or b.power_field != first.power_field:
+                raise InputError(
+                    "cannot concatenate batches of different source or power field",
+                    sources=sorted({x.source for x in batches}),
+                    power_fields=sorted({x.power_field for x in batches}),
+                )
+        table: dict[str, int] = {}
+        for b in batches:
+            for uuid in b.gpus:
+                table.setdefault(uuid, len(table))
+        t = np.concatenate([b.t_ns for b in batches])
+        g = np.concatenate([np.array([table[u] for u in b.gpus], dtype=np.int64)[b.gpu] for b in batches])
+        order = np.argsort(t, kind="stable")
+        procs = [row for b in batches for row in b.processes]
+        return SampleBatch(
+            t_ns=t[order],
+            gpu=g[order],
+            gpus=tuple(table),
+            processes=tuple(procs[int(i)] for i in order),
+            source=first.source,
+            synthetic=any(b.synthetic for b in batches),
+            power_field=first.power_field,
+            **{name: np.concatenate([b.column(name) for b in batches])[order] for name in FLOAT_FIELDS},
+        )
+
+    # -- comparison and encoding ------------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SampleBatch):
+            return NotImplemented
+        return self.encode() == other.encode()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def encode(self) -> bytes:
+        """The canonical byte encoding (see docs/telemetry.md); deterministic, hash-chained by the probe."""
+        from tmb.telemetry._codec import encode_batch
+
+        return encode_batch(self)
+
+    @staticmethod
+    def decode(data: bytes) -> SampleBatch:
+        """Parse :meth:`encode`'s output; raises :class:`~tmb.errors.ParseError` naming the offset."""
+        from tmb.telemetry._codec import decode_batch
+
+        return decode_batch(data)
+
+    def summary(self) -> Mapping[str, Any]:
+        """A small JSON-able description: samples, span, GPUs, fields present, labels."""
+        span = (int(self.t_ns[-1]) - int(self.t_ns[0])) / 1e9 if len(self) > 1 else 0.0
+        per_gpu = max((int(np.sum(self.gpu == i)) for i in range(len(self.gpus))), default=0)
+        return {
+            "samples": len(self),
+            "gpus": list(self.gpus),
+            "span_s": span,
+            "rate_hz": (per_gpu - 1) / span if span > 0 else 0.0,
+            "fields": list(self.present_fields()),
+            "source": self.source,
+            "synthetic": self.synthetic,
+            "power_field": self.power_field,
+        }
