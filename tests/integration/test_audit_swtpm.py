@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from swtpm import Swtpm
 
 from probes.tpm import Quote, TpmClient
+from sample_infra.swtpm import Swtpm
 from tmb.attest.evidence import audit_bundle, write_bundle
 from tmb.attest.ima import iter_log
 from tmb.attest.ima_build import Built, LogBuilder, dm_device_resume, dm_table_load_verity
