@@ -15,15 +15,22 @@ from collections.abc import Callable, Sequence
 from tmb import __version__
 from tmb.errors import TmbError
 
-# Modules that add subcommands, in the order they appear in ``tmb --help``.
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "tmb.attest.cli",
-)
+# Modules that add subcommands, in the order they appear in ``tmb --help``, with the commands each adds.
+# ``tmb CMD`` imports only CMD's module (the scientific stack takes most of a second to import).
+SUBCOMMANDS: dict[str, tuple[str, ...]] = {
+    "tmb.attest.cli": ("ima", "audit"),
+    "tmb.attest.quote_cli": ("quote",),
+    "tmb.telemetry.cli": ("telemetry",),
+    "tmb.verity.cli": ("verity", "commit"),
+    "sample_infra.cli": ("demo",),
+}
+SUBCOMMAND_MODULES: tuple[str, ...] = tuple(SUBCOMMANDS)
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv`` naming a known command, only that command's module is imported."""
     parser = argparse.ArgumentParser(
         prog="tmb",
         description="Runtime telemetry attestation for AI inference providers.",
@@ -31,13 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tmb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in SUBCOMMAND_MODULES:
+    first = next((a for a in argv or () if not a.startswith("-")), None)
+    wanted = [m for m, cmds in SUBCOMMANDS.items() if first in cmds] or list(SUBCOMMANDS)
+    for name in wanted:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     func: Handler = args.func
     try:
