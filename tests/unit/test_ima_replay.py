@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tmb.attest import ima
 from tmb.attest.ima import iter_binary, iter_log, parse_fields
 from tmb.attest.ima_build import LogBuilder
-from tmb.attest.pcr import ReplayState, replay_file
+from tmb.attest.pcr import ReplayState, replay_delta, replay_file
 from tmb.errors import InputError, ParseError
 
 
@@ -227,3 +227,17 @@ def test_fuzz_mutated_logs_give_findings_not_tracebacks(mutations: list[tuple[in
         assert "not an IMA measurement list" in exc.message
         return
     assert result.state.offset <= cut
+
+
+def test_replay_delta_reads_only_the_shipped_bytes() -> None:
+    binary, _, builder = _log(15)
+    entries = list(iter_log(io.BytesIO(binary)))
+    first = replay_delta(binary[: entries[8].offset], state=ReplayState(), mode="per-bank")
+    # The probe ships the rest, cut mid-record: the partial record waits for the next delta.
+    cut = entries[12].offset + 5
+    second = replay_delta(binary[entries[8].offset : cut], state=first.state, mode="per-bank")
+    assert second.entries == 4 and second.state.offset == entries[12].offset
+    assert [f.id for f in second.report] == ["ima.trailing_partial_record"]
+    assert second.report.findings[0].context["offset"] == entries[12].offset
+    third = replay_delta(binary[entries[12].offset :], state=second.state, mode="per-bank")
+    assert third.state.value("sha256") == builder.pcrs["sha256"] and third.state.index == 15

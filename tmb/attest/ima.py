@@ -281,7 +281,7 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
                 try:
                     entry, pos = parse_record(mapped, pos, 0, index, names)
                 except Incomplete as inc:
-                    raise _trailing(pos, size - pos, inc.part) from None
+                    raise trailing_error(pos, size - pos, inc.part) from None
                 yield entry
                 index += 1
         return
@@ -296,7 +296,7 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
             if eof:
                 if pos == len(buf):
                     return
-                raise _trailing(base + pos, len(buf) - pos, inc.part) from None
+                raise trailing_error(base + pos, len(buf) - pos, inc.part) from None
             more = stream.read(max(CHUNK, len(buf) - pos))
             eof = not more
             buf = buf[pos:] + more
@@ -307,7 +307,7 @@ def iter_binary(stream: BinaryIO, *, start_offset: int = 0, start_index: int = 0
         index += 1
 
 
-def _trailing(offset: int, size: int, part: str) -> ParseError:
+def trailing_error(offset: int, size: int, part: str) -> ParseError:
     return ParseError(
         f"log ends inside a record ({size} trailing bytes, incomplete {part})",
         offset=offset,

@@ -19,6 +19,7 @@ the new verified state, entries after it stay pending.
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ from tmb.attest.ima import (
     parse_fields,
     parse_record,
     sniff_format,
+    trailing_error,
 )
 from tmb.errors import InputError, ParseError, Report, Severity
 
@@ -380,6 +382,13 @@ def _path_of(entry: ImaEntry) -> str:
         return "?"
 
 
+def _report_parse_error(report: Report, exc: ParseError) -> None:
+    if "trailing_bytes" in exc.context:
+        report.add("ima.trailing_partial_record", exc.message, severity=Severity.WARNING, **exc.context)
+    else:
+        report.add("ima.malformed_record", exc.message, **exc.context)
+
+
 def replay_file(
     source: str | Path | BinaryIO,
     *,
@@ -390,7 +399,8 @@ def replay_file(
     pcr_index: int = IMA_PCR,
     on_entry: Callable[[ImaEntry], None] | None = None,
 ) -> ReplayResult:
-    """Replay a log file (or open binary stream) from ``state.offset``; parse errors become findings.
+    """Replay a log file (or open, seekable binary stream) from ``state.offset``; parse errors become
+    findings.
 
     A trailing partial record (a log read while the kernel appends, or cut short) is a warning and is
     left out of the state, so the next incremental read starts at its first byte. A malformed record
@@ -404,11 +414,6 @@ def replay_file(
         stream.seek(state.offset)
         fmt = state.fmt or sniff_format(stream)
         state = replace(state, fmt=fmt)
-        if fmt is None:  # no bytes past the saved offset: nothing new
-            return replay(
-                [], banks=banks, mode=mode, state=state, expected=expected, pcr_index=pcr_index, report=report
-            )
-
         mapped = map_file(stream) if fmt == "binary" and on_entry is None else None
         if mapped is not None:
             with mapped:
@@ -416,44 +421,69 @@ def replay_file(
                 try:
                     replayer.fast_binary(mapped, state.offset)
                 except Incomplete as inc:
-                    trailing = len(mapped) - replayer.offset
-                    report.add(
-                        "ima.trailing_partial_record",
-                        f"log ends inside a record ({trailing} trailing bytes, incomplete {inc.part})",
-                        severity=Severity.WARNING,
-                        offset=replayer.offset,
-                        trailing_bytes=trailing,
+                    _report_parse_error(
+                        report, trailing_error(replayer.offset, len(mapped) - replayer.offset, inc.part)
                     )
                 except ParseError as exc:
-                    report.add("ima.malformed_record", exc.message, **exc.context)
+                    _report_parse_error(report, exc)
                 return replayer.finish()
-
-        def bad_line(exc: ParseError) -> None:
-            report.add("ima.malformed_entry", exc.message, **exc.context)
-
-        def guarded() -> Iterator[ImaEntry]:
-            try:
-                yield from iter_log(
-                    stream, fmt=fmt, start_offset=state.offset, start_index=state.index, on_error=bad_line
-                )
-            except ParseError as exc:
-                if "trailing_bytes" in exc.context:
-                    report.add(
-                        "ima.trailing_partial_record", exc.message, severity=Severity.WARNING, **exc.context
-                    )
-                else:
-                    report.add("ima.malformed_record", exc.message, **exc.context)
-
-        return replay(
-            guarded(),
-            banks=banks,
-            mode=mode,
-            state=state,
-            expected=expected,
-            pcr_index=pcr_index,
-            report=report,
-            on_entry=on_entry,
-        )
+        return _replay_stream(stream, state, banks, mode, expected, pcr_index, report, on_entry)
     finally:
         if isinstance(source, str | Path):
             stream.close()
+
+
+def replay_delta(
+    delta: bytes,
+    *,
+    state: ReplayState,
+    banks: Iterable[str] = ("sha1", "sha256"),
+    mode: str = "auto",
+    expected: Mapping[str, bytes] | None = None,
+    pcr_index: int = IMA_PCR,
+    on_entry: Callable[[ImaEntry], None] | None = None,
+) -> ReplayResult:
+    """Replay the log bytes that follow ``state.offset`` (what a probe ships): only the new entries are
+    parsed and extended. Offsets and entry numbers in findings are those of the whole log."""
+    stream = io.BytesIO(delta)
+    fmt = state.fmt or sniff_format(stream)
+    return _replay_stream(
+        stream, replace(state, fmt=fmt), banks, mode, expected, pcr_index, Report(), on_entry
+    )
+
+
+def _replay_stream(
+    stream: BinaryIO,
+    state: ReplayState,
+    banks: Iterable[str],
+    mode: str,
+    expected: Mapping[str, bytes] | None,
+    pcr_index: int,
+    report: Report,
+    on_entry: Callable[[ImaEntry], None] | None,
+) -> ReplayResult:
+    """Replay from the stream's position, which holds the log byte at ``state.offset``."""
+
+    def bad_line(exc: ParseError) -> None:
+        report.add("ima.malformed_entry", exc.message, **exc.context)
+
+    def guarded() -> Iterator[ImaEntry]:
+        if state.fmt is None:  # no bytes past the saved offset: nothing new
+            return
+        try:
+            yield from iter_log(
+                stream, fmt=state.fmt, start_offset=state.offset, start_index=state.index, on_error=bad_line
+            )
+        except ParseError as exc:
+            _report_parse_error(report, exc)
+
+    return replay(
+        guarded(),
+        banks=banks,
+        mode=mode,
+        state=state,
+        expected=expected,
+        pcr_index=pcr_index,
+        report=report,
+        on_entry=on_entry,
+    )
