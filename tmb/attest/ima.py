@@ -69,6 +69,7 @@ DIGEST_SIZES: dict[str, int] = {
     "sha3-512": 64,
 }
 
+_ALG_SIZES = {name.encode("ascii"): size for name, size in DIGEST_SIZES.items()}
 _HEAD = struct.Struct("<I20sI")
 _U32 = struct.Struct("<I")
 
@@ -401,9 +402,30 @@ def iter_ascii(
     reported there and skipped (its index is still consumed); without it, the ParseError propagates."""
     offset = start_offset
     index = start_index
+    pack, fromhex, new_entry = _U32.pack, bytes.fromhex, tuple.__new__
     for lineno, raw in enumerate(stream, 1):
         line_offset = offset
         offset += len(raw)
+        # Fast path for the common ima-ng line "10 <th> ima-ng <alg>:<hex> <path>"; anything else (or
+        # anything odd about it) takes the general parser below, which names the problem.
+        parts = raw.rstrip(b"\r\n").split(b" ", 4)
+        if len(parts) == 5 and parts[2] == b"ima-ng" and parts[0] == b"10" and len(parts[1]) == 40:
+            alg, sep, hexd = parts[3].partition(b":")
+            size = _ALG_SIZES.get(alg)
+            if sep and size is not None and len(hexd) == 2 * size and parts[4]:
+                try:
+                    th, digest = fromhex(parts[1].decode()), fromhex(hexd.decode())
+                except (ValueError, UnicodeDecodeError):
+                    pass
+                else:
+                    dng = alg + b":\0" + digest
+                    path = parts[4] + b"\0"
+                    data = pack(len(dng)) + dng + pack(len(path)) + path
+                    yield new_entry(
+                        ImaEntry, (index, line_offset, len(raw), lineno, 10, th, "ima-ng", data, data)
+                    )
+                    index += 1
+                    continue
         text = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
         if not text.strip() or text.lstrip().startswith("#"):
             continue
