@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     au.add_argument("bundle", type=Path, help="evidence bundle directory (docs/evidence-bundle.md)")
     au.add_argument("--policy", type=Path, help="runtime policy TOML (default: the bundle's policy.toml)")
     au.add_argument("--json", action="store_true")
+    au.add_argument("--html", type=Path, metavar="OUT", help="also write a self-contained HTML report to OUT")
     au.set_defaults(func=_cmd_audit)
 
 
@@ -135,6 +136,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from tmb.attest.evidence import audit_bundle, render_text
 
     result = audit_bundle(args.bundle, policy_path=args.policy)
+    if args.html:
+        from tmb.report import render_html
+
+        try:
+            args.html.write_text(render_html(result))
+        except OSError as exc:
+            raise InputError(f"cannot write the HTML report: {exc.strerror}", path=str(args.html)) from None
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
     else:

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from tmb.attest.dm import VerityRule, check_verity, dm_events
-from tmb.attest.ima import ImaEntry
+from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
 from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy
 from tmb.attest.quote import QuoteResult, load_ak, verify_quote
 from tmb.attest.tpm2 import load_pcr_values, parse_attest
 from tmb.errors import Finding, InputError, ParseError, Report, Severity, TmbError
+from tmb.verity.commitment import load_commitment, policy_rule_from_commitment
 
 BUNDLE_FORMAT = "tmb-evidence/1"
 
@@ -192,6 +193,20 @@ class QuoteSummary:
     matched_entry: int | None  # entries covered by this quote (count), None if PCR 10 never matched
 
 
+MAX_ENTRY_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class EntryRow:
+    """One IMA entry as a report shows it."""
+
+    num: int
+    template: str
+    name: str
+    digest: str
+    attested: bool
+
+
 @dataclass
 class AuditResult:
     bundle: str
@@ -202,6 +217,9 @@ class AuditResult:
     mode: str | None = None
     verity: dict[str, int] = field(default_factory=dict)
     report: Report = field(default_factory=Report)
+    rules: list[VerityRule] = field(default_factory=list)
+    policy_source: str = ""
+    entries: list[EntryRow] = field(default_factory=list)  # the first MAX_ENTRY_ROWS, for reports
 
     @property
     def ok(self) -> bool:
@@ -227,22 +245,24 @@ def _tag(findings: Sequence[Finding], **ctx: Any) -> Iterator[Finding]:
 
 
 def _verity_rules(bundle: Bundle, policy: RuntimePolicy) -> list[VerityRule]:
+    """The policy's rules plus one per bundled commitment (a commitment the policy already pins once)."""
     rules = list(policy.verity)
     for path in bundle.commitments:
-        from tmb.verity.commitment import load_commitment, policy_rule_from_commitment
-
-        rule = policy_rule_from_commitment(load_commitment(path))
+        spec = policy_rule_from_commitment(load_commitment(path))
         rules.append(
             VerityRule(
-                name=str(rule["name"]),
-                root_digest=str(rule["root_digest"]),
-                verity_algorithm=str(rule["verity_algorithm"]),
-                salt=str(rule["salt"]),
-                data_blocks=int(rule["data_blocks"]),
-                data_block_size=int(rule["data_block_size"]),
+                name=str(spec["name"]),
+                root_digest=str(spec["root_digest"]),
+                verity_algorithm=str(spec["verity_algorithm"]),
+                salt=str(spec["salt"]),
+                data_blocks=int(spec["data_blocks"]),
+                data_block_size=int(spec["data_block_size"]),
             )
         )
-    return rules
+    unique: dict[tuple[str, str], VerityRule] = {}
+    for rule in rules:
+        unique.setdefault((rule.root_digest, rule.name), rule)
+    return list(unique.values())
 
 
 def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> AuditResult:
@@ -316,6 +336,14 @@ def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> 
     def on_entry(entry: ImaEntry) -> None:
         if entry.num < state.index:
             checker(entry)
+        if len(result.entries) < MAX_ENTRY_ROWS:
+            try:
+                f = parse_fields(entry)
+                name, digest = f.name, f"{f.digest_alg}:{f.digest.hex()}"
+            except ParseError:
+                name, digest = "(unparsable)", ""
+            attested = entry.num < state.index
+            result.entries.append(EntryRow(entry.num, entry.template_name, name, digest, attested))
 
     full = replay_file(bundle.ima_log, banks=["sha1"], on_entry=on_entry)
     report.extend(full.report)
@@ -328,10 +356,10 @@ def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> 
             first_entry=state.index,
             count=full.entries - state.index,
         )
+    result.policy_source = policy.source
     try:
-        result.verity = check_verity(
-            dm_events(checker.entries, report), _verity_rules(bundle, policy), report
-        )
+        result.rules = _verity_rules(bundle, policy)
+        result.verity = check_verity(dm_events(checker.entries, report), result.rules, report)
     except TmbError as exc:
         report.add("audit.commitment_unreadable", exc.message, **exc.context)
     checker.finish()
