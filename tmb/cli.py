@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "tmb.attest.cli": ("ima", "audit"),
     "tmb.attest.quote_cli": ("quote",),
     "tmb.telemetry.cli": ("telemetry",),
+    "tmb.fingerprint.cli": ("enroll", "fingerprint"),
     "tmb.verity.cli": ("verity", "commit"),
     "sample_infra.cli": ("demo",),
 }
