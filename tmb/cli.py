@@ -41,6 +41,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub.required = True
     first = next((a for a in argv or () if not a.startswith("-")), None)
     wanted = [m for m, cmds in SUBCOMMANDS.items() if first in cmds] or list(SUBCOMMANDS)
+    if first is None and "--version" in (argv or ()):
+        wanted = []  # argparse prints the version and exits before a command is needed
     for name in wanted:
         importlib.import_module(name).register(sub)
     return parser
