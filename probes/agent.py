@@ -1,0 +1,386 @@
+"""The probe: sample telemetry, seal the chain, quote, read IMA, bind GPU processes, ship it all.
+
+Three asyncio tasks share one :class:`Probe`:
+
+* **seal**: every ``batch_interval_s`` the source yields a :class:`~tmb.telemetry.sample.SampleBatch`; it is
+  sealed into the chain, written to the disk buffer and the chain head persisted (``state.json``);
+* **quote**: every ``quote_period_s``, and at once when the daemon asks (``"quote": true`` in a response),
+  with the newest unused daemon nonce: TPM2_Quote over PCR 10 (+ configured PCRs) with qualifying data
+  ``SHA-256(nonce ‖ head digest)`` in a worker thread (the loop never blocks; a call slower than
+  ``tpm_timeout_s`` is abandoned), then the IMA records appended since the last read (read *after* the quote,
+  so they include everything the quoted PCR covers), then the process bindings. TPM errors are retried with
+  exponential backoff (0.5 s doubling to 30 s) while batches keep being sealed and shipped;
+* **send**: ships the buffer in order (batches grouped, up to 64 a request) and takes the next nonce, the
+  quote demand and the daemon's IMA offset from every response. Connection errors and 5xx keep the items
+  and retry with backoff (0.2 s doubling to 5 s); a 4xx drops the refused item (it would be refused forever)
+  and, for a refused batch, starts a new chain segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote as urlquote
+
+import aiohttp
+
+from probes.bindings import bind_all
+from probes.buffer import DiskBuffer, Item
+from probes.chain import ZERO, Chain, qualifying_data
+from probes.config import ProbeConfig
+from probes.ima_reader import ImaReader
+from probes.tpm import Quote, TpmClient
+from tmb.errors import Finding, TmbError, TpmError
+from tmb.telemetry.source import TelemetrySource, open_source
+
+__all__ = ["Probe", "ProbeStats"]
+
+log = logging.getLogger("tmb.probe")
+T = TypeVar("T")
+MAX_BATCHES_PER_POST = 64
+IMA_CHUNK = 4 * 1024 * 1024
+TPM_BACKOFF = (0.5, 30.0)
+SEND_BACKOFF = (0.2, 5.0)
+
+
+@dataclass
+class ProbeStats:
+    """Counters for tests, logs and the bench."""
+
+    sealed: int = 0
+    segments: int = 0
+    batches_acked: int = 0
+    quotes: int = 0
+    quotes_acked: int = 0
+    tpm_errors: int = 0
+    send_errors: int = 0
+    refused: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _quote(cfg: ProbeConfig, qdata: bytes, client: TpmClient) -> Quote:
+    return client.quote(cfg.ak_handle, cfg.quoted_pcrs, qdata)
+
+
+class Probe:
+    """One probe. ``source`` and ``tpm`` (a factory of TPM clients) can be injected (tests, benches)."""
+
+    def __init__(
+        self,
+        config: ProbeConfig,
+        *,
+        source: TelemetrySource | None = None,
+        tpm: Callable[[], TpmClient] | None = None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self._tpm_factory = tpm or (lambda: TpmClient(config.tcti))
+        self._tpm: TpmClient | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tmb-probe-tpm")
+        state_dir = Path(config.state_dir)
+        self.state_file = state_dir / "state.json"
+        self.buffer = DiskBuffer(
+            state_dir / "buffer",
+            max_bytes=config.buffer_max_bytes,
+            max_items=config.buffer_max_items,
+            fsync=config.buffer_fsync,
+        )
+        self.chain = Chain(config.node, previous_head=self._load_head())
+        self.ima = ImaReader(config.ima_log)
+        self._ima_ready = False
+        self.stats = ProbeStats()
+        self._nonce: bytes | None = None
+        self._nonce_event = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._quote_now = True  # a new segment's genesis is quoted at once
+        self._new_segment = False
+        self._pids: set[int] = set()
+        self._ak_name: str | None = None
+
+    # ----------------------------------------------------------------------------------------- state
+
+    def _load_head(self) -> bytes:
+        try:
+            doc = json.loads(self.state_file.read_text())
+            head = bytes.fromhex(doc["digest"])
+            return head if len(head) == 32 and doc.get("node") == self.config.node else ZERO
+        except (OSError, ValueError, KeyError, TypeError):
+            return ZERO
+
+    def _save_head(self) -> None:
+        head = self.chain.head
+        if head is None:
+            return
+        doc = {"node": self.config.node, **head.to_wire()}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.state_file)
+
+    def _seal(self, payload: bytes | None) -> None:
+        if payload is None:
+            batch = self.chain.genesis(self._source().kind)  # type: ignore[arg-type]
+            self.stats.segments += 1
+        else:
+            batch = self.chain.seal(payload)
+        self.buffer.put("batch", batch.to_wire())
+        self._save_head()
+        self.stats.sealed += 1
+        self._wake.set()
+
+    def _source(self) -> TelemetrySource:
+        if self.source is None:
+            options = dict(self.config.source_options)
+            if self.config.source in ("nvml", "synthetic"):
+                options.setdefault("rate_hz", self.config.sample_rate_hz)
+            self.source = open_source(self.config.source, **options)
+        return self.source
+
+    # ----------------------------------------------------------------------------------------- run
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or the task is cancelled)."""
+        self._seal(None)
+        timeout = aiohttp.ClientTimeout(total=self.config.http_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            tasks = [
+                asyncio.create_task(self._seal_loop(), name="probe-seal"),
+                asyncio.create_task(self._quote_loop(), name="probe-quote"),
+                asyncio.create_task(self._send_loop(http), name="probe-send"),
+            ]
+            try:
+                if stop is None:
+                    await asyncio.gather(*tasks)
+                else:
+                    waiter = asyncio.create_task(stop.wait())
+                    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        if t is not waiter:
+                            t.result()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+                if stop is not None:
+                    waiter.cancel()
+                self.close()
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._tpm is not None:
+                self._tpm.close()
+                self._tpm = None
+
+        self._executor.submit(shut)
+        self._executor.shutdown(wait=False, cancel_futures=False)
+        if self.source is not None:
+            self.source.close()
+
+    async def _seal_loop(self) -> None:
+        async for samples in self._source().batches(self.config.batch_interval_s):
+            if self._new_segment:
+                self._new_segment = False
+                head = self.chain.head
+                self.chain = Chain(self.config.node, previous_head=head.digest if head else ZERO)
+                self._seal(None)
+                self._quote_now = True
+            self._seal(samples.encode())
+            self._pids = {pid for row in samples.processes for pid, _ in row} or self._pids
+
+    # ----------------------------------------------------------------------------------------- TPM
+
+    async def _in_tpm_thread(self, fn: Callable[[TpmClient], T]) -> T:
+        def call() -> T:
+            if self._tpm is None:
+                self._tpm = self._tpm_factory()
+            try:
+                return fn(self._tpm)
+            except TpmError:
+                with contextlib.suppress(Exception):
+                    self._tpm.close()
+                self._tpm = None
+                raise
+
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await asyncio.wait_for(fut, self.config.tpm_timeout_s)
+
+    async def _quote_loop(self) -> None:
+        backoff = TPM_BACKOFF[0]
+        due = time.monotonic()
+        cfg = self.config
+        while True:
+            while self._nonce is None or not (self._quote_now or time.monotonic() >= due):
+                self._nonce_event.clear()
+                wait = max(0.05, due - time.monotonic()) if self._nonce is not None else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nonce_event.wait(), wait)
+            nonce, head = self._nonce, self.chain.head
+            assert nonce is not None and head is not None
+            qdata = qualifying_data(nonce, head.digest)
+            try:
+                if self._ak_name is None:
+                    ak = await self._in_tpm_thread(lambda c: c.read_public(cfg.ak_handle))
+                    self._ak_name = ak.name.hex() if ak.name else None
+                q = await self._in_tpm_thread(functools.partial(_quote, cfg, qdata))
+            except (TpmError, TimeoutError) as exc:
+                self.stats.tpm_errors += 1
+                log.warning("TPM quote failed (retrying in %.1f s): %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, TPM_BACKOFF[1])
+                continue
+            backoff = TPM_BACKOFF[0]
+            if self._nonce == nonce:
+                self._nonce = None
+            self._quote_now = False
+            due = time.monotonic() + cfg.quote_period_s
+            await self._ship_ima()
+            self.buffer.put(
+                "quote",
+                {
+                    "message": base64.b64encode(q.message).decode(),
+                    "signature": base64.b64encode(q.signature).decode(),
+                    "pcrs": q.pcrs.to_dict(),
+                    "nonce": nonce.hex(),
+                    "head": head.to_wire(),
+                    "ak_name": self._ak_name,
+                },
+            )
+            self.stats.quotes += 1
+            pids = set(self._pids) | set(cfg.bind_pids)
+            if pids:
+                procs = await asyncio.to_thread(bind_all, pids)
+                self.buffer.put(
+                    "bindings", {"t_ns": time.time_ns(), "processes": [p.to_wire() for p in procs]}
+                )
+            self._wake.set()
+
+    async def _ship_ima(self) -> None:
+        if not self._ima_ready:
+            return
+        try:
+            start, data = await asyncio.to_thread(self.ima.read)
+        except TmbError as exc:
+            log.warning("%s", exc.diagnostics())
+            return
+        for i in range(0, len(data), IMA_CHUNK):
+            chunk = data[i : i + IMA_CHUNK]
+            self.buffer.put("ima", {"offset": start + i, "data": base64.b64encode(chunk).decode()})
+
+    # ----------------------------------------------------------------------------------------- send
+
+    def _url(self, what: str) -> str:
+        return f"{self.config.daemon_url.rstrip('/')}/v1/ingest/{urlquote(self.config.node, safe='')}/{what}"
+
+    def _take_answer(self, doc: Any) -> None:
+        if not isinstance(doc, dict):
+            return
+        nonce = doc.get("nonce")
+        if isinstance(nonce, str):
+            with contextlib.suppress(ValueError):
+                self._nonce = bytes.fromhex(nonce)
+                self._nonce_event.set()
+        if doc.get("quote"):
+            self._quote_now = True
+            self._nonce_event.set()
+        offset = doc.get("ima_offset")
+        if not self._ima_ready and isinstance(offset, int):
+            self.ima.rewind(offset)
+            self._ima_ready = True
+
+    async def _send_loop(self, http: aiohttp.ClientSession) -> None:
+        backoff = SEND_BACKOFF[0]
+        while True:
+            items = self.buffer.peek(MAX_BATCHES_PER_POST)
+            if not items and self._nonce is not None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            try:
+                if not items:
+                    status, doc = await self._request(http, "GET", "nonce", None)
+                    sent: list[Item] = []
+                else:
+                    status, doc, sent = await self._post(http, items)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self.stats.send_errors += 1
+                log.info("daemon unreachable (retrying in %.1f s): %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, SEND_BACKOFF[1])
+                continue
+            self._take_answer(doc)
+            if status >= 500:
+                self.stats.send_errors += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, SEND_BACKOFF[1])
+                continue
+            backoff = SEND_BACKOFF[0]
+            if not sent:
+                if status >= 400:  # e.g. node not registered yet
+                    await asyncio.sleep(1.0)
+                continue
+            self._settle(status, doc, sent)
+
+    async def _request(
+        self, http: aiohttp.ClientSession, method: str, what: str, body: Any
+    ) -> tuple[int, Any]:
+        async with http.request(method, self._url(what), json=body) as resp:
+            try:
+                doc = await resp.json(content_type=None)
+            except (ValueError, aiohttp.ContentTypeError):
+                doc = None
+            return resp.status, doc
+
+    async def _post(self, http: aiohttp.ClientSession, items: list[Item]) -> tuple[int, Any, list[Item]]:
+        first = items[0]
+        if first.kind == "batch":
+            group = []
+            for item in items:
+                if item.kind != "batch":
+                    break
+                group.append(item)
+            findings: list[Finding] = self.buffer.take_findings()
+            body = {"batches": [i.doc for i in group], "probe_findings": [f.to_dict() for f in findings]}
+            try:
+                status, doc = await self._request(http, "POST", "batches", body)
+            except BaseException:
+                self.buffer.findings[:0] = findings
+                raise
+            if status >= 500:
+                self.buffer.findings[:0] = findings
+            return status, doc, group
+        path = {"quote": "quotes", "ima": "ima", "bindings": "bindings"}[first.kind]
+        status, doc = await self._request(http, "POST", path, first.doc)
+        return status, doc, [first]
+
+    def _settle(self, status: int, doc: Any, sent: list[Item]) -> None:
+        if status >= 400:
+            findings = doc.get("findings", []) if isinstance(doc, dict) else []
+            self.stats.refused.append({"status": status, "kind": sent[0].kind, "findings": findings})
+            log.warning("daemon refused %s evidence (%s): %s", sent[0].kind, status, findings)
+            ids = {f.get("id") for f in findings if isinstance(f, dict)}
+            if sent[0].kind == "batch":
+                self._new_segment = True
+            elif sent[0].kind == "ima" and "ima.delta_gap" in ids and isinstance(doc, dict):
+                offset = doc.get("ima_offset")
+                if isinstance(offset, int):
+                    self.ima.rewind(offset)
+            elif sent[0].kind == "quote":
+                self._quote_now = True
+        for item in sent:
+            self.buffer.ack(item)
+            if status < 400 and item.kind == "batch":
+                self.stats.batches_acked += 1
+            elif status < 400 and item.kind == "quote":
+                self.stats.quotes_acked += 1

@@ -1,0 +1,339 @@
+"""SQLite persistence of the daemon's evidence ingest (WAL; tables prefixed ``ingest_``).
+
+One row per node (``ingest_nodes``: AK, chain head, IMA replay state and the unverified IMA tail, last quote
+clock, policy and binding state as JSON), its chain segments (anchor and link to the previous segment),
+every accepted batch (payload, time span, the id of the first verified quote covering it), every quote
+(verification summary, raw TPMS_ATTEST/TPMT_SIGNATURE) and the findings recorded against the node.
+The caller gives a path or an open :class:`sqlite3.Connection` (so the daemon can share its database);
+every ingest request is one transaction, committed before the HTTP answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tmb.errors import InputError
+
+__all__ = ["BatchRow", "IngestStore", "NodeRow", "SegmentRow"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ingest_nodes (
+    node TEXT PRIMARY KEY,
+    ak BLOB NOT NULL,
+    registered_ns INTEGER NOT NULL,
+    segment BLOB,
+    seq INTEGER,
+    head BLOB,
+    replay TEXT NOT NULL DEFAULT '{}',
+    ima_data BLOB NOT NULL DEFAULT x'',
+    state TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS ingest_segments (
+    node TEXT NOT NULL,
+    segment BLOB NOT NULL,
+    anchor_seq INTEGER NOT NULL,
+    link_segment BLOB,
+    link_seq INTEGER,
+    created_ns INTEGER NOT NULL,
+    PRIMARY KEY (node, segment)
+);
+CREATE TABLE IF NOT EXISTS ingest_batches (
+    node TEXT NOT NULL,
+    segment BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    prev BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    t0_ns INTEGER,
+    t1_ns INTEGER,
+    received_ns INTEGER NOT NULL,
+    quote_id INTEGER,
+    PRIMARY KEY (node, segment, seq)
+);
+CREATE INDEX IF NOT EXISTS ingest_batches_time ON ingest_batches (node, t1_ns);
+CREATE TABLE IF NOT EXISTS ingest_quotes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    received_ns INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    segment BLOB,
+    seq INTEGER,
+    head BLOB,
+    summary TEXT NOT NULL,
+    message BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingest_findings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    received_ns INTEGER NOT NULL,
+    finding TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ingest_findings_node ON ingest_findings (node, received_ns);
+"""
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node: str
+    ak: bytes
+    segment: bytes | None
+    seq: int | None
+    head: bytes | None
+    replay: dict[str, Any]
+    ima_data: bytes
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SegmentRow:
+    segment: bytes
+    anchor_seq: int
+    link_segment: bytes | None
+    link_seq: int | None
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    segment: bytes
+    seq: int
+    digest: bytes
+    payload: bytes
+    t0_ns: int | None
+    t1_ns: int | None
+    quote_id: int | None
+
+
+class IngestStore:
+    """Typed access to the ingest tables. Not thread-safe: one per event loop."""
+
+    def __init__(self, db: str | Path | sqlite3.Connection, *, synchronous: str = "NORMAL") -> None:
+        if isinstance(db, sqlite3.Connection):
+            self.conn, self._owned = db, False
+        else:
+            try:
+                self.conn = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise InputError(f"cannot open the ingest database: {exc}", path=str(db)) from None
+            self._owned = True
+        if synchronous not in ("NORMAL", "FULL"):
+            raise InputError("synchronous must be NORMAL or FULL")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        if self._owned:
+            self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any exception)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------------------------------ nodes
+
+    def upsert_node(self, node: str, ak: bytes, now_ns: int) -> None:
+        self.conn.execute(
+            "INSERT INTO ingest_nodes (node, ak, registered_ns) VALUES (?, ?, ?) "
+            "ON CONFLICT(node) DO UPDATE SET ak = excluded.ak",
+            (node, ak, now_ns),
+        )
+
+    def node(self, node: str) -> NodeRow | None:
+        row = self.conn.execute(
+            "SELECT node, ak, segment, seq, head, replay, ima_data, state FROM ingest_nodes WHERE node = ?",
+            (node,),
+        ).fetchone()
+        if row is None:
+            return None
+        return NodeRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], json.loads(row[7]))
+
+    def set_head(self, node: str, segment: bytes, seq: int, head: bytes) -> None:
+        self.conn.execute(
+            "UPDATE ingest_nodes SET segment = ?, seq = ?, head = ? WHERE node = ?",
+            (segment, seq, head, node),
+        )
+
+    def set_ima(self, node: str, replay: dict[str, Any], data: bytes) -> None:
+        self.conn.execute(
+            "UPDATE ingest_nodes SET replay = ?, ima_data = ? WHERE node = ?",
+            (json.dumps(replay), data, node),
+        )
+
+    def set_state(self, node: str, state: dict[str, Any]) -> None:
+        self.conn.execute("UPDATE ingest_nodes SET state = ? WHERE node = ?", (json.dumps(state), node))
+
+    # ------------------------------------------------------------------------------------------ chain
+
+    def segment(self, node: str, segment: bytes) -> SegmentRow | None:
+        row = self.conn.execute(
+            "SELECT segment, anchor_seq, link_segment, link_seq FROM ingest_segments "
+            "WHERE node = ? AND segment = ?",
+            (node, segment),
+        ).fetchone()
+        return SegmentRow(*row) if row else None
+
+    def add_segment(
+        self, node: str, segment: bytes, anchor: int, link: tuple[bytes, int] | None, now_ns: int
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO ingest_segments VALUES (?, ?, ?, ?, ?, ?)",
+            (node, segment, anchor, link[0] if link else None, link[1] if link else None, now_ns),
+        )
+
+    def set_anchor(self, node: str, segment: bytes, anchor: int) -> None:
+        self.conn.execute(
+            "UPDATE ingest_segments SET anchor_seq = ? WHERE node = ? AND segment = ?",
+            (anchor, node, segment),
+        )
+
+    def batch(self, node: str, segment: bytes, seq: int) -> BatchRow | None:
+        row = self.conn.execute(
+            "SELECT segment, seq, digest, payload, t0_ns, t1_ns, quote_id FROM ingest_batches "
+            "WHERE node = ? AND segment = ? AND seq = ?",
+            (node, segment, seq),
+        ).fetchone()
+        return BatchRow(*row) if row else None
+
+    def find_digest(self, node: str, digest: bytes) -> tuple[bytes, int] | None:
+        row = self.conn.execute(
+            "SELECT segment, seq FROM ingest_batches WHERE node = ? AND digest = ?", (node, digest)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def add_batch(
+        self,
+        node: str,
+        segment: bytes,
+        seq: int,
+        digest: bytes,
+        prev: bytes,
+        payload: bytes,
+        span: tuple[int, int] | None,
+        now_ns: int,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO ingest_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (
+                node,
+                segment,
+                seq,
+                digest,
+                prev,
+                payload,
+                span[0] if span else None,
+                span[1] if span else None,
+                now_ns,
+            ),
+        )
+
+    def attest(self, node: str, segment: bytes, seq: int, quote_id: int) -> int:
+        """Mark the batches covered by a quote over (segment, seq): that segment from its anchor up to
+        ``seq``, then, while a segment's genesis links to the head of the previous one and its anchor is 0,
+        the previous segment up to the linked batch. Returns how many batches became attested."""
+        count = 0
+        for _ in range(10_000):
+            seg = self.segment(node, segment)
+            if seg is None:
+                break
+            cur = self.conn.execute(
+                "UPDATE ingest_batches SET quote_id = ? WHERE node = ? AND segment = ? AND seq >= ? "
+                "AND seq <= ? AND quote_id IS NULL",
+                (quote_id, node, segment, seg.anchor_seq, seq),
+            )
+            count += cur.rowcount
+            if seg.anchor_seq != 0 or seg.link_segment is None or seg.link_seq is None:
+                break
+            linked = self.batch(node, seg.link_segment, seg.link_seq)
+            if linked is None or linked.quote_id is not None:
+                break
+            segment, seq = seg.link_segment, seg.link_seq
+        return count
+
+    def batches_overlapping(self, node: str, t0_ns: int, t1_ns: int) -> list[BatchRow]:
+        rows = self.conn.execute(
+            "SELECT segment, seq, digest, payload, t0_ns, t1_ns, quote_id FROM ingest_batches "
+            "WHERE node = ? AND t1_ns >= ? AND t0_ns < ? ORDER BY t0_ns, received_ns",
+            (node, t0_ns, t1_ns),
+        ).fetchall()
+        return [BatchRow(*r) for r in rows]
+
+    def count_batches(self, node: str, *, attested: bool | None = None) -> int:
+        sql = "SELECT COUNT(*) FROM ingest_batches WHERE node = ?"
+        if attested is not None:
+            sql += " AND quote_id IS NOT NULL" if attested else " AND quote_id IS NULL"
+        return int(self.conn.execute(sql, (node,)).fetchone()[0])
+
+    # ------------------------------------------------------------------------------------------ quotes
+
+    def add_quote(
+        self,
+        node: str,
+        now_ns: int,
+        ok: bool,
+        head: tuple[bytes, int, bytes] | None,
+        summary: dict[str, Any],
+        message: bytes,
+        signature: bytes,
+    ) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO ingest_quotes (node, received_ns, ok, segment, seq, head, summary, message, "
+            "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                node,
+                now_ns,
+                int(ok),
+                head[0] if head else None,
+                head[1] if head else None,
+                head[2] if head else None,
+                json.dumps(summary),
+                message,
+                signature,
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    def set_quote_summary(self, quote_id: int, summary: dict[str, Any]) -> None:
+        self.conn.execute(
+            "UPDATE ingest_quotes SET summary = ? WHERE id = ?", (json.dumps(summary), quote_id)
+        )
+
+    def quote_summary(self, quote_id: int) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT summary FROM ingest_quotes WHERE id = ?", (quote_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def last_quote(self, node: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT summary FROM ingest_quotes WHERE node = ? ORDER BY id DESC LIMIT 1", (node,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    # ------------------------------------------------------------------------------------------ findings
+
+    def add_findings(self, node: str, now_ns: int, findings: Sequence[dict[str, Any]]) -> None:
+        self.conn.executemany(
+            "INSERT INTO ingest_findings (node, received_ns, finding) VALUES (?, ?, ?)",
+            [(node, now_ns, json.dumps(f)) for f in findings],
+        )
+
+    def findings(self, node: str, t0_ns: int = 0, t1_ns: int = 1 << 62) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT finding FROM ingest_findings WHERE node = ? AND received_ns >= ? AND received_ns < ? "
+            "ORDER BY id",
+            (node, t0_ns, t1_ns),
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
