@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "tmb.telemetry.cli": ("telemetry",),
     "tmb.fingerprint.cli": ("enroll", "fingerprint"),
     "tmb.verity.cli": ("verity", "commit"),
+    "tmb.verdict.cli": ("serve", "verify-verdict", "config"),
     "sample_infra.cli": ("demo",),
 }
 SUBCOMMAND_MODULES: tuple[str, ...] = tuple(SUBCOMMANDS)

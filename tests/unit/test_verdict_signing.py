@@ -1,0 +1,195 @@
+"""Verdict canonical encoding, Ed25519 sign/verify, tamper detection, key files, verify-verdict CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from tmb.cli import main
+from tmb.errors import InputError
+from tmb.verdict.model import Decision, Reason, Verdict, Window, canonical_bytes
+from tmb.verdict.signing import KeyFileError, load_or_create_key, load_public_keys, verify_verdict
+
+
+def verdict(decision: Decision = Decision.VERIFIED, **over: object) -> Verdict:
+    base: dict[str, object] = dict(
+        request_id="0123456789abcdef0123456789abcdef",
+        correlation_id="client-7",
+        worker="w1",
+        node="node-1",
+        gpus=("GPU-1",),
+        claimed_model="llama",
+        requested_model="llama",
+        window=Window(10, 20, True),
+        attestation={"pcr10": "ab" * 32, "policy_ok": True, "quote_time_ns": 15},
+        fingerprint={"p_value": "0.31"},
+        decision=decision,
+        reasons=(Reason("fingerprint.ok", "consistent with profile ünï"),),
+        telemetry_source="nvml",
+        issued_ns=1_700_000_000_000_000_000,
+    )
+    base.update(over)
+    return Verdict(**base)  # type: ignore[arg-type]
+
+
+def test_canonical_encoding_is_sorted_compact_utf8_and_integers_only() -> None:
+    assert (
+        canonical_bytes({"b": 1, "a": {"d": [True, None], "c": "é"}})
+        == '{"a":{"c":"é","d":[true,null]},"b":1}'.encode()
+    )
+    with pytest.raises(ValueError, match="floats"):
+        canonical_bytes({"p": 0.5})
+    v = verdict()
+    assert v.signing_bytes() == canonical_bytes(json.loads(v.signing_bytes()))
+    assert (
+        b"signature" not in v.signing_bytes()
+        and b", " not in v.signing_bytes()
+        and b'": ' not in v.signing_bytes()
+    )
+    assert "ünï".encode() in v.signing_bytes()  # UTF-8, not \u escapes
+
+
+def test_sign_verify_round_trip_and_independent_check(tmp_path: Path) -> None:
+    signer = load_or_create_key(tmp_path / "k.pem")
+    signed = signer.sign(verdict())
+    assert signed.key_id == hashlib.sha256(signer.public.raw).hexdigest()
+    doc = json.loads(signed.encode())
+    assert verify_verdict(doc, [signer.public]).ok
+    # What another language does: drop "signature", canonicalise, Ed25519-verify with the raw key.
+    message = json.dumps(
+        {k: v for k, v in doc.items() if k != "signature"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    Ed25519PublicKey.from_public_bytes(signer.public.raw).verify(bytes.fromhex(doc["signature"]), message)
+    assert Verdict.from_dict(doc) == signed
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("decision", "model_mismatch"),
+        ("issued_ns", 1),
+        ("gpus", ["GPU-2"]),
+        ("window", {"t0_ns": 10, "t1_ns": 21, "widened": True}),
+        ("correlation_id", None),
+        ("extra", "added"),
+    ],
+)
+def test_any_tampering_breaks_the_signature(tmp_path: Path, path: str, value: object) -> None:
+    signer = load_or_create_key(tmp_path / "k.pem")
+    doc = json.loads(signer.sign(verdict()).encode())
+    doc[path] = value
+    assert verify_verdict(doc, [signer.public]).ids() == ["verdict.signature_invalid"]
+
+
+def test_wrong_key_and_malformed_documents(tmp_path: Path) -> None:
+    signer = load_or_create_key(tmp_path / "k.pem")
+    other = load_or_create_key(tmp_path / "other.pem")
+    doc = json.loads(signer.sign(verdict()).encode())
+    assert verify_verdict(doc, [other.public]).ids() == ["verdict.unknown_key"]
+    forged = json.loads(other.sign(verdict()).encode()) | {"key_id": signer.key_id}
+    assert verify_verdict(forged, [signer.public]).ids() == ["verdict.signature_invalid"]
+    assert verify_verdict({"format": "nope"}, [signer.public]).ids() == ["verdict.malformed"]
+    assert verify_verdict(doc | {"signature": "zz"}, [signer.public]).ids() == ["verdict.malformed"]
+
+
+def test_key_created_0600_reused_and_loose_permissions_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key.pem"
+    first = load_or_create_key(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert load_or_create_key(path).key_id == first.key_id
+    os.chmod(path, 0o640)
+    with pytest.raises(KeyFileError, match="group or others") as info:
+        load_or_create_key(path)
+    assert f"chmod 600 {path}" in info.value.diagnostics()
+    os.chmod(path, 0o600)
+    path.write_bytes(b"garbage")
+    with pytest.raises(KeyFileError, match="PKCS#8"):
+        load_or_create_key(path)
+
+
+def test_public_key_formats(tmp_path: Path) -> None:
+    signer = load_or_create_key(tmp_path / "k.pem")
+    pub = signer.public.to_dict()
+    for data in (pub["pem"].encode(), pub["public_key_hex"].encode(), json.dumps({"keys": [pub]}).encode()):
+        assert [k.key_id for k in load_public_keys(data, "x")] == [signer.key_id]
+    with pytest.raises(InputError):
+        load_public_keys(b"nonsense", "x")
+
+
+def test_verify_verdict_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    signer = load_or_create_key(tmp_path / "k.pem")
+    key = tmp_path / "pub.pem"
+    key.write_text(signer.public.to_dict()["pem"])
+    cases = {
+        "ok.json": (signer.sign(verdict()).encode(), 0),
+        "demo.json": (signer.sign(verdict(Decision.DEMO, telemetry_source="synthetic")).encode(), 0),
+        "mismatch.json": (signer.sign(verdict(Decision.MODEL_MISMATCH)).encode(), 1),
+        "tampered.json": (signer.sign(verdict()).encode().replace(b'"node-1"', b'"node-2"'), 1),
+        "notjson.json": (b"{", 2),
+    }
+    for name, (data, code) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert main(["verify-verdict", str(tmp_path / name), "--key", str(key)]) == code, name
+        out = capsys.readouterr()
+        if name == "demo.json":
+            assert "synthetic telemetry" in out.out
+        assert "Traceback" not in out.err
+    assert main(["verify-verdict", str(tmp_path / "missing.json"), "--key", str(key)]) == 2
+    assert main(["verify-verdict", str(tmp_path / "ok.json"), "--key", str(tmp_path / "nokey")]) == 2
+
+
+def test_worked_example_in_docs_verdict_md_is_pinned() -> None:
+    """The docs/verdict.md example: seed 00..1f; Ed25519 is deterministic, so the bytes are fixed."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from tmb.verdict.signing import Signer
+
+    signer = Signer(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    v = Verdict(
+        "5f1c0b6a9e2d4c8b7a6f5e4d3c2b1a09",
+        "client-7",
+        "w1",
+        "node-1",
+        ("GPU-1",),
+        "llama-3-8b",
+        "llama-3-8b",
+        Window(1700000000000000000, 1700000001000000000, True),
+        {"pcr10": "00" * 32, "policy_ok": True},
+        {"p_value": "0.42", "samples": 40},
+        Decision.DEMO,
+        (Reason("telemetry.synthetic", "synthetic telemetry (demo)"),),
+        "synthetic",
+        1700000002000000000,
+    )
+    signed = signer.sign(v)
+    assert signer.public.raw.hex() == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
+    assert signer.key_id == "56475aa75463474c0285df5dbf2bcab73da651358839e9b77481b2eab107708c"
+    assert (
+        hashlib.sha256(signed.signing_bytes()).hexdigest()
+        == hashlib.sha256(EXAMPLE_MESSAGE.encode()).hexdigest()
+    )
+    assert signed.signature == (
+        "6d6e896f2eb09c8183652e0f0955dfa22449ca0c36462a31e23b51fee01fa64f"
+        "5389458abaa70fb003be3a18091b0f5b085d872705db6f7a9a6c4912bf04ca02"
+    )
+    doc = Path(__file__).parents[2] / "docs" / "verdict.md"
+    assert EXAMPLE_MESSAGE in doc.read_text() and signed.signature[:64] in doc.read_text()
+
+
+EXAMPLE_MESSAGE = (
+    '{"attestation":{"pcr10":"0000000000000000000000000000000000000000000000000000000000000000","policy_ok":true},'
+    '"attestation_evidence":[],"claimed_model":"llama-3-8b","correlation_id":"client-7","decision":"demo",'
+    '"fingerprint":{"p_value":"0.42","samples":40},"format":"tmb-verdict/1","gpus":["GPU-1"],'
+    '"issued_ns":1700000002000000000,"key_id":"56475aa75463474c0285df5dbf2bcab73da651358839e9b77481b2eab107708c",'
+    '"node":"node-1","reasons":[{"id":"telemetry.synthetic","message":"synthetic telemetry (demo)"}],'
+    '"request_id":"5f1c0b6a9e2d4c8b7a6f5e4d3c2b1a09","requested_model":"llama-3-8b","telemetry_source":"synthetic",'
+    '"window":{"t0_ns":1700000000000000000,"t1_ns":1700000001000000000,"widened":true},"worker":"w1"}'
+)

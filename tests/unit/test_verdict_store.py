@@ -1,0 +1,101 @@
+"""The SQLite store: spans, pending and final verdicts, evidence, retention, reopen, long-poll."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tmb.proxy.spans import Outcome, Span
+from tmb.verdict.model import Decision, Verdict, Window
+from tmb.verdict.signing import load_or_create_key
+from tmb.verdict.store import AsyncStore, EvidenceRef, Store, StoreError
+
+
+def span(i: int, end_ns: int = 1000, served: bool = True) -> Span:
+    return Span(
+        f"{i:032x}",
+        None,
+        "w" if served else None,
+        "n" if served else None,
+        (),
+        None,
+        None,
+        "GET",
+        "/",
+        end_ns - 10,
+        end_ns - 5 if served else None,
+        end_ns,
+        200 if served else 502,
+        0,
+        1,
+        None,
+        Outcome.OK if served else Outcome.UPSTREAM_ERROR,
+    )
+
+
+def final(tmp_path: Path, rid: str) -> Verdict:
+    v = Verdict(
+        rid, None, "w", "n", (), "m", None, Window(1, 2), {}, {}, Decision.UNATTESTED, (), "synthetic", 5
+    )
+    return load_or_create_key(tmp_path / "k.pem").sign(v)
+
+
+def test_spans_pending_final_evidence_and_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite3"
+    store = Store(db)
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    store.record_spans([span(1), span(2, served=False)])
+    store.record_spans([span(1)])  # idempotent
+    assert store.lookup(f"{1:032x}").state == "pending"
+    assert store.lookup(f"{2:032x}").state == "unknown" and store.lookup(f"{2:032x}").span is not None
+    v = final(tmp_path, f"{1:032x}")
+    refs = [
+        EvidenceRef("quote", "aa" * 32, "n", 7, None, {"pcr": 10}),
+        EvidenceRef("telemetry_batch", "bb" * 32),
+    ]
+    store.put_verdict(v, refs)
+    store.close()
+    again = Store(db)
+    rec = again.lookup(f"{1:032x}")
+    assert rec.state == "final" and rec.doc == v.encode() and rec.span == span(1)
+    assert again.evidence(f"{1:032x}") == refs
+    assert again.counts() == {"spans": 2, "pending": 0, "final": 1, "evidence": 2}
+    with pytest.raises(ValueError, match="unsigned"):
+        again.put_verdict(Verdict(**{**v.__dict__, "signature": ""}))
+
+
+def test_retention_prunes_old_spans_with_their_verdicts(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite3")
+    store.record_spans([span(1, end_ns=100), span(2, end_ns=5000)])
+    store.put_verdict(final(tmp_path, f"{1:032x}"), [EvidenceRef("quote", "cc")])
+    assert store.prune(1000) == 1
+    assert store.counts() == {"spans": 1, "pending": 1, "final": 0, "evidence": 0}
+
+
+def test_unusable_store_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.sqlite3").write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open store"):
+        Store(tmp_path / "bad.sqlite3")
+    db = sqlite3.connect(tmp_path / "future.sqlite3")
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(StoreError, match="schema version"):
+        Store(tmp_path / "future.sqlite3")
+
+
+async def test_long_poll_wakes_on_publish(tmp_path: Path) -> None:
+    store = AsyncStore(tmp_path / "s.sqlite3")
+    rid = f"{1:032x}"
+    await store.record_spans([span(1)])
+    assert (await store.wait(rid, 0.05)).state == "pending"
+    waiter = asyncio.ensure_future(store.wait(rid, 30))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await store.publish(final(tmp_path, rid))
+    assert (await asyncio.wait_for(waiter, 10)).state == "final"
+    assert (await store.wait("f" * 32, 0.01)).state == "unknown"
+    await store.close()

@@ -1,0 +1,376 @@
+"""The daemon's configuration: one TOML file, every key overridable from the environment.
+
+Sections (all optional; defaults and units are documented in docs/config.md)::
+
+    [server]    host, port, api_prefix
+    [[workers]] name, url, node, gpus, model, max_concurrency
+    [proxy]     max_body_bytes, inspect_body_bytes, connect_timeout_s, read_timeout_s, total_timeout_s,
+                health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes
+    [verdicts]  key_file, demo, min_window_ms, max_wait_s
+    [store]     path, retention_days, ack
+    [admin]     enabled, token, token_file
+
+Environment overrides follow keylime's single rule: ``TMB_<SECTION>_<KEY>`` (upper case), e.g.
+``TMB_SERVER_PORT=9000`` or ``TMB_ADMIN_TOKEN=...``. For workers the index is part of the section:
+``TMB_WORKERS_0_URL=http://10.0.0.5:8000`` overrides (or, for the next free index, adds) worker 0's key.
+Values are parsed by the key's type: integers, decimals, booleans (``true/false/1/0/yes/no``), lists
+(comma-separated). Every error is a :class:`~tmb.errors.ConfigError` naming file, section and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tmb.errors import ConfigError
+
+ENV_PREFIX = "TMB_"
+REDACTED = "<redacted>"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_prefix: str = ""  # prepended to the daemon's own routes (/v1/verdicts, /metrics, ...)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str = ""
+    url: str = ""  # http://host:port, no path
+    node: str = ""  # node id the probe reports for this worker's machine
+    gpus: tuple[str, ...] = ()  # GPU UUIDs the worker runs on
+    model: str = ""  # model id the worker is configured to serve
+    max_concurrency: int = 64  # requests in flight at once; the next one gets 503
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    max_body_bytes: int = 16 * 1024 * 1024  # request body limit -> 413
+    inspect_body_bytes: int = 65536  # JSON bodies up to this size are read whole (model, failover)
+    max_response_inspect_bytes: int = 1048576  # JSON responses up to this size are scanned for usage
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 300.0  # longest silence from a worker, headers included -> 504 / timeout
+    total_timeout_s: float = 0.0  # whole exchange; 0 = unlimited
+    health_path: str = "/health"
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class VerdictsConfig:
+    key_file: str = "tmb-verdict-key.pem"  # Ed25519 private key (PKCS#8 PEM), created 0600 if absent
+    demo: bool = False  # a synthetic telemetry source may yield `demo` (never `verified`)
+    min_window_ms: int = 1000  # windows shorter than this are widened (and say so)
+    max_wait_s: float = 30.0  # longest ?wait= accepted by GET /v1/verdicts/{id}
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "tmb.sqlite3"
+    retention_days: int = 30  # spans/verdicts older than this are deleted; 0 keeps everything
+    ack: str = "commit"  # "commit": a response completes only after its span is durable; "async"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    enabled: str = "auto"  # "auto": on only with a token and a loopback host; "true"; "false"
+    token: str = ""  # bearer token (secret)
+    token_file: str = ""  # read the token from this file instead
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    workers: tuple[WorkerConfig, ...] = ()
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    verdicts: VerdictsConfig = field(default_factory=VerdictsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    source: str = "<defaults>"  # the file it came from
+
+    def admin_enabled(self) -> bool:
+        """Whether admin endpoints are served (see :class:`AdminConfig`)."""
+        if self.admin.enabled == "false" or not self.admin.token:
+            return False
+        return self.admin.enabled == "true" or _is_loopback(self.server.host)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets replaced by ``<redacted>``."""
+        data: dict[str, Any] = {}
+        for name in _SECTIONS:
+            data[name] = dataclasses.asdict(getattr(self, name))
+        data["workers"] = [dataclasses.asdict(w) for w in self.workers]
+        if data["admin"]["token"]:
+            data["admin"]["token"] = REDACTED
+        return data
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "proxy": ProxyConfig,
+    "verdicts": VerdictsConfig,
+    "store": StoreConfig,
+    "admin": AdminConfig,
+}
+_CHOICES = {("store", "ack"): ("commit", "async"), ("admin", "enabled"): ("auto", "true", "false")}
+WORKER_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+_PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+WORKER_URL_PATTERN = rf"^https?://[A-Za-z0-9.-]+(:{_PORT})?/?$"  # host name or IPv4 literal, optional port
+_NAME_RE = re.compile(WORKER_NAME_PATTERN)
+_URL_RE = re.compile(WORKER_URL_PATTERN)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _coerce(value: Any, kind: Any, where: dict[str, str], from_env: bool) -> Any:
+    """Convert a TOML or environment value to the field's type, or raise naming where it came from."""
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if (
+                from_env
+                and isinstance(value, str)
+                and value.lower() in ("true", "1", "yes", "false", "0", "no")
+            ):
+                return value.lower() in ("true", "1", "yes")
+        elif kind == "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if from_env and isinstance(value, str):
+                return int(value)
+        elif kind == "float":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if from_env and isinstance(value, str):
+                return float(value)
+        elif kind == "str":
+            if isinstance(value, str):
+                return value
+            if isinstance(value, bool) and (where["section"], where["key"]) in _CHOICES:  # `enabled = true`
+                return "true" if value else "false"
+        elif kind.startswith("tuple"):
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            if from_env and isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"invalid value for {where['section']}.{where['key']}: expected {kind.split('[')[0]}",
+        got=value,
+        **where,
+    )
+
+
+def _build(cls: type[Any], raw: Mapping[str, Any], section: str, origin: str, env_keys: set[str]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = {"file": origin, "section": section, "key": key}
+        if key not in known:
+            raise ConfigError(f"unknown key {section}.{key}", hint=f"known keys: {', '.join(known)}", **where)
+        from_env = key in env_keys
+        if from_env:
+            where["file"] = f"environment ({_env_name(section, key)})"
+        values[key] = _coerce(value, known[key].type, where, from_env)
+        choices = _CHOICES.get((section.split(".")[0].rstrip("0123456789[]"), key))
+        if choices and values[key] not in choices:
+            raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}", got=value, **where)
+    return cls(**values)
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.replace('[', '_').replace(']', '').replace('.', '_')}_{key}".upper()
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (TOML; ``None`` = defaults only), apply ``TMB_*`` overrides from ``env``, validate."""
+    env = os.environ if env is None else env
+    origin = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file: {exc.strerror}", file=origin) from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file is not valid TOML: {exc}", file=origin) from exc
+    for name in raw:
+        if name not in _SECTIONS and name != "workers":
+            raise ConfigError(
+                f"unknown section [{name}]",
+                file=origin,
+                hint=f"sections: {', '.join([*_SECTIONS, 'workers'])}",
+            )
+    sections: dict[str, dict[str, Any]] = {}
+    for name in _SECTIONS:
+        sect = raw.get(name, {})
+        if not isinstance(sect, dict):
+            raise ConfigError(f"[{name}] must be a table", file=origin, section=name)
+        sections[name] = dict(sect)
+    workers_raw = raw.get("workers", [])
+    if not isinstance(workers_raw, list) or not all(isinstance(w, dict) for w in workers_raw):
+        raise ConfigError("workers must be an array of tables ([[workers]])", file=origin, section="workers")
+    workers = [dict(w) for w in workers_raw]
+    env_keys: dict[str, set[str]] = {}
+    worker_env_re = re.compile(r"^TMB_WORKERS_(\d+)_([A-Z_]+)$")
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        if m := worker_env_re.match(var):
+            index, key = int(m[1]), m[2].lower()
+            if index > len(workers):
+                raise ConfigError(
+                    f"{var}: worker index {index} leaves a gap (there are {len(workers)} workers)",
+                    file=f"environment ({var})",
+                    section=f"workers[{index}]",
+                    key=key,
+                )
+            if index == len(workers):
+                workers.append({})
+            workers[index][key] = env[var]
+            env_keys.setdefault(f"workers[{index}]", set()).add(key)
+            continue
+        for name in _SECTIONS:
+            prefix = f"{ENV_PREFIX}{name.upper()}_"
+            if var.startswith(prefix):
+                key = var[len(prefix) :].lower()
+                sections[name][key] = env[var]
+                env_keys.setdefault(name, set()).add(key)
+                break
+    built = {
+        name: _build(cls, sections[name], name, origin, env_keys.get(name, set()))
+        for name, cls in _SECTIONS.items()
+    }
+    worker_cfgs = tuple(
+        _build(WorkerConfig, w, f"workers[{i}]", origin, env_keys.get(f"workers[{i}]", set()))
+        for i, w in enumerate(workers)
+    )
+    admin: AdminConfig = built["admin"]
+    if admin.token_file and not admin.token:
+        try:
+            token = Path(admin.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read admin token file: {exc.strerror}",
+                file=origin,
+                section="admin",
+                key="token_file",
+            ) from exc
+        built["admin"] = dataclasses.replace(admin, token=token)
+    config = Config(workers=worker_cfgs, source=origin, **built)
+    _validate(config)
+    return config
+
+
+def _url_ok(url: str) -> bool:
+    if not _URL_RE.match(url):
+        return False
+    try:
+        urlsplit(url).port  # noqa: B018  (raises for a port out of range)
+    except ValueError:
+        return False
+    return True
+
+
+def _validate(config: Config) -> None:
+    origin = config.source
+
+    def fail(message: str, section: str, key: str, got: Any) -> None:
+        raise ConfigError(message, file=origin, section=section, key=key, got=got)
+
+    s = config.server
+    if not 0 <= s.port <= 65535:
+        fail("server.port must be 0..65535", "server", "port", s.port)
+    if s.api_prefix and (not s.api_prefix.startswith("/") or s.api_prefix.endswith("/")):
+        fail(
+            "server.api_prefix must start with '/' and not end with one", "server", "api_prefix", s.api_prefix
+        )
+    names: set[str] = set()
+    for i, w in enumerate(config.workers):
+        sect = f"workers[{i}]"
+        if not _NAME_RE.match(w.name):
+            fail("worker name must be 1-64 of [A-Za-z0-9_.:-]", sect, "name", w.name)
+        if w.name in names:
+            fail(f"duplicate worker name {w.name!r}", sect, "name", w.name)
+        names.add(w.name)
+        if not _url_ok(w.url):
+            fail("worker url must be http(s)://host:port with no path", sect, "url", w.url)
+        if not w.node:
+            fail("worker node id is required", sect, "node", w.node)
+        if w.max_concurrency < 1:
+            fail("max_concurrency must be at least 1", sect, "max_concurrency", w.max_concurrency)
+    p = config.proxy
+    for key in ("max_body_bytes", "inspect_body_bytes", "max_response_inspect_bytes"):
+        if getattr(p, key) < 0:
+            fail(f"proxy.{key} must not be negative", "proxy", key, getattr(p, key))
+    for key in ("connect_timeout_s", "read_timeout_s", "health_interval_s", "health_timeout_s"):
+        if getattr(p, key) <= 0:
+            fail(f"proxy.{key} must be positive", "proxy", key, getattr(p, key))
+    if p.total_timeout_s < 0:
+        fail(
+            "proxy.total_timeout_s must not be negative (0 = unlimited)",
+            "proxy",
+            "total_timeout_s",
+            p.total_timeout_s,
+        )
+    if not p.health_path.startswith("/"):
+        fail("proxy.health_path must start with '/'", "proxy", "health_path", p.health_path)
+    v = config.verdicts
+    if v.min_window_ms < 0 or v.max_wait_s < 0:
+        fail("verdicts durations must not be negative", "verdicts", "min_window_ms", v.min_window_ms)
+    if config.store.retention_days < 0:
+        fail(
+            "store.retention_days must not be negative",
+            "store",
+            "retention_days",
+            config.store.retention_days,
+        )
+    if config.admin.enabled == "true" and not config.admin.token:
+        fail("admin.enabled = true needs admin.token (or admin.token_file)", "admin", "token", "")
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Render :meth:`Config.redacted` output as TOML (strings, numbers, booleans, string lists)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{s}"'
+
+    lines: list[str] = []
+    for name, sect in data.items():
+        if name == "workers":
+            continue
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in sect.items())
+        lines.append("")
+    for worker in data.get("workers", []):
+        lines.append("[[workers]]")
+        lines.extend(f"{k} = {value(v)}" for k, v in worker.items())
+        lines.append("")
+    return "\n".join(lines)

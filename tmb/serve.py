@@ -1,0 +1,218 @@
+"""``tmb serve --config FILE``: the daemon -- proxy, span pipeline, store, verdict API on one aiohttp server.
+
+Span flow: the proxy calls :meth:`SpanPipeline.submit` at the end of each request (cheap: a queue put). One
+consumer task drains the queue in batches, writes each batch in one SQLite transaction (span + ``pending``
+verdict), resolves the requests waiting for that commit (store ack ``commit``), updates metrics and hands
+every span to the :class:`VerdictEngine`. The engine decides, signs (``ctx.signer.sign``) and publishes
+(``ctx.store.publish(verdict, evidence)``), which replaces the pending row and wakes long-pollers.
+
+The seam for what comes next is :func:`attach_engine_and_ingest`: it is where the real verdict engine
+(replacing :class:`PendingEngine`) and the evidence-ingest routes get attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import time_ns
+from typing import Protocol
+
+from aiohttp import web
+
+from tmb.config import Config
+from tmb.proxy.app import Proxy, make_proxy_routes
+from tmb.proxy.spans import Span
+from tmb.proxy.upstream import WorkerPool
+from tmb.verdict.api import DaemonApi, Metrics, add_api_routes
+from tmb.verdict.signing import Signer, load_or_create_key
+from tmb.verdict.store import AsyncStore
+
+log = logging.getLogger("tmb.serve")
+
+
+class VerdictEngine(Protocol):
+    """Turns a finished span into a signed verdict. Called off the hot path, one task per span."""
+
+    async def on_span(self, span: Span) -> None: ...
+
+
+class PendingEngine:
+    """The placeholder engine: leaves every verdict ``pending`` (the span pipeline already stored it so)."""
+
+    async def on_span(self, span: Span) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class DaemonContext:
+    """What the engine and the ingest routes get to work with."""
+
+    config: Config
+    store: AsyncStore  # engine writes: await store.publish(signer.sign(verdict), evidence_refs)
+    signer: Signer
+    pool: WorkerPool
+    metrics: Metrics
+
+
+EngineFactory = Callable[[web.Application, DaemonContext], VerdictEngine]
+
+
+def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> VerdictEngine:
+    """THE HOOK for the verdict engine and the evidence ingest.
+
+    Add the ingest routes to ``app`` here (before the proxy's catch-all is added, which happens after this
+    returns) and return the real engine; today there is no ingest and verdicts stay ``pending``.
+    """
+    return PendingEngine()
+
+
+class SpanPipeline:
+    """Queue between the proxy's hot path and the store/engine. ``submit`` is the proxy's ``on_span_end``."""
+
+    def __init__(self, ctx: DaemonContext, engine: VerdictEngine, *, ack: bool, batch: int = 512) -> None:
+        self.ctx = ctx
+        self.engine = engine
+        self.ack = ack
+        self.batch = batch
+        self._queue: asyncio.Queue[tuple[Span, asyncio.Future[None] | None]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._engine_tasks: set[asyncio.Task[None]] = set()
+        self._idle_engine = type(engine) is PendingEngine  # nothing to run: no task per span
+
+    def submit(self, span: Span) -> asyncio.Future[None] | None:
+        fut = asyncio.get_running_loop().create_future() if self.ack else None
+        self._queue.put_nowait((span, fut))
+        return fut
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._consume())
+
+    async def _consume(self) -> None:
+        q = self._queue
+        while True:
+            items = [await q.get()]
+            while len(items) < self.batch and not q.empty():
+                items.append(q.get_nowait())
+            await self._write(items)
+
+    async def _write(self, items: list[tuple[Span, asyncio.Future[None] | None]]) -> None:
+        spans = [s for s, _ in items]
+        try:
+            await self.ctx.store.record_spans(spans)
+        except Exception as exc:
+            self.ctx.metrics.store_errors.inc()
+            log.exception("cannot store %d spans", len(spans))
+            for _, fut in items:
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
+            return
+        for span, fut in items:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            self.ctx.metrics.observe(span)
+            if self._idle_engine:
+                continue
+            task = asyncio.get_running_loop().create_task(self._run_engine(span))
+            self._engine_tasks.add(task)
+            task.add_done_callback(self._engine_tasks.discard)
+
+    async def _run_engine(self, span: Span) -> None:
+        try:
+            await self.engine.on_span(span)
+        except Exception:
+            log.exception("verdict engine failed on span %s", span.id)
+
+    async def close(self) -> None:
+        """Write what is queued, then stop (engine tasks are cancelled)."""
+        items = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if items:
+            await self._write(items)
+        for task in list(self._engine_tasks):
+            task.cancel()
+        await asyncio.gather(*self._engine_tasks, return_exceptions=True)
+
+
+CTX_KEY = web.AppKey("tmb.ctx", DaemonContext)
+PIPELINE_KEY = web.AppKey("tmb.pipeline", SpanPipeline)
+
+
+async def build_app(config: Config, *, engine_factory: EngineFactory | None = None) -> web.Application:
+    """The daemon's application (call inside the running loop). ``engine_factory`` overrides the hook."""
+    signer = load_or_create_key(config.verdicts.key_file)
+    store = AsyncStore(config.store.path)
+    pool = WorkerPool(config.workers, config.proxy)
+    metrics = Metrics(pool)
+    ctx = DaemonContext(config, store, signer, pool, metrics)
+    app = web.Application(client_max_size=config.proxy.max_body_bytes)
+    app[CTX_KEY] = ctx
+    add_api_routes(app, DaemonApi(config, store, signer, pool, metrics))
+    engine = (engine_factory or attach_engine_and_ingest)(app, ctx)
+    pipeline = SpanPipeline(ctx, engine, ack=config.store.ack == "commit")
+    app[PIPELINE_KEY] = pipeline
+    make_proxy_routes(app, Proxy(pool, config.proxy, pipeline.submit))
+
+    async def lifecycle(app: web.Application) -> object:
+        pipeline.start()
+        pool.start_health_checks()
+        retention = asyncio.get_running_loop().create_task(_retention_loop(ctx))
+        yield
+        retention.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retention
+        await pool.close()
+        await pipeline.close()
+        await store.close()
+
+    app.cleanup_ctx.append(lifecycle)  # type: ignore[arg-type]
+    return app
+
+
+async def _retention_loop(ctx: DaemonContext) -> None:
+    days = ctx.config.store.retention_days
+    if days <= 0:
+        return
+    while True:
+        try:
+            n = await ctx.store.prune(time_ns() - days * 86400 * 10**9)
+            if n:
+                log.info("retention: deleted %d spans older than %d days", n, days)
+        except Exception:
+            log.exception("retention prune failed")
+        await asyncio.sleep(3600)
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed; returns whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
+    """Run until cancelled. ``ready`` gets ``host:port`` once listening (port 0 = pick one)."""
+    app = await build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+    await site.start()
+    addrs = runner.addresses
+    host, port = addrs[0][0], addrs[0][1]
+    log.info("tmb serving on %s:%s with %d workers", host, port, len(config.workers))
+    if ready is not None:
+        ready(f"{host}:{port}")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,128 @@
+"""``tmb serve``, ``tmb verify-verdict`` and ``tmb config show``.
+
+``tmb verify-verdict VERDICT.json [--key PUB | --keys-url URL]`` exits 0 only when the signature verifies
+and the decision is ``verified`` (or ``demo``, with a note that it rests on synthetic telemetry), 1 when
+the signature fails or the decision is anything else, 2 when the input (verdict or key) cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tmb.errors import InputError
+from tmb.verdict.model import Decision
+from tmb.verdict.signing import PublicKey, load_public_keys, verify_verdict
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the daemon: reverse proxy, verdict API, metrics")
+    p.add_argument("--config", type=Path, help="TOML config file (docs/config.md); TMB_* variables override")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("verify-verdict", help="check a verdict's signature and decision")
+    p.add_argument("verdict", type=Path, help="verdict JSON (as served by GET /v1/verdicts/{id})")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--key", type=Path, help="public key: PEM, 64 hex digits, or a saved /v1/keys document")
+    g.add_argument("--keys-url", help="URL of a daemon's /v1/keys")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    csub.required = True
+    show = csub.add_parser("show", help="print the effective configuration (secrets redacted)")
+    show.add_argument("--config", type=Path, help="TOML config file")
+    show.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    show.set_defaults(func=_config_show)
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from tmb.config import load_config, to_toml
+
+    data = load_config(args.config).redacted()
+    print(json.dumps(data, indent=2) if args.json else to_toml(data), end="\n" if args.json else "")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tmb.config import load_config
+    from tmb.serve import install_uvloop, serve
+
+    config = load_config(args.config)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uv = install_uvloop()
+
+    def ready(addr: str) -> None:
+        print(f"tmb serve: listening on http://{addr} (uvloop: {'yes' if uv else 'no'})", flush=True)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(config, ready=ready)
+
+    asyncio.run(main())
+    return 0
+
+
+def _load_keys(args: argparse.Namespace) -> list[PublicKey]:
+    if args.key is not None:
+        try:
+            data = args.key.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read public key: {exc.strerror}", path=str(args.key)) from exc
+        return load_public_keys(data, str(args.key))
+    try:
+        with urllib.request.urlopen(args.keys_url, timeout=10) as resp:
+            data = resp.read(1 << 20)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise InputError(f"cannot fetch keys: {exc}", url=args.keys_url) from exc
+    return load_public_keys(data, args.keys_url)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        doc = json.loads(args.verdict.read_bytes())
+    except OSError as exc:
+        raise InputError(f"cannot read verdict: {exc.strerror}", path=str(args.verdict)) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"verdict is not JSON: {exc}", path=str(args.verdict)) from exc
+    if not isinstance(doc, dict):
+        raise InputError("verdict must be a JSON object", path=str(args.verdict))
+    keys = _load_keys(args)
+    report = verify_verdict(doc, keys)
+    for f in report:
+        print(f, file=sys.stderr)
+    if not report.ok:
+        print("FAIL: signature not valid", file=sys.stderr)
+        return 1
+    decision = doc.get("decision")
+    print(
+        f"signature OK (key {doc['key_id'][:16]}...), request {doc.get('request_id')}, decision: {decision}"
+    )
+    for reason in doc.get("reasons") or ():
+        if isinstance(reason, dict):
+            print(f"  reason {reason.get('id')}: {reason.get('message')}")
+    if decision == Decision.VERIFIED.value:
+        return 0
+    if decision == Decision.DEMO.value:
+        print(
+            "note: decision 'demo' rests on synthetic telemetry (a demo deployment): it is not evidence "
+            "about real hardware"
+        )
+        return 0
+    print(f"FAIL: decision is {decision!r}, not 'verified'", file=sys.stderr)
+    return 1

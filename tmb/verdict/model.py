@@ -1,0 +1,184 @@
+"""The verdict record and its one canonical encoding (docs/verdict.md has a worked example).
+
+Canonical encoding (``tmb-verdict/1``): the verdict as a JSON object (:meth:`Verdict.to_dict`), keys sorted
+by Unicode code point at every level, no whitespace (separators ``,`` and ``:``), strings UTF-8 (non-ASCII
+written as itself, not ``\\u`` escaped), numbers only as integers (times are nanoseconds since the Unix
+epoch; any non-integer quantity, like a p-value, is a decimal string). The signature is Ed25519 over the
+canonical encoding of the object *without* its ``signature`` member; ``signature`` is the 64-byte
+signature in lowercase hex. ``key_id`` (inside the signed bytes) is the lowercase hex SHA-256 of the
+daemon's raw 32-byte public key.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tmb.errors import InputError
+
+VERDICT_FORMAT = "tmb-verdict/1"
+
+
+class Decision(enum.StrEnum):
+    VERIFIED = "verified"  # attested node, committed model, fingerprint consistent, real telemetry
+    MODEL_MISMATCH = "model_mismatch"  # the evidence points at another model than the one claimed
+    UNATTESTED = "unattested"  # no valid quote/policy result covers the node for the window
+    INSUFFICIENT_TELEMETRY = "insufficient_telemetry"  # too few samples to judge the window
+    DEMO = "demo"  # everything checked out on a synthetic telemetry source (demo deployments only)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The telemetry window judged, in wall-clock ns; ``widened`` when stretched to the minimum length."""
+
+    t0_ns: int
+    t1_ns: int
+    widened: bool = False
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason behind the decision: a stable dotted id (like a Finding's) and a message."""
+
+    id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A signed statement about one request. ``signature`` is empty until signed."""
+
+    request_id: str
+    correlation_id: str | None
+    worker: str
+    node: str
+    gpus: tuple[str, ...]
+    claimed_model: str | None  # the model the worker is configured to serve
+    requested_model: str | None  # the request body's "model"
+    window: Window
+    attestation: Mapping[str, Any]  # quote_time_ns, pcr10, policy_ok, verity_root, commitment, ...
+    fingerprint: Mapping[str, Any]  # statistic, p_value (decimal string), samples, profile_id, ...
+    decision: Decision
+    reasons: tuple[Reason, ...]
+    telemetry_source: str  # "nvml", "synthetic", "replay", "none"
+    issued_ns: int
+    key_id: str = ""
+    signature: str = ""
+    format: str = VERDICT_FORMAT
+    attestation_evidence: tuple[str, ...] = field(default=())  # digests of the evidence records relied on
+
+    def to_dict(self, *, signed: bool = True) -> dict[str, Any]:
+        """Plain JSON data; ``signed=False`` leaves out ``signature`` (the bytes that get signed)."""
+        data: dict[str, Any] = {
+            "format": self.format,
+            "request_id": self.request_id,
+            "correlation_id": self.correlation_id,
+            "worker": self.worker,
+            "node": self.node,
+            "gpus": list(self.gpus),
+            "claimed_model": self.claimed_model,
+            "requested_model": self.requested_model,
+            "window": {
+                "t0_ns": self.window.t0_ns,
+                "t1_ns": self.window.t1_ns,
+                "widened": self.window.widened,
+            },
+            "attestation": _plain(self.attestation),
+            "fingerprint": _plain(self.fingerprint),
+            "decision": self.decision.value,
+            "reasons": [{"id": r.id, "message": r.message} for r in self.reasons],
+            "telemetry_source": self.telemetry_source,
+            "issued_ns": self.issued_ns,
+            "key_id": self.key_id,
+            "attestation_evidence": list(self.attestation_evidence),
+        }
+        if signed:
+            data["signature"] = self.signature
+        return data
+
+    def signing_bytes(self) -> bytes:
+        """What the signature covers: the canonical encoding without ``signature``."""
+        return canonical_bytes(self.to_dict(signed=False))
+
+    def encode(self) -> bytes:
+        """The canonical encoding of the whole verdict, signature included (what the API serves)."""
+        return canonical_bytes(self.to_dict())
+
+    def with_signature(self, key_id: str, signature: bytes) -> Verdict:
+        return replace(self, key_id=key_id, signature=signature.hex())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Verdict:
+        """Parse a verdict document; raises :class:`InputError` naming the bad member."""
+        try:
+            if data.get("format") != VERDICT_FORMAT:
+                raise InputError("not a tmb verdict", expected=VERDICT_FORMAT, got=data.get("format"))
+            w = data["window"]
+            return cls(
+                request_id=_str(data, "request_id"),
+                correlation_id=data.get("correlation_id"),
+                worker=_str(data, "worker"),
+                node=_str(data, "node"),
+                gpus=tuple(str(g) for g in data["gpus"]),
+                claimed_model=data.get("claimed_model"),
+                requested_model=data.get("requested_model"),
+                window=Window(int(w["t0_ns"]), int(w["t1_ns"]), bool(w["widened"])),
+                attestation=dict(data["attestation"]),
+                fingerprint=dict(data["fingerprint"]),
+                decision=Decision(data["decision"]),
+                reasons=tuple(Reason(str(r["id"]), str(r["message"])) for r in data["reasons"]),
+                telemetry_source=_str(data, "telemetry_source"),
+                issued_ns=int(data["issued_ns"]),
+                key_id=_str(data, "key_id"),
+                signature=_str(data, "signature"),
+                attestation_evidence=tuple(str(d) for d in data.get("attestation_evidence", ())),
+            )
+        except InputError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"malformed verdict: {type(exc).__name__}: {exc}") from exc
+
+
+def _str(data: Mapping[str, Any], key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str):
+        raise InputError(f"verdict member {key!r} must be a string", got=value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _check(value: Any, path: str) -> None:
+    if isinstance(value, float):
+        raise ValueError(f"{path}: floats are not allowed in a canonical verdict (use a decimal string)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{path}: object keys must be strings")
+            _check(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check(v, f"{path}[{i}]")
+    elif not (value is None or isinstance(value, str | int | bool)):
+        raise ValueError(f"{path}: {type(value).__name__} cannot be encoded")
+
+
+def canonical_bytes(data: Mapping[str, Any]) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, integers only; raises ValueError on floats or other types."""
+    _check(dict(data), "$")
+    return json.dumps(
+        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()

@@ -1,0 +1,188 @@
+"""The daemon's Ed25519 verdict key: created on first start, permission-checked, signing and verification.
+
+Key file: PKCS#8 PEM, unencrypted, mode 0600, created with ``O_EXCL`` so a concurrent start cannot clobber it.
+A key file readable or writable by group or others is refused (:class:`KeyFileError`), as OpenSSH does.
+Key id: lowercase hex SHA-256 of the raw 32-byte public key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from tmb.errors import InputError, Report, TmbError
+from tmb.verdict.model import Verdict, canonical_bytes
+
+
+class KeyFileError(TmbError):
+    """The verdict key file cannot be used (permissions, format, I/O)."""
+
+
+def key_id(public_raw: bytes) -> str:
+    return hashlib.sha256(public_raw).hexdigest()
+
+
+def _raw(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A verdict public key as published at ``GET /v1/keys``."""
+
+    raw: bytes  # 32 bytes
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.raw)
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        try:
+            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    def to_dict(self) -> dict[str, str]:
+        pem = Ed25519PublicKey.from_public_bytes(self.raw).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return {
+            "key_id": self.key_id,
+            "algorithm": "Ed25519",
+            "public_key_hex": self.raw.hex(),
+            "pem": pem.decode(),
+        }
+
+
+class Signer:
+    """Holds the private key; signs verdicts."""
+
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._private = private
+        self.public = PublicKey(_raw(private.public_key()))
+        self.key_id = self.public.key_id
+
+    def sign_bytes(self, message: bytes) -> bytes:
+        return self._private.sign(message)
+
+    def sign(self, verdict: Verdict) -> Verdict:
+        """The verdict with ``key_id`` set and signed over its canonical encoding."""
+        unsigned = verdict.with_signature(self.key_id, b"")
+        return unsigned.with_signature(self.key_id, self.sign_bytes(unsigned.signing_bytes()))
+
+
+def check_permissions(path: Path) -> None:
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError("verdict key is not a regular file", path=str(path))
+    if st.st_mode & 0o077:
+        raise KeyFileError(
+            f"verdict key file is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+            path=str(path),
+            hint=f"chmod 600 {path}",
+        )
+
+
+def load_or_create_key(path: str | Path) -> Signer:
+    """Load the key at ``path`` (checking permissions) or create it (0600) when absent."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise KeyFileError(f"cannot create verdict key: {exc.strerror}", path=str(path)) from exc
+    else:
+        private = Ed25519PrivateKey.generate()
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise KeyFileError(f"cannot write verdict key: {exc.strerror}", path=str(path)) from exc
+        return Signer(private)
+    try:
+        check_permissions(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read verdict key: {exc.strerror}", path=str(path)) from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(
+            "verdict key is not an unencrypted PKCS#8 PEM private key", path=str(path)
+        ) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError("verdict key is not an Ed25519 key", path=str(path), got=type(key).__name__)
+    return Signer(key)
+
+
+def load_public_keys(data: bytes, origin: str) -> list[PublicKey]:
+    """Public keys from a PEM SubjectPublicKeyInfo, 64 hex digits, or a ``/v1/keys`` JSON document."""
+    text = data.strip()
+    if text.startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(text)
+        except ValueError as exc:
+            raise InputError("not a PEM public key", path=origin) from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise InputError("not an Ed25519 public key", path=origin, got=type(key).__name__)
+        return [PublicKey(_raw(key))]
+    if len(text) == 64:
+        try:
+            return [PublicKey(bytes.fromhex(text.decode("ascii")))]
+        except (ValueError, UnicodeDecodeError):
+            pass
+    try:
+        doc = json.loads(text)
+        keys = [PublicKey(bytes.fromhex(k["public_key_hex"])) for k in doc["keys"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(
+            "unrecognised public key: expected PEM, 64 hex digits or a /v1/keys JSON document", path=origin
+        ) from exc
+    if any(len(k.raw) != 32 for k in keys):
+        raise InputError("an Ed25519 public key must be 32 bytes", path=origin)
+    return keys
+
+
+def verify_verdict(doc: Mapping[str, Any], keys: Sequence[PublicKey]) -> Report:
+    """Check a verdict document's signature against ``keys`` (matched by key id). Findings:
+
+    ``verdict.malformed``, ``verdict.unknown_key``, ``verdict.signature_invalid``.
+    """
+    report = Report()
+    try:
+        verdict = Verdict.from_dict(doc)
+        signature = bytes.fromhex(verdict.signature)
+        message = canonical_bytes({k: v for k, v in doc.items() if k != "signature"})
+    except (InputError, ValueError) as exc:
+        report.add("verdict.malformed", str(exc))
+        return report
+    key = next((k for k in keys if k.key_id == verdict.key_id), None)
+    if key is None:
+        report.add(
+            "verdict.unknown_key",
+            "the verdict names a key id none of the given keys has",
+            key_id=verdict.key_id,
+            known=[k.key_id for k in keys],
+        )
+        return report
+    if not key.verify(signature, message):
+        report.add("verdict.signature_invalid", "the signature does not verify", key_id=key.key_id)
+    return report

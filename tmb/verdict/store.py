@@ -1,0 +1,281 @@
+"""Durable storage of spans, verdicts and the evidence references verdicts rest on (SQLite, WAL).
+
+``journal_mode=WAL`` with ``synchronous=FULL``: a transaction that returned is on disk, so whatever the
+daemon acknowledged survives ``kill -9`` (and power loss, as far as the disk honours fsync).
+
+Tables (schema version 1, ``PRAGMA user_version``):
+
+* ``spans(id, end_ns, worker, node, outcome, doc)`` -- ``doc`` is the span's JSON (:meth:`Span.to_dict`).
+* ``verdicts(request_id, state, decision, created_ns, updated_ns, doc)`` -- ``state`` is ``pending`` (the
+  span is recorded, the engine has not decided) or ``final``; ``doc`` is the signed verdict's canonical
+  bytes (docs/verdict.md). A pending row is created for every span a worker served.
+* ``evidence(request_id, seq, kind, digest, doc)`` -- :class:`EvidenceRef` rows, in the order given.
+
+Retention: :meth:`Store.prune` deletes spans (and their verdicts and evidence rows) that ended before a
+cutoff. :class:`AsyncStore` runs every call on one dedicated thread and wakes long-pollers on publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import time_ns
+from typing import Any, TypeVar
+
+from tmb.errors import TmbError
+from tmb.proxy.spans import Span
+from tmb.verdict.model import Verdict
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spans(
+    id TEXT PRIMARY KEY, end_ns INTEGER NOT NULL, worker TEXT, node TEXT, outcome TEXT NOT NULL,
+    doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS spans_end ON spans(end_ns);
+CREATE TABLE IF NOT EXISTS verdicts(
+    request_id TEXT PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('pending', 'final')), decision TEXT,
+    created_ns INTEGER NOT NULL, updated_ns INTEGER NOT NULL, doc BLOB);
+CREATE TABLE IF NOT EXISTS evidence(
+    request_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL,
+    doc TEXT NOT NULL, PRIMARY KEY (request_id, seq));
+"""
+
+
+class StoreError(TmbError):
+    """The store cannot be opened or written."""
+
+
+@dataclass(frozen=True)
+class EvidenceRef:
+    """A piece of evidence a verdict rests on, by reference (the evidence itself lives with the ingest).
+
+    ``kind``: ``quote``, ``telemetry_batch``, ``ima_log``, ``policy``, ``commitment``, ``profile``, ...;
+    ``digest``: lowercase hex SHA-256 of the referenced record's canonical bytes; ``node``: the node it
+    came from; ``t_ns``: its time (wall ns) when it has one; ``uri``: where to fetch it, when known;
+    ``detail``: small JSON-able context (sequence numbers, PCR index, ...).
+    """
+
+    kind: str
+    digest: str
+    node: str | None = None
+    t_ns: int | None = None
+    uri: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "digest": self.digest,
+            "node": self.node,
+            "t_ns": self.t_ns,
+            "uri": self.uri,
+            "detail": dict(self.detail),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvidenceRef:
+        return cls(
+            data["kind"],
+            data["digest"],
+            data.get("node"),
+            data.get("t_ns"),
+            data.get("uri"),
+            dict(data.get("detail") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class VerdictRecord:
+    """What the store knows about a request id. ``state``: ``pending``, ``final`` or ``unknown``."""
+
+    request_id: str
+    state: str
+    doc: bytes | None = None  # canonical signed verdict when final
+    span: Span | None = None
+
+
+class Store:
+    """Synchronous SQLite store; not thread-safe on its own (use :class:`AsyncStore` from asyncio)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise StoreError("store has an unknown schema version", path=str(self.path), got=version)
+            self.db.executescript(_SCHEMA)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store: {exc}", path=str(self.path)) from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def record_spans(self, spans: Sequence[Span]) -> None:
+        """Insert spans (ignoring ids already stored) and a pending verdict for each served one."""
+        now = time_ns()
+        db = self._tx()
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (?,?,?,?,?,?)",
+                [(s.id, s.end_ns, s.worker, s.node, s.outcome.value, json.dumps(s.to_dict())) for s in spans],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO verdicts(request_id, state, created_ns, updated_ns) "
+                "VALUES (?, 'pending', ?, ?)",
+                [(s.id, now, now) for s in spans if s.served],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def put_verdict(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
+        """Store the final signed verdict (replacing the pending row) and its evidence references."""
+        if not verdict.signature:
+            raise ValueError("refusing to store an unsigned verdict")
+        now = time_ns()
+        db = self._tx()
+        try:
+            db.execute(
+                "INSERT INTO verdicts(request_id, state, decision, created_ns, updated_ns, doc) "
+                "VALUES (?, 'final', ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET state='final', "
+                "decision=excluded.decision, updated_ns=excluded.updated_ns, doc=excluded.doc",
+                (verdict.request_id, verdict.decision.value, now, now, verdict.encode()),
+            )
+            db.execute("DELETE FROM evidence WHERE request_id=?", (verdict.request_id,))
+            db.executemany(
+                "INSERT INTO evidence(request_id, seq, kind, digest, doc) VALUES (?,?,?,?,?)",
+                [
+                    (verdict.request_id, i, e.kind, e.digest, json.dumps(e.to_dict()))
+                    for i, e in enumerate(evidence)
+                ],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def get_span(self, request_id: str) -> Span | None:
+        row = self.db.execute("SELECT doc FROM spans WHERE id=?", (request_id,)).fetchone()
+        return Span.from_dict(json.loads(row[0])) if row else None
+
+    def lookup(self, request_id: str) -> VerdictRecord:
+        row = self.db.execute("SELECT state, doc FROM verdicts WHERE request_id=?", (request_id,)).fetchone()
+        span = self.get_span(request_id)
+        if row is None:
+            return VerdictRecord(request_id, "unknown", None, span)
+        return VerdictRecord(request_id, row[0], bytes(row[1]) if row[1] is not None else None, span)
+
+    def evidence(self, request_id: str) -> list[EvidenceRef]:
+        rows = self.db.execute("SELECT doc FROM evidence WHERE request_id=? ORDER BY seq", (request_id,))
+        return [EvidenceRef.from_dict(json.loads(r[0])) for r in rows]
+
+    def pending(self, limit: int = 1000) -> list[str]:
+        """Ids still pending, oldest first (an engine resumes these after a restart)."""
+        rows = self.db.execute(
+            "SELECT request_id FROM verdicts WHERE state='pending' ORDER BY created_ns LIMIT ?", (limit,)
+        )
+        return [r[0] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        one = self.db.execute
+        return {
+            "spans": one("SELECT count(*) FROM spans").fetchone()[0],
+            "pending": one("SELECT count(*) FROM verdicts WHERE state='pending'").fetchone()[0],
+            "final": one("SELECT count(*) FROM verdicts WHERE state='final'").fetchone()[0],
+            "evidence": one("SELECT count(*) FROM evidence").fetchone()[0],
+        }
+
+    def prune(self, before_ns: int) -> int:
+        """Delete spans ended before ``before_ns``, their verdicts and evidence; returns spans deleted."""
+        db = self._tx()
+        try:
+            old = "SELECT id FROM spans WHERE end_ns < ?"
+            db.execute(f"DELETE FROM evidence WHERE request_id IN ({old})", (before_ns,))
+            db.execute(f"DELETE FROM verdicts WHERE request_id IN ({old})", (before_ns,))
+            n = db.execute("DELETE FROM spans WHERE end_ns < ?", (before_ns,)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return n
+
+
+class AsyncStore:
+    """:class:`Store` for asyncio code: one worker thread, and long-poll wake-ups on :meth:`publish`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tmb-store")
+        self.store = self._pool.submit(Store, path).result()
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def record_spans(self, spans: Sequence[Span]) -> None:
+        await self._run(self.store.record_spans, spans)
+
+    async def publish(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
+        """The engine's write: store the final signed verdict, then wake whoever waits for it."""
+        await self._run(self.store.put_verdict, verdict, evidence)
+        for fut in self._waiters.pop(verdict.request_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def lookup(self, request_id: str) -> VerdictRecord:
+        rec: VerdictRecord = await self._run(self.store.lookup, request_id)
+        return rec
+
+    async def wait(self, request_id: str, timeout_s: float) -> VerdictRecord:
+        """Like :meth:`lookup`, but while pending wait up to ``timeout_s`` for the final verdict."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(request_id, set()).add(fut)
+            try:
+                rec = await self.lookup(request_id)
+                remaining = deadline - loop.time()
+                if rec.state != "pending" or remaining <= 0:
+                    return rec
+                # re-check at least once a second (another daemon may share the file)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fut, min(remaining, 1.0))
+            finally:
+                waiters = self._waiters.get(request_id)
+                if waiters is not None:
+                    waiters.discard(fut)
+                    if not waiters:
+                        del self._waiters[request_id]
+
+    async def evidence(self, request_id: str) -> list[EvidenceRef]:
+        refs: list[EvidenceRef] = await self._run(self.store.evidence, request_id)
+        return refs
+
+    async def prune(self, before_ns: int) -> int:
+        n: int = await self._run(self.store.prune, before_ns)
+        return n
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = await self._run(self.store.counts)
+        return counts
+
+    async def close(self) -> None:
+        await self._run(self.store.close)
+        self._pool.shutdown(wait=True)
