@@ -9,6 +9,8 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [verdicts]  key_file, demo, min_window_ms, max_wait_s
     [store]     path, retention_days, ack
     [admin]     enabled, token, token_file
+    [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, settle_ms
+    [fingerprint] profiles, target_far
 
 Environment overrides follow keylime's single rule: ``TMB_<SECTION>_<KEY>`` (upper case), e.g.
 ``TMB_SERVER_PORT=9000`` or ``TMB_ADMIN_TOKEN=...``. For workers the index is part of the section:
@@ -75,6 +77,23 @@ class VerdictsConfig:
 
 
 @dataclass(frozen=True)
+class AttestationConfig:
+    policy: str = ""  # runtime policy TOML (docs/policy.md); empty: no evidence ingest, verdicts `unattested`
+    nodes: tuple[str, ...] = ()  # "node-id=/path/to/ak" (PEM or TPM2B_PUBLIC), registered at start
+    db: str = ""  # ingest state (SQLite); empty: the store's file
+    nonce_ttl_s: float = 120.0  # a quote nonce expires after this
+    pcr_bank: str = "sha256"  # bank whose PCR 10 the IMA log is replayed against
+    wait_s: float = 20.0  # how long a verdict waits for telemetry and a quote covering its window
+    settle_ms: int = 1500  # wait at least this long after a request ends (the probe seals 1 s batches)
+
+
+@dataclass(frozen=True)
+class FingerprintConfig:
+    profiles: tuple[str, ...] = ()  # profile files, or directories of *.json profiles (tmb enroll)
+    target_far: float = 0.0  # false-alarm rate to test at; 0: each profile's calibrated rate
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = "tmb.sqlite3"
     retention_days: int = 30  # spans/verdicts older than this are deleted; 0 keeps everything
@@ -96,6 +115,8 @@ class Config:
     verdicts: VerdictsConfig = field(default_factory=VerdictsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    attestation: AttestationConfig = field(default_factory=AttestationConfig)
+    fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
     source: str = "<defaults>"  # the file it came from
 
     def admin_enabled(self) -> bool:
@@ -121,8 +142,14 @@ _SECTIONS: dict[str, type[Any]] = {
     "verdicts": VerdictsConfig,
     "store": StoreConfig,
     "admin": AdminConfig,
+    "attestation": AttestationConfig,
+    "fingerprint": FingerprintConfig,
 }
-_CHOICES = {("store", "ack"): ("commit", "async"), ("admin", "enabled"): ("auto", "true", "false")}
+_CHOICES = {
+    ("store", "ack"): ("commit", "async"),
+    ("admin", "enabled"): ("auto", "true", "false"),
+    ("attestation", "pcr_bank"): ("sha1", "sha256", "sha384", "sha512"),
+}
 WORKER_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 _PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 WORKER_URL_PATTERN = rf"^https?://[A-Za-z0-9.-]+(:{_PORT})?/?$"  # host name or IPv4 literal, optional port
@@ -347,6 +374,22 @@ def _validate(config: Config) -> None:
         )
     if config.admin.enabled == "true" and not config.admin.token:
         fail("admin.enabled = true needs admin.token (or admin.token_file)", "admin", "token", "")
+    a = config.attestation
+    for entry in a.nodes:
+        node, sep, ak = entry.partition("=")
+        if not sep or not _NAME_RE.match(node) or not ak:
+            fail("attestation.nodes entries are 'node-id=/path/to/ak'", "attestation", "nodes", entry)
+    if a.nonce_ttl_s <= 0 or a.wait_s < 0 or a.settle_ms < 0:
+        fail("attestation durations must be positive", "attestation", "wait_s", a.wait_s)
+    if a.nodes and not a.policy:
+        fail("attestation.nodes needs attestation.policy (the runtime policy)", "attestation", "policy", "")
+    if not 0.0 <= config.fingerprint.target_far < 0.5:
+        fail(
+            "fingerprint.target_far must be in [0, 0.5)",
+            "fingerprint",
+            "target_far",
+            config.fingerprint.target_far,
+        )
 
 
 def to_toml(data: Mapping[str, Any]) -> str:

@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from time import time_ns
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from tmb.config import Config
+from tmb.errors import ConfigError
 from tmb.proxy.app import Proxy, make_proxy_routes
 from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
@@ -31,6 +33,9 @@ from tmb.verdict.signing import Signer, load_or_create_key
 from tmb.verdict.store import AsyncStore
 
 log = logging.getLogger("tmb.serve")
+
+if TYPE_CHECKING:
+    from tmb.fingerprint import Profile
 
 
 class VerdictEngine(Protocol):
@@ -61,12 +66,80 @@ EngineFactory = Callable[[web.Application, DaemonContext], VerdictEngine]
 
 
 def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> VerdictEngine:
-    """THE HOOK for the verdict engine and the evidence ingest.
+    """The verdict engine and the evidence ingest (``[attestation]``, ``[fingerprint]`` in the config).
 
-    Add the ingest routes to ``app`` here (before the proxy's catch-all is added, which happens after this
-    returns) and return the real engine; today there is no ingest and verdicts stay ``pending``.
+    Mounts the ingest routes (before the proxy's catch-all, which is added after this returns), registers
+    the configured nodes' AKs, loads the enrolled profiles, and returns the engine. Without a policy there
+    is no ingest and every verdict says ``unattested``. Verdicts left pending by a previous run are
+    decided again at start-up.
     """
-    return PendingEngine()
+    from tmb.attest.ingest import Ingest
+    from tmb.attest.ingest_app import add_ingest_routes
+    from tmb.attest.policy import load_policy
+    from tmb.verdict.engine import Engine, EngineSettings
+
+    cfg = ctx.config
+    a = cfg.attestation
+    ingest = None
+    if a.policy:
+        ingest = Ingest(
+            a.db or cfg.store.path,
+            policy=load_policy(a.policy),
+            nonce_ttl_s=a.nonce_ttl_s,
+            pcr_bank=a.pcr_bank,
+        )
+        for entry in a.nodes:
+            node, _, ak_path = entry.partition("=")
+            ingest.register_node(node, _read_ak(ak_path, node))
+        add_ingest_routes(app, ingest, admin_token=cfg.admin.token if cfg.admin_enabled() else None)
+    settings = EngineSettings(
+        wait_s=a.wait_s,
+        settle_s=a.settle_ms / 1000,
+        min_window_s=cfg.verdicts.min_window_ms / 1000,
+        demo=cfg.verdicts.demo,
+        target_far=cfg.fingerprint.target_far or None,
+    )
+    engine = Engine(ctx.store, ctx.signer, ingest, load_profiles(cfg.fingerprint.profiles), settings)
+
+    async def resume_pending(app: web.Application) -> None:
+        ids = await ctx.store._run(ctx.store.store.pending)
+        for request_id in ids:
+            rec = await ctx.store.lookup(request_id)
+            if rec.span is not None:
+                app[RESUMED_KEY].add(asyncio.get_running_loop().create_task(engine.on_span(rec.span)))
+
+    app[RESUMED_KEY] = set()
+    app.on_startup.append(resume_pending)
+    if ingest is not None:
+        app.on_cleanup.append(lambda _app: asyncio.to_thread(ingest.close))
+    return engine
+
+
+RESUMED_KEY = web.AppKey("tmb.resumed", set)
+
+
+def _read_ak(path: str, node: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the AK of node {node}: {exc.strerror}", path=path) from None
+
+
+def load_profiles(paths: Sequence[str]) -> list[Profile]:
+    """Profiles from files and directories (every ``*.json`` in a directory), in a stable order."""
+    from tmb.fingerprint import load_profile
+
+    files: list[Path] = []
+    for entry in paths:
+        p = Path(entry)
+        if p.is_dir():
+            files += sorted(p.glob("*.json"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise ConfigError("fingerprint profile path does not exist", path=entry)
+    return [load_profile(f) for f in files]
 
 
 class SpanPipeline:

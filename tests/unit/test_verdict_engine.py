@@ -1,0 +1,123 @@
+"""The verdict engine's decisions, on real profiles enrolled from (labelled) synthetic telemetry and on
+attestation summaries shaped like the ingest's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tmb.attest.ingest import AttestationSummary
+from tmb.errors import Finding
+from tmb.fingerprint import Profile, enroll
+from tmb.proxy.spans import Outcome, Span
+from tmb.telemetry.sample import SampleBatch
+from tmb.telemetry.synthetic import generate
+from tmb.verdict.engine import Engine, EngineSettings, widen
+from tmb.verdict.model import Decision, Verdict
+from tmb.verdict.signing import load_or_create_key, verify_verdict
+from tmb.verdict.store import AsyncStore
+
+T0 = 1_700_000_000 * 10**9
+
+
+@pytest.fixture(scope="module")
+def profiles() -> list[Profile]:
+    out = []
+    for claim in ("llama-1b/bf16/h100", "llama-1b/int8/h100"):
+        model, precision, gpu = claim.split("/")
+        traces = [generate(claim, "batched", 60, seed=s) for s in range(3)]
+        profile, _ = enroll(model, traces, precision=precision, gpu_type=gpu, regime="batched", window_s=5)
+        out.append(profile)
+    return out
+
+
+def _span(**kw: object) -> Span:
+    base: dict[str, object] = {
+        "id": "ab" * 16,
+        "correlation_id": "client-7",
+        "worker": "w1",
+        "node": "gpu-node-1",
+        "gpus": ("GPU-1",),
+        "model_served": "llama-1b/bf16/h100",
+        "model_requested": "llama-1b",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "start_ns": T0,
+        "first_byte_ns": T0 + 10**7,
+        "end_ns": T0 + 6 * 10**9,
+        "status": 200,
+        "bytes_in": 100,
+        "bytes_out": 1000,
+        "tokens": 300,
+        "outcome": Outcome.OK,
+    }
+    base.update(kw)
+    return Span(**base)  # type: ignore[arg-type]
+
+
+def _summary(ok: bool = True) -> AttestationSummary:
+    findings = () if ok else (Finding("dm.verity_root_mismatch", "root matches no commitment"),)
+    return AttestationSummary("gpu-node-1", 3, 12345, 1, 0, "aa" * 32, "sha256", True, True, ok, findings)
+
+
+def _engine(tmp_path: Path, profiles: list[Profile], *, demo: bool = True) -> Engine:
+    signer = load_or_create_key(str(tmp_path / "key.pem"))
+    return Engine(AsyncStore(str(tmp_path / "store.db")), signer, None, profiles, EngineSettings(demo=demo))
+
+
+def _window(claim: str, seed: int = 99) -> SampleBatch:
+    return generate(claim, "batched", 6, seed=seed, start_ns=T0)
+
+
+def _decide(engine: Engine, span: Span, samples: SampleBatch, summary: AttestationSummary | None) -> Verdict:
+    verdict, refs = engine.decide(span, widen(span, 1.0), samples, summary, [])
+    assert {r.digest for r in refs} == set(verdict.attestation_evidence)
+    return verdict
+
+
+def test_honest_synthetic_is_demo_never_verified(tmp_path: Path, profiles: list[Profile]) -> None:
+    v = _decide(_engine(tmp_path, profiles), _span(), _window("llama-1b/bf16/h100"), _summary())
+    assert v.decision is Decision.DEMO and v.telemetry_source == "synthetic"
+    assert v.fingerprint["decision"] == "consistent" and v.attestation["verified"] is True
+    v = _decide(_engine(tmp_path, profiles, demo=False), _span(), _window("llama-1b/bf16/h100"), _summary())
+    assert v.decision is Decision.INSUFFICIENT_TELEMETRY
+    assert [r.id for r in v.reasons] == ["telemetry.synthetic"]
+
+
+def test_quantized_impostor_is_a_model_mismatch(tmp_path: Path, profiles: list[Profile]) -> None:
+    v = _decide(_engine(tmp_path, profiles), _span(), _window("llama-1b/int8/h100"), _summary())
+    assert v.decision is Decision.MODEL_MISMATCH
+    assert v.fingerprint["best_alternative"] and "int8" in v.fingerprint["best_alternative"]
+
+
+def test_attestation_failures_are_unattested(tmp_path: Path, profiles: list[Profile]) -> None:
+    engine = _engine(tmp_path, profiles)
+    v = _decide(engine, _span(), _window("llama-1b/bf16/h100"), _summary(ok=False))
+    assert v.decision is Decision.UNATTESTED and v.reasons[0].id == "dm.verity_root_mismatch"
+    v = _decide(engine, _span(), _window("llama-1b/bf16/h100"), None)
+    assert v.decision is Decision.UNATTESTED and v.reasons[0].id == "attestation.no_quote"
+
+
+def test_missing_profile_and_short_windows(tmp_path: Path, profiles: list[Profile]) -> None:
+    engine = _engine(tmp_path, profiles)
+    v = _decide(engine, _span(model_served="mixtral/bf16/h100"), _window("llama-1b/bf16/h100"), _summary())
+    assert v.decision is Decision.INSUFFICIENT_TELEMETRY and v.reasons[0].id == "fingerprint.no_profile"
+    short = _span(end_ns=T0 + 10**8)
+    window = widen(short, 1.0)
+    assert window.widened and window.t1_ns - window.t0_ns == 10**9 and window.t0_ns < T0
+    v = _decide(engine, short, _window("llama-1b/bf16/h100").slice_time(T0, T0 + 10**8), _summary())
+    assert v.window.widened and v.reasons[0].id == "window.widened"
+    assert v.decision is Decision.INSUFFICIENT_TELEMETRY
+
+
+async def test_signed_verdict_verifies_and_floats_stay_out(tmp_path: Path, profiles: list[Profile]) -> None:
+    engine = _engine(tmp_path, profiles)
+    verdict = _decide(engine, _span(), _window("llama-1b/bf16/h100"), _summary())
+    signed = engine.signer.sign(verdict)
+    report = verify_verdict(signed.to_dict(), [engine.signer.public])
+    assert report.ok, report.to_list()
+    assert all(not isinstance(v, float) for v in signed.fingerprint.values())
+    tampered = {**signed.to_dict(), "decision": "verified"}
+    assert not verify_verdict(tampered, [engine.signer.public]).ok
+    await engine.store.close()

@@ -1,0 +1,274 @@
+"""The verdict engine: a finished request span -> a signed verdict.
+
+For each span a worker served, the engine waits (bounded by ``[attestation] wait_s``) until the node's
+telemetry for the request window is in and covered by a verified quote (``Ingest.attested_window``), then
+decides:
+
+============================  =================================================================
+decision                      when
+============================  =================================================================
+``unattested``                no verified quote covers the window, or its IMA replay, runtime policy or
+                              dm-verity model rule failed (the cryptographic chain did not hold)
+``insufficient_telemetry``    the chain held but there is no telemetry, too little of it to score, no
+                              enrolled profile for the claimed model, or the telemetry is synthetic in a
+                              deployment that is not a demo
+``model_mismatch``            the fingerprint is inconsistent with the claimed model's profile
+``demo``                      everything held on a synthetic source and ``[verdicts] demo = true``
+``verified``                  everything held on real GPU telemetry
+============================  =================================================================
+
+Windows shorter than ``[verdicts] min_window_ms`` are widened symmetrically and the verdict says so. The
+verdict is signed with the daemon's key and published with references to the evidence it rests on. Floats
+never enter the signed encoding: statistics are rendered as decimal strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from time import time_ns
+from typing import Any
+
+from tmb.attest.ingest import AttestationSummary, Ingest
+from tmb.errors import Finding, Severity
+from tmb.fingerprint import Profile, Scorer
+from tmb.fingerprint.score import Score
+from tmb.proxy.spans import Span
+from tmb.telemetry.features import extract
+from tmb.telemetry.sample import SampleBatch
+from tmb.verdict.model import Decision, Reason, Verdict, Window
+from tmb.verdict.signing import Signer
+from tmb.verdict.store import AsyncStore, EvidenceRef
+
+log = logging.getLogger("tmb.verdict.engine")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    wait_s: float = 20.0  # longest wait for telemetry + quote after the window ends
+    settle_s: float = 1.5  # first look this long after the window ends
+    poll_s: float = 0.25
+    min_window_s: float = 1.0
+    demo: bool = False
+    target_far: float | None = None
+
+
+def _num(value: float | None) -> str | None:
+    """A float as the decimal string the signed encoding carries (None, ``nan`` and ``inf`` kept readable)."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.6g}"
+
+
+def widen(span: Span, min_window_s: float) -> Window:
+    """The request's window (start to end), widened around its middle to at least ``min_window_s``."""
+    t0, t1 = span.start_ns, max(span.end_ns, span.start_ns)
+    need = int(min_window_s * 1e9)
+    if t1 - t0 >= need:
+        return Window(t0, t1, False)
+    mid = (t0 + t1) // 2
+    return Window(mid - need // 2, mid - need // 2 + need, True)
+
+
+class Engine:
+    """Implements ``tmb.serve.VerdictEngine``."""
+
+    def __init__(
+        self,
+        store: AsyncStore,
+        signer: Signer,
+        ingest: Ingest | None,
+        profiles: Sequence[Profile],
+        settings: EngineSettings,
+    ) -> None:
+        self.store = store
+        self.signer = signer
+        self.ingest = ingest
+        self.scorer = Scorer(profiles, target_far=settings.target_far) if profiles else None
+        self.profiles = tuple(profiles)
+        self.settings = settings
+
+    async def on_span(self, span: Span) -> None:
+        if not span.served or span.node is None:
+            return  # no worker answered: there is nothing to attest (the API answers 404)
+        window = widen(span, self.settings.min_window_s)
+        samples, summary, findings = await self._wait_for_evidence(span.node, window)
+        verdict, refs = self.decide(span, window, samples, summary, findings)
+        await self.store.publish(self.signer.sign(verdict), refs)
+
+    async def _wait_for_evidence(
+        self, node: str, window: Window
+    ) -> tuple[SampleBatch, AttestationSummary | None, list[Finding]]:
+        if self.ingest is None:
+            missing = Finding("attestation.not_configured", "this daemon has no evidence ingest configured")
+            return SampleBatch.empty("nvml"), None, [missing]
+        loop = asyncio.get_running_loop()
+        settle = window.t1_ns / 1e9 + self.settings.settle_s - time_ns() / 1e9
+        if settle > 0:
+            await asyncio.sleep(settle)
+        deadline = loop.time() + self.settings.wait_s
+        while True:
+            # On the loop thread: the ingest's SQLite connection is used by its routes there too.
+            samples, summary, findings = self.ingest.attested_window(node, window.t0_ns, window.t1_ns)
+            covered = len(samples) > 0 and int(samples.t_ns[-1]) >= window.t1_ns - self._slack_ns(samples)
+            if (summary is not None and covered) or loop.time() >= deadline:
+                return samples, summary, findings
+            await asyncio.sleep(self.settings.poll_s)
+
+    @staticmethod
+    def _slack_ns(samples: SampleBatch) -> int:
+        """How close to the window's end the last sample must be: two sampling periods (or 1 s)."""
+        if len(samples) < 2:
+            return 1_000_000_000
+        period = int((int(samples.t_ns[-1]) - int(samples.t_ns[0])) / (len(samples) - 1))
+        return max(2 * period, 100_000_000)
+
+    def decide(
+        self,
+        span: Span,
+        window: Window,
+        samples: SampleBatch,
+        summary: AttestationSummary | None,
+        findings: Sequence[Finding],
+    ) -> tuple[Verdict, list[EvidenceRef]]:
+        reasons: list[Reason] = []
+        refs: list[EvidenceRef] = []
+        if window.widened:
+            reasons.append(
+                Reason(
+                    "window.widened", f"request shorter than {self.settings.min_window_s:g} s: window widened"
+                )
+            )
+        errors = [f for f in findings if f.severity is Severity.ERROR]
+        attestation: dict[str, Any] = {"verified": False}
+        if summary is not None:
+            attestation = {
+                "verified": summary.ok,
+                "quote_id": summary.quote_id,
+                "quote_clock": summary.quote_clock,
+                "reset_count": summary.reset_count,
+                "restart_count": summary.restart_count,
+                "pcr10": summary.pcr10,
+                "pcr_bank": summary.pcr_bank,
+                "pcr_matched": summary.pcr_matched,
+                "policy_ok": summary.policy_ok,
+                "verity_ok": summary.verity_ok,
+            }
+            doc = json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+            refs.append(
+                EvidenceRef(
+                    "quote",
+                    hashlib.sha256(doc).hexdigest(),
+                    span.node,
+                    detail={"quote_id": summary.quote_id, "pcr10": summary.pcr10},
+                )
+            )
+            errors += [f for f in summary.findings if f.severity is Severity.ERROR]
+        if len(samples):
+            refs.append(
+                EvidenceRef(
+                    "telemetry_window",
+                    hashlib.sha256(samples.encode()).hexdigest(),
+                    span.node,
+                    int(samples.t_ns[0]),
+                    detail={"samples": len(samples), "source": samples.source},
+                )
+            )
+        source = samples.source if len(samples) else "none"
+        synthetic = bool(len(samples)) and samples.synthetic
+        fingerprint: dict[str, Any] = {"decision": "not_scored"}
+        claimed = span.model_served or span.model_requested
+
+        if summary is None or not summary.ok:
+            decision = Decision.UNATTESTED
+            if summary is None and any(f.id == "ingest.window_empty" for f in errors):
+                decision = Decision.INSUFFICIENT_TELEMETRY
+            reasons += [Reason(f.id, f.message) for f in errors[:8]]
+            if not errors:
+                reasons.append(Reason("attestation.no_quote", "no verified quote covers the request window"))
+        else:
+            score = self._score(claimed, samples)
+            if score is None:
+                decision = Decision.INSUFFICIENT_TELEMETRY
+                reasons.append(Reason("fingerprint.no_profile", f"no enrolled profile for {claimed!r}"))
+            else:
+                fingerprint = _fingerprint_dict(score)
+                refs.append(
+                    EvidenceRef(
+                        "profile",
+                        hashlib.sha256(str(score.profile).encode()).hexdigest(),
+                        None,
+                        detail={"profile": score.profile},
+                    )
+                )
+                decision, more = self._from_score(score, synthetic)
+                reasons += more
+        verdict = Verdict(
+            request_id=span.id,
+            correlation_id=span.correlation_id,
+            worker=span.worker or "",
+            node=span.node or "",
+            gpus=span.gpus,
+            claimed_model=span.model_served,
+            requested_model=span.model_requested,
+            window=window,
+            attestation=attestation,
+            fingerprint=fingerprint,
+            decision=decision,
+            reasons=tuple(reasons),
+            telemetry_source="synthetic" if synthetic else source,
+            issued_ns=time_ns(),
+            attestation_evidence=tuple(r.digest for r in refs),
+        )
+        return verdict, refs
+
+    def _score(self, claimed: str | None, samples: SampleBatch) -> Score | None:
+        if self.scorer is None or not claimed or not any(p.matches(claimed) for p in self.profiles):
+            return None
+        seconds = (int(samples.t_ns[-1]) - int(samples.t_ns[0])) / 1e9 if len(samples) > 1 else None
+        return self.scorer.score(claimed, extract(samples).values, window_s=seconds)
+
+    def _from_score(self, score: Score, synthetic: bool) -> tuple[Decision, list[Reason]]:
+        if score.decision == "inconsistent":
+            alt = f"; closest enrolled model: {score.best_alternative}" if score.best_alternative else ""
+            return Decision.MODEL_MISMATCH, [
+                Reason("fingerprint.inconsistent", f"telemetry is inconsistent with {score.claimed}{alt}")
+            ]
+        if score.decision == "insufficient_data":
+            return Decision.INSUFFICIENT_TELEMETRY, [
+                Reason("fingerprint.insufficient_data", f"{score.n_samples} samples are too few to judge")
+            ]
+        if synthetic:
+            if self.settings.demo:
+                return Decision.DEMO, [
+                    Reason("telemetry.synthetic", "synthetic telemetry (demo deployment): never `verified`")
+                ]
+            return Decision.INSUFFICIENT_TELEMETRY, [
+                Reason("telemetry.synthetic", "synthetic telemetry is not evidence outside a demo deployment")
+            ]
+        return Decision.VERIFIED, [
+            Reason("fingerprint.consistent", f"telemetry consistent with {score.claimed}")
+        ]
+
+
+def _fingerprint_dict(score: Score) -> dict[str, Any]:
+    return {
+        "decision": score.decision,
+        "profile": score.profile,
+        "statistic": _num(score.statistic),
+        "p_value": _num(score.p_value),
+        "samples": score.n_samples,
+        "effective_samples": _num(score.n_eff),
+        "best_alternative": score.best_alternative,
+        "best_alternative_llr": _num(score.best_alternative_llr),
+        "false_alarm_rate": _num(score.false_alarm_rate),
+        "window_s": _num(score.window_s),
+        "kind": "statistical evidence, not proof",
+    }
