@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tmb.telemetry import FEATURES, SampleBatch, energy_per_token_j, extract, features, generate
+from tmb.telemetry.sample import FLOAT_FIELDS
 
 GPU = "GPU-f0000000-0000-0000-0000-000000000001"
 
@@ -83,3 +84,26 @@ def test_energy_per_token_on_synthetic_trace_matches_power_integral() -> None:
     dt = np.diff(batch.t_ns) / 1e9
     integral = float(np.sum(batch.power_w[1:] * dt)) / 1000
     assert from_counter == pytest.approx(integral, rel=0.01)
+
+
+def test_aligned_features_line_up_sample_by_sample() -> None:
+    batch = generate("llama-1b/bf16/h100", "batched", 2.0, seed=3)
+    gpu = batch.column("gpu_util").copy()
+    gpu[[3, 7]] = np.nan  # two samples lose one feature
+    broken = SampleBatch.from_columns(
+        batch.t_ns,
+        batch.gpus,
+        source=batch.source,
+        synthetic=batch.synthetic,
+        power_field=batch.power_field,
+        gpu=batch.gpu,
+        **{name: (gpu if name == "gpu_util" else batch.column(name)) for name in FLOAT_FIELDS},
+    )
+    fs = extract(broken)
+    assert fs.values["gpu_util"].size == len(batch) - 2
+    assert fs.values["power_frac"].size == len(batch)  # per feature, only its own invalid values go
+    aligned = fs.aligned()
+    assert {v.size for v in aligned.values()} == {len(batch) - 2}  # jointly: both samples go everywhere
+    keep = np.ones(len(batch), dtype=bool)
+    keep[[3, 7]] = False
+    np.testing.assert_array_equal(aligned["power_frac"], fs.raw["power_frac"][keep])

@@ -278,7 +278,7 @@ def _trace_features(trace: SampleBatch | Mapping[str, Any]) -> tuple[dict[str, A
         if len(trace) > 1 and len(trace.gpus) == 1:
             span = float(trace.t_ns[-1] - trace.t_ns[0]) / 1e9
             rate = (len(trace) - 1) / span if span > 0 else None
-        return dict(fs.values), rate, trace.source
+        return fs.aligned(), rate, trace.source
     return dict(trace), None, "features"
 
 

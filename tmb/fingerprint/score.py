@@ -351,7 +351,7 @@ def score_batch(scorer: Scorer, claimed: str, batch: SampleBatch, *, window_s: f
     for start in range(t0, t_end + 1, step):
         window = batch.slice_time(start, start + step)
         fs = extract(window)
-        result = scorer.score(claimed, fs.values, window_s=window_s)
+        result = scorer.score(claimed, fs.aligned(), window_s=window_s)
         dropped = {k: v for k, v in fs.dropped.items() if v}
         if dropped:
             note = finding(

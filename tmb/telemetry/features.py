@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from tmb.telemetry.sample import FloatArray, SampleBatch
+
+BoolArray = npt.NDArray[np.bool_]
 
 FEATURES: Final[tuple[str, ...]] = ("power_frac", "gpu_util", "mem_util", "sm_active", "tensor_active")
 
@@ -37,10 +40,30 @@ class FeatureSet:
     values: dict[str, FloatArray]
     dropped: dict[str, int] = field(default_factory=dict)
     samples: int = 0
+    masks: dict[str, BoolArray] = field(default_factory=dict, repr=False)  # per sample: value valid
+    raw: dict[str, FloatArray] = field(default_factory=dict, repr=False)  # per sample, invalid included
 
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
+
+    def aligned(self) -> dict[str, FloatArray]:
+        """Feature values of the samples where every feature with any valid value is valid: the arrays
+        line up sample by sample (what a joint model of the features needs). A feature with no valid
+        value at all stays empty rather than emptying the others."""
+        usable = [m for m in self.masks.values() if bool(m.any())]
+        if not usable:
+            return dict(self.values)
+        joint = np.logical_and.reduce(usable)
+        out: dict[str, FloatArray] = {}
+        for name, values in self.values.items():
+            if not bool(self.masks[name].any()):
+                out[name] = values
+                continue
+            picked = np.ascontiguousarray(self.raw[name][joint], dtype=np.float64)
+            picked.setflags(write=False)
+            out[name] = picked
+        return out
 
 
 def _raw(batch: SampleBatch, name: str) -> FloatArray:
@@ -60,6 +83,8 @@ def extract(batch: SampleBatch) -> FeatureSet:
     """Features of every sample, with invalid values dropped and counted (see module docstring)."""
     values: dict[str, FloatArray] = {}
     dropped: dict[str, int] = {}
+    masks: dict[str, BoolArray] = {}
+    raws: dict[str, FloatArray] = {}
     for name in FEATURES:
         x = _raw(batch, name)
         source = batch.power_w if name == "power_frac" else x
@@ -72,7 +97,8 @@ def extract(batch: SampleBatch) -> FeatureSet:
         kept.setflags(write=False)
         values[name] = kept
         dropped[name] = int(x.shape[0] - kept.shape[0])
-    return FeatureSet(values=values, dropped=dropped, samples=len(batch))
+        masks[name], raws[name] = ok, x
+    return FeatureSet(values=values, dropped=dropped, samples=len(batch), masks=masks, raw=raws)
 
 
 def features(batch: SampleBatch) -> dict[str, FloatArray]:
