@@ -1,0 +1,94 @@
+"""Verdicts per second on one core: scoring + signing + storing, the verdict engine's whole job per request.
+
+Enrols two profiles (llama-1b bf16 and int8 on H100, batched load) from synthetic traces, then for N
+requests with 5 s windows (100 samples at 20 Hz): ``Engine.decide`` (feature extraction, the fingerprint
+score against the claimed profile and the best alternative), Ed25519 signing, and ``AsyncStore.publish``
+(one SQLite transaction with synchronous=FULL per verdict). Side by side in the same run, the peer: the
+same signing + storing with a pre-built verdict (no scoring), so the cost of scoring shows as a ratio.
+Run: ``.venv/bin/python bench/bench_verdicts.py [--requests N] [--repeats R]``. Prints the ratio last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tmb.attest.ingest import AttestationSummary
+from tmb.fingerprint import enroll
+from tmb.proxy.spans import Outcome, Span
+from tmb.telemetry.synthetic import generate
+from tmb.verdict.engine import Engine, EngineSettings, widen
+from tmb.verdict.signing import load_or_create_key
+from tmb.verdict.store import AsyncStore
+
+T0 = 1_700_000_000 * 10**9
+
+
+def profiles() -> list:  # type: ignore[type-arg]
+    out = []
+    for claim in ("llama-1b/bf16/h100", "llama-1b/int8/h100"):
+        model, precision, gpu = claim.split("/")
+        traces = [generate(claim, "batched", 60, seed=s) for s in range(3)]
+        out.append(enroll(model, traces, precision=precision, gpu_type=gpu, regime="batched", window_s=5)[0])
+    return out
+
+
+def span(i: int) -> Span:
+    start = T0 + i * 5 * 10**9
+    return Span(
+        f"{i:032x}", None, "w1", "gpu-node-1", ("GPU-1",), "llama-1b/bf16/h100", "llama-1b", "POST",
+        "/v1/chat/completions", start, start + 10**7, start + 5 * 10**9, 200, 100, 1000, 250, Outcome.OK,
+    )  # fmt: skip
+
+
+async def run(n: int, repeats: int) -> None:
+    summary = AttestationSummary("gpu-node-1", 1, 1, 1, 0, "aa" * 32, "sha256", True, True, True)
+    windows = [
+        generate("llama-1b/bf16/h100", "batched", 5, seed=100 + i, start_ns=span(i).start_ns)
+        for i in range(n)
+    ]
+    full, sign_only = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        signer = load_or_create_key(Path(tmp) / "key.pem")
+        engine = Engine(AsyncStore(Path(tmp) / "a.db"), signer, None, profiles(), EngineSettings(demo=True))
+        peer = AsyncStore(Path(tmp) / "b.db")
+        decisions: dict[str, int] = {}
+        for r in range(repeats):
+            t = time.process_time()
+            for i in range(n):
+                sp = span(i + r * n)
+                verdict, refs = engine.decide(sp, widen(sp, 1.0), windows[i], summary, [])
+                decisions[verdict.decision.value] = decisions.get(verdict.decision.value, 0) + 1
+                await engine.store.publish(signer.sign(verdict), refs)
+            full.append((time.process_time() - t) / n)
+            t = time.process_time()
+            for i in range(n):
+                await peer.publish(
+                    signer.sign(verdict.__class__(**{**verdict.__dict__, "request_id": f"{i + r * n:032x}"})),
+                    refs,
+                )
+            sign_only.append((time.process_time() - t) / n)
+        await engine.store.close()
+        await peer.close()
+    f, s = statistics.median(full), statistics.median(sign_only)
+    print(f"{n} requests x {repeats} repeats, 5 s windows at 20 Hz, 2 profiles; decisions: {decisions}")
+    print(f"score + sign + store : {f * 1e3:7.3f} ms CPU per verdict  -> {1 / f:8.0f} verdicts/s per core")
+    print(f"sign + store (peer)  : {s * 1e3:7.3f} ms CPU per verdict  -> {1 / s:8.0f} verdicts/s per core")
+    print(f"ratio full/peer CPU per verdict: {f / s:.2f}x; verdicts per core per second: {1 / f:.0f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    asyncio.run(run(args.requests, args.repeats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
