@@ -196,7 +196,8 @@ class Probe:
                 self._seal(None)
                 self._quote_now = True
             self._seal(samples.encode())
-            self._pids = {pid for row in samples.processes for pid, _ in row} or self._pids
+            if not samples.synthetic:  # a synthetic source's "GPU processes" are made up: never bind them
+                self._pids = {pid for row in samples.processes for pid, _ in row} or self._pids
 
     # ----------------------------------------------------------------------------------------- TPM
 

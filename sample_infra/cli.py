@@ -1,4 +1,4 @@
-"""``tmb demo``: the end-to-end demonstration (see sample_infra/evidence_demo.py)."""
+"""``tmb demo``: the end-to-end demonstration (see sample_infra/demo.py and docs/demo.md)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
-        help="run the end-to-end demo with real parts on 127.0.0.1 (swtpm, quotes, commitments, audit)",
+        help="run the end-to-end demo on 127.0.0.1 (workers, probes, swtpm quotes, daemon, verdicts, audit)",
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for everything it makes")
     demo.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sample_infra.evidence_demo import main
+    from sample_infra.demo import main
 
     return main(args.out.resolve())

@@ -104,9 +104,11 @@ class Client:
         wait_s: float = 10.0,
         deadline_s: float = 60.0,
         request_timeout_s: float = 300.0,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> None:
         self.lb_url, self.daemon_url = lb_url.rstrip("/"), daemon_url.rstrip("/")
         self.model = model
+        self.extra_body = dict(extra_body or {})  # merged into every request body (e.g. ignore_eos)
         self._keys = list(keys) if keys is not None else None
         self._verify = verify
         self.wait_s, self.deadline_s = wait_s, deadline_s
@@ -137,7 +139,7 @@ class Client:
 
     async def send(self, prompt: str, *, stream: bool, chat: bool = True, max_tokens: int = 32) -> Reply:
         """One completion request through the load balancer."""
-        body: dict[str, Any] = {"max_tokens": max_tokens, "stream": stream}
+        body: dict[str, Any] = {**self.extra_body, "max_tokens": max_tokens, "stream": stream}
         if self.model is not None:
             body["model"] = self.model
         if chat:
@@ -310,6 +312,9 @@ async def _read_sse(content: aiohttp.StreamReader, chat: bool) -> tuple[str, dic
             piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             if isinstance(piece, str) and piece:
                 parts.append(piece)
+    # Read to the end: tmb sends a response's last byte only once the request is stored (store.ack =
+    # commit), so a verdict asked for right after [DONE] could otherwise be for a request not known yet.
+    await content.read()
     return "".join(parts), usage, len(parts)
 
 

@@ -1,4 +1,4 @@
-"""The evidence demo (``tmb demo``): a GPU node's attestation evidence, made with real parts, audited.
+"""The offline audit scenarios of the demo: a GPU node's attestation evidence, made with real parts, audited.
 
 It commits a small model directory (``tmb commit``: EROFS image + dm-verity tree + commitment), starts a
 private swtpm as the node's TPM, writes the node's IMA log the way the kernel does (boot aggregate, the
@@ -7,7 +7,7 @@ exactly what the kernel extends, takes a quote over PCR 10 with a fresh nonce, w
 and runs ``tmb audit`` on it. Then it shows the attacks an auditor catches. Everything it made is left in
 one folder it names.
 
-Later issues grow this into the full end-to-end demo (proxy, probes, workers, verdicts).
+``tmb demo`` (sample_infra/demo.py) runs these after its live scenarios (proxy, probes, workers, verdicts).
 """
 
 from __future__ import annotations

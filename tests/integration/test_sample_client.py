@@ -32,6 +32,7 @@ class FakeProxy:
     def __init__(self, worker: WorkerNode) -> None:
         self.worker = worker
         self.served: dict[str, str] = {}
+        self.hold_s = 0.0  # like tmb with store.ack = commit: the response completes once the span is stored
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._forward)
         self.runner = web.AppRunner(app)
@@ -52,6 +53,7 @@ class FakeProxy:
             await resp.prepare(request)
             async for chunk in up.content.iter_any():
                 await resp.write(chunk)
+        await asyncio.sleep(self.hold_s)
         self.served[rid] = self.worker.config.node_id
         await resp.write_eof()
         return resp
@@ -211,3 +213,22 @@ async def test_cli_json_and_exit_status(stack: Stack, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("request id") and "invalid" in out
     assert await asyncio.to_thread(client_mod.main, [*args, "--count", "-1"]) == 2
+
+
+async def test_extra_body_members_reach_the_worker(stack: Stack) -> None:
+    """``extra_body`` (the demo sends vLLM's ``ignore_eos``) is merged into every request: with it a request
+    generates exactly ``max_tokens`` (long enough for a telemetry fingerprint), stream or not."""
+    async with Client(
+        stack.lb.url, stack.daemon.url, wait_s=2.0, deadline_s=20.0, extra_body={"ignore_eos": True}
+    ) as c:
+        outcomes = await c.run(["Rain?"] * 4, stream="alternate", max_tokens=200)
+    assert [o.completion_tokens for o in outcomes] == [200] * 4, [o.problems for o in outcomes]
+
+
+async def test_stream_is_read_to_its_end_before_asking_for_the_verdict(stack: Stack) -> None:
+    """tmb (store.ack = commit) sends a response's last byte only once the request is stored; a client that
+    stops reading at ``data: [DONE]`` may ask for the verdict of a request the daemon does not know yet."""
+    stack.proxy.hold_s = 0.3
+    async with Client(stack.lb.url, stack.daemon.url, wait_s=2.0, deadline_s=20.0) as c:
+        outcomes = await c.run(["Rain?", "The kitchen."], stream="on", max_tokens=5)
+    assert [o.verdict_state for o in outcomes] == ["final", "final"], [o.problems for o in outcomes]

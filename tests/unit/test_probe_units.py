@@ -124,3 +124,27 @@ def test_bindings_of_this_process(tmp_path: Path) -> None:
     assert got.exe == os.path.realpath("/proc/self/exe") and got.error is None
     assert (str(model), f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}") in got.maps
     assert bind(2**22 + 7).error == "no such process"
+
+
+async def test_synthetic_gpu_processes_are_not_bound(tmp_path: Path) -> None:
+    """A synthetic source makes up its GPU process ids; binding one would read whatever real process has
+    that pid (on a busy host: a non-allowlisted executable, and the node turns ``unattested``). Only NVML
+    pids and ``bind_pids`` are bound."""
+    import asyncio
+
+    from probes.agent import Probe
+    from probes.config import ProbeConfig
+    from tmb.telemetry.synthetic import SyntheticSource
+
+    source = SyntheticSource("llama-1b/bf16/h100", rate_hz=50.0, seed=3)
+    source._sim.pid = os.getpid()  # the made-up pid happens to be a live process
+    cfg = ProbeConfig(node="n1", source="synthetic", state_dir=str(tmp_path), batch_interval_s=0.05)
+    probe = Probe(cfg, source=source)
+    task = asyncio.create_task(probe._seal_loop())
+    while probe.stats.sealed < 2:
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    probe.close()
+    assert probe._pids == set()

@@ -121,3 +121,39 @@ async def test_signed_verdict_verifies_and_floats_stay_out(tmp_path: Path, profi
     tampered = {**signed.to_dict(), "decision": "verified"}
     assert not verify_verdict(tampered, [engine.signer.public]).ok
     await engine.store.close()
+
+
+def test_attestation_reasons_name_the_entry_and_the_rule(tmp_path: Path, profiles: list[Profile]) -> None:
+    """A verdict's reasons have no context member: where a check failed (the IMA entry, the verity rule)
+    must be in the message, or the verdict cannot say which entry was edited."""
+    findings = (
+        Finding(
+            "ima.template_hash_mismatch", "template hash does not match", context={"entry": 2, "path": "/e"}
+        ),
+        Finding(
+            "dm.verity_missing", "no device matches", context={"rule": "llama-1b@v1", "root_digest": "ab"}
+        ),
+    )
+    summary = AttestationSummary("gpu-node-1", 3, 1, 1, 0, "aa" * 32, "sha256", False, False, False, findings)
+    v = _decide(_engine(tmp_path, profiles), _span(), _window("llama-1b/bf16/h100"), summary)
+    assert v.decision is Decision.UNATTESTED
+    assert [r.message for r in v.reasons] == [
+        "template hash does not match (entry=2, path=/e)",
+        "no device matches (rule=llama-1b@v1)",
+    ]
+
+
+def test_quote_findings_lead_and_repeats_are_dropped(tmp_path: Path, profiles: list[Profile]) -> None:
+    """The window's stored findings (a process binding, reported once per bindings document) are
+    consequences; the quote's own findings (which IMA entry was edited) come first, each reason once."""
+    binding = Finding("binding.exe_not_measured", "not measured", context={"pid": 7, "exe": "/e"})
+    edited = Finding("ima.template_hash_mismatch", "template hash does not match", context={"entry": 2})
+    summary = AttestationSummary("gpu-node-1", 3, 1, 1, 0, "aa" * 32, "sha256", False, False, True, (edited,))
+    engine = _engine(tmp_path, profiles)
+    span = _span()
+    verdict, _ = engine.decide(
+        span, widen(span, 1.0), _window("llama-1b/bf16/h100"), summary, [binding, binding, binding]
+    )
+    assert verdict.decision is Decision.UNATTESTED
+    assert [r.id for r in verdict.reasons] == ["ima.template_hash_mismatch", "binding.exe_not_measured"]
+    assert verdict.reasons[0].message.endswith("(entry=2)")

@@ -133,18 +133,35 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from tmb.attest.evidence import audit_bundle, render_text
+    from tmb.attest.evidence import audit_bundle, load_bundle, render_text
 
     result = audit_bundle(args.bundle, policy_path=args.policy)
+    telemetry = None
+    if load_bundle(args.bundle).telemetry is not None:  # optional request context (docs/evidence-bundle.md)
+        from tmb.report.telemetry import telemetry_section
+
+        telemetry = telemetry_section(load_bundle(args.bundle))
     if args.html:
         from tmb.report import render_html
 
         try:
-            args.html.write_text(render_html(result))
+            args.html.write_text(render_html(result, telemetry=telemetry))
         except OSError as exc:
             raise InputError(f"cannot write the HTML report: {exc.strerror}", path=str(args.html)) from None
+    ok = result.ok and (telemetry is None or telemetry.ok)
     if args.json:
-        print(json.dumps(result.to_json(), indent=1))
+        doc = result.to_json()
+        if telemetry is not None:
+            doc["telemetry"] = {
+                "summary": telemetry.summary,
+                "ok": telemetry.ok,
+                "synthetic": telemetry.synthetic,
+            }
+            doc["ok"] = ok
+        print(json.dumps(doc, indent=1))
     else:
         print(render_text(result))
-    return 0 if result.ok else 1
+        if telemetry is not None:
+            label = " (SYNTHETIC telemetry)" if telemetry.synthetic else ""
+            print(f"telemetry fingerprint{label}: {telemetry.summary} -- statistical evidence, not proof")
+    return 0 if ok else 1

@@ -58,6 +58,12 @@ class Bundle:
     quotes: tuple[QuoteFiles, ...]
     policy: Path | None
     commitments: tuple[Path, ...]
+    # Optional request context (docs/evidence-bundle.md): the request window's telemetry (SampleBatch
+    # canonical encoding), the enrolled profiles, the claimed model, the daemon's signed verdict.
+    telemetry: Path | None = None
+    profiles: tuple[Path, ...] = ()
+    claimed: str | None = None
+    verdict: Path | None = None
 
 
 def _read(root: Path, rel: Any, what: str) -> bytes:
@@ -116,6 +122,20 @@ def load_bundle(root: str | Path) -> Bundle:
     commitments = doc.get("commitments", [])
     if not isinstance(commitments, list):
         raise InputError("manifest: 'commitments' must be a list", bundle=str(root))
+    optional: dict[str, Path | None] = {}
+    for key in ("telemetry", "verdict"):
+        rel = doc.get(key)
+        if rel is not None:
+            _read(root, rel, key)[:0]
+            optional[key] = root / str(rel)
+    profiles = doc.get("profiles", [])
+    if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
+        raise InputError("manifest: 'profiles' must be a list of file names", bundle=str(root))
+    for i, rel in enumerate(profiles):
+        _read(root, rel, f"profiles[{i}]")[:0]
+    claimed = doc.get("claimed")
+    if claimed is not None and not isinstance(claimed, str):
+        raise InputError("manifest: 'claimed' must be a string (model/precision/gpu)", bundle=str(root))
     return Bundle(
         root=root,
         node=str(doc.get("node", "")),
@@ -126,6 +146,10 @@ def load_bundle(root: str | Path) -> Bundle:
         quotes=tuple(quotes),
         policy=root / policy if isinstance(policy, str) else None,
         commitments=tuple(root / c for c in commitments if isinstance(c, str)),
+        telemetry=optional.get("telemetry"),
+        profiles=tuple(root / p for p in profiles),
+        claimed=claimed,
+        verdict=optional.get("verdict"),
     )
 
 
@@ -139,9 +163,14 @@ def write_bundle(
     pcr_bank: str = "sha256",
     policy_toml: str | None = None,
     commitments: Mapping[str, bytes] | None = None,
+    telemetry: bytes | None = None,
+    profiles: Mapping[str, bytes] | None = None,
+    claimed: str | None = None,
+    verdict: bytes | None = None,
 ) -> Path:
     """Write a bundle. Each quote mapping has ``message``, ``signature``, ``pcrs`` (bytes) and
-    ``nonce`` (bytes or None)."""
+    ``nonce`` (bytes or None). The request context is optional: ``telemetry`` (the window's
+    ``SampleBatch.encode()``), ``profiles`` (file name -> profile JSON), ``claimed``, ``verdict``."""
     root = Path(root)
     (root / "quotes").mkdir(parents=True, exist_ok=True)
     (root / "ak.key").write_bytes(ak)
@@ -178,6 +207,20 @@ def write_bundle(
         for name, data in commitments.items():
             (root / name).write_bytes(data)
             manifest["commitments"].append(name)
+    if telemetry is not None:
+        (root / "telemetry.bin").write_bytes(telemetry)
+        manifest["telemetry"] = "telemetry.bin"
+    if profiles:
+        (root / "profiles").mkdir(exist_ok=True)
+        manifest["profiles"] = []
+        for name, data in profiles.items():
+            (root / "profiles" / name).write_bytes(data)
+            manifest["profiles"].append(f"profiles/{name}")
+    if claimed is not None:
+        manifest["claimed"] = claimed
+    if verdict is not None:
+        (root / "verdict.json").write_bytes(verdict)
+        manifest["verdict"] = "verdict.json"
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return root
 

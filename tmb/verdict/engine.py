@@ -170,7 +170,9 @@ class Engine:
                     detail={"quote_id": summary.quote_id, "pcr10": summary.pcr10},
                 )
             )
-            errors += [f for f in summary.findings if f.severity is Severity.ERROR]
+            # The quote's own findings (IMA replay, policy, verity) first: they say why the chain broke;
+            # the findings stored for the window (e.g. process bindings) often only follow from that.
+            errors = [f for f in summary.findings if f.severity is Severity.ERROR] + errors
         if len(samples):
             refs.append(
                 EvidenceRef(
@@ -190,7 +192,8 @@ class Engine:
             decision = Decision.UNATTESTED
             if summary is None and any(f.id == "ingest.window_empty" for f in errors):
                 decision = Decision.INSUFFICIENT_TELEMETRY
-            reasons += [Reason(f.id, f.message) for f in errors[:8]]
+            unique = dict.fromkeys((f.id, _located(f)) for f in errors)  # the same finding once
+            reasons += [Reason(fid, message) for fid, message in list(unique)[:8]]
             if not errors:
                 reasons.append(Reason("attestation.no_quote", "no verified quote covers the request window"))
         else:
@@ -256,6 +259,16 @@ class Engine:
         return Decision.VERIFIED, [
             Reason("fingerprint.consistent", f"telemetry consistent with {score.claimed}")
         ]
+
+
+_WHERE = ("entry", "path", "rule", "device", "pid", "exe")
+
+
+def _located(f: Finding) -> str:
+    """A finding's message with where it happened (IMA entry, path, policy rule, ...): a verdict's reasons
+    carry no context of their own, and "which entry" is the point of an attestation failure."""
+    where = ", ".join(f"{k}={f.context[k]}" for k in _WHERE if k in f.context)
+    return f"{f.message} ({where})" if where else f.message
 
 
 def _fingerprint_dict(score: Score) -> dict[str, Any]:

@@ -1,0 +1,173 @@
+"""The end-to-end demo's scenarios as tests, on one shared run (module fixture): real swtpm processes, probes,
+the daemon (proxy, ingest, verdict engine), the load balancer, sample workers and the client on 127.0.0.1.
+Telemetry is SYNTHETIC (no GPU), so an honest request's best verdict is ``demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sample_infra.demo import DemoResult, Row, Settings, run_demo
+from tmb.telemetry.sample import SampleBatch
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
+    out = tmp_path_factory.mktemp("demo")
+    lines: list[str] = []
+    return asyncio.run(run_demo(out, Settings(offline=False), say=lines.append))
+
+
+def rows(result: DemoResult, node: str, round_: str | None = None) -> list[Row]:
+    got = [r for r in result.rows if r.outcome.node == node and (round_ is None or r.round == round_)]
+    assert got, f"no request reached {node}"
+    return got
+
+
+def test_every_request_got_a_signed_verdict(demo: DemoResult) -> None:
+    assert len(demo.rows) == 15  # 3 rounds x 5 workers, the round robin gives each worker one a round
+    for r in demo.rows:
+        assert r.outcome.verdict_state == "final" and r.outcome.signature == "ok", r.outcome.problems
+        assert r.outcome.claimed_model == "llama-1b/bf16/h100"
+        assert r.outcome.completion_tokens == 200  # long enough for a fingerprint
+    assert demo.ok
+
+
+def test_honest_traffic_is_demo_never_verified(demo: DemoResult) -> None:
+    for node in ("node-1", "node-2"):
+        for r in rows(demo, node):
+            v = r.outcome.verdict or {}
+            assert r.decision == "demo", r.reasons
+            assert v["telemetry_source"] == "synthetic" and v["attestation"]["verified"] is True
+            assert v["fingerprint"]["decision"] == "consistent"
+            assert [x["id"] for x in r.reasons] == ["telemetry.synthetic"]
+
+
+def test_model_substitution_is_a_mismatch(demo: DemoResult) -> None:
+    for r in rows(demo, "node-3"):
+        v = r.outcome.verdict or {}
+        assert r.decision == "model_mismatch", r.reasons
+        assert v["attestation"]["verified"] is True  # the node itself is attested: only telemetry tells
+        assert r.reasons[0]["id"] == "fingerprint.inconsistent"
+        assert "int8" in (v["fingerprint"]["best_alternative"] or "")
+
+
+def test_tampered_ima_log_is_unattested_naming_the_entry(demo: DemoResult) -> None:
+    for r in rows(demo, "node-4"):
+        assert r.decision == "unattested"
+        first = r.reasons[0]
+        assert first["id"] == "ima.template_hash_mismatch", r.reasons
+        assert "entry=2" in first["message"] and sys.executable.split("/")[-1][:6] in first["message"]
+        assert len({(x["id"], x["message"]) for x in r.reasons}) == len(r.reasons)  # each reason once
+
+
+def test_other_model_image_is_unattested_naming_the_rule(demo: DemoResult) -> None:
+    for r in rows(demo, "node-5"):
+        assert r.decision == "unattested"
+        ids = [x["id"] for x in r.reasons]
+        assert ids[0] == "dm.verity_root_mismatch", ids
+        assert any("rule=llama-1b@sample-ngram-v1" in x["message"] for x in r.reasons), r.reasons
+
+
+def test_probe_killed_and_restarted_loses_nothing(demo: DemoResult) -> None:
+    info = demo.restart
+    assert info["node"] == "node-1" and info["new_segment_quoted"] and info["refused_after"] == []
+    (during,) = rows(demo, "node-1", "2")
+    (after,) = rows(demo, "node-1", "3")
+    assert during.decision == "demo" and after.decision == "demo"
+    # The request that ran across the kill: its window spans both chain segments, every batch attested.
+    window = (during.outcome.verdict or {})["window"]
+    db = sqlite3.connect(f"file:{demo.out / 'daemon' / 'ingest.sqlite3'}?mode=ro", uri=True)
+    try:
+        batches = db.execute(
+            "SELECT segment, seq, payload, quote_id FROM ingest_batches WHERE node = 'node-1' "
+            "AND t1_ns >= ? AND t0_ns < ? ORDER BY t0_ns",
+            (window["t0_ns"], window["t1_ns"]),
+        ).fetchall()
+        segments = db.execute("SELECT COUNT(*) FROM ingest_segments WHERE node = 'node-1'").fetchone()[0]
+    finally:
+        db.close()
+    assert segments >= 2
+    assert len({b[0] for b in batches}) == 2 and all(b[3] is not None for b in batches)
+    times = SampleBatch.concat([SampleBatch.decode(b[2]) for b in batches if b[2]]).t_ns
+    gaps = np.diff(times)
+    assert gaps.size and int(gaps.max()) <= 2 * int(gaps.min())  # no hole in the telemetry across the restart
+
+
+def _audit(bundle: Path, page: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "tmb", "audit", str(bundle), "--html", str(page)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_bundles_audit_with_telemetry_plots(demo: DemoResult, tmp_path: Path) -> None:
+    assert set(demo.bundles) >= {"honest-node-1", "impostor-node-3"}
+    honest = _audit(demo.bundles["honest-node-1"], tmp_path / "honest.html")
+    assert honest.returncode == 0, honest.stdout + honest.stderr
+    assert "SYNTHETIC telemetry): consistent with llama-1b/bf16/h100" in honest.stdout
+    impostor = _audit(demo.bundles["impostor-node-3"], tmp_path / "impostor.html")
+    assert impostor.returncode == 1, impostor.stdout + impostor.stderr
+    assert "inconsistent with llama-1b/bf16/h100" in impostor.stdout
+    for page in (tmp_path / "honest.html", tmp_path / "impostor.html"):
+        text = page.read_text()
+        assert text.count('<img alt="') >= 5 and 'src="data:image/png;base64,' in text
+        assert "Synthetic telemetry" in text
+    tampered = _audit(demo.bundles["tampered-log-node-4"], tmp_path / "t.html")
+    assert tampered.returncode == 1 and "ima.template_hash_mismatch" in tampered.stdout
+    assert set(demo.reports) == set(demo.bundles) and all(p.is_file() for p in demo.reports.values())
+
+
+def _ours(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions ``marker`` (the demo's output folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_cli_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    out = tmp_path / "demo-out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tmb", "demo", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 120
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("round 1"):
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        assert any("nodes booted" in s for s in seen), "".join(seen)
+        assert _ours(str(out))  # its swtpm processes are running
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert _ours(str(out)) == []  # every swtpm it started is gone
