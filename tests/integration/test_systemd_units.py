@@ -53,3 +53,23 @@ def test_probe_gets_only_the_tpm_ima_and_nvidia() -> None:
     assert svc["ReadOnlyPaths"] == ["/sys/kernel/security/ima"]
     assert svc["ProtectSystem"] == ["strict"] and svc["NoNewPrivileges"] == ["yes"]
     assert "tmb-probe run --config /etc/tmb/probe.toml" in svc["ExecStart"][0]
+
+
+def _unit_env(name: str) -> dict[str, str]:
+    return dict(v.split("=", 1) for v in _service(name).get("Environment", []))
+
+
+def test_shipped_configs_load_with_the_units_environment(tmp_path: Path) -> None:
+    from probes.config import load_config as load_probe_config
+    from tmb.config import load_config
+
+    token = tmp_path / "admin.token"
+    token.write_text("s3cret\n")
+    env = {**_unit_env("tmb.service"), "TMB_ADMIN_TOKEN_FILE": str(token)}
+    config = load_config(UNITS / "tmb.toml", env=env)
+    assert config.store.path == "/var/lib/tmb/tmb.sqlite3"
+    assert config.verdicts.key_file == "/var/lib/tmb/verdict-signing.key" and not config.verdicts.demo
+    assert config.attestation.policy == "/etc/tmb/policy.toml" and config.workers[0].node == "gpu-node-1"
+    probe = load_probe_config(UNITS / "probe.toml", env=_unit_env("tmb-probe.service"))
+    assert probe.node == "gpu-node-1" and probe.tcti == "device:/dev/tpmrm0" and probe.source == "nvml"
+    assert probe.state_dir == "/var/lib/tmb-probe"
