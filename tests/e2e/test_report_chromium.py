@@ -97,6 +97,8 @@ def test_report_loads_and_shows_the_verdict(demo: Path, tmp_path: Path, bundle: 
         assert dom.count('<img alt="') >= 5 and 'src="data:image/png;base64,' in dom
         assert "Synthetic telemetry" in dom
         want = "inconsistent with" if verdict == "FAIL" else "consistent with llama-1b/bf16/h100"
+        if verdict == "FAIL":  # the chain held: the page says what failed instead of pointing at no findings
+            assert "the telemetry does not fit the claimed model" in dom
         assert want in dom
     else:
         assert "carries no telemetry window" in dom

@@ -196,7 +196,12 @@ def _telemetry(section: TelemetrySection | None) -> str:
 def render_html(result: AuditResult, *, telemetry: TelemetrySection | None = None, title: str = "") -> str:
     """The whole page as a string."""
     ok = result.ok and (telemetry is None or telemetry.ok)
-    verdict = "PASS: every check held" if ok else "FAIL: see the findings"
+    if ok:
+        verdict = "PASS: every check held"
+    elif result.ok and telemetry is not None:
+        verdict = "FAIL: the telemetry does not fit the claimed model (attestation chain held)"
+    else:
+        verdict = "FAIL: see the findings"
     errors = len(result.report.errors)
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"""<!doctype html>
