@@ -221,6 +221,47 @@ class _Replayer:
         if self.pending and pcr == self.pcr_index:
             self._check_match(vals)
 
+    def _fast_setup(self) -> tuple[list[bytes], int, Any, tuple[int, bytes] | None]:
+        """For the inlined common case: PCR ``pcr_index``'s running values, the bank layout (1: SHA-1
+        only, 2: SHA-1 + one per-bank hash, 0: anything else), the second bank's hash, and a cheap
+        first test (one slot's expected value) that gates the full match check when there is one mode."""
+        vals = self.running.get(self.pcr_index) or self.running.setdefault(self.pcr_index, list(self.zeros))
+        kinds = [k for k, _, _ in self.specs]
+        shape = 1 if kinds == [0] else 2 if kinds == [0, 1] else 0
+        h2 = self.specs[1][1] if shape == 2 else hashlib.sha1
+        first = self.exp_slots[self.modes[0]][:1] if len(self.modes) == 1 else []
+        return vals, shape, h2, (first[0] if first else None)
+
+    def run(self, entries: Iterable[ImaEntry], on_entry: Callable[[ImaEntry], None] | None) -> None:
+        """``step`` over ``entries`` with the intact-record case for ``pcr_index`` inlined."""
+        sha1 = hashlib.sha1
+        specs, pcr_index = self.specs, self.pcr_index
+        vals, shape, h2, watch = self._fast_setup()
+        index, offset, count = self.index, self.offset, self.count
+        for entry in entries:
+            if on_entry is not None:
+                on_entry(entry)
+            num, off, size, _, pcr, th, _, _, hashed = entry
+            if pcr == pcr_index and th != ZERO_SHA1:
+                computed = sha1(hashed).digest()
+                if computed == th:
+                    if shape == 1:
+                        vals[0] = sha1(vals[0] + computed).digest()
+                    elif shape == 2:
+                        vals[0] = sha1(vals[0] + computed).digest()
+                        vals[1] = h2(vals[1] + h2(hashed).digest()).digest()
+                    else:
+                        _extend(vals, specs, computed, hashed)
+                    count, index, offset = count + 1, num + 1, off + size
+                    if self.pending and (watch is None or vals[watch[0]] == watch[1]):
+                        self.index, self.offset = index, offset
+                        self._check_match(vals)
+                    continue
+            self.index, self.offset, self.count = index, offset, count
+            self.step(entry)
+            index, offset, count = self.index, self.offset, self.count
+        self.index, self.offset, self.count = index, offset, count
+
     def fast_binary(self, buf: mmap.mmap, pos: int) -> int:
         """Replay records of a mapped binary log from ``pos``; returns where it stopped (the end, or a
         record it could not parse, which the caller reports)."""
@@ -228,15 +269,9 @@ class _Replayer:
         unpack_head, unpack_u32 = _HEAD.unpack_from, _U32.unpack_from
         sha1 = hashlib.sha1
         specs, pcr_index = self.specs, self.pcr_index
-        vals = self.running.get(pcr_index) or self.running.setdefault(pcr_index, list(self.zeros))
+        vals, shape, h2, watch = self._fast_setup()
         names: dict[bytes, str] = {}
         fast_names: set[bytes] = set()
-        kinds = [k for k, _, _ in specs]
-        shape = 1 if kinds == [0] else 2 if kinds == [0, 1] else 0
-        h2 = specs[1][1] if shape == 2 else sha1
-        # With one mode, a cheap first test (one slot's value) gates the full match check.
-        first = self.exp_slots[self.modes[0]][:1] if len(self.modes) == 1 else []
-        watch = first[0] if first else None
         index = self.index
         count = 0
         try:
@@ -340,10 +375,7 @@ def replay(
     """
     report = report if report is not None else Report()
     replayer = _Replayer(banks, mode, state or ReplayState(), expected, pcr_index, report)
-    for entry in entries:
-        if on_entry is not None:
-            on_entry(entry)
-        replayer.step(entry)
+    replayer.run(entries, on_entry)
     return replayer.finish()
 
 
