@@ -5,11 +5,14 @@ For small JSON responses and for SSE streams of 200 events, the same load genera
 requests/s, p50/p99 latency and the added p50/p99 over direct, and the proxy's CPU microseconds per request
 (utime+stime deltas of the proxy's processes from /proc/<pid>/stat, divided by requests completed).
 nginx (Debian ``nginx``) runs one worker process with ``proxy_buffering off`` and upstream keep-alive;
-tmb runs with its defaults (uvloop when installed, store ack ``commit``: every span is in SQLite before
-its response completes). Then the verdict rate of one core: sign + store (one transaction each).
-The last line is the ratio: tmb CPU per request / nginx CPU per request (small JSON).
+tmb runs with its defaults (uvloop when installed, ``[proxy] engine`` as given by ``--engine``, store ack
+``commit``: every span is in SQLite before its response completes) twice: ``tmb`` is ``tmb serve`` with
+its verdict engine (every request gets a signed verdict), ``tmb-proxy`` the same daemon with the engine
+left out (spans still committed before each response completes): the proxy's own cost. Then the verdict
+rate of one core: sign + store (one transaction each). The last lines are the ratios: tmb (and
+tmb-proxy) CPU per request / nginx CPU per request (small JSON).
 
-    .venv/bin/python bench/bench_proxy.py [--seconds 4] [--repeats 3] [--connections 16]
+    .venv/bin/python bench/bench_proxy.py [--seconds 4] [--repeats 3] [--connections 16] [--engine fast]
 """
 
 from __future__ import annotations
@@ -98,12 +101,31 @@ model = "m"
 max_concurrency = 1024
 [proxy]
 health_interval_s = 30
+engine = "{engine}"
 [verdicts]
 key_file = "{dir}/key.pem"
 [store]
-path = "{dir}/tmb.sqlite3"
+path = "{dir}/tmb{port}.sqlite3"
 retention_days = 0
 """
+
+NO_VERDICTS = textwrap.dedent(
+    """
+    import asyncio, sys
+    from aiohttp import web
+    from tmb.config import load_config
+    from tmb.serve import PendingEngine, build_app, install_uvloop
+    async def main():
+        config = load_config(sys.argv[1])
+        app = await build_app(config, engine_factory=lambda app, ctx: PendingEngine())
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", config.server.port, backlog=1024).start()
+        await asyncio.Event().wait()
+    install_uvloop()
+    asyncio.run(main())
+    """
+)
 
 
 def free_port() -> int:
@@ -219,7 +241,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--verdicts", type=int, default=2000)
+    ap.add_argument("--engine", choices=("fast", "aiohttp"), default="fast", help="[proxy] engine of tmb")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is missing: apt-get install -y {tool}", file=sys.stderr)
@@ -228,7 +252,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tmb-bench-") as d:
         tmp = Path(d)
         try:
-            wport, nport, tport = free_port(), free_port(), free_port()
+            wport, nport, tport, pport = free_port(), free_port(), free_port(), free_port()
             procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(wport)]))
             wait_http(f"http://{HOST}:{wport}/health")
             (tmp / "nginx.conf").write_text(NGINX.format(dir=tmp, worker=wport, port=nport))
@@ -236,7 +260,8 @@ def main() -> int:
             procs.append(
                 subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")])
             )
-            (tmp / "tmb.toml").write_text(TMB.format(dir=tmp, worker=wport, port=tport))
+            (tmp / "tmb.toml").write_text(TMB.format(dir=tmp, worker=wport, port=tport, engine=args.engine))
+            (tmp / "proxy.toml").write_text(TMB.format(dir=tmp, worker=wport, port=pport, engine=args.engine))
             procs.append(
                 subprocess.Popen(
                     [
@@ -252,10 +277,17 @@ def main() -> int:
                     stdout=subprocess.DEVNULL,
                 )
             )
+            procs.append(subprocess.Popen([sys.executable, "-c", NO_VERDICTS, str(tmp / "proxy.toml")]))
             wait_http(f"http://{HOST}:{nport}/health")
             wait_http(f"http://{HOST}:{tport}/health")
+            wait_http(f"http://{HOST}:{pport}/health")
             nginx_pids = [procs[1].pid, *children(procs[1].pid)]
-            targets = {"direct": (wport, []), "nginx": (nport, nginx_pids), "tmb": (tport, [procs[2].pid])}
+            targets = {
+                "direct": (wport, []),
+                "nginx": (nport, nginx_pids),
+                "tmb": (tport, [procs[2].pid]),
+                "tmb-proxy": (pport, [procs[3].pid]),
+            }
             results: dict[tuple[str, str], tuple[float, float, float, float]] = {}
             for workload, path in (("json", "/json"), ("sse200", "/sse")):
                 for port, _ in targets.values():
@@ -271,10 +303,11 @@ def main() -> int:
                     results[(workload, name)] = med  # type: ignore[assignment]
             print(
                 f"wrk -t1 -c{args.connections}, {args.seconds}s x {args.repeats} repeats (medians); "
-                f"127.0.0.1; {os.cpu_count()} cores shared by load generator, worker and proxy"
+                f"127.0.0.1; {os.cpu_count()} cores shared by load generator, worker and proxy; "
+                f"tmb engine {args.engine}; load average before: {load_before:.2f}"
             )
             print(
-                f"{'workload':8} {'target':7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+                f"{'workload':8} {'target':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
                 f"{'+p99 ms':>8} {'proxy CPU us/req':>17}"
             )
             for workload in ("json", "sse200"):
@@ -286,7 +319,7 @@ def main() -> int:
                         if name != "direct"
                         else f"{'':8} {'':8} {'':>17}"
                     )
-                    print(f"{workload:8} {name:7} {rps:9.0f} {p50:8.3f} {p99:8.3f} {extra}")
+                    print(f"{workload:8} {name:9} {rps:9.0f} {p50:8.3f} {p99:8.3f} {extra}")
             sign_rate, store_rate = verdict_rate(tmp, args.verdicts)
             print(
                 f"verdicts on one core: sign {sign_rate:.0f}/s, sign + store "
@@ -295,6 +328,8 @@ def main() -> int:
             sse_ratio = results[("sse200", "tmb")][3] / max(results[("sse200", "nginx")][3], 1e-9)
             print(f"SSE-200 ratio tmb/nginx CPU per request: {sse_ratio:.2f}")
             ratio = results[("json", "tmb")][3] / max(results[("json", "nginx")][3], 1e-9)
+            proxy_ratio = results[("json", "tmb-proxy")][3] / max(results[("json", "nginx")][3], 1e-9)
+            print(f"ratio tmb-proxy (no verdicts)/nginx CPU per request (small JSON): {proxy_ratio:.2f}")
             print(f"ratio tmb/nginx CPU per request (small JSON): {ratio:.2f}")
         finally:
             for p in reversed(procs):

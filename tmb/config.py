@@ -5,7 +5,7 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [server]    host, port, api_prefix
     [[workers]] name, url, node, gpus, model, max_concurrency
     [proxy]     max_body_bytes, inspect_body_bytes, connect_timeout_s, read_timeout_s, total_timeout_s,
-                health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes
+                health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes, engine
     [verdicts]  key_file, demo, min_window_ms, max_wait_s
     [store]     path, retention_days, ack
     [admin]     enabled, token, token_file
@@ -66,6 +66,7 @@ class ProxyConfig:
     health_path: str = "/health"
     health_interval_s: float = 5.0
     health_timeout_s: float = 2.0
+    engine: str = "fast"  # "fast": own HTTP/1.1 relay (aiohttp for what it does not handle); "aiohttp"
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 _CHOICES = {
     ("store", "ack"): ("commit", "async"),
+    ("proxy", "engine"): ("fast", "aiohttp"),
     ("admin", "enabled"): ("auto", "true", "false"),
     ("attestation", "pcr_bank"): ("sha1", "sha256", "sha384", "sha512"),
 }

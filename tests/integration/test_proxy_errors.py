@@ -9,12 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from test_proxy_support import HOST, Daemon, WorkerState, make_config, start_daemon, workers
+from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, start_daemon, workers
 
 from tmb.proxy.spans import Outcome
 from tmb.serve import CTX_KEY
 
-__all__ = ["workers"]
+__all__ = ["engine", "workers"]
 W = dict[str, tuple[WorkerState, int]]
 
 
@@ -34,10 +34,11 @@ async def until(cond: object, timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-async def daemon_factory(tmp_path: Path) -> AsyncIterator[object]:
+async def daemon_factory(tmp_path: Path, engine: str) -> AsyncIterator[object]:
     runners = []
 
     async def make(workers: list[tuple[str, int]], **proxy: object) -> Daemon:
+        proxy.setdefault("engine", engine)
         runner, d = await start_daemon(make_config(tmp_path / str(len(runners)), workers, **proxy))
         runners.append(runner)
         return d

@@ -13,17 +13,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from test_proxy_support import Daemon, WorkerState, make_config, start_daemon, workers
+from test_proxy_support import Daemon, WorkerState, engine, make_config, start_daemon, workers
 from yarl import URL
 
 from tmb.proxy.spans import Outcome
 
-__all__ = ["workers"]
+__all__ = ["engine", "workers"]
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, workers: dict[str, tuple[WorkerState, int]]) -> AsyncIterator[Daemon]:
-    config = make_config(tmp_path, [("a", workers["a"][1])])
+async def daemon(
+    tmp_path: Path, workers: dict[str, tuple[WorkerState, int]], engine: str
+) -> AsyncIterator[Daemon]:
+    config = make_config(tmp_path, [("a", workers["a"][1])], engine=engine)
     runner, d = await start_daemon(config)
     yield d
     await runner.cleanup()

@@ -231,6 +231,12 @@ async def start_daemon(
     return runner, Daemon(f"http://{HOST}:{port}", app, config, spans)
 
 
+@pytest.fixture(params=["fast", "aiohttp"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The proxy engine under test: every proxy test runs against both."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def workers() -> AsyncIterator[dict[str, tuple[WorkerState, int]]]:
     runners, out = [], {}

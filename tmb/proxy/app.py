@@ -432,5 +432,16 @@ def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse
 
 
 def make_proxy_routes(app: web.Application, proxy: Proxy) -> None:
-    """Add the catch-all route; call after every route of the daemon's own (they take precedence)."""
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    """Add the catch-all route; call after every route of the daemon's own (they take precedence).
+
+    With ``[proxy] engine = "fast"`` the app's connections start in the fast engine
+    (:mod:`tmb.proxy.fast`), which hands to aiohttp (and so to this route) what it does not handle.
+    """
+    route = app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    if proxy.config.engine == "fast":
+        try:
+            from tmb.proxy.fast import install
+        except ImportError as exc:  # httptools missing: every request through aiohttp
+            log.warning("proxy engine 'fast' unavailable (%s): using 'aiohttp'", exc)
+            return
+        install(app, proxy, route.resource)  # type: ignore[arg-type]

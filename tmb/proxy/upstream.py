@@ -12,11 +12,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
 from tmb.config import ProxyConfig, WorkerConfig
+
+if TYPE_CHECKING:
+    from tmb.proxy.fast_upstream import FastUpstream
 
 log = logging.getLogger("tmb.proxy")
 
@@ -24,7 +28,19 @@ log = logging.getLogger("tmb.proxy")
 class Worker:
     """Runtime state of one configured worker. Create inside a running event loop."""
 
-    __slots__ = ("config", "healthy", "inflight", "last_error", "origin", "session")
+    __slots__ = (
+        "config",
+        "healthy",
+        "host",
+        "host_header",
+        "idle",
+        "inflight",
+        "last_error",
+        "origin",
+        "plain",
+        "port",
+        "session",
+    )
 
     def __init__(self, config: WorkerConfig, proxy: ProxyConfig) -> None:
         self.config = config
@@ -32,6 +48,12 @@ class Worker:
         self.inflight = 0
         self.healthy = True
         self.last_error: str | None = None
+        url = URL(self.origin)
+        self.plain = url.scheme == "http"  # the fast engine speaks plain HTTP/1.1 only
+        self.host = url.host or ""
+        self.port = url.port or 80
+        self.host_header = url.raw_authority.encode("ascii")  # what aiohttp's client sends as Host
+        self.idle: list[FastUpstream] = []  # keep-alive connections of the fast engine, most recent last
         timeout = aiohttp.ClientTimeout(
             total=proxy.total_timeout_s or None,
             sock_connect=proxy.connect_timeout_s,
@@ -82,7 +104,14 @@ class Worker:
             self.mark_down(error or "unhealthy")
         return ok
 
+    def close_idle(self) -> None:
+        """Close the fast engine's idle keep-alive connections."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
     async def close(self) -> None:
+        self.close_idle()
         await self.session.close()
 
 
@@ -95,9 +124,11 @@ class WorkerPool:
         self._by_model: dict[str, list[Worker]] = {}
         self._rebuild()
         self._rr = 0
+        self.all_plain = True
         self._health_task: asyncio.Task[None] | None = None
 
     def _rebuild(self) -> None:
+        self.all_plain = all(w.plain for w in self.workers)
         self._by_model = {}
         for w in self.workers:
             if w.config.model:

@@ -12,7 +12,8 @@ Tables (schema version 1, ``PRAGMA user_version``):
 * ``evidence(request_id, seq, kind, digest, doc)`` -- :class:`EvidenceRef` rows, in the order given.
 
 Retention: :meth:`Store.prune` deletes spans (and their verdicts and evidence rows) that ended before a
-cutoff. :class:`AsyncStore` runs every call on one dedicated thread and wakes long-pollers on publish.
+cutoff. :class:`AsyncStore` runs every call on one dedicated thread, commits concurrent writes together
+(group commit) and wakes long-pollers on publish.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import sqlite3
+import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time_ns
@@ -33,6 +35,7 @@ from tmb.proxy.spans import Span
 from tmb.verdict.model import Verdict
 
 T = TypeVar("T")
+_dumps = json.JSONEncoder(check_circular=False).encode  # the text json.dumps gives, a little cheaper
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans(
@@ -91,6 +94,10 @@ class EvidenceRef:
         )
 
 
+# One write of a group commit: spans, or a final verdict with its evidence.
+Write = tuple[Sequence[Span] | None, tuple[Verdict, Sequence[EvidenceRef]] | None]
+
+
 @dataclass(frozen=True)
 class VerdictRecord:
     """What the store knows about a request id. ``state``: ``pending``, ``final`` or ``unknown``."""
@@ -128,48 +135,62 @@ class Store:
 
     def record_spans(self, spans: Sequence[Span]) -> None:
         """Insert spans (ignoring ids already stored) and a pending verdict for each served one."""
+        self.write_batch([(spans, None)])
+
+    def put_verdict(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
+        """Store the final signed verdict (replacing the pending row) and its evidence references."""
+        self.write_batch([(None, (verdict, evidence))])
+
+    def write_batch(self, writes: Sequence[Write]) -> None:
+        """Several writes in one transaction (one fsync): each is ``(spans, None)`` or ``(None, (verdict,
+        evidence))``, applied in order. All or nothing."""
+        for _, final in writes:
+            if final is not None and not final[0].signature:
+                raise ValueError("refusing to store an unsigned verdict")
         now = time_ns()
         db = self._tx()
         try:
-            db.executemany(
-                "INSERT OR IGNORE INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (?,?,?,?,?,?)",
-                [(s.id, s.end_ns, s.worker, s.node, s.outcome.value, json.dumps(s.to_dict())) for s in spans],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO verdicts(request_id, state, created_ns, updated_ns) "
-                "VALUES (?, 'pending', ?, ?)",
-                [(s.id, now, now) for s in spans if s.served],
-            )
+            for spans, final in writes:
+                if spans is not None:
+                    self._insert_spans(db, spans, now)
+                if final is not None:
+                    self._insert_verdict(db, final[0], final[1], now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    def put_verdict(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
-        """Store the final signed verdict (replacing the pending row) and its evidence references."""
-        if not verdict.signature:
-            raise ValueError("refusing to store an unsigned verdict")
-        now = time_ns()
-        db = self._tx()
-        try:
-            db.execute(
-                "INSERT INTO verdicts(request_id, state, decision, created_ns, updated_ns, doc) "
-                "VALUES (?, 'final', ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET state='final', "
-                "decision=excluded.decision, updated_ns=excluded.updated_ns, doc=excluded.doc",
-                (verdict.request_id, verdict.decision.value, now, now, verdict.encode()),
-            )
-            db.execute("DELETE FROM evidence WHERE request_id=?", (verdict.request_id,))
-            db.executemany(
-                "INSERT INTO evidence(request_id, seq, kind, digest, doc) VALUES (?,?,?,?,?)",
-                [
-                    (verdict.request_id, i, e.kind, e.digest, json.dumps(e.to_dict()))
-                    for i, e in enumerate(evidence)
-                ],
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+    @staticmethod
+    def _insert_spans(db: sqlite3.Connection, spans: Sequence[Span], now: int) -> None:
+        dumps = _dumps
+        db.executemany(
+            "INSERT OR IGNORE INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (?,?,?,?,?,?)",
+            [(s.id, s.end_ns, s.worker, s.node, s.outcome.value, dumps(s.to_dict())) for s in spans],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO verdicts(request_id, state, created_ns, updated_ns) "
+            "VALUES (?, 'pending', ?, ?)",
+            [(s.id, now, now) for s in spans if s.served],
+        )
+
+    @staticmethod
+    def _insert_verdict(
+        db: sqlite3.Connection, verdict: Verdict, evidence: Sequence[EvidenceRef], now: int
+    ) -> None:
+        db.execute(
+            "INSERT INTO verdicts(request_id, state, decision, created_ns, updated_ns, doc) "
+            "VALUES (?, 'final', ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET state='final', "
+            "decision=excluded.decision, updated_ns=excluded.updated_ns, doc=excluded.doc",
+            (verdict.request_id, verdict.decision.value, now, now, verdict.encode()),
+        )
+        db.execute("DELETE FROM evidence WHERE request_id=?", (verdict.request_id,))
+        db.executemany(
+            "INSERT INTO evidence(request_id, seq, kind, digest, doc) VALUES (?,?,?,?,?)",
+            [
+                (verdict.request_id, i, e.kind, e.digest, json.dumps(e.to_dict()))
+                for i, e in enumerate(evidence)
+            ],
+        )
 
     def get_span(self, request_id: str) -> Span | None:
         row = self.db.execute("SELECT doc FROM spans WHERE id=?", (request_id,)).fetchone()
@@ -218,22 +239,80 @@ class Store:
 
 
 class AsyncStore:
-    """:class:`Store` for asyncio code: one worker thread, and long-poll wake-ups on :meth:`publish`."""
+    """:class:`Store` for asyncio code: one writer thread with group commit, long-poll wake-ups on publish.
+
+    Every call is queued to the store's own thread. Span and verdict writes queued while a transaction
+    commits are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event
+    loop for the whole group); a caller's future resolves only after the transaction holding its write
+    committed, so the ``ack = "commit"`` guarantee holds per write. Other calls (reads, prune) run one by
+    one after the group's commit, in the order queued.
+    """
 
     def __init__(self, path: str | Path) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tmb-store")
-        self.store = self._pool.submit(Store, path).result()
+        self.store = Store(path)
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._thread = threading.Thread(target=self._writer, name="tmb-store", daemon=True)
+        self._thread.start()
+
+    def _submit(self, kind: int, payload: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put((kind, payload, fut))
+        return fut
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        """Run ``fn(*args)`` on the store's thread (reads and maintenance)."""
+        return await self._submit(_CALL, (fn, args))
+
+    def _writer(self) -> None:
+        q, store = self._queue, self.store
+        while True:
+            first = q.get()
+            if first is None:
+                return
+            ops = [first]
+            stop = False
+            while True:
+                try:
+                    op = q.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                ops.append(op)
+            done: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+            writes = [op for op in ops if op[0] != _CALL]
+            if writes:
+                try:
+                    store.write_batch([op[1] for op in writes])
+                    done += [(op[2], None, None) for op in writes]
+                except Exception:
+                    for op in writes:  # isolate the failing write: the others still commit
+                        try:
+                            store.write_batch([op[1]])
+                            done.append((op[2], None, None))
+                        except Exception as exc:
+                            done.append((op[2], exc, None))
+            for kind, payload, fut in ops:
+                if kind == _CALL:
+                    fn, args = payload
+                    try:
+                        done.append((fut, None, fn(*args)))
+                    except Exception as exc:
+                        done.append((fut, exc, None))
+            _post(done)
+            if stop:
+                return
 
     async def record_spans(self, spans: Sequence[Span]) -> None:
-        await self._run(self.store.record_spans, spans)
+        await self._submit(_WRITE, (spans, None))
 
     async def publish(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
         """The engine's write: store the final signed verdict, then wake whoever waits for it."""
-        await self._run(self.store.put_verdict, verdict, evidence)
+        if not verdict.signature:
+            raise ValueError("refusing to store an unsigned verdict")
+        await self._submit(_WRITE, (None, (verdict, evidence)))
         for fut in self._waiters.pop(verdict.request_id, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -277,5 +356,32 @@ class AsyncStore:
         return counts
 
     async def close(self) -> None:
-        await self._run(self.store.close)
-        self._pool.shutdown(wait=True)
+        """Finish what is queued, stop the thread, close the database."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+        self.store.close()
+
+
+_WRITE, _CALL = 0, 1
+_Op = tuple[int, Any, "asyncio.Future[Any]"]
+
+
+def _post(done: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    """Resolve futures from the writer thread: one ``call_soon_threadsafe`` per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], BaseException | None, Any]]] = {}
+    for item in done:
+        by_loop.setdefault(item[0].get_loop(), []).append(item)
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    for fut, exc, value in items:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)

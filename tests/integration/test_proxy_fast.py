@@ -1,0 +1,137 @@
+"""What the fast engine adds to the proxy contract, on raw sockets: pipelining, hand-offs to aiohttp on
+the same connection, keep-alive reuse of worker connections (a stale one is retried, not a failover),
+framing (Content-Length kept, empty bodies), ``Connection: close``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, start_daemon, workers
+
+from tmb.serve import CTX_KEY
+
+__all__ = ["engine", "workers"]
+W = dict[str, tuple[WorkerState, int]]
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response: status, headers (lower-case names), body (Content-Length or chunked)."""
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode("latin-1")
+    lines = head.split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = b""
+    return status, headers, body
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, workers: W, engine: str) -> AsyncIterator[Daemon]:
+    runner, d = await start_daemon(make_config(tmp_path, [("a", workers["a"][1])], engine=engine))
+    yield d
+    await runner.cleanup()
+
+
+async def connect(d: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = int(d.url.rsplit(":", 1)[1])
+    return await asyncio.open_connection(HOST, port)
+
+
+async def test_pipelined_requests_and_a_daemon_route_on_one_connection(daemon: Daemon) -> None:
+    reader, writer = await connect(daemon)
+    body = json.dumps({"model": "m-a"}).encode()
+    post = b"POST /json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    writer.write(post % (len(body), body) + b"GET /sse?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    s1, h1, b1 = await read_response(reader)
+    s2, h2, b2 = await read_response(reader)
+    assert s1 == 200 and json.loads(b1)["usage"]["completion_tokens"] == 7
+    assert s2 == 200 and b2.endswith(b"data: [DONE]\n\n")
+    rids = [h1["x-tmb-request-id"], h2["x-tmb-request-id"]]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", r) for r in rids) and rids[0] != rids[1]
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the daemon's own route, same connection
+    s3, h3, b3 = await read_response(reader)
+    assert s3 == 200 and json.loads(b3)["status"] == "ok" and "x-tmb-request-id" not in h3
+    writer.write(b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s4, h4, _ = await read_response(reader)
+    assert s4 == 200 and h4.get("connection", "").lower() == "close"
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed after the response
+    writer.close()
+    spans = [await daemon.span(r) for r in rids]
+    assert spans[0].model_requested == "m-a" and spans[0].tokens == 7 and spans[1].tokens == 2
+
+
+async def test_http10_and_head_are_still_proxied(daemon: Daemon) -> None:
+    reader, writer = await connect(daemon)
+    writer.write(b"GET /json HTTP/1.0\r\nHost: x\r\n\r\n")
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", headers["x-tmb-request-id"])
+    writer.close()
+    reader, writer = await connect(daemon)
+    writer.write(b"HEAD /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = await asyncio.wait_for(reader.read(), 10)
+    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+    writer.close()
+
+
+async def test_content_length_is_kept_and_empty_bodies_stay_empty(daemon: Daemon) -> None:
+    reader, writer = await connect(daemon)
+    writer.write(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 200 and int(headers["content-length"]) == len(body)
+    assert "transfer-encoding" not in headers
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 200 and body == b""
+    writer.close()
+
+
+async def test_a_stale_keep_alive_connection_is_retried_not_failed_over(tmp_path: Path) -> None:
+    """The worker closes a kept-alive connection when it gets a second request on it, unanswered."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            connections += head.startswith(b"GET /x ")  # not the health check's
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # a second request on this connection: hang up instead
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    runner, d = await start_daemon(make_config(tmp_path, [("a", port)], engine="fast", health_interval_s=60))
+    try:
+        reader, writer = await connect(d)
+        rids = []
+        for _ in range(3):
+            writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = await read_response(reader)
+            assert status == 200 and body == b"{}"
+            rids.append(headers["x-tmb-request-id"])
+        writer.close()
+        spans = [await d.span(r) for r in rids]
+        assert all(s.failed_over_from == () and s.worker == "a" for s in spans)
+        assert connections == 3
+        assert d.app[CTX_KEY].pool.workers[0].healthy
+    finally:
+        await runner.cleanup()
+        server.close()
