@@ -46,6 +46,7 @@ from tmb.verdict.signing import Signer
 from tmb.verdict.store import AsyncStore, EvidenceRef
 
 log = logging.getLogger("tmb.verdict.engine")
+_NO_SAMPLES = SampleBatch.empty("nvml")  # immutable; built once (it costs tens of microseconds)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class Engine:
     ) -> tuple[SampleBatch, AttestationSummary | None, list[Finding]]:
         if self.ingest is None:
             missing = Finding("attestation.not_configured", "this daemon has no evidence ingest configured")
-            return SampleBatch.empty("nvml"), None, [missing]
+            return _NO_SAMPLES, None, [missing]
         loop = asyncio.get_running_loop()
         settle = window.t1_ns / 1e9 + self.settings.settle_s - time_ns() / 1e9
         if settle > 0:
