@@ -176,9 +176,22 @@ def _check(value: Any, path: str) -> None:
         raise ValueError(f"{path}: {type(value).__name__} cannot be encoded")
 
 
+def _ok(value: Any) -> bool:
+    """:func:`_check` without building paths (the common case: nothing to report)."""
+    if value is None or isinstance(value, str | int):  # bool is an int; float is not
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _ok(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_ok(v) for v in value)
+    return False
+
+
 def canonical_bytes(data: Mapping[str, Any]) -> bytes:
     """Sorted keys, no whitespace, UTF-8, integers only; raises ValueError on floats or other types."""
-    _check(dict(data), "$")
+    doc = dict(data)
+    if not _ok(doc):
+        _check(doc, "$")  # walks again, naming where the bad value is
     return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode()
