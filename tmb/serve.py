@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from tmb.config import Config
-from tmb.errors import ConfigError
+from tmb.errors import ConfigError, InputError
 from tmb.proxy.app import Proxy, make_proxy_routes
 from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
@@ -36,6 +38,7 @@ log = logging.getLogger("tmb.serve")
 
 if TYPE_CHECKING:
     from tmb.fingerprint import Profile
+    from tmb.verdict.engine import Engine
 
 
 class VerdictEngine(Protocol):
@@ -100,6 +103,10 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
         target_far=cfg.fingerprint.target_far or None,
     )
     engine = Engine(ctx.store, ctx.signer, ingest, load_profiles(cfg.fingerprint.profiles), settings)
+    app[ENGINE_KEY] = engine
+    upload_dir = next((Path(p) for p in cfg.fingerprint.profiles if Path(p).is_dir()), None)
+    if upload_dir is not None and API_KEY in app:
+        app[API_KEY].profile_sink = lambda body: install_profile(engine, upload_dir, body)
 
     async def resume_pending(app: web.Application) -> None:
         ids = await ctx.store._run(ctx.store.store.pending)
@@ -116,6 +123,31 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
 
 
 RESUMED_KEY = web.AppKey("tmb.resumed", set)
+API_KEY = web.AppKey("tmb.api", DaemonApi)
+ENGINE_KEY = web.AppKey("tmb.engine", object)
+
+
+async def install_profile(engine: Engine, directory: Path, body: bytes) -> str:
+    """Validate an uploaded profile, store it in ``directory`` (replacing one with the same key) and make
+    the engine score with it. Written under a temporary name, renamed when it loaded cleanly."""
+    from tmb.fingerprint import load_profile
+
+    if len(body) > MAX_PROFILE_BYTES:
+        raise InputError(f"profile larger than {MAX_PROFILE_BYTES} bytes")
+    tmp = directory / f".upload-{os.getpid()}-{id(body)}.json"
+    try:
+        await asyncio.to_thread(tmp.write_bytes, body)
+        profile = await asyncio.to_thread(load_profile, tmp)
+        target = directory / (re.sub(r"[^A-Za-z0-9_.-]+", "_", profile.key) + ".json")
+        await asyncio.to_thread(os.replace, tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    engine.set_profiles([*(p for p in engine.profiles if p.key != profile.key), profile])
+    return profile.key
+
+
+MAX_PROFILE_BYTES = 32 * 1024 * 1024
 
 
 def _read_ak(path: str, node: str) -> bytes:
@@ -227,7 +259,9 @@ async def build_app(config: Config, *, engine_factory: EngineFactory | None = No
     ctx = DaemonContext(config, store, signer, pool, metrics)
     app = web.Application(client_max_size=config.proxy.max_body_bytes)
     app[CTX_KEY] = ctx
-    add_api_routes(app, DaemonApi(config, store, signer, pool, metrics))
+    api = DaemonApi(config, store, signer, pool, metrics)
+    app[API_KEY] = api
+    add_api_routes(app, api)
     engine = (engine_factory or attach_engine_and_ingest)(app, ctx)
     pipeline = SpanPipeline(ctx, engine, ack=config.store.ack == "commit")
     app[PIPELINE_KEY] = pipeline

@@ -10,6 +10,7 @@
 ``GET /openapi.json``                  OpenAPI 3.0 description of all of the above
 ``GET|POST /admin/workers``            list / register workers (bearer token; see AdminConfig)
 ``POST /admin/prune``                  apply the retention setting now
+``POST /admin/profiles``               install an enrolled fingerprint profile (``tmb enroll`` JSON)
 =====================================  ==============================================================
 
 These paths are reserved: any other method on them gets 405, never the proxy. Errors are JSON
@@ -31,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tmb.config import WORKER_NAME_PATTERN, WORKER_URL_PATTERN, Config, WorkerConfig, _build, _validate
-from tmb.errors import ConfigError
+from tmb.errors import ConfigError, TmbError
 from tmb.proxy.health import health_report
 from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
@@ -115,6 +116,8 @@ class DaemonApi:
     signer: Signer
     pool: WorkerPool
     metrics: Metrics
+    # Installs an uploaded fingerprint profile (JSON bytes) and returns its key; set by the engine's hook.
+    profile_sink: Callable[[bytes], Awaitable[str]] | None = None
 
     # -- public -------------------------------------------------------------------------------------
     async def verdict(self, request: web.Request) -> web.StreamResponse:
@@ -229,6 +232,17 @@ class DaemonApi:
             return _error(409, "worker_exists", str(exc))
         return web.json_response({"name": worker.name}, status=201)
 
+    async def upload_profile(self, request: web.Request) -> web.StreamResponse:
+        """Install an enrolled profile (the JSON ``tmb enroll`` writes) and score with it from now on."""
+        if self.profile_sink is None:
+            return _error(409, "no_profile_directory", "set [fingerprint] profiles to a directory first")
+        body = await request.read()
+        try:
+            key = await self.profile_sink(body)
+        except TmbError as exc:
+            return _error(400, "bad_profile", exc.diagnostics())
+        return web.json_response({"profile": key}, status=201)
+
     async def prune(self, request: web.Request) -> web.StreamResponse:
         days = self.config.store.retention_days
         if days <= 0:
@@ -258,6 +272,7 @@ def add_api_routes(app: web.Application, api: DaemonApi) -> None:
         ("GET", "/admin/workers", api._admin(api.list_workers)),
         ("POST", "/admin/workers", api._admin(api.add_worker)),
         ("POST", "/admin/prune", api._admin(api.prune)),
+        ("POST", "/admin/profiles", api._admin(api.upload_profile)),
     ]
     methods: dict[str, set[str]] = {}
     for method, path, handler in routes:
@@ -379,6 +394,22 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float) -> dict[str, A
                     **admin_err,
                 },
             },
+        }
+        paths["/admin/profiles"] = {
+            "post": {
+                "summary": "install an enrolled fingerprint profile (tmb enroll output)",
+                "security": sec,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "201": _resp("installed", {"type": "object"}),
+                    "400": err,
+                    "409": err,
+                    **admin_err,
+                },
+            }
         }
         paths["/admin/prune"] = {
             "post": {

@@ -96,6 +96,11 @@ class Engine:
         self.profiles = tuple(profiles)
         self.settings = settings
 
+    def set_profiles(self, profiles: Sequence[Profile]) -> None:
+        """Score with these profiles from now on (an upload replaced or added one)."""
+        self.profiles = tuple(profiles)
+        self.scorer = Scorer(profiles, target_far=self.settings.target_far) if profiles else None
+
     async def on_span(self, span: Span) -> None:
         if not span.served or span.node is None:
             return  # no worker answered: there is nothing to attest (the API answers 404)
