@@ -21,7 +21,7 @@ from pathlib import Path
 from probes.chain import Chain, TelemetryBatch
 from probes.tpm import AK_HANDLE
 from sample_infra.swtpm import Swtpm
-from tmb.attest.ima_build import LogBuilder, dm_device_resume, dm_table_load_verity
+from tmb.attest.ima_build import LogBuilder
 from tmb.attest.ingest import Ingest
 from tmb.attest.policy import policy_from_dict
 from tmb.telemetry.synthetic import SyntheticSource
@@ -56,12 +56,7 @@ def run(args: argparse.Namespace, tmp: Path, sw: Swtpm) -> None:
         with open(tmp / "ima", "wb") as fh:
             lb = LogBuilder(fh)
             built = [lb.file("boot_aggregate", b"boot"), lb.file("/usr/bin/tmb-probe", b"probe")]
-            load = dm_table_load_verity("model", root_digest=ROOT, salt=SALT, data_blocks=16)
-            built.append(lb.buffer("dm_table_load", load))
-            resume = dm_device_resume(
-                "model", table_digest="sha256:" + hashlib.sha256(load).hexdigest(), capacity=128
-            )
-            built.append(lb.buffer("dm_device_resume", resume))
+            built += lb.mount_verity("model", root_digest=ROOT, salt=SALT, data_blocks=16)
         for b in built:
             tpm.pcr_extend(10, {k: b.extends[k] for k in ("sha1", "sha256")})
         ima = (tmp / "ima").read_bytes()

@@ -26,7 +26,7 @@ import numpy as np
 from probes.tpm import AK_HANDLE
 from sample_infra.swtpm import Swtpm
 from tmb.attest.ima import iter_log
-from tmb.attest.ima_build import LogBuilder, dm_device_resume, dm_table_load_verity
+from tmb.attest.ima_build import LogBuilder
 from tmb.fingerprint import Profile, enroll
 from tmb.telemetry.sample import SampleBatch
 from tmb.telemetry.synthetic import SyntheticSource
@@ -138,13 +138,10 @@ def boot_node(name: str, root: Path, commitment: Commitment, *, attack: str | No
             root_hex = commitment.root_hex
             if attack == "other_image":
                 root_hex = hashlib.sha256(b"another, cheaper model image").hexdigest()
-            load = dm_table_load_verity(
+            for built in builder.mount_verity(
                 "model", root_digest=root_hex, salt=commitment.salt_hex, data_blocks=commitment.data_blocks
-            )
-            extend(builder.buffer("dm_table_load", load).extends)
-            capacity = commitment.data_blocks * commitment.data_block_size // 512
-            resume = dm_device_resume("model", table_digest=_sha(load), capacity=capacity)
-            extend(builder.buffer("dm_device_resume", resume).extends)
+            ):
+                extend(built.extends)
         ak_path = root / "ak.tpm2b"
         ak_path.write_bytes(ak.tpm2b_public or ak.pem)
         tampered = None

@@ -23,7 +23,7 @@ from probes.tpm import Quote
 from sample_infra.swtpm import Swtpm
 from tmb.attest.evidence import AuditResult, audit_bundle, write_bundle
 from tmb.attest.ima import iter_log
-from tmb.attest.ima_build import LogBuilder, dm_device_resume, dm_table_load_verity
+from tmb.attest.ima_build import LogBuilder
 from tmb.verity import Commitment, commit_model, policy_toml_snippet
 
 AK_HANDLE = 0x81010002
@@ -102,15 +102,10 @@ class DemoNode:
         for path, content in BINARIES.items():
             self.measure_file(path, content)
         root = mount_root or commitment.root_hex
-        load = dm_table_load_verity(
+        for built in self.builder.mount_verity(
             "model", root_digest=root, salt=commitment.salt_hex, data_blocks=commitment.data_blocks
-        )
-        self.measure_buffer("dm_table_load", load)
-        table = "sha256:" + hashlib.sha256(load).hexdigest()
-        capacity = commitment.data_blocks * commitment.data_block_size // 512
-        self.measure_buffer(
-            "dm_device_resume", dm_device_resume("model", table_digest=table, capacity=capacity)
-        )
+        ):
+            self._extend(built.extends)
 
     def quote(self, nonce: bytes) -> Quote:
         return self.tpm.quote(AK_HANDLE, {"sha256": [10]}, nonce)

@@ -20,7 +20,7 @@ from probes.tpm import Quote, TpmClient
 from sample_infra.swtpm import Swtpm
 from tmb.attest.evidence import audit_bundle, write_bundle
 from tmb.attest.ima import iter_log
-from tmb.attest.ima_build import Built, LogBuilder, dm_device_resume, dm_table_load_verity
+from tmb.attest.ima_build import Built, LogBuilder, dm_table_load_verity
 
 ROOT = hashlib.sha256(b"model image root").hexdigest()
 SALT = hashlib.sha256(b"salt").hexdigest()
@@ -78,14 +78,8 @@ def node(tmp_path: Path) -> Iterator[Node]:
             n.measure(n.builder.add("ima-ng", "boot_aggregate", digest=bytes(32)))
             for path, content in FILES.items():
                 n.measure(n.builder.file(path, content))
-            load = dm_table_load_verity("model", root_digest=ROOT, salt=SALT, data_blocks=BLOCKS)
-            n.measure(n.builder.buffer("dm_table_load", load))
-            table = "sha256:" + hashlib.sha256(load).hexdigest()
-            n.measure(
-                n.builder.buffer(
-                    "dm_device_resume", dm_device_resume("model", table_digest=table, capacity=BLOCKS * 8)
-                )
-            )
+            for built in n.builder.mount_verity("model", root_digest=ROOT, salt=SALT, data_blocks=BLOCKS):
+                n.measure(built)
             yield n
     finally:
         instance.stop()

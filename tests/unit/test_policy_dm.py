@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tmb.attest.dm import VerityRule, check_verity, dm_events
-from tmb.attest.ima import iter_log
+from tmb.attest.ima import iter_log, parse_fields
 from tmb.attest.ima_build import (
     LogBuilder,
     dm_device_remove,
@@ -31,10 +31,8 @@ def _sha(data: bytes) -> str:
 
 
 def _mount(b: LogBuilder, *, root: str = ROOT, blocks: int = BLOCKS, name: str = "model") -> str:
-    load = dm_table_load_verity(name, root_digest=root, salt=SALT, data_blocks=blocks)
-    b.buffer("dm_table_load", load)
-    b.buffer("dm_device_resume", dm_device_resume(name, table_digest=_sha(load), capacity=blocks * 8))
-    return _sha(load)
+    loaded, _ = b.mount_verity(name, root_digest=root, salt=SALT, data_blocks=blocks)
+    return _sha(parse_fields(loaded.entry).buf)
 
 
 def _verity(build: object) -> Report:

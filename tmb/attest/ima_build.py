@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tmb.attest.ima import IMA_NAME_PAD, ImaEntry
 from tmb.attest.pcr import BANK_SIZES, render_ascii
@@ -134,6 +134,26 @@ class LogBuilder:
     def buffer(self, name: str, payload: bytes, *, alg: str = "sha256") -> Built:
         """An ima-buf event (critical data such as ``dm_table_load``)."""
         return self.add("ima-buf", name, digest=hashlib.new(alg, payload).digest(), alg=alg, buf=payload)
+
+    def mount_verity(
+        self, name: str, *, root_digest: str, salt: str, data_blocks: int, **table: Any
+    ) -> tuple[Built, Built]:
+        """What the kernel measures when a dm-verity device is set up: the ``dm_table_load`` of a single
+        verity target and the ``dm_device_resume`` that activates exactly that table. ``table`` passes
+        ``algorithm``, ``uuid``, ``minor``, ``data_device``, ``hash_device`` to the load payload."""
+        load = dm_table_load_verity(
+            name, root_digest=root_digest, salt=salt, data_blocks=data_blocks, **table
+        )
+        loaded = self.buffer("dm_table_load", load)
+        digest = "sha256:" + hashlib.sha256(load).hexdigest()
+        resume = dm_device_resume(
+            name,
+            table_digest=digest,
+            capacity=data_blocks * 8,
+            uuid=table.get("uuid", ""),
+            minor=table.get("minor", 0),
+        )
+        return loaded, self.buffer("dm_device_resume", resume)
 
 
 # ----------------------------------------------------------------------- device-mapper payloads (dm-ima)
