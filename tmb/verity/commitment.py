@@ -27,11 +27,11 @@ from tmb.verity.image import FileEntry
 from tmb.verity.layout import (
     ALGORITHMS,
     DEFAULT_BLOCK_SIZE,
+    VerityNumbers,
     canonical_algorithm,
     digest_size,
     parse_salt,
     parse_uuid,
-    salt_hex,
     tree_geometry,
 )
 
@@ -89,7 +89,7 @@ def derive_uuid(model_id: str, revision: str, purpose: str) -> str:
 
 
 @dataclass(frozen=True)
-class Commitment:
+class Commitment(VerityNumbers):
     model_id: str
     revision: str
     files: tuple[FileEntry, ...]
@@ -117,19 +117,6 @@ class Commitment:
     def name(self) -> str:
         """``model_id@revision``: the rule name in the verifier policy."""
         return f"{self.model_id}@{self.revision}"
-
-    @property
-    def root_hex(self) -> str:
-        return self.root_hash.hex()
-
-    @property
-    def salt_hex(self) -> str:
-        return salt_hex(self.salt)
-
-    @property
-    def target_len(self) -> int:
-        """dm target length in 512-byte sectors, as IMA's ``dm_table_load`` reports it."""
-        return self.data_blocks * self.data_block_size // 512
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -90,6 +90,29 @@ def salt_hex(salt: bytes) -> str:
     return salt.hex() if salt else "-"
 
 
+class VerityNumbers:
+    """Derived views shared by the records that carry a tree's ``root_hash``, ``salt``, ``data_blocks``
+    and ``data_block_size`` (``tree.VerityResult``, ``commitment.Commitment``)."""
+
+    root_hash: bytes
+    salt: bytes
+    data_blocks: int
+    data_block_size: int
+
+    @property
+    def root_hex(self) -> str:
+        return self.root_hash.hex()
+
+    @property
+    def salt_hex(self) -> str:
+        return salt_hex(self.salt)
+
+    @property
+    def target_len(self) -> int:
+        """dm-verity target length in 512-byte sectors, as IMA's ``dm_table_load`` reports it."""
+        return self.data_blocks * self.data_block_size // 512
+
+
 def parse_uuid(text: str) -> str:
     """A UUID in the canonical 8-4-4-4-12 form (what libuuid accepts), returned lower-case."""
     if not _UUID_RE.match(text.strip()):

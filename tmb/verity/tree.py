@@ -39,11 +39,11 @@ from tmb.verity.layout import (
     DEFAULT_BLOCK_SIZE,
     Superblock,
     TreeGeometry,
+    VerityNumbers,
     canonical_algorithm,
     check_block_size,
     check_salt,
     parse_uuid,
-    salt_hex,
     tree_geometry,
 )
 
@@ -291,7 +291,7 @@ def _build(
 
 
 @dataclass(frozen=True)
-class VerityResult:
+class VerityResult(VerityNumbers):
     """What ``veritysetup format`` reports, plus where things went."""
 
     root_hash: bytes
@@ -311,19 +311,6 @@ class VerityResult:
     hash_path: str | None  # None: the tree was computed, not written
     data_size: int  # bytes in the data file
     ignored_tail_bytes: int  # trailing bytes past the last whole data block, not covered by the tree
-
-    @property
-    def root_hex(self) -> str:
-        return self.root_hash.hex()
-
-    @property
-    def salt_hex(self) -> str:
-        return salt_hex(self.salt)
-
-    @property
-    def target_len(self) -> int:
-        """Length of the dm-verity target in 512-byte sectors (IMA's ``dm_table_load`` ``target_len``)."""
-        return self.data_blocks * self.data_block_size // 512
 
 
 def _data_size(path: str) -> int:
