@@ -115,6 +115,24 @@ def test_key_created_0600_reused_and_loose_permissions_refused(tmp_path: Path) -
         load_or_create_key(path)
 
 
+def _key_id_of_new_key(path: str) -> str:
+    return load_or_create_key(path).key_id
+
+
+def test_daemons_starting_together_share_one_complete_key(tmp_path: Path) -> None:
+    # Two daemons pointed at the same absent key file: each must load a whole key, and the same one
+    # (a half-written file read by the second daemon was a real failure).
+    from concurrent.futures import ProcessPoolExecutor
+
+    for round_ in range(3):
+        path = tmp_path / f"key{round_}.pem"
+        with ProcessPoolExecutor(4) as pool:
+            ids = list(pool.map(_key_id_of_new_key, [str(path)] * 8))
+        assert len(set(ids)) == 1
+        assert load_or_create_key(path).key_id == ids[0]
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
 def test_public_key_formats(tmp_path: Path) -> None:
     signer = load_or_create_key(tmp_path / "k.pem")
     pub = signer.public.to_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -97,26 +98,10 @@ def check_permissions(path: Path) -> None:
 def load_or_create_key(path: str | Path) -> Signer:
     """Load the key at ``path`` (checking permissions) or create it (0600) when absent."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise KeyFileError(f"cannot create verdict key: {exc.strerror}", path=str(path)) from exc
-    else:
-        private = Ed25519PrivateKey.generate()
-        pem = private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            path.unlink(missing_ok=True)
-            raise KeyFileError(f"cannot write verdict key: {exc.strerror}", path=str(path)) from exc
-        return Signer(private)
+    if not path.exists():
+        created = _create_key(path)
+        if created is not None:
+            return Signer(created)
     try:
         check_permissions(path)
         data = path.read_bytes()
@@ -131,6 +116,36 @@ def load_or_create_key(path: str | Path) -> Signer:
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError("verdict key is not an Ed25519 key", path=str(path), got=type(key).__name__)
     return Signer(key)
+
+
+def _create_key(path: Path) -> Ed25519PrivateKey | None:
+    """Write a new key to ``path`` atomically: a complete file appears there or none does, so a daemon
+    starting beside another never reads a half-written key. None when another process created it first."""
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and fails when the name exists: the first writer wins
+        except FileExistsError:
+            return None
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create verdict key: {exc.strerror}", path=str(path)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return private
 
 
 def load_public_keys(data: bytes, origin: str) -> list[PublicKey]:
