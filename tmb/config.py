@@ -7,7 +7,7 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [proxy]     max_body_bytes, inspect_body_bytes, connect_timeout_s, read_timeout_s, total_timeout_s,
                 health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes, engine
     [verdicts]  key_file, demo, min_window_ms, max_wait_s
-    [store]     path, retention_days, ack
+    [store]     path, retention_days, ack, sync
     [admin]     enabled, token, token_file
     [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, settle_ms
     [fingerprint] profiles, target_far
@@ -99,6 +99,7 @@ class StoreConfig:
     path: str = "tmb.sqlite3"
     retention_days: int = 30  # spans/verdicts older than this are deleted; 0 keeps everything
     ack: str = "commit"  # "commit": a response completes only after its span is durable; "async"
+    sync: str = "normal"  # "normal": commits survive a daemon crash (kill -9); "full": also power loss
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 _CHOICES = {
     ("store", "ack"): ("commit", "async"),
+    ("store", "sync"): ("normal", "full"),
     ("proxy", "engine"): ("fast", "aiohttp"),
     ("admin", "enabled"): ("auto", "true", "false"),
     ("attestation", "pcr_bank"): ("sha1", "sha256", "sha384", "sha512"),

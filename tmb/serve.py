@@ -109,7 +109,7 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
         app[API_KEY].profile_sink = lambda body: install_profile(engine, upload_dir, body)
 
     async def resume_pending(app: web.Application) -> None:
-        ids = await ctx.store._run(ctx.store.store.pending)
+        ids = await ctx.store.pending()
         for request_id in ids:
             rec = await ctx.store.lookup(request_id)
             if rec.span is not None:
@@ -253,7 +253,7 @@ PIPELINE_KEY = web.AppKey("tmb.pipeline", SpanPipeline)
 async def build_app(config: Config, *, engine_factory: EngineFactory | None = None) -> web.Application:
     """The daemon's application (call inside the running loop). ``engine_factory`` overrides the hook."""
     signer = load_or_create_key(config.verdicts.key_file)
-    store = AsyncStore(config.store.path)
+    store = AsyncStore(config.store.path, sync=config.store.sync)
     pool = WorkerPool(config.workers, config.proxy)
     metrics = Metrics(pool)
     ctx = DaemonContext(config, store, signer, pool, metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def test_spans_pending_final_evidence_and_reopen(tmp_path: Path) -> None:
     assert again.evidence(f"{1:032x}") == refs
     assert again.counts() == {"spans": 2, "pending": 0, "final": 1, "evidence": 2}
     with pytest.raises(ValueError, match="unsigned"):
-        again.put_verdict(Verdict(**{**v.__dict__, "signature": ""}))
+        again.put_verdict(dataclasses.replace(v, signature=""))
 
 
 def test_retention_prunes_old_spans_with_their_verdicts(tmp_path: Path) -> None:
@@ -99,3 +100,60 @@ async def test_long_poll_wakes_on_publish(tmp_path: Path) -> None:
     assert (await asyncio.wait_for(waiter, 10)).state == "final"
     assert (await store.wait("f" * 32, 0.01)).state == "unknown"
     await store.close()
+
+
+@pytest.mark.parametrize("sync", ["normal", "full"])
+async def test_async_store_group_commits_and_survives_reopen(tmp_path: Path, sync: str) -> None:
+    store = AsyncStore(tmp_path / "s.sqlite3", sync=sync)
+    assert store.inline is (sync == "normal")
+    db = store.store.db  # type: ignore[attr-defined]
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == {"normal": 1, "full": 2}[sync]
+    commits: list[str] = []
+    db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    # Writes queued in the same loop iteration land in one transaction.
+    await asyncio.gather(
+        *(store.record_spans([span(i)]) for i in range(20)),
+        *(store.publish(final(tmp_path, f"{i:032x}")) for i in range(10)),
+    )
+    if sync == "normal":
+        assert len(commits) == 1
+    else:
+        assert 1 <= len(commits) <= 30
+    counts = await store.counts()
+    assert counts == {"spans": 20, "pending": 10, "final": 10, "evidence": 0}
+    # A write that fails alone does not take the batch down with it.
+    bad = dataclasses.replace(span(99), end_ns=2**70)  # no SQLite integer holds it
+    results = await asyncio.gather(
+        store.record_spans([span(30)]), store.record_spans([bad]), return_exceptions=True
+    )
+    assert results[0] is None and isinstance(results[1], OverflowError)
+    await store.close()
+    again = Store(tmp_path / "s.sqlite3")
+    assert again.counts()["spans"] == 21 and again.lookup(f"{5:032x}").state == "final"
+    again.close()
+
+
+async def test_inline_store_checkpoints_in_the_background_and_prunes_in_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tmb.verdict.store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHECKPOINT_INTERVAL_S", 0.01)
+    monkeypatch.setattr(store_mod, "PRUNE_SLICE", 7)
+    path = tmp_path / "s.sqlite3"
+    store = AsyncStore(path)
+    db = store.store.db  # type: ignore[attr-defined]
+    assert store.inline and db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    # the checkpointer (its own connection) copies the WAL into the database file, which grows
+    before = path.stat().st_size
+    await store.record_spans([span(i, end_ns=1000 + i) for i in range(50)])
+    for _ in range(1000):
+        if path.stat().st_size > before:
+            break
+        await asyncio.sleep(0.01)
+    assert path.stat().st_size > before
+    assert await store.prune(1000 + 30) == 30  # five slices of 7 and one of 2, all committed
+    assert (await store.counts())["spans"] == 20
+    await store.close()
+    wal = path.with_name("s.sqlite3-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed and truncated (or removed) on close

@@ -1,7 +1,14 @@
 """Durable storage of spans, verdicts and the evidence references verdicts rest on (SQLite, WAL).
 
-``journal_mode=WAL`` with ``synchronous=FULL``: a transaction that returned is on disk, so whatever the
-daemon acknowledged survives ``kill -9`` (and power loss, as far as the disk honours fsync).
+``journal_mode=WAL``; ``[store] sync`` picks what a committed transaction survives:
+
+* ``normal`` (default): ``synchronous=NORMAL``. A commit appends to the WAL file with ``write()``: it is
+  in the kernel once the call returns, so whatever the daemon acknowledged survives ``kill -9`` and any
+  crash of the daemon; a power loss or kernel crash may lose the last transactions. Writes run on the
+  event loop's own thread, batched per loop iteration (no thread hop, no fsync on the request path); WAL
+  checkpoints (the only fsyncs) run on a background thread with their own connection.
+* ``full``: ``synchronous=FULL``. Every commit is fsynced (survives power loss, as far as the disk honours
+  fsync); writes run on one dedicated thread that commits concurrent writes together (group commit).
 
 Tables (schema version 1, ``PRAGMA user_version``):
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import queue
 import sqlite3
 import threading
@@ -28,15 +36,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time_ns
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tmb.errors import TmbError
 from tmb.proxy.spans import Span
 from tmb.verdict.model import Verdict
 
 T = TypeVar("T")
+log = logging.getLogger("tmb.store")
 _dumps = json.JSONEncoder(check_circular=False).encode  # the text json.dumps gives, a little cheaper
 SCHEMA_VERSION = 1
+SYNC_MODES = ("normal", "full")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans(
     id TEXT PRIMARY KEY, end_ns INTEGER NOT NULL, worker TEXT, node TEXT, outcome TEXT NOT NULL,
@@ -111,12 +121,15 @@ class VerdictRecord:
 class Store:
     """Synchronous SQLite store; not thread-safe on its own (use :class:`AsyncStore` from asyncio)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, sync: str = "full") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
         self.path = Path(path)
+        self.sync = sync
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute(f"PRAGMA synchronous={sync.upper()}")
             self.db.execute("PRAGMA busy_timeout=5000")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
@@ -223,14 +236,16 @@ class Store:
             "evidence": one("SELECT count(*) FROM evidence").fetchone()[0],
         }
 
-    def prune(self, before_ns: int) -> int:
-        """Delete spans ended before ``before_ns``, their verdicts and evidence; returns spans deleted."""
+    def prune(self, before_ns: int, limit: int = -1) -> int:
+        """Delete spans ended before ``before_ns`` (the oldest ``limit`` of them; -1: all), their verdicts
+        and evidence; returns spans deleted."""
         db = self._tx()
         try:
-            old = "SELECT id FROM spans WHERE end_ns < ?"
-            db.execute(f"DELETE FROM evidence WHERE request_id IN ({old})", (before_ns,))
-            db.execute(f"DELETE FROM verdicts WHERE request_id IN ({old})", (before_ns,))
-            n = db.execute("DELETE FROM spans WHERE end_ns < ?", (before_ns,)).rowcount
+            old = "SELECT id FROM spans WHERE end_ns < ? ORDER BY end_ns LIMIT ?"
+            args = (before_ns, limit)
+            db.execute(f"DELETE FROM evidence WHERE request_id IN ({old})", args)
+            db.execute(f"DELETE FROM verdicts WHERE request_id IN ({old})", args)
+            n = db.execute(f"DELETE FROM spans WHERE id IN ({old})", args).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -238,30 +253,69 @@ class Store:
         return n
 
 
-class AsyncStore:
-    """:class:`Store` for asyncio code: one writer thread with group commit, long-poll wake-ups on publish.
+class Backend(Protocol):
+    """What :class:`AsyncStore` needs of a store: :class:`Store` (SQLite) or ``store_pg.PgStore``."""
 
-    Every call is queued to the store's own thread. Span and verdict writes queued while a transaction
-    commits are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event
-    loop for the whole group); a caller's future resolves only after the transaction holding its write
-    committed, so the ``ack = "commit"`` guarantee holds per write. Other calls (reads, prune) run one by
-    one after the group's commit, in the order queued.
+    def write_batch(self, writes: Sequence[Write]) -> None: ...
+    def lookup(self, request_id: str) -> VerdictRecord: ...
+    def evidence(self, request_id: str) -> list[EvidenceRef]: ...
+    def pending(self, limit: int = 1000) -> list[str]: ...
+    def counts(self) -> dict[str, int]: ...
+    def prune(self, before_ns: int) -> int: ...
+    def close(self) -> None: ...
+
+
+class AsyncStore:
+    """A store for asyncio code: group commit, long-poll wake-ups on publish.
+
+    Over a SQLite :class:`Store` with ``sync="normal"`` (inline mode), writes run on the event loop's own
+    thread: every write queued during one loop iteration is committed in one transaction at the start of
+    the next (``write()`` to the WAL, no fsync), reads run at once, and a background thread checkpoints
+    the WAL every second on its own connection. Otherwise (``sync="full"``, or another backend such as
+    PostgreSQL) every call is queued to one dedicated thread: writes queued while a transaction commits
+    are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event loop for the
+    whole group); other calls (reads, prune) run one by one after the group's commit, in the order queued.
+    Either way a caller's future resolves only after the transaction holding its write committed, so the
+    ``ack = "commit"`` guarantee holds per write.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.store = Store(path)
+    def __init__(self, target: str | Path | Backend, *, sync: str = "normal") -> None:
+        self.store: Backend = Store(target, sync=sync) if isinstance(target, str | Path) else target
+        self.inline = isinstance(self.store, Store) and self.store.sync == "normal"
+        if isinstance(self.store, Store) and self.inline:
+            self.store.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._thread = threading.Thread(target=self._writer, name="tmb-store", daemon=True)
+        self._batch: list[_Op] = []  # inline mode: writes waiting for the next loop iteration
+        self._flush_handle: asyncio.Handle | None = None
+        self._stop = threading.Event()
+        if self.inline:
+            self._thread = threading.Thread(target=self._checkpointer, name="tmb-store-ckpt", daemon=True)
+        else:
+            self._thread = threading.Thread(target=self._writer, name="tmb-store", daemon=True)
         self._thread.start()
 
     def _submit(self, kind: int, payload: Any) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put((kind, payload, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if self.inline and kind == _WRITE:
+            self._batch.append((kind, payload, fut))
+            if self._flush_handle is None:
+                self._flush_handle = loop.call_soon(self._flush)
+        else:
+            self._queue.put((kind, payload, fut))
         return fut
 
+    def _flush(self) -> None:
+        """Inline mode: commit the writes queued since the last flush, in one transaction."""
+        batch, self._batch, self._flush_handle = self._batch, [], None
+        if batch:
+            _resolve(_commit(self.store, batch))
+
     async def _run(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the store's thread (reads and maintenance)."""
+        """Run ``fn(*args)`` against the store: at once in inline mode, else on the store's thread."""
+        if self.inline:
+            return fn(*args)
         return await self._submit(_CALL, (fn, args))
 
     def _writer(self) -> None:
@@ -281,19 +335,7 @@ class AsyncStore:
                     stop = True
                     break
                 ops.append(op)
-            done: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
-            writes = [op for op in ops if op[0] != _CALL]
-            if writes:
-                try:
-                    store.write_batch([op[1] for op in writes])
-                    done += [(op[2], None, None) for op in writes]
-                except Exception:
-                    for op in writes:  # isolate the failing write: the others still commit
-                        try:
-                            store.write_batch([op[1]])
-                            done.append((op[2], None, None))
-                        except Exception as exc:
-                            done.append((op[2], exc, None))
+            done = _commit(store, [op for op in ops if op[0] != _CALL])
             for kind, payload, fut in ops:
                 if kind == _CALL:
                     fn, args = payload
@@ -304,6 +346,23 @@ class AsyncStore:
             _post(done)
             if stop:
                 return
+
+    def _checkpointer(self) -> None:
+        """Inline mode: copy the WAL into the database file every second (the fsyncs happen here)."""
+        assert isinstance(self.store, Store)
+        try:
+            db = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            log.exception("store checkpointer cannot open %s", self.store.path)
+            return
+        try:
+            while not self._stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or full disk: the next round tries again
+                    log.warning("store checkpoint failed: %s", exc)
+        finally:
+            db.close()
 
     async def record_spans(self, spans: Sequence[Span]) -> None:
         await self._submit(_WRITE, (spans, None))
@@ -333,7 +392,7 @@ class AsyncStore:
                 remaining = deadline - loop.time()
                 if rec.state != "pending" or remaining <= 0:
                     return rec
-                # re-check at least once a second (another daemon may share the file)
+                # re-check at least once a second (another daemon may share the store)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(fut, min(remaining, 1.0))
             finally:
@@ -347,20 +406,63 @@ class AsyncStore:
         refs: list[EvidenceRef] = await self._run(self.store.evidence, request_id)
         return refs
 
+    async def pending(self, limit: int = 1000) -> list[str]:
+        ids: list[str] = await self._run(self.store.pending, limit)
+        return ids
+
     async def prune(self, before_ns: int) -> int:
-        n: int = await self._run(self.store.prune, before_ns)
-        return n
+        if not self.inline:
+            n: int = await self._run(self.store.prune, before_ns)
+            return n
+        assert isinstance(self.store, Store)
+        total = 0
+        while True:  # in slices, so the loop (and the proxy on it) never stalls for a big purge
+            n = self.store.prune(before_ns, limit=PRUNE_SLICE)
+            total += n
+            if n < PRUNE_SLICE:
+                return total
+            await asyncio.sleep(0)
 
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = await self._run(self.store.counts)
         return counts
 
     async def close(self) -> None:
-        """Finish what is queued, stop the thread, close the database."""
+        """Finish what is queued, stop the thread, close the store."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
         if self._thread.is_alive():
+            self._stop.set()
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
+        if self.inline:
+            assert isinstance(self.store, Store)
+            with contextlib.suppress(sqlite3.Error):
+                self.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.store.close()
+
+
+CHECKPOINT_INTERVAL_S = 1.0
+PRUNE_SLICE = 2000
+
+
+def _commit(store: Backend, writes: list[_Op]) -> list[tuple[asyncio.Future[Any], BaseException | None, Any]]:
+    """Commit ``writes`` in one transaction; when that fails, each on its own (the good ones still land)."""
+    if not writes:
+        return []
+    try:
+        store.write_batch([op[1] for op in writes])
+        return [(op[2], None, None) for op in writes]
+    except Exception:
+        done: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        for op in writes:
+            try:
+                store.write_batch([op[1]])
+                done.append((op[2], None, None))
+            except Exception as exc:
+                done.append((op[2], exc, None))
+        return done
 
 
 _WRITE, _CALL = 0, 1
