@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tmb.cli import main
 from tmb.errors import InputError
@@ -148,6 +150,7 @@ def test_verify_verdict_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFix
     key.write_text(signer.public.to_dict()["pem"])
     cases = {
         "ok.json": (signer.sign(verdict()).encode(), 0),
+        "batch.json": (signer.sign_batch([verdict(request_id=f"{i:032x}") for i in range(3)])[1].encode(), 0),
         "demo.json": (signer.sign(verdict(Decision.DEMO, telemetry_source="synthetic")).encode(), 0),
         "mismatch.json": (signer.sign(verdict(Decision.MODEL_MISMATCH)).encode(), 1),
         "tampered.json": (signer.sign(verdict()).encode().replace(b'"node-1"', b'"node-2"'), 1),
@@ -211,3 +214,125 @@ EXAMPLE_MESSAGE = (
     '"request_id":"5f1c0b6a9e2d4c8b7a6f5e4d3c2b1a09","requested_model":"llama-3-8b","telemetry_source":"synthetic",'
     '"window":{"t0_ns":1700000000000000000,"t1_ns":1700000001000000000,"widened":true},"worker":"w1"}'
 )
+
+
+def _spec_mth(leaves: list[bytes]) -> bytes:
+    """RFC 9162 section 2.1.1, written from the definition (independent of tmb's tree builder)."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return hashlib.sha256(b"\x01" + _spec_mth(leaves[:k]) + _spec_mth(leaves[k:])).digest()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33])
+def test_batch_signature_verifies_each_verdict_and_matches_rfc9162(tmp_path: Path, n: int) -> None:
+    signer = load_or_create_key(tmp_path / "k.pem")
+    batch = signer.sign_batch([verdict(request_id=f"{i:032x}") for i in range(n)])
+    docs = [json.loads(v.encode()) for v in batch]
+    assert all(verify_verdict(d, [signer.public]).ok for d in docs)
+    assert all(Verdict.from_dict(d) == v for d, v in zip(docs, batch, strict=True))
+    if n == 1:
+        assert "signature_batch" not in docs[0]  # a batch of one is an ordinary single signature
+        return
+    assert len({d["signature"] for d in docs}) == 1  # one Ed25519 signature for the whole batch
+    # What another language does: leaf = SHA-256(0x00 || canonical bytes without signature and batch),
+    # root = RFC 9162 Merkle tree hash, Ed25519 over "tmb-verdict-batch/1:<root hex>:<size>".
+    leaves = [
+        hashlib.sha256(
+            b"\x00"
+            + json.dumps(
+                {k: v for k, v in d.items() if k not in ("signature", "signature_batch")},
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=False,
+            ).encode()
+        ).digest()
+        for d in docs
+    ]
+    root = _spec_mth(leaves)
+    message = f"tmb-verdict-batch/1:{root.hex()}:{n}".encode()
+    Ed25519PublicKey.from_public_bytes(signer.public.raw).verify(bytes.fromhex(docs[0]["signature"]), message)
+    assert [d["signature_batch"]["index"] for d in docs] == list(range(n))
+    assert all(d["signature_batch"]["size"] == n for d in docs)
+
+
+def test_batch_proofs_resist_tampering_and_transplanting(tmp_path: Path) -> None:
+    signer = load_or_create_key(tmp_path / "k.pem")
+    first = [
+        json.loads(v.encode()) for v in signer.sign_batch([verdict(request_id=f"{i:032x}") for i in range(5)])
+    ]
+    second = [
+        json.loads(v.encode())
+        for v in signer.sign_batch([verdict(request_id=f"{i:032x}") for i in range(5, 9)])
+    ]
+    keys = [signer.public]
+    doc = first[2]
+    assert verify_verdict(doc | {"decision": "model_mismatch"}, keys).ids() == ["verdict.signature_invalid"]
+    for change in ({"index": 3}, {"size": 6}, {"path": list(reversed(doc["signature_batch"]["path"]))}):
+        assert not verify_verdict(doc | {"signature_batch": doc["signature_batch"] | change}, keys).ok, change
+    assert verify_verdict(doc | {"signature_batch": doc["signature_batch"] | {"index": 9}}, keys).ids() == [
+        "verdict.malformed"
+    ]
+    # another batch's signature and proof on this verdict
+    moved = doc | {"signature": second[1]["signature"], "signature_batch": second[1]["signature_batch"]}
+    assert verify_verdict(moved, keys).ids() == ["verdict.signature_invalid"]
+    # dropping the proof turns it into a single-signature claim the signature does not make
+    single = {k: v for k, v in doc.items() if k != "signature_batch"}
+    assert verify_verdict(single, keys).ids() == ["verdict.signature_invalid"]
+    assert verify_verdict(doc | {"signature_batch": {"index": "0", "size": 5, "path": []}}, keys).ids() == [
+        "verdict.malformed"
+    ]
+
+
+def test_batch_signer_shares_one_signature_per_loop_iteration(tmp_path: Path) -> None:
+    import asyncio
+
+    from tmb.verdict.signing import BatchSigner
+
+    signer = load_or_create_key(tmp_path / "k.pem")
+
+    async def run() -> tuple[list[Verdict], Verdict]:
+        batcher = BatchSigner(signer, max_batch=4)
+        together = await asyncio.gather(*(batcher.sign(verdict(request_id=f"{i:032x}")) for i in range(6)))
+        alone = await batcher.sign(verdict(request_id="f" * 32))
+        return list(together), alone
+
+    together, alone = asyncio.run(run())
+    assert [v.request_id for v in together] == [f"{i:032x}" for i in range(6)]
+    assert [v.batch.size if v.batch else 1 for v in together] == [4, 4, 4, 4, 2, 2]  # max_batch per signature
+    assert len({v.signature for v in together}) == 2
+    assert alone.batch is None
+    assert all(verify_verdict(json.loads(v.encode()), [signer.public]).ok for v in [*together, alone])
+
+
+_nasty = st.lists(
+    st.sampled_from(['"', "\\", ",", ":", "{", "}", ',"telemetry_source":', "ü", "\n", "a"]), max_size=8
+).map("".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    worker=_nasty,
+    correlation=st.none() | _nasty,
+    attestation=st.dictionaries(_nasty | st.just("telemetry_source"), _nasty | st.integers(), max_size=4),
+    source=_nasty,
+    size=st.integers(1, 6),
+)
+def test_signed_encoding_splice_equals_canonical_encoding(
+    worker: str, correlation: str | None, attestation: dict[str, object], source: str, size: int
+) -> None:
+    """The signer splices signature (and signature_batch) into the signing bytes instead of encoding the
+    document again: the result must be exactly canonical_bytes(to_dict()), whatever the strings hold."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from tmb.verdict.signing import Signer
+
+    signer = Signer(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    base = verdict(
+        worker=worker, correlation_id=correlation, attestation=attestation, telemetry_source=source
+    )
+    for signed in signer.sign_batch([base] * size):
+        assert signed.encode() == canonical_bytes(signed.to_dict())
+        assert verify_verdict(json.loads(signed.encode()), [signer.public]).ok

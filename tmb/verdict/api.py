@@ -460,6 +460,16 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float) -> dict[str, A
                 "issued_ns": {"type": "integer"},
                 "key_id": {"type": "string"},
                 "signature": {"type": "string"},
+                "signature_batch": {
+                    "type": "object",
+                    "description": "present when the signature covers a batch root (docs/verdict.md)",
+                    "required": ["index", "size", "path"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "size": {"type": "integer"},
+                        "path": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
             },
         },
         "Keys": {

@@ -18,8 +18,9 @@ decision                      when
 ============================  =================================================================
 
 Windows shorter than ``[verdicts] min_window_ms`` are widened symmetrically and the verdict says so. The
-verdict is signed with the daemon's key and published with references to the evidence it rests on. Floats
-never enter the signed encoding: statistics are rendered as decimal strings.
+verdict is signed with the daemon's key (verdicts decided together share one signature over a Merkle
+root, each with its inclusion proof: docs/verdict.md) and published with references to the evidence it
+rests on. Floats never enter the signed encoding: statistics are rendered as decimal strings.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from tmb.proxy.spans import Span
 from tmb.telemetry.features import extract
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.model import Decision, Reason, Verdict, Window
-from tmb.verdict.signing import Signer
+from tmb.verdict.signing import BatchSigner, Signer
 from tmb.verdict.store import AsyncStore, EvidenceRef
 
 log = logging.getLogger("tmb.verdict.engine")
@@ -91,6 +92,7 @@ class Engine:
     ) -> None:
         self.store = store
         self.signer = signer
+        self.batch_signer = BatchSigner(signer)  # verdicts decided in the same loop iteration: one signature
         self.ingest = ingest
         self.scorer = Scorer(profiles, target_far=settings.target_far) if profiles else None
         self.profiles = tuple(profiles)
@@ -107,7 +109,7 @@ class Engine:
         window = widen(span, self.settings.min_window_s)
         samples, summary, findings = await self._wait_for_evidence(span.node, window)
         verdict, refs = self.decide(span, window, samples, summary, findings)
-        await self.store.publish(self.signer.sign(verdict), refs)
+        await self.store.publish(await self.batch_signer.sign(verdict), refs)
 
     async def _wait_for_evidence(
         self, node: str, window: Window

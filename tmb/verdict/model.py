@@ -48,6 +48,19 @@ class Reason:
 
 
 @dataclass(frozen=True)
+class BatchProof:
+    """Where a verdict sits in a batch signed once (docs/verdict.md, "Batch signatures"): its leaf index,
+    the batch size and the RFC 9162 inclusion path (sibling hashes, lowercase hex, leaf level first)."""
+
+    index: int
+    size: int
+    path: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "size": self.size, "path": list(self.path)}
+
+
+@dataclass(frozen=True)
 class Verdict:
     """A signed statement about one request. ``signature`` is empty until signed."""
 
@@ -69,9 +82,11 @@ class Verdict:
     signature: str = ""
     format: str = VERDICT_FORMAT
     attestation_evidence: tuple[str, ...] = field(default=())  # digests of the evidence records relied on
+    batch: BatchProof | None = None  # set when the signature covers a batch root, not this verdict alone
 
     def to_dict(self, *, signed: bool = True) -> dict[str, Any]:
-        """Plain JSON data; ``signed=False`` leaves out ``signature`` (the bytes that get signed)."""
+        """Plain JSON data; ``signed=False`` leaves out ``signature`` and ``signature_batch`` (the bytes
+        that get signed, or for a batch-signed verdict the bytes its leaf hash covers)."""
         data: dict[str, Any] = {
             "format": self.format,
             "request_id": self.request_id,
@@ -97,6 +112,8 @@ class Verdict:
         }
         if signed:
             data["signature"] = self.signature
+            if self.batch is not None:
+                data["signature_batch"] = self.batch.to_dict()
         return data
 
     def signing_bytes(self) -> bytes:
@@ -105,10 +122,26 @@ class Verdict:
 
     def encode(self) -> bytes:
         """The canonical encoding of the whole verdict, signature included (what the API serves)."""
-        return canonical_bytes(self.to_dict())
+        cached: bytes | None = self.__dict__.get("_encoded")  # set by the signer; never copied by replace()
+        return cached if cached is not None else canonical_bytes(self.to_dict())
 
-    def with_signature(self, key_id: str, signature: bytes) -> Verdict:
-        return replace(self, key_id=key_id, signature=signature.hex())
+    def signed_from(self, signing_bytes: bytes, signature: bytes, batch: BatchProof | None = None) -> Verdict:
+        """The verdict with this signature (and batch proof), keeping its encoding.
+
+        ``signing_bytes`` is :meth:`signing_bytes` of this verdict (already checked by
+        :func:`canonical_bytes`). The whole document differs from it only by ``signature`` and
+        ``signature_batch``, which sort together right before ``telemetry_source``; that key is the last
+        ``,"telemetry_source":`` in the bytes (only ``window``, whose keys are fixed, and a string follow
+        it, and a string cannot hold an unescaped quote), so they are spliced in there instead of encoding
+        the document a second time. ``tests/unit/test_verdict_signing.py`` checks the result equals
+        :func:`canonical_bytes` of :meth:`to_dict`."""
+        signed = replace(self, signature=signature.hex(), batch=batch)
+        at = signing_bytes.rfind(b',"telemetry_source":')
+        extra = b',"signature":"%s"' % signed.signature.encode()
+        if batch is not None:
+            extra += b',"signature_batch":' + _encode(batch.to_dict())
+        object.__setattr__(signed, "_encoded", signing_bytes[:at] + extra + signing_bytes[at:])
+        return signed
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Verdict:
@@ -135,11 +168,23 @@ class Verdict:
                 key_id=_str(data, "key_id"),
                 signature=_str(data, "signature"),
                 attestation_evidence=tuple(str(d) for d in data.get("attestation_evidence", ())),
+                batch=_batch(data.get("signature_batch")),
             )
         except InputError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"malformed verdict: {type(exc).__name__}: {exc}") from exc
+
+
+def _batch(value: Any) -> BatchProof | None:
+    if value is None:
+        return None
+    index, size, path = value["index"], value["size"], value["path"]
+    if not (isinstance(index, int) and isinstance(size, int) and isinstance(path, list)):
+        raise InputError("verdict member 'signature_batch' must hold integers index and size and a list path")
+    if any(not isinstance(p, str) for p in path):
+        raise InputError("verdict member 'signature_batch.path' must be a list of hex strings")
+    return BatchProof(index, size, tuple(path))
 
 
 def _str(data: Mapping[str, Any], key: str) -> str:
@@ -192,6 +237,13 @@ def canonical_bytes(data: Mapping[str, Any]) -> bytes:
     doc = dict(data)
     if not _ok(doc):
         _check(doc, "$")  # walks again, naming where the bad value is
-    return json.dumps(
-        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
+    return _encode(doc)
+
+
+def _encode(doc: Mapping[str, Any]) -> bytes:
+    return _CANONICAL(doc).encode()
+
+
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+).encode
