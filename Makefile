@@ -5,7 +5,7 @@ VENV      ?= .venv
 PYTHON    ?= python3
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.tmb-installed
-APT_PKGS  := swtpm swtpm-tools libtss2-dev pkg-config cryptsetup-bin erofs-utils tpm2-tools systemd chromium
+APT_PKGS  := swtpm swtpm-tools libtss2-dev pkg-config cryptsetup-bin erofs-utils tpm2-tools systemd chromium postgresql
 # Commands whose absence means the Debian packages above still need installing.
 APT_BINS  := swtpm swtpm_setup veritysetup mkfs.erofs pkg-config tpm2_quote systemd-analyze chromium
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -17,6 +17,7 @@ all: test
 deps:
 	@missing=""; for b in $(APT_BINS); do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
 	pkg-config --exists tss2-esys 2>/dev/null || missing="$$missing libtss2-dev"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PKGS); \

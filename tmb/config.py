@@ -7,7 +7,7 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [proxy]     max_body_bytes, inspect_body_bytes, connect_timeout_s, read_timeout_s, total_timeout_s,
                 health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes, engine
     [verdicts]  key_file, demo, min_window_ms, max_wait_s
-    [store]     path, retention_days, ack, sync
+    [store]     path, retention_days, ack, sync, url
     [admin]     enabled, token, token_file
     [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, settle_ms
     [fingerprint] profiles, target_far
@@ -100,6 +100,7 @@ class StoreConfig:
     retention_days: int = 30  # spans/verdicts older than this are deleted; 0 keeps everything
     ack: str = "commit"  # "commit": a response completes only after its span is durable; "async"
     sync: str = "normal"  # "normal": commits survive a daemon crash (kill -9); "full": also power loss
+    url: str = ""  # postgresql://user:pw@host/db instead of the SQLite file (daemons sharing verdicts)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,10 @@ class Config:
         data["workers"] = [dataclasses.asdict(w) for w in self.workers]
         if data["admin"]["token"]:
             data["admin"]["token"] = REDACTED
+        if data["store"]["url"]:
+            from tmb.verdict.store_pg import redact
+
+            data["store"]["url"] = redact(data["store"]["url"])
         return data
 
 

@@ -253,7 +253,7 @@ PIPELINE_KEY = web.AppKey("tmb.pipeline", SpanPipeline)
 async def build_app(config: Config, *, engine_factory: EngineFactory | None = None) -> web.Application:
     """The daemon's application (call inside the running loop). ``engine_factory`` overrides the hook."""
     signer = load_or_create_key(config.verdicts.key_file)
-    store = AsyncStore(config.store.path, sync=config.store.sync)
+    store = open_store(config)
     pool = WorkerPool(config.workers, config.proxy)
     metrics = Metrics(pool)
     ctx = DaemonContext(config, store, signer, pool, metrics)
@@ -281,6 +281,15 @@ async def build_app(config: Config, *, engine_factory: EngineFactory | None = No
 
     app.cleanup_ctx.append(lifecycle)  # type: ignore[arg-type]
     return app
+
+
+def open_store(config: Config) -> AsyncStore:
+    """The verdict store the config names: PostgreSQL when ``[store] url`` is set, else the SQLite file."""
+    if config.store.url:
+        from tmb.verdict.store_pg import PgStore
+
+        return AsyncStore(PgStore(config.store.url))
+    return AsyncStore(config.store.path, sync=config.store.sync)
 
 
 async def _retention_loop(ctx: DaemonContext) -> None:

@@ -118,6 +118,13 @@ def test_show_redacts_secrets_and_round_trips(tmp_path: Path) -> None:
     assert data["admin"]["token"] == REDACTED
     again = load_config(write(tmp_path, to_toml(data)), env={})
     assert again.workers == config.workers and again.server == config.server
+    env = {"TMB_STORE_URL": "postgresql://tmb:pg-s3cret@db.example/tmb", "TMB_STORE_SYNC": "full"}
+    with_pg = load_config(write(tmp_path, GOOD), env=env)
+    assert with_pg.store.url.endswith("@db.example/tmb") and with_pg.store.sync == "full"
+    assert "pg-s3cret" not in repr(with_pg.redacted())
+    assert with_pg.redacted()["store"]["url"] == "postgresql://tmb:***@db.example/tmb"
+    with pytest.raises(ConfigError, match="sync"):
+        load_config(write(tmp_path, GOOD), env={"TMB_STORE_SYNC": "sometimes"})
 
 
 def test_config_show_cli(tmp_path: Path) -> None:

@@ -1,0 +1,346 @@
+"""The verdict store on PostgreSQL, for several daemons sharing one set of verdicts (psycopg 3).
+
+Same tables, columns and semantics as the SQLite :class:`tmb.verdict.store.Store` (its module docstring
+describes them); the differences are PostgreSQL's types (``BIGINT`` times, ``BYTEA`` verdict docs, span docs
+as ``TEXT`` so their bytes round-trip exactly) and the schema version, kept in the one-row table ``tmb_meta``
+instead of ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from time import time_ns
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+
+from tmb.proxy.spans import Span
+from tmb.verdict.model import Verdict
+from tmb.verdict.store import SCHEMA_VERSION, EvidenceRef, StoreError, VerdictRecord, Write
+
+T = TypeVar("T")
+_dumps = json.JSONEncoder(check_circular=False).encode  # the text json.dumps gives (as Store writes it)
+_Cursor = psycopg.Cursor[tuple[Any, ...]]
+
+_CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout: an unreachable host must not hang startup
+_ATTEMPTS = 5  # a transaction chosen as a deadlock victim (daemons sharing rows) is run again, this often
+_SCHEMA_LOCK = 0x746D62_0001  # pg_advisory_xact_lock key: daemons starting together create the schema once
+_META = """
+CREATE TABLE IF NOT EXISTS tmb_meta(
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), version INTEGER NOT NULL)
+"""
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS spans(
+    id TEXT PRIMARY KEY, end_ns BIGINT NOT NULL, worker TEXT, node TEXT, outcome TEXT NOT NULL,
+    doc TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS spans_end ON spans(end_ns)",
+    """CREATE TABLE IF NOT EXISTS verdicts(
+    request_id TEXT PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('pending', 'final')), decision TEXT,
+    created_ns BIGINT NOT NULL, updated_ns BIGINT NOT NULL, doc BYTEA)""",
+    "CREATE INDEX IF NOT EXISTS verdicts_pending ON verdicts(created_ns) WHERE state = 'pending'",
+    """CREATE TABLE IF NOT EXISTS evidence(
+    request_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL,
+    doc TEXT NOT NULL, PRIMARY KEY (request_id, seq))""",
+)
+_HINT_CONNECT = "check that PostgreSQL is running and reachable, and the URL's host, port, user and database"
+
+
+class PgStore:
+    """Synchronous PostgreSQL store with :class:`~tmb.verdict.store.Store`'s methods and semantics.
+
+    Use it when several tmb daemons (behind one load balancer, say) must share verdicts: a verdict one daemon
+    publishes is what another serves from ``/verdicts/<id>``. A single daemon is better served by the
+    embedded SQLite :class:`~tmb.verdict.store.Store` (no server to run, and a faster commit).
+
+    ``url`` is a libpq connection string (``postgresql://user:pw@host/db`` or ``host=... dbname=...``);
+    the tables are created on first use and the schema version checked (an unknown one is refused).
+    Every call is one transaction on one connection, committed before it returns (PostgreSQL's own
+    durability, ``synchronous_commit`` as the server sets it); not thread-safe on its own, like
+    :class:`~tmb.verdict.store.Store`. Span and pending-row inserts are ``ON CONFLICT DO NOTHING``, so
+    daemons recording the same span at once both succeed; a transaction chosen as a deadlock victim is
+    retried. Errors (connection, SQL) are :class:`~tmb.verdict.store.StoreError` naming the URL without its
+    password; after a lost connection the next call reconnects.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._conninfo = url
+        self.url = redact(url)  # safe to print
+        self._closed = False
+        self._db = self._connect()
+
+    # -- connection ----------------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        try:
+            params = conninfo_to_dict(self._conninfo)
+            extra: dict[str, Any] = {}
+            if "connect_timeout" not in params:
+                extra["connect_timeout"] = _CONNECT_TIMEOUT_S
+            if "application_name" not in params:
+                extra["application_name"] = "tmb"
+            db = psycopg.connect(self._conninfo, autocommit=False, **extra)
+        except psycopg.Error as exc:
+            raise self._error("cannot open store", exc, hint=_HINT_CONNECT) from None
+        try:
+            self._init_schema(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _init_schema(self, db: psycopg.Connection[tuple[Any, ...]]) -> None:
+        try:
+            with db.transaction(), db.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                cur.execute(_META)
+                row = cur.execute("SELECT version FROM tmb_meta").fetchone()
+                if row is not None and row[0] != SCHEMA_VERSION:
+                    raise StoreError(
+                        "store has an unknown schema version",
+                        url=self.url,
+                        got=row[0],
+                        expected=SCHEMA_VERSION,
+                        hint="a newer tmb wrote this database; run that version, or point tmb at another",
+                    )
+                for statement in _SCHEMA:
+                    cur.execute(statement)
+                cur.execute(
+                    "INSERT INTO tmb_meta(version) VALUES (%s) ON CONFLICT (one) DO NOTHING",
+                    (SCHEMA_VERSION,),
+                )
+        except psycopg.Error as exc:
+            raise self._error("cannot open store", exc) from None
+
+    def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
+        if self._db.closed:
+            if self._closed:
+                raise StoreError("store is closed", url=self.url)
+            self._db = self._connect()  # the server restarted, or dropped us: start over
+        return self._db
+
+    def _error(self, what: str, exc: BaseException, *, hint: str | None = None) -> StoreError:
+        """A :class:`StoreError` for ``exc`` with the password taken out of everything it says."""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = scrub("; ".join(lines) or type(exc).__name__, self._conninfo)
+        context: dict[str, Any] = {"url": self.url}
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate:
+            context["sqlstate"] = sqlstate
+        return StoreError(f"{what}: {message}", hint=hint, **context)
+
+    def _run(self, what: str, fn: Callable[[_Cursor], T]) -> T:
+        """``fn(cursor)`` in one transaction: committed if it returns, rolled back if it raises."""
+        attempt = 0
+        while True:
+            attempt += 1
+            db = self._connection()
+            try:
+                with db.transaction(), db.cursor() as cur:
+                    return fn(cur)
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                if attempt >= _ATTEMPTS:
+                    raise self._error(what, exc) from None
+            except psycopg.Error as exc:
+                hint = _HINT_CONNECT if db.closed else None
+                raise self._error(what, exc, hint=hint) from None
+
+    def close(self) -> None:
+        self._closed = True
+        self._db.close()
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def record_spans(self, spans: Sequence[Span]) -> None:
+        """Insert spans (ignoring ids already stored) and a pending verdict for each served one."""
+        self.write_batch([(spans, None)])
+
+    def put_verdict(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
+        """Store the final signed verdict (replacing the pending row) and its evidence references."""
+        self.write_batch([(None, (verdict, evidence))])
+
+    def write_batch(self, writes: Sequence[Write]) -> None:
+        """Several writes in one transaction: each is ``(spans, None)`` or ``(None, (verdict, evidence))``,
+        applied in order. All or nothing."""
+        for _, final in writes:
+            if final is not None and not final[0].signature:
+                raise ValueError("refusing to store an unsigned verdict")
+
+        def apply(cur: _Cursor) -> None:
+            now = time_ns()
+            for spans, final in writes:
+                if spans is not None:
+                    _insert_spans(cur, spans, now)
+                if final is not None:
+                    _insert_verdict(cur, final[0], final[1], now)
+
+        self._run("cannot write to store", apply)
+
+    def prune(self, before_ns: int, limit: int = -1) -> int:
+        """Delete spans ended before ``before_ns`` (the oldest ``limit`` of them; -1: all), their verdicts
+        and evidence; returns spans deleted."""
+
+        def apply(cur: _Cursor) -> int:
+            row = cur.execute(
+                "WITH old AS (DELETE FROM spans WHERE id IN "
+                "(SELECT id FROM spans WHERE end_ns < %(t)s ORDER BY end_ns LIMIT %(n)s) RETURNING id), "
+                "v AS (DELETE FROM verdicts WHERE request_id IN (SELECT id FROM old)), "
+                "e AS (DELETE FROM evidence WHERE request_id IN (SELECT id FROM old)) "
+                "SELECT count(*) FROM old",
+                {"t": before_ns, "n": limit if limit >= 0 else None},  # LIMIT NULL: no limit
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return self._run("cannot prune store", apply)
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def get_span(self, request_id: str) -> Span | None:
+        def read(cur: _Cursor) -> Span | None:
+            row = cur.execute("SELECT doc FROM spans WHERE id = %s", (request_id,)).fetchone()
+            return Span.from_dict(json.loads(row[0])) if row else None
+
+        return self._run("cannot read store", read)
+
+    def lookup(self, request_id: str) -> VerdictRecord:
+        def read(cur: _Cursor) -> VerdictRecord:
+            row = cur.execute(
+                "SELECT v.state, v.doc, s.doc FROM (SELECT %s::text AS id) k "
+                "LEFT JOIN verdicts v ON v.request_id = k.id LEFT JOIN spans s ON s.id = k.id",
+                (request_id,),
+            ).fetchone()
+            state, doc, span_doc = row if row else (None, None, None)
+            span = Span.from_dict(json.loads(span_doc)) if span_doc is not None else None
+            if state is None:
+                return VerdictRecord(request_id, "unknown", None, span)
+            return VerdictRecord(request_id, state, bytes(doc) if doc is not None else None, span)
+
+        return self._run("cannot read store", read)
+
+    def evidence(self, request_id: str) -> list[EvidenceRef]:
+        def read(cur: _Cursor) -> list[EvidenceRef]:
+            cur.execute("SELECT doc FROM evidence WHERE request_id = %s ORDER BY seq", (request_id,))
+            return [EvidenceRef.from_dict(json.loads(r[0])) for r in cur.fetchall()]
+
+        return self._run("cannot read store", read)
+
+    def pending(self, limit: int = 1000) -> list[str]:
+        """Ids still pending, oldest first (an engine resumes these after a restart)."""
+
+        def read(cur: _Cursor) -> list[str]:
+            cur.execute(
+                "SELECT request_id FROM verdicts WHERE state = 'pending' "
+                "ORDER BY created_ns, request_id LIMIT %s",
+                (limit,),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+        return self._run("cannot read store", read)
+
+    def counts(self) -> dict[str, int]:
+        def read(cur: _Cursor) -> dict[str, int]:
+            row = cur.execute(
+                "SELECT (SELECT count(*) FROM spans), "
+                "(SELECT count(*) FROM verdicts WHERE state = 'pending'), "
+                "(SELECT count(*) FROM verdicts WHERE state = 'final'), "
+                "(SELECT count(*) FROM evidence)"
+            ).fetchone()
+            spans, pending, final, evidence = row if row else (0, 0, 0, 0)
+            return {"spans": spans, "pending": pending, "final": final, "evidence": evidence}
+
+        return self._run("cannot read store", read)
+
+
+def _insert_spans(cur: _Cursor, spans: Sequence[Span], now: int) -> None:
+    # Rows in id order: two daemons inserting overlapping spans take the row locks in the same order.
+    ordered = sorted(spans, key=lambda s: s.id)
+    if not ordered:
+        return
+    dumps = _dumps
+    cur.executemany(
+        "INSERT INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (%s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (id) DO NOTHING",
+        [(s.id, s.end_ns, s.worker, s.node, s.outcome.value, dumps(s.to_dict())) for s in ordered],
+    )
+    served = [(s.id, now, now) for s in ordered if s.served]
+    if served:
+        cur.executemany(
+            "INSERT INTO verdicts(request_id, state, created_ns, updated_ns) VALUES (%s, 'pending', %s, %s) "
+            "ON CONFLICT (request_id) DO NOTHING",
+            served,
+        )
+
+
+def _insert_verdict(cur: _Cursor, verdict: Verdict, evidence: Sequence[EvidenceRef], now: int) -> None:
+    cur.execute(
+        "INSERT INTO verdicts(request_id, state, decision, created_ns, updated_ns, doc) "
+        "VALUES (%s, 'final', %s, %s, %s, %s) ON CONFLICT (request_id) DO UPDATE SET state = 'final', "
+        "decision = excluded.decision, updated_ns = excluded.updated_ns, doc = excluded.doc",
+        (verdict.request_id, verdict.decision.value, now, now, verdict.encode()),
+    )
+    cur.execute("DELETE FROM evidence WHERE request_id = %s", (verdict.request_id,))
+    rows = [
+        (verdict.request_id, i, e.kind, e.digest, json.dumps(e.to_dict())) for i, e in enumerate(evidence)
+    ]
+    if rows:
+        cur.executemany(
+            "INSERT INTO evidence(request_id, seq, kind, digest, doc) VALUES (%s, %s, %s, %s, %s)", rows
+        )
+
+
+# -- passwords out of what gets printed ------------------------------------------------------------------
+
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
+_MASK = "***"
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (URL user info, ``password=`` parameter) replaced by ``***``."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return _KV_PASSWORD.sub(lambda m: m.group(1) + _MASK, url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://" + _MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hosts = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:{_MASK}@{hosts}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k == "password" for k, _ in pairs):
+            query = urlencode([(k, _MASK if k == "password" else v) for k, v in pairs], safe="/*")
+    return _KV_PASSWORD.sub(
+        lambda m: m.group(1) + _MASK, urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    )
+
+
+def _passwords(url: str) -> set[str]:
+    found: set[str] = set()
+    try:
+        pw = conninfo_to_dict(url).get("password")
+        if pw:
+            found.add(str(pw))
+    except psycopg.Error:
+        pass
+    if url.startswith(("postgresql://", "postgres://")):
+        netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+        if "@" in netloc and ":" in netloc.rsplit("@", 1)[0]:
+            found.add(netloc.rsplit("@", 1)[0].split(":", 1)[1])
+        found.update(re.findall(r"[?&]password=([^&#]*)", url))
+    found.update(m.group(2).strip("'") for m in _KV_PASSWORD.finditer(url))
+    return {variant for pw in found if pw for variant in (pw, unquote(pw))}
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message) with ``url``'s password taken out wherever it appears."""
+    text = text.replace(url, redact(url))
+    for pw in sorted(_passwords(url), key=len, reverse=True):
+        text = text.replace(pw, _MASK)
+    return _KV_PASSWORD.sub(lambda m: m.group(1) + _MASK, text)
