@@ -157,3 +157,28 @@ async def test_inline_store_checkpoints_in_the_background_and_prunes_in_slices(
     await store.close()
     wal = path.with_name("s.sqlite3-wal")
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed and truncated (or removed) on close
+
+
+async def test_verdict_writes_linger_and_ride_along_with_the_next_span_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tmb.verdict.store as store_mod
+
+    monkeypatch.setattr(store_mod, "LINGER_S", 60.0)  # a verdict alone would wait a minute
+    store = AsyncStore(tmp_path / "s.sqlite3")
+    commits: list[str] = []
+    store.store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)  # type: ignore[attr-defined]
+    await store.record_spans([span(1)])
+    assert len(commits) == 1
+    published = asyncio.ensure_future(store.publish(final(tmp_path, f"{1:032x}")))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not published.done() and len(commits) == 1  # lingering: no response waits for it
+    await store.record_spans([span(2)])  # a response waits for this one: both go in its transaction
+    await asyncio.wait_for(published, 5)
+    assert len(commits) == 2 and (await store.lookup(f"{1:032x}")).state == "final"
+    late = asyncio.ensure_future(store.publish(final(tmp_path, f"{2:032x}")))
+    await asyncio.sleep(0)
+    await store.close()  # closing commits what lingers
+    assert late.done() and late.exception() is None
+    assert Store(tmp_path / "s.sqlite3").lookup(f"{2:032x}").state == "final"

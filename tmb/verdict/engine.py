@@ -92,7 +92,7 @@ class Engine:
     ) -> None:
         self.store = store
         self.signer = signer
-        self.batch_signer = BatchSigner(signer)  # verdicts decided in the same loop iteration: one signature
+        self.batch_signer = BatchSigner(signer)  # verdicts decided within 5 ms: one signature
         self.ingest = ingest
         self.scorer = Scorer(profiles, target_far=settings.target_far) if profiles else None
         self.profiles = tuple(profiles)

@@ -270,7 +270,8 @@ class AsyncStore:
 
     Over a SQLite :class:`Store` with ``sync="normal"`` (inline mode), writes run on the event loop's own
     thread: every write queued during one loop iteration is committed in one transaction at the start of
-    the next (``write()`` to the WAL, no fsync), reads run at once, and a background thread checkpoints
+    the next (``write()`` to the WAL, no fsync); verdict writes, which no response waits for, linger up to
+    ``LINGER_S`` to share a transaction with others; reads run at once, and a background thread checkpoints
     the WAL every second on its own connection. Otherwise (``sync="full"``, or another backend such as
     PostgreSQL) every call is queued to one dedicated thread: writes queued while a transaction commits
     are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event loop for the
@@ -288,6 +289,7 @@ class AsyncStore:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._batch: list[_Op] = []  # inline mode: writes waiting for the next loop iteration
         self._flush_handle: asyncio.Handle | None = None
+        self._flush_soon = False  # the pending flush is for the next iteration (not LINGER_S away)
         self._stop = threading.Event()
         if self.inline:
             self._thread = threading.Thread(target=self._checkpointer, name="tmb-store-ckpt", daemon=True)
@@ -295,20 +297,25 @@ class AsyncStore:
             self._thread = threading.Thread(target=self._writer, name="tmb-store", daemon=True)
         self._thread.start()
 
-    def _submit(self, kind: int, payload: Any) -> asyncio.Future[Any]:
+    def _submit(self, kind: int, payload: Any, *, soon: bool = True) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self.inline and kind == _WRITE:
             self._batch.append((kind, payload, fut))
-            if self._flush_handle is None:
+            if soon and not self._flush_soon:  # a response waits for this write: next iteration
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
                 self._flush_handle = loop.call_soon(self._flush)
+                self._flush_soon = True
+            elif self._flush_handle is None:  # nobody's response waits: gather more first
+                self._flush_handle = loop.call_later(LINGER_S, self._flush)
         else:
             self._queue.put((kind, payload, fut))
         return fut
 
     def _flush(self) -> None:
         """Inline mode: commit the writes queued since the last flush, in one transaction."""
-        batch, self._batch, self._flush_handle = self._batch, [], None
+        batch, self._batch, self._flush_handle, self._flush_soon = self._batch, [], None, False
         if batch:
             _resolve(_commit(self.store, batch))
 
@@ -371,7 +378,7 @@ class AsyncStore:
         """The engine's write: store the final signed verdict, then wake whoever waits for it."""
         if not verdict.signature:
             raise ValueError("refusing to store an unsigned verdict")
-        await self._submit(_WRITE, (None, (verdict, evidence)))
+        await self._submit(_WRITE, (None, (verdict, evidence)), soon=False)
         for fut in self._waiters.pop(verdict.request_id, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -444,6 +451,7 @@ class AsyncStore:
 
 
 CHECKPOINT_INTERVAL_S = 1.0
+LINGER_S = 0.005  # inline mode: how long a verdict write waits for company (no response waits for it)
 PRUNE_SLICE = 2000
 
 
