@@ -6,18 +6,26 @@ requests/s, p50/p99 latency and the added p50/p99 over direct, and the proxy's C
 (utime+stime deltas of the proxy's processes from /proc/<pid>/stat, divided by requests completed).
 nginx (Debian ``nginx``) runs one worker process with ``proxy_buffering off`` and upstream keep-alive;
 tmb runs with its defaults (uvloop when installed, ``[proxy] engine`` as given by ``--engine``, store ack
-``commit``: every span is in SQLite before its response completes) twice: ``tmb`` is ``tmb serve`` with
-its verdict engine (every request gets a signed verdict), ``tmb-proxy`` the same daemon with the engine
-left out (spans still committed before each response completes): the proxy's own cost. Then the verdict
-rate of one core: sign + store (one transaction each). The last lines are the ratios: tmb (and
-tmb-proxy) CPU per request / nginx CPU per request (small JSON).
+``commit``: every span is in SQLite before its response completes; ``sync = "normal"``: committed means
+written to the WAL, which survives ``kill -9``) three times: ``tmb`` is ``tmb serve`` with its verdict
+engine (every request gets a signed verdict; no evidence ingest is configured here, so verdicts are
+``unattested`` and decided at once, without telemetry scoring: bench_verdicts.py measures that part),
+``tmb-proxy`` the same daemon with the engine left out (spans still committed before each response
+completes): the proxy's own cost, and ``tmb-full`` like ``tmb`` with ``sync = "full"`` (every group commit
+fsynced before its responses complete: survives power loss). Then a fixed-rate run (``--rate`` req/s,
+open loop) for the added latency when the proxy is not saturated (under wrk's closed loop every target
+is saturated and latency is queueing), and the verdict rate of one core: sign + store (one transaction
+each). The last lines are the ratios: tmb (and tmb-proxy) CPU per request / nginx CPU per request (small
+JSON).
 
     .venv/bin/python bench/bench_proxy.py [--seconds 4] [--repeats 3] [--connections 16] [--engine fast]
+                                          [--rate 500] [--rate-seconds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -37,8 +45,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 WORKER = textwrap.dedent(
     """
-    import asyncio, json, sys
+    import asyncio, json, logging, sys
     from aiohttp import web
+    logging.disable(logging.CRITICAL)  # wrk closing its connections mid-response is not news
     try:
         import uvloop; uvloop.install()
     except ImportError:
@@ -107,6 +116,7 @@ key_file = "{dir}/key.pem"
 [store]
 path = "{dir}/tmb{port}.sqlite3"
 retention_days = 0
+sync = "{sync}"
 """
 
 NO_VERDICTS = textwrap.dedent(
@@ -196,6 +206,46 @@ def measure(url: str, pids: list[int], seconds: int, connections: int) -> tuple[
     return rps, p50, p99, cpu_us
 
 
+async def _get(pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], port: int, path: str) -> None:
+    conn = pool.pop() if pool else await asyncio.open_connection(HOST, port)
+    reader, writer = conn
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    if not head.startswith(b"HTTP/1.1 200") or m is None:
+        raise RuntimeError(f"unexpected response from port {port}: {head[:200]!r}")
+    await reader.readexactly(int(m[1]))
+    pool.append(conn)
+
+
+def fixed_rate(port: int, path: str, rate: int, seconds: float) -> tuple[float, float]:
+    """Open-loop load: one GET every 1/rate s (on idle keep-alive connections, new ones when none is
+    idle); latency counted from each request's scheduled time, so a stall is not hidden. (p50, p99) ms."""
+
+    async def run() -> list[float]:
+        loop = asyncio.get_running_loop()
+        pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        lat: list[float] = []
+
+        async def one(at: float) -> None:
+            await _get(pool, port, path)
+            lat.append(loop.time() - at)
+
+        t0 = loop.time() + 0.05
+        tasks = []
+        for i in range(int(rate * seconds)):
+            at = t0 + i / rate
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            tasks.append(asyncio.ensure_future(one(at)))
+        await asyncio.gather(*tasks)
+        for _, writer in pool:
+            writer.close()
+        return lat
+
+    lat = sorted(asyncio.run(run()))
+    return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+
+
 def verdict_rate(tmp: Path, n: int) -> tuple[float, float]:
     """(signatures/s, sign+store/s) on this core."""
     from tmb.verdict.model import Decision, Reason, Verdict, Window
@@ -242,6 +292,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--verdicts", type=int, default=2000)
     ap.add_argument("--engine", choices=("fast", "aiohttp"), default="fast", help="[proxy] engine of tmb")
+    ap.add_argument("--rate", type=int, default=500, help="requests/s of the fixed-rate latency run")
+    ap.add_argument("--rate-seconds", type=float, default=3.0)
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     for tool in ("wrk", "nginx"):
@@ -260,8 +312,15 @@ def main() -> int:
             procs.append(
                 subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")])
             )
-            (tmp / "tmb.toml").write_text(TMB.format(dir=tmp, worker=wport, port=tport, engine=args.engine))
-            (tmp / "proxy.toml").write_text(TMB.format(dir=tmp, worker=wport, port=pport, engine=args.engine))
+            fport = free_port()
+            for name, port, sync in (
+                ("tmb", tport, "normal"),
+                ("proxy", pport, "normal"),
+                ("full", fport, "full"),
+            ):
+                (tmp / f"{name}.toml").write_text(
+                    TMB.format(dir=tmp, worker=wport, port=port, engine=args.engine, sync=sync)
+                )
             procs.append(
                 subprocess.Popen(
                     [
@@ -278,15 +337,24 @@ def main() -> int:
                 )
             )
             procs.append(subprocess.Popen([sys.executable, "-c", NO_VERDICTS, str(tmp / "proxy.toml")]))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tmb", "serve", "--config", str(tmp / "full.toml")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             wait_http(f"http://{HOST}:{nport}/health")
             wait_http(f"http://{HOST}:{tport}/health")
             wait_http(f"http://{HOST}:{pport}/health")
+            wait_http(f"http://{HOST}:{fport}/health")
             nginx_pids = [procs[1].pid, *children(procs[1].pid)]
             targets = {
                 "direct": (wport, []),
                 "nginx": (nport, nginx_pids),
                 "tmb": (tport, [procs[2].pid]),
                 "tmb-proxy": (pport, [procs[3].pid]),
+                "tmb-full": (fport, [procs[4].pid]),
             }
             results: dict[tuple[str, str], tuple[float, float, float, float]] = {}
             for workload, path in (("json", "/json"), ("sse200", "/sse")):
@@ -320,6 +388,21 @@ def main() -> int:
                         else f"{'':8} {'':8} {'':>17}"
                     )
                     print(f"{workload:8} {name:9} {rps:9.0f} {p50:8.3f} {p99:8.3f} {extra}")
+            fixed: dict[str, list[tuple[float, float]]] = {n: [] for n in targets}
+            for _ in range(args.repeats):
+                for name, (port, _) in targets.items():
+                    fixed[name].append(fixed_rate(port, "/json", args.rate, args.rate_seconds))
+            print(
+                f"fixed rate {args.rate} req/s for {args.rate_seconds:g}s x {args.repeats} (open loop, "
+                "Python client; latency from each request's scheduled time; medians):"
+            )
+            d50 = statistics.median(r[0] for r in fixed["direct"])
+            d99 = statistics.median(r[1] for r in fixed["direct"])
+            for name in targets:
+                p50 = statistics.median(r[0] for r in fixed[name])
+                p99 = statistics.median(r[1] for r in fixed[name])
+                added = f"  +p50 {p50 - d50:.3f} ms  +p99 {p99 - d99:.3f} ms" if name != "direct" else ""
+                print(f"  {name:9} p50 {p50:.3f} ms  p99 {p99:.3f} ms{added}")
             sign_rate, store_rate = verdict_rate(tmp, args.verdicts)
             print(
                 f"verdicts on one core: sign {sign_rate:.0f}/s, sign + store "
@@ -329,6 +412,8 @@ def main() -> int:
             print(f"SSE-200 ratio tmb/nginx CPU per request: {sse_ratio:.2f}")
             ratio = results[("json", "tmb")][3] / max(results[("json", "nginx")][3], 1e-9)
             proxy_ratio = results[("json", "tmb-proxy")][3] / max(results[("json", "nginx")][3], 1e-9)
+            full_ratio = results[("json", "tmb-full")][3] / max(results[("json", "nginx")][3], 1e-9)
+            print(f"ratio tmb-full (sync full)/nginx CPU per request (small JSON): {full_ratio:.2f}")
             print(f"ratio tmb-proxy (no verdicts)/nginx CPU per request (small JSON): {proxy_ratio:.2f}")
             print(f"ratio tmb/nginx CPU per request (small JSON): {ratio:.2f}")
         finally:
