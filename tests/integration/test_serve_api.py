@@ -88,7 +88,7 @@ async def test_verdict_pending_long_poll_final_and_verifiable(
         async with s.post(f"{d.url}/json", json={"model": "m-a"}, headers={"X-Request-Id": "c-1"}) as r:
             rid = r.headers["X-TMB-Request-Id"]
             await r.read()
-        # store ack "commit": the response completed only after the span (and pending verdict) were stored
+        # store ack "commit": the response completed only after the span was stored (pending)
         async with s.get(f"{d.url}/v1/verdicts/{rid}") as r:
             assert r.status == 202 and r.headers["Retry-After"] == "1"
             assert await r.json() == {"request_id": rid, "state": "pending"}

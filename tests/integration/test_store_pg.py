@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
+import json
 import socket
 import tempfile
 import threading
@@ -216,14 +216,12 @@ def test_unsigned_verdict_is_refused(store: AnyStore, signer: Signer) -> None:
     assert store.counts() == {"spans": 0, "pending": 0, "final": 0, "evidence": 0}
 
 
-def test_pending_oldest_first(store: AnyStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = itertools.count(1_000_000, 1000)
-    for module in (store_module, store_pg_module):
-        monkeypatch.setattr(module, "time_ns", lambda: next(clock))
-    for i in (5, 3, 9, 1):  # ids out of order: "oldest" is the order written
-        store.record_spans([span(i)])
-    assert store.pending() == [rid(5), rid(3), rid(9), rid(1)]
-    assert store.pending(limit=2) == [rid(5), rid(3)]
+def test_pending_oldest_first(store: AnyStore, signer: Signer) -> None:
+    store.record_spans([span(5, end_ns=3000)])
+    store.record_spans([span(3, end_ns=1000), span(9, end_ns=2000), span(1, end_ns=2000), span(4, end_ns=1)])
+    store.put_verdict(final(signer, rid(4)))
+    assert store.pending() == [rid(3), rid(1), rid(9), rid(5)]  # by end time, then id
+    assert store.pending(limit=2) == [rid(3), rid(1)]
 
 
 def test_counts(store: AnyStore, signer: Signer) -> None:
@@ -305,7 +303,8 @@ def test_same_span_from_another_daemon_mid_transaction(pg_url: str, other_commit
     try:
         s = span(1)
         other.execute(
-            "INSERT INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (%s, %s, 'w', 'n', 'ok', %s)",
+            "INSERT INTO spans(id, end_ns, worker, node, outcome, pending, doc) "
+            "VALUES (%s, %s, 'w', 'n', 'ok', 1, %s)",  # as a daemon records a served span
             (s.id, s.end_ns, store_pg_module._dumps(s.to_dict())),
         )
         thread, errors = _in_thread(lambda: store.record_spans([s]))
@@ -471,9 +470,9 @@ def test_sql_errors_are_store_errors(pg_url: str) -> None:
     store = PgStore(pg_url)
     try:
         with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute("DROP TABLE evidence")
+            admin.execute("DROP TABLE verdicts")
         with pytest.raises(
-            StoreError, match=r'cannot read store: relation "evidence" does not exist'
+            StoreError, match=r'cannot read store: relation "verdicts" does not exist'
         ) as info:
             store.evidence(rid(1))
         assert info.value.context["sqlstate"] == "42P01"
@@ -492,3 +491,138 @@ def test_unknown_schema_version_is_refused(pg_url: str) -> None:
         PgStore(url)
     _assert_clean(info.value, url)
     assert "got: 99" in info.value.diagnostics()
+
+
+# -- PostgreSQL: schema version 1 -> 2 ----------------------------------------------------------------------
+
+_V1_SCHEMA = (  # what PgStore created before schema version 2
+    "CREATE TABLE tmb_meta(one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), version INTEGER NOT NULL)",
+    """CREATE TABLE spans(
+    id TEXT PRIMARY KEY, end_ns BIGINT NOT NULL, worker TEXT, node TEXT, outcome TEXT NOT NULL,
+    doc TEXT NOT NULL)""",
+    "CREATE INDEX spans_end ON spans(end_ns)",
+    """CREATE TABLE verdicts(
+    request_id TEXT PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('pending', 'final')), decision TEXT,
+    created_ns BIGINT NOT NULL, updated_ns BIGINT NOT NULL, doc BYTEA)""",
+    "CREATE INDEX verdicts_pending ON verdicts(created_ns) WHERE state = 'pending'",
+    """CREATE TABLE evidence(
+    request_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL,
+    doc TEXT NOT NULL, PRIMARY KEY (request_id, seq))""",
+    "INSERT INTO tmb_meta(version) VALUES (1)",
+)
+_V1_REFS = [
+    EvidenceRef("quote", "aa" * 32, "n", 7, "https://x/q/1", {"pcr": 10, "nested": {"a": [1, 2]}}),
+    EvidenceRef("policy", "cc" * 32, detail={"name": "ü"}),
+]
+
+
+def _make_v1(url: str, signer: Signer) -> dict[str, Any]:
+    """A version-1 database as PgStore wrote it: span 1 pending, span 2 final with two evidence refs, span 3
+    unserved (no verdicts row), and a final verdict for id 7 with no span and no evidence."""
+    spans = {i: span(i, end_ns=1000 + i) for i in (1, 2)} | {3: span(3, served=False)}
+    verdicts = {2: final(signer, rid(2), Decision.VERIFIED), 7: final(signer, rid(7))}
+    with psycopg.connect(url) as db:
+        for statement in _V1_SCHEMA:
+            db.execute(statement)
+        for s in spans.values():
+            db.execute(
+                "INSERT INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (%s, %s, %s, %s, %s, %s)",
+                (s.id, s.end_ns, s.worker, s.node, s.outcome.value, store_pg_module._dumps(s.to_dict())),
+            )
+        db.execute("INSERT INTO verdicts VALUES (%s, 'pending', NULL, 10, 10, NULL)", (rid(1),))
+        for v in verdicts.values():
+            db.execute(
+                "INSERT INTO verdicts VALUES (%s, 'final', %s, 20, 30, %s)",
+                (v.request_id, v.decision.value, v.encode()),
+            )
+        for seq in (1, 0):  # written out of order: seq is the order
+            ref = _V1_REFS[seq]
+            db.execute(
+                "INSERT INTO evidence VALUES (%s, %s, %s, %s, %s)",
+                (rid(2), seq, ref.kind, ref.digest, json.dumps(ref.to_dict())),
+            )
+    return {"spans": spans, "verdicts": verdicts}
+
+
+def _schema(url: str) -> dict[str, Any]:
+    """The tables, columns (in any order), indexes and constraints of a database, to compare two."""
+    with psycopg.connect(url, autocommit=True) as db:
+        columns = db.execute(
+            "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
+            "WHERE table_schema = 'public' ORDER BY 1, 2"
+        ).fetchall()
+        indexes = db.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1"
+        ).fetchall()
+        constraints = db.execute(
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2"
+        ).fetchall()
+        (version,) = db.execute("SELECT version FROM tmb_meta").fetchall()
+    return {"columns": columns, "indexes": indexes, "constraints": constraints, "version": version[0]}
+
+
+def test_version_1_database_is_migrated(pg_url: str, signer: Signer) -> None:
+    old = _make_v1(pg_url, signer)
+    store = PgStore(pg_url)
+    try:
+        spans, verdicts = old["spans"], old["verdicts"]
+        assert store.lookup(rid(1)) == store_module.VerdictRecord(rid(1), "pending", None, spans[1])
+        assert store.lookup(rid(2)) == store_module.VerdictRecord(
+            rid(2), "final", verdicts[2].encode(), spans[2]
+        )
+        assert store.lookup(rid(3)) == store_module.VerdictRecord(rid(3), "unknown", None, spans[3])
+        assert store.lookup(rid(7)) == store_module.VerdictRecord(rid(7), "final", verdicts[7].encode(), None)
+        assert store.evidence(rid(2)) == _V1_REFS
+        assert store.evidence(rid(7)) == [] and store.evidence(rid(1)) == []
+        assert store.pending() == [rid(1)]
+        assert store.counts() == {"spans": 3, "pending": 1, "final": 2, "evidence": 2}
+        migrated = _schema(pg_url)
+        assert migrated["version"] == store_module.SCHEMA_VERSION == 2
+        # The migrated store works as a new one does: the pending span gets its verdict.
+        store.put_verdict(final(signer, rid(1)), _V1_REFS[1:])
+        assert store.pending() == [] and store.evidence(rid(1)) == _V1_REFS[1:]
+        assert store.counts() == {"spans": 3, "pending": 0, "final": 3, "evidence": 3}
+    finally:
+        store.close()
+    PgStore(pg_url).close()  # opening it again: version 2, nothing more to do
+    assert _schema(pg_url) == migrated
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("DROP TABLE spans, verdicts, tmb_meta")
+    PgStore(pg_url).close()
+    assert _schema(pg_url) == migrated  # the same tables, columns, indexes and names as a new database
+
+
+def test_daemons_starting_together_on_a_version_1_database(pg_url: str, signer: Signer) -> None:
+    _make_v1(pg_url, signer)
+    start = threading.Barrier(4, timeout=WAIT_S)
+    stores: list[PgStore] = []
+
+    def open_one() -> None:
+        start.wait()
+        stores.append(PgStore(pg_url))
+
+    threads = [_in_thread(open_one) for _ in range(4)]
+    for t, _ in threads:
+        t.join(WAIT_S * 3)
+    try:
+        assert [errors for _, errors in threads] == [[], [], [], []] and len(stores) == 4
+        for s in stores:  # migrated once, under the schema lock; every daemon sees version 2
+            assert s.counts() == {"spans": 3, "pending": 1, "final": 2, "evidence": 2}
+            assert s.evidence(rid(2)) == _V1_REFS
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_failed_migration_leaves_version_1_untouched(pg_url: str, signer: Signer) -> None:
+    _make_v1(pg_url, signer)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("UPDATE verdicts SET doc = NULL WHERE request_id = %s", (rid(7),))  # v2 refuses this
+    before = _schema(pg_url)
+    with pytest.raises(StoreError, match="cannot open store") as info:
+        PgStore(pg_url)
+    assert info.value.context["sqlstate"] == "23502"  # not_null_violation
+    assert _schema(pg_url) == before  # one transaction: the pending column, the new table, all rolled back
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM evidence").fetchone() == (2,)

@@ -182,3 +182,50 @@ async def test_verdict_writes_linger_and_ride_along_with_the_next_span_write(
     await store.close()  # closing commits what lingers
     assert late.done() and late.exception() is None
     assert Store(tmp_path / "s.sqlite3").lookup(f"{2:032x}").state == "final"
+
+
+_V1 = """
+CREATE TABLE spans(id TEXT PRIMARY KEY, end_ns INTEGER NOT NULL, worker TEXT, node TEXT,
+    outcome TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX spans_end ON spans(end_ns);
+CREATE TABLE verdicts(request_id TEXT PRIMARY KEY, state TEXT NOT NULL, decision TEXT,
+    created_ns INTEGER NOT NULL, updated_ns INTEGER NOT NULL, doc BLOB);
+CREATE TABLE evidence(request_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+    digest TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (request_id, seq));
+PRAGMA user_version=1;
+"""
+
+
+def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V1)
+    v = final(tmp_path, f"{1:032x}")
+    refs = [EvidenceRef("quote", "ab" * 32, "n", 5, None, {"pcr": 10}), EvidenceRef("profile", "cd" * 32)]
+    for s in (span(1), span(2, end_ns=900), span(3, served=False)):
+        db.execute(
+            "INSERT INTO spans VALUES (?,?,?,?,?,?)",
+            (s.id, s.end_ns, s.worker, s.node, s.outcome.value, json.dumps(s.to_dict())),
+        )
+    db.execute("INSERT INTO verdicts VALUES (?, 'final', 'unattested', 1, 1, ?)", (v.request_id, v.encode()))
+    db.execute("INSERT INTO verdicts VALUES (?, 'pending', NULL, 2, 2, NULL)", (f"{2:032x}",))
+    for seq, ref in reversed(list(enumerate(refs))):  # stored out of order: seq decides
+        db.execute(
+            "INSERT INTO evidence VALUES (?,?,?,?,?)",
+            (v.request_id, seq, ref.kind, ref.digest, json.dumps(ref.to_dict())),
+        )
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    rec = store.lookup(f"{1:032x}")
+    assert rec.state == "final" and rec.doc == v.encode() and rec.span == span(1)
+    assert store.evidence(f"{1:032x}") == refs
+    assert store.lookup(f"{2:032x}").state == "pending" and store.pending() == [f"{2:032x}"]
+    assert store.lookup(f"{3:032x}").state == "unknown"
+    assert store.counts() == {"spans": 3, "pending": 1, "final": 1, "evidence": 2}
+    store.put_verdict(final(tmp_path, f"{2:032x}"))
+    assert store.pending() == [] and store.lookup(f"{2:032x}").state == "final"
+    store.close()

@@ -10,13 +10,18 @@
 * ``full``: ``synchronous=FULL``. Every commit is fsynced (survives power loss, as far as the disk honours
   fsync); writes run on one dedicated thread that commits concurrent writes together (group commit).
 
-Tables (schema version 1, ``PRAGMA user_version``):
+Tables (schema version 2, ``PRAGMA user_version``; a version-1 store is migrated on open):
 
-* ``spans(id, end_ns, worker, node, outcome, doc)`` -- ``doc`` is the span's JSON (:meth:`Span.to_dict`).
-* ``verdicts(request_id, state, decision, created_ns, updated_ns, doc)`` -- ``state`` is ``pending`` (the
-  span is recorded, the engine has not decided) or ``final``; ``doc`` is the signed verdict's canonical
-  bytes (docs/verdict.md). A pending row is created for every span a worker served.
-* ``evidence(request_id, seq, kind, digest, doc)`` -- :class:`EvidenceRef` rows, in the order given.
+* ``spans(id, end_ns, worker, node, outcome, pending, doc)`` -- ``doc`` is the span's JSON
+  (:meth:`Span.to_dict`); ``pending`` is 1 while a span a worker served waits for its verdict, else NULL
+  (a partial index on it finds what to resume after a restart without reading every span).
+* ``verdicts(request_id, decision, created_ns, updated_ns, doc, evidence)`` -- final verdicts only:
+  ``doc`` is the signed verdict's canonical bytes (docs/verdict.md), ``evidence`` the JSON array of the
+  :class:`EvidenceRef` objects it rests on, in order.
+
+A request is thus ``final`` (a verdicts row), ``pending`` (a served span, no verdict yet) or unknown.
+Per request that is two row inserts and one flag update, the fewest pages a random 128-bit key allows
+(version 1 kept a pending verdict row and an evidence table: three times the pages written).
 
 Retention: :meth:`Store.prune` deletes spans (and their verdicts and evidence rows) that ended before a
 cutoff. :class:`AsyncStore` runs every call on one dedicated thread, commits concurrent writes together
@@ -45,19 +50,33 @@ from tmb.verdict.model import Verdict
 T = TypeVar("T")
 log = logging.getLogger("tmb.store")
 _dumps = json.JSONEncoder(check_circular=False).encode  # the text json.dumps gives, a little cheaper
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SYNC_MODES = ("normal", "full")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans(
     id TEXT PRIMARY KEY, end_ns INTEGER NOT NULL, worker TEXT, node TEXT, outcome TEXT NOT NULL,
-    doc TEXT NOT NULL);
+    pending INTEGER, doc TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS spans_end ON spans(end_ns);
+CREATE INDEX IF NOT EXISTS spans_pending ON spans(end_ns) WHERE pending IS NOT NULL;
 CREATE TABLE IF NOT EXISTS verdicts(
-    request_id TEXT PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('pending', 'final')), decision TEXT,
-    created_ns INTEGER NOT NULL, updated_ns INTEGER NOT NULL, doc BLOB);
-CREATE TABLE IF NOT EXISTS evidence(
-    request_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL,
-    doc TEXT NOT NULL, PRIMARY KEY (request_id, seq));
+    request_id TEXT PRIMARY KEY, decision TEXT NOT NULL, created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL, doc BLOB NOT NULL, evidence TEXT NOT NULL);
+"""
+# Version 1 -> 2, in one transaction: pending rows become the spans' flag, evidence rows a JSON array.
+_MIGRATE_V1 = """
+ALTER TABLE spans ADD COLUMN pending INTEGER;
+UPDATE spans SET pending = 1 WHERE id IN (SELECT request_id FROM verdicts WHERE state = 'pending');
+CREATE TABLE verdicts_v2(
+    request_id TEXT PRIMARY KEY, decision TEXT NOT NULL, created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL, doc BLOB NOT NULL, evidence TEXT NOT NULL);
+INSERT INTO verdicts_v2
+    SELECT v.request_id, v.decision, v.created_ns, v.updated_ns, v.doc,
+        coalesce((SELECT json_group_array(json(e.doc))
+                  FROM (SELECT doc FROM evidence WHERE request_id = v.request_id ORDER BY seq) e), '[]')
+    FROM verdicts v WHERE v.state = 'final';
+DROP TABLE verdicts;
+DROP TABLE evidence;
+ALTER TABLE verdicts_v2 RENAME TO verdicts;
 """
 
 
@@ -104,6 +123,11 @@ class EvidenceRef:
         )
 
 
+def evidence_json(evidence: Sequence[EvidenceRef]) -> str:
+    """The ``verdicts.evidence`` column: the references as one JSON array, in order."""
+    return _dumps([e.to_dict() for e in evidence])
+
+
 # One write of a group commit: spans, or a final verdict with its evidence.
 Write = tuple[Sequence[Span] | None, tuple[Verdict, Sequence[EvidenceRef]] | None]
 
@@ -132,12 +156,27 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={sync.upper()}")
             self.db.execute("PRAGMA busy_timeout=5000")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise StoreError("store has an unknown schema version", path=str(self.path), got=version)
+            if version == 1:
+                self._migrate_v1()
             self.db.executescript(_SCHEMA)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store: {exc}", path=str(self.path)) from exc
+
+    def _migrate_v1(self) -> None:
+        log.info("migrating store %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
+        db = self._tx()
+        try:
+            for statement in _MIGRATE_V1.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -147,11 +186,11 @@ class Store:
         return self.db
 
     def record_spans(self, spans: Sequence[Span]) -> None:
-        """Insert spans (ignoring ids already stored) and a pending verdict for each served one."""
+        """Insert spans (ignoring ids already stored); a served one is pending until its verdict lands."""
         self.write_batch([(spans, None)])
 
     def put_verdict(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
-        """Store the final signed verdict (replacing the pending row) and its evidence references."""
+        """Store the final signed verdict (replacing any earlier one) and its evidence references."""
         self.write_batch([(None, (verdict, evidence))])
 
     def write_batch(self, writes: Sequence[Write]) -> None:
@@ -177,13 +216,20 @@ class Store:
     def _insert_spans(db: sqlite3.Connection, spans: Sequence[Span], now: int) -> None:
         dumps = _dumps
         db.executemany(
-            "INSERT OR IGNORE INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (?,?,?,?,?,?)",
-            [(s.id, s.end_ns, s.worker, s.node, s.outcome.value, dumps(s.to_dict())) for s in spans],
-        )
-        db.executemany(
-            "INSERT OR IGNORE INTO verdicts(request_id, state, created_ns, updated_ns) "
-            "VALUES (?, 'pending', ?, ?)",
-            [(s.id, now, now) for s in spans if s.served],
+            "INSERT OR IGNORE INTO spans(id, end_ns, worker, node, outcome, pending, doc) "
+            "VALUES (?,?,?,?,?,?,?)",
+            [
+                (
+                    s.id,
+                    s.end_ns,
+                    s.worker,
+                    s.node,
+                    s.outcome.value,
+                    1 if s.served else None,
+                    dumps(s.to_dict()),
+                )
+                for s in spans
+            ],
         )
 
     @staticmethod
@@ -191,18 +237,14 @@ class Store:
         db: sqlite3.Connection, verdict: Verdict, evidence: Sequence[EvidenceRef], now: int
     ) -> None:
         db.execute(
-            "INSERT INTO verdicts(request_id, state, decision, created_ns, updated_ns, doc) "
-            "VALUES (?, 'final', ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET state='final', "
-            "decision=excluded.decision, updated_ns=excluded.updated_ns, doc=excluded.doc",
-            (verdict.request_id, verdict.decision.value, now, now, verdict.encode()),
+            "INSERT INTO verdicts(request_id, decision, created_ns, updated_ns, doc, evidence) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
+            "decision=excluded.decision, updated_ns=excluded.updated_ns, doc=excluded.doc, "
+            "evidence=excluded.evidence",
+            (verdict.request_id, verdict.decision.value, now, now, verdict.encode(), evidence_json(evidence)),
         )
-        db.execute("DELETE FROM evidence WHERE request_id=?", (verdict.request_id,))
-        db.executemany(
-            "INSERT INTO evidence(request_id, seq, kind, digest, doc) VALUES (?,?,?,?,?)",
-            [
-                (verdict.request_id, i, e.kind, e.digest, json.dumps(e.to_dict()))
-                for i, e in enumerate(evidence)
-            ],
+        db.execute(
+            "UPDATE spans SET pending = NULL WHERE id = ? AND pending IS NOT NULL", (verdict.request_id,)
         )
 
     def get_span(self, request_id: str) -> Span | None:
@@ -210,20 +252,23 @@ class Store:
         return Span.from_dict(json.loads(row[0])) if row else None
 
     def lookup(self, request_id: str) -> VerdictRecord:
-        row = self.db.execute("SELECT state, doc FROM verdicts WHERE request_id=?", (request_id,)).fetchone()
-        span = self.get_span(request_id)
-        if row is None:
-            return VerdictRecord(request_id, "unknown", None, span)
-        return VerdictRecord(request_id, row[0], bytes(row[1]) if row[1] is not None else None, span)
+        row = self.db.execute("SELECT doc FROM verdicts WHERE request_id=?", (request_id,)).fetchone()
+        span_row = self.db.execute("SELECT pending, doc FROM spans WHERE id=?", (request_id,)).fetchone()
+        span = Span.from_dict(json.loads(span_row[1])) if span_row else None
+        if row is not None:
+            return VerdictRecord(request_id, "final", bytes(row[0]), span)
+        if span_row is not None and span_row[0] is not None:
+            return VerdictRecord(request_id, "pending", None, span)
+        return VerdictRecord(request_id, "unknown", None, span)
 
     def evidence(self, request_id: str) -> list[EvidenceRef]:
-        rows = self.db.execute("SELECT doc FROM evidence WHERE request_id=? ORDER BY seq", (request_id,))
-        return [EvidenceRef.from_dict(json.loads(r[0])) for r in rows]
+        row = self.db.execute("SELECT evidence FROM verdicts WHERE request_id=?", (request_id,)).fetchone()
+        return [EvidenceRef.from_dict(e) for e in json.loads(row[0])] if row else []
 
     def pending(self, limit: int = 1000) -> list[str]:
-        """Ids still pending, oldest first (an engine resumes these after a restart)."""
+        """Ids of served spans still waiting for a verdict, oldest first (resumed after a restart)."""
         rows = self.db.execute(
-            "SELECT request_id FROM verdicts WHERE state='pending' ORDER BY created_ns LIMIT ?", (limit,)
+            "SELECT id FROM spans WHERE pending IS NOT NULL ORDER BY end_ns, id LIMIT ?", (limit,)
         )
         return [r[0] for r in rows]
 
@@ -231,9 +276,11 @@ class Store:
         one = self.db.execute
         return {
             "spans": one("SELECT count(*) FROM spans").fetchone()[0],
-            "pending": one("SELECT count(*) FROM verdicts WHERE state='pending'").fetchone()[0],
-            "final": one("SELECT count(*) FROM verdicts WHERE state='final'").fetchone()[0],
-            "evidence": one("SELECT count(*) FROM evidence").fetchone()[0],
+            "pending": one("SELECT count(*) FROM spans WHERE pending IS NOT NULL").fetchone()[0],
+            "final": one("SELECT count(*) FROM verdicts").fetchone()[0],
+            "evidence": one("SELECT coalesce(sum(json_array_length(evidence)), 0) FROM verdicts").fetchone()[
+                0
+            ],
         }
 
     def prune(self, before_ns: int, limit: int = -1) -> int:
@@ -243,7 +290,6 @@ class Store:
         try:
             old = "SELECT id FROM spans WHERE end_ns < ? ORDER BY end_ns LIMIT ?"
             args = (before_ns, limit)
-            db.execute(f"DELETE FROM evidence WHERE request_id IN ({old})", args)
             db.execute(f"DELETE FROM verdicts WHERE request_id IN ({old})", args)
             n = db.execute(f"DELETE FROM spans WHERE id IN ({old})", args).rowcount
             db.execute("COMMIT")

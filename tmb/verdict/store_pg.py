@@ -1,14 +1,19 @@
 """The verdict store on PostgreSQL, for several daemons sharing one set of verdicts (psycopg 3).
 
-Same tables, columns and semantics as the SQLite :class:`tmb.verdict.store.Store` (its module docstring
-describes them); the differences are PostgreSQL's types (``BIGINT`` times, ``BYTEA`` verdict docs, span docs
-as ``TEXT`` so their bytes round-trip exactly) and the schema version, kept in the one-row table ``tmb_meta``
-instead of ``PRAGMA user_version``.
+Same tables (schema version 2), columns and semantics as the SQLite :class:`tmb.verdict.store.Store` (its
+module docstring describes them); the differences are PostgreSQL's types (``BIGINT`` times, ``BYTEA`` verdict
+docs, span docs and evidence arrays as ``TEXT`` so their bytes round-trip exactly) and the schema version,
+kept in the one-row table ``tmb_meta`` instead of ``PRAGMA user_version``.
+
+A version-1 database (a ``pending`` verdicts row per served span, evidence in a table of its own) is migrated
+on open, in one transaction under the schema lock, so daemons starting together migrate it once and none
+sees it half done.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from time import time_ns
@@ -24,6 +29,7 @@ from tmb.verdict.model import Verdict
 from tmb.verdict.store import SCHEMA_VERSION, EvidenceRef, StoreError, VerdictRecord, Write
 
 T = TypeVar("T")
+log = logging.getLogger("tmb.store")
 _dumps = json.JSONEncoder(check_circular=False).encode  # the text json.dumps gives (as Store writes it)
 _Cursor = psycopg.Cursor[tuple[Any, ...]]
 
@@ -34,18 +40,37 @@ _META = """
 CREATE TABLE IF NOT EXISTS tmb_meta(
     one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), version INTEGER NOT NULL)
 """
+_VERDICTS = """(
+    request_id TEXT PRIMARY KEY, decision TEXT NOT NULL, created_ns BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL, doc BYTEA NOT NULL, evidence TEXT NOT NULL)"""
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS spans_end ON spans(end_ns)",
+    "CREATE INDEX IF NOT EXISTS spans_pending ON spans(end_ns) WHERE pending IS NOT NULL",
+)
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS spans(
     id TEXT PRIMARY KEY, end_ns BIGINT NOT NULL, worker TEXT, node TEXT, outcome TEXT NOT NULL,
-    doc TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS spans_end ON spans(end_ns)",
-    """CREATE TABLE IF NOT EXISTS verdicts(
-    request_id TEXT PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('pending', 'final')), decision TEXT,
-    created_ns BIGINT NOT NULL, updated_ns BIGINT NOT NULL, doc BYTEA)""",
-    "CREATE INDEX IF NOT EXISTS verdicts_pending ON verdicts(created_ns) WHERE state = 'pending'",
-    """CREATE TABLE IF NOT EXISTS evidence(
-    request_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, digest TEXT NOT NULL,
-    doc TEXT NOT NULL, PRIMARY KEY (request_id, seq))""",
+    pending SMALLINT, doc TEXT NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS verdicts" + _VERDICTS,
+    *_INDEXES,
+)
+_V1 = 1  # the schema version migrated from: pending verdicts rows, an evidence table
+# Version 1 -> 2: pending verdicts rows become the spans' flag, evidence rows (in seq order) a JSON array
+# in the verdicts row; a migrated database ends up with the same tables, indexes and names as a new one.
+_MIGRATE_V1 = (
+    "ALTER TABLE spans ADD COLUMN pending SMALLINT",
+    "UPDATE spans SET pending = 1 WHERE id IN (SELECT request_id FROM verdicts WHERE state = 'pending')",
+    "CREATE TABLE verdicts_v2" + _VERDICTS,
+    """INSERT INTO verdicts_v2(request_id, decision, created_ns, updated_ns, doc, evidence)
+    SELECT v.request_id, v.decision, v.created_ns, v.updated_ns, v.doc,
+        coalesce((SELECT json_agg(e.doc::json ORDER BY e.seq)::text FROM evidence e
+                  WHERE e.request_id = v.request_id), '[]')
+    FROM verdicts v WHERE v.state = 'final'""",
+    "DROP TABLE evidence",
+    "DROP TABLE verdicts",
+    "ALTER TABLE verdicts_v2 RENAME TO verdicts",
+    "ALTER INDEX verdicts_v2_pkey RENAME TO verdicts_pkey",
+    *_INDEXES,
 )
 _HINT_CONNECT = "check that PostgreSQL is running and reachable, and the URL's host, port, user and database"
 
@@ -58,10 +83,11 @@ class PgStore:
     embedded SQLite :class:`~tmb.verdict.store.Store` (no server to run, and a faster commit).
 
     ``url`` is a libpq connection string (``postgresql://user:pw@host/db`` or ``host=... dbname=...``);
-    the tables are created on first use and the schema version checked (an unknown one is refused).
+    the tables are created on first use and the schema version checked (version 1 is migrated, an unknown
+    one is refused).
     Every call is one transaction on one connection, committed before it returns (PostgreSQL's own
     durability, ``synchronous_commit`` as the server sets it); not thread-safe on its own, like
-    :class:`~tmb.verdict.store.Store`. Span and pending-row inserts are ``ON CONFLICT DO NOTHING``, so
+    :class:`~tmb.verdict.store.Store`. Span inserts are ``ON CONFLICT DO NOTHING``, so
     daemons recording the same span at once both succeed; a transaction chosen as a deadlock victim is
     retried. Errors (connection, SQL) are :class:`~tmb.verdict.store.StoreError` naming the URL without its
     password; after a lost connection the next call reconnects.
@@ -99,7 +125,18 @@ class PgStore:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 cur.execute(_META)
                 row = cur.execute("SELECT version FROM tmb_meta").fetchone()
-                if row is not None and row[0] != SCHEMA_VERSION:
+                if row is None:
+                    for statement in _SCHEMA:
+                        cur.execute(statement)
+                    cur.execute("INSERT INTO tmb_meta(version) VALUES (%s)", (SCHEMA_VERSION,))
+                elif row[0] == SCHEMA_VERSION:
+                    pass
+                elif row[0] == _V1:
+                    log.info("migrating store %s from schema version 1 to %d", self.url, SCHEMA_VERSION)
+                    for statement in _MIGRATE_V1:
+                        cur.execute(statement)
+                    cur.execute("UPDATE tmb_meta SET version = %s", (SCHEMA_VERSION,))
+                else:
                     raise StoreError(
                         "store has an unknown schema version",
                         url=self.url,
@@ -107,12 +144,6 @@ class PgStore:
                         expected=SCHEMA_VERSION,
                         hint="a newer tmb wrote this database; run that version, or point tmb at another",
                     )
-                for statement in _SCHEMA:
-                    cur.execute(statement)
-                cur.execute(
-                    "INSERT INTO tmb_meta(version) VALUES (%s) ON CONFLICT (one) DO NOTHING",
-                    (SCHEMA_VERSION,),
-                )
         except psycopg.Error as exc:
             raise self._error("cannot open store", exc) from None
 
@@ -156,11 +187,11 @@ class PgStore:
     # -- writes --------------------------------------------------------------------------------------
 
     def record_spans(self, spans: Sequence[Span]) -> None:
-        """Insert spans (ignoring ids already stored) and a pending verdict for each served one."""
+        """Insert spans (ignoring ids already stored); a served one is pending until its verdict lands."""
         self.write_batch([(spans, None)])
 
     def put_verdict(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
-        """Store the final signed verdict (replacing the pending row) and its evidence references."""
+        """Store the final signed verdict (replacing any earlier one) and its evidence references."""
         self.write_batch([(None, (verdict, evidence))])
 
     def write_batch(self, writes: Sequence[Write]) -> None:
@@ -174,7 +205,7 @@ class PgStore:
             now = time_ns()
             for spans, final in writes:
                 if spans is not None:
-                    _insert_spans(cur, spans, now)
+                    _insert_spans(cur, spans)
                 if final is not None:
                     _insert_verdict(cur, final[0], final[1], now)
 
@@ -188,8 +219,7 @@ class PgStore:
             row = cur.execute(
                 "WITH old AS (DELETE FROM spans WHERE id IN "
                 "(SELECT id FROM spans WHERE end_ns < %(t)s ORDER BY end_ns LIMIT %(n)s) RETURNING id), "
-                "v AS (DELETE FROM verdicts WHERE request_id IN (SELECT id FROM old)), "
-                "e AS (DELETE FROM evidence WHERE request_id IN (SELECT id FROM old)) "
+                "v AS (DELETE FROM verdicts WHERE request_id IN (SELECT id FROM old)) "
                 "SELECT count(*) FROM old",
                 {"t": before_ns, "n": limit if limit >= 0 else None},  # LIMIT NULL: no limit
             ).fetchone()
@@ -209,33 +239,33 @@ class PgStore:
     def lookup(self, request_id: str) -> VerdictRecord:
         def read(cur: _Cursor) -> VerdictRecord:
             row = cur.execute(
-                "SELECT v.state, v.doc, s.doc FROM (SELECT %s::text AS id) k "
+                "SELECT v.doc, s.pending, s.doc FROM (SELECT %s::text AS id) k "
                 "LEFT JOIN verdicts v ON v.request_id = k.id LEFT JOIN spans s ON s.id = k.id",
                 (request_id,),
             ).fetchone()
-            state, doc, span_doc = row if row else (None, None, None)
+            doc, pending, span_doc = row if row else (None, None, None)
             span = Span.from_dict(json.loads(span_doc)) if span_doc is not None else None
-            if state is None:
-                return VerdictRecord(request_id, "unknown", None, span)
-            return VerdictRecord(request_id, state, bytes(doc) if doc is not None else None, span)
+            if doc is not None:
+                return VerdictRecord(request_id, "final", bytes(doc), span)
+            if pending is not None:
+                return VerdictRecord(request_id, "pending", None, span)
+            return VerdictRecord(request_id, "unknown", None, span)
 
         return self._run("cannot read store", read)
 
     def evidence(self, request_id: str) -> list[EvidenceRef]:
         def read(cur: _Cursor) -> list[EvidenceRef]:
-            cur.execute("SELECT doc FROM evidence WHERE request_id = %s ORDER BY seq", (request_id,))
-            return [EvidenceRef.from_dict(json.loads(r[0])) for r in cur.fetchall()]
+            row = cur.execute("SELECT evidence FROM verdicts WHERE request_id = %s", (request_id,)).fetchone()
+            return [EvidenceRef.from_dict(e) for e in json.loads(row[0])] if row else []
 
         return self._run("cannot read store", read)
 
     def pending(self, limit: int = 1000) -> list[str]:
-        """Ids still pending, oldest first (an engine resumes these after a restart)."""
+        """Ids of served spans still waiting for a verdict, oldest first (resumed after a restart)."""
 
         def read(cur: _Cursor) -> list[str]:
             cur.execute(
-                "SELECT request_id FROM verdicts WHERE state = 'pending' "
-                "ORDER BY created_ns, request_id LIMIT %s",
-                (limit,),
+                "SELECT id FROM spans WHERE pending IS NOT NULL ORDER BY end_ns, id LIMIT %s", (limit,)
             )
             return [r[0] for r in cur.fetchall()]
 
@@ -245,9 +275,9 @@ class PgStore:
         def read(cur: _Cursor) -> dict[str, int]:
             row = cur.execute(
                 "SELECT (SELECT count(*) FROM spans), "
-                "(SELECT count(*) FROM verdicts WHERE state = 'pending'), "
-                "(SELECT count(*) FROM verdicts WHERE state = 'final'), "
-                "(SELECT count(*) FROM evidence)"
+                "(SELECT count(*) FROM spans WHERE pending IS NOT NULL), "
+                "(SELECT count(*) FROM verdicts), "
+                "(SELECT coalesce(sum(json_array_length(evidence::json)), 0) FROM verdicts)"
             ).fetchone()
             spans, pending, final, evidence = row if row else (0, 0, 0, 0)
             return {"spans": spans, "pending": pending, "final": final, "evidence": evidence}
@@ -255,41 +285,38 @@ class PgStore:
         return self._run("cannot read store", read)
 
 
-def _insert_spans(cur: _Cursor, spans: Sequence[Span], now: int) -> None:
+def _insert_spans(cur: _Cursor, spans: Sequence[Span]) -> None:
     # Rows in id order: two daemons inserting overlapping spans take the row locks in the same order.
     ordered = sorted(spans, key=lambda s: s.id)
     if not ordered:
         return
     dumps = _dumps
     cur.executemany(
-        "INSERT INTO spans(id, end_ns, worker, node, outcome, doc) VALUES (%s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT (id) DO NOTHING",
-        [(s.id, s.end_ns, s.worker, s.node, s.outcome.value, dumps(s.to_dict())) for s in ordered],
+        "INSERT INTO spans(id, end_ns, worker, node, outcome, pending, doc) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+        [
+            (s.id, s.end_ns, s.worker, s.node, s.outcome.value, 1 if s.served else None, dumps(s.to_dict()))
+            for s in ordered
+        ],
     )
-    served = [(s.id, now, now) for s in ordered if s.served]
-    if served:
-        cur.executemany(
-            "INSERT INTO verdicts(request_id, state, created_ns, updated_ns) VALUES (%s, 'pending', %s, %s) "
-            "ON CONFLICT (request_id) DO NOTHING",
-            served,
-        )
 
 
 def _insert_verdict(cur: _Cursor, verdict: Verdict, evidence: Sequence[EvidenceRef], now: int) -> None:
+    # One statement, one round trip: the upsert, then the span (if any) no longer pending.
     cur.execute(
-        "INSERT INTO verdicts(request_id, state, decision, created_ns, updated_ns, doc) "
-        "VALUES (%s, 'final', %s, %s, %s, %s) ON CONFLICT (request_id) DO UPDATE SET state = 'final', "
-        "decision = excluded.decision, updated_ns = excluded.updated_ns, doc = excluded.doc",
-        (verdict.request_id, verdict.decision.value, now, now, verdict.encode()),
+        "WITH v AS (INSERT INTO verdicts(request_id, decision, created_ns, updated_ns, doc, evidence) "
+        "VALUES (%(id)s, %(decision)s, %(now)s, %(now)s, %(doc)s, %(evidence)s) "
+        "ON CONFLICT (request_id) DO UPDATE SET decision = excluded.decision, "
+        "updated_ns = excluded.updated_ns, doc = excluded.doc, evidence = excluded.evidence) "
+        "UPDATE spans SET pending = NULL WHERE id = %(id)s AND pending IS NOT NULL",
+        {
+            "id": verdict.request_id,
+            "decision": verdict.decision.value,
+            "now": now,
+            "doc": verdict.encode(),
+            "evidence": _dumps([e.to_dict() for e in evidence]),
+        },
     )
-    cur.execute("DELETE FROM evidence WHERE request_id = %s", (verdict.request_id,))
-    rows = [
-        (verdict.request_id, i, e.kind, e.digest, json.dumps(e.to_dict())) for i, e in enumerate(evidence)
-    ]
-    if rows:
-        cur.executemany(
-            "INSERT INTO evidence(request_id, seq, kind, digest, doc) VALUES (%s, %s, %s, %s, %s)", rows
-        )
 
 
 # -- passwords out of what gets printed ------------------------------------------------------------------
