@@ -207,15 +207,26 @@ def measure(url: str, pids: list[int], seconds: int, connections: int) -> tuple[
 
 
 async def _get(pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], port: int, path: str) -> None:
+    reused = bool(pool)
     conn = pool.pop() if pool else await asyncio.open_connection(HOST, port)
     reader, writer = conn
     writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+        if not reused:
+            raise
+        # the server closed an idle keep-alive connection (nginx: keepalive_requests): a fresh one
+        return await _get([], port, path) if not pool else await _get(pool, port, path)
     m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
     if not head.startswith(b"HTTP/1.1 200") or m is None:
         raise RuntimeError(f"unexpected response from port {port}: {head[:200]!r}")
     await reader.readexactly(int(m[1]))
-    pool.append(conn)
+    if not re.search(rb"(?i)\r\nconnection:\s*close", head):
+        pool.append(conn)
+    else:
+        writer.close()
 
 
 def fixed_rate(port: int, path: str, rate: int, seconds: float) -> tuple[float, float]:
