@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -306,6 +307,14 @@ async def _retention_loop(ctx: DaemonContext) -> None:
         await asyncio.sleep(3600)
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated while starting (modules, config, profiles, the app) out of the cyclic
+    GC's reach. Full collections otherwise walk that whole heap while the proxy waits: under load they
+    were most of the p99 latency (about 45 ms instead of about 11 ms in bench/bench_proxy.py)."""
+    gc.collect()
+    gc.freeze()
+
+
 def install_uvloop() -> bool:
     """Use uvloop when it is installed; returns whether it is."""
     try:
@@ -323,6 +332,7 @@ async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
     await site.start()
+    freeze_startup_heap()
     addrs = runner.addresses
     host, port = addrs[0][0], addrs[0][1]
     log.info("tmb serving on %s:%s with %d workers", host, port, len(config.workers))

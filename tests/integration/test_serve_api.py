@@ -4,6 +4,7 @@ and a schemathesis run against /openapi.json."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -242,3 +243,28 @@ async def test_schemathesis_against_the_openapi_document(served: tuple[Daemon, G
     out, _ = await asyncio.wait_for(proc.communicate(), 100)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-6000:]
+
+
+async def test_serve_freezes_the_startup_heap_out_of_the_gc(
+    tmp_path: Path, workers: dict[str, tuple[WorkerState, int]]
+) -> None:
+    """Full GC passes over the startup heap were most of the p99 latency under load (bench_proxy.py)."""
+    import gc
+
+    from tmb.serve import serve
+
+    gc.unfreeze()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(
+        serve(make_config(tmp_path, [("a", workers["a"][1])]), ready=ready.set_result)
+    )
+    try:
+        address = await asyncio.wait_for(ready, 20)
+        assert gc.get_freeze_count() > 1000  # modules, config, app: everything allocated before serving
+        async with aiohttp.ClientSession() as s, s.get(f"http://{address}/healthz") as r:
+            assert r.status == 200
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        gc.unfreeze()
