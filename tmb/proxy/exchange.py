@@ -551,6 +551,9 @@ class Exchange:
             w.inflight -= 1
             self.worker = None
         self._stop_timer()
+        # The parser holds bound methods of this exchange: without this the pair (and every list and
+        # tuple it holds) is a reference cycle, freed only by the cyclic GC instead of at once.
+        self.parser = None
         if self.conn.ex is self:
             self.conn.exchange_done(keep_open, self.body_left)
 

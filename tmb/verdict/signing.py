@@ -159,23 +159,25 @@ def _node(left: bytes, right: bytes) -> bytes:
 
 def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
     """The RFC 9162 Merkle tree hash of ``leaves`` and every leaf's inclusion path (leaf level first)."""
-    paths: list[list[bytes]] = [[] for _ in leaves]
-
-    def build(lo: int, hi: int) -> bytes:
-        n = hi - lo
-        if n == 1:
-            return leaves[lo]
-        k = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n
-        left, right = build(lo, lo + k), build(lo + k, hi)
-        for i in range(lo, lo + k):
-            paths[i].append(right)
-        for i in range(lo + k, hi):
-            paths[i].append(left)
-        return _node(left, right)
-
     if not leaves:
         raise ValueError("a batch needs at least one verdict")
-    return build(0, len(leaves)), paths
+    paths: list[list[bytes]] = [[] for _ in leaves]
+    return _subtree(leaves, paths, 0, len(leaves)), paths
+
+
+def _subtree(leaves: Sequence[bytes], paths: list[list[bytes]], lo: int, hi: int) -> bytes:
+    """MTH of ``leaves[lo:hi]``; appends each leaf's sibling at this level to its path. (A module
+    function, not a closure: a recursive closure is a reference cycle left to the cyclic GC.)"""
+    n = hi - lo
+    if n == 1:
+        return leaves[lo]
+    k = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n
+    left, right = _subtree(leaves, paths, lo, lo + k), _subtree(leaves, paths, lo + k, hi)
+    for i in range(lo, lo + k):
+        paths[i].append(right)
+    for i in range(lo + k, hi):
+        paths[i].append(left)
+    return _node(left, right)
 
 
 def root_from_path(leaf: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes | None:
