@@ -336,3 +336,15 @@ def test_signed_encoding_splice_equals_canonical_encoding(
     for signed in signer.sign_batch([base] * size):
         assert signed.encode() == canonical_bytes(signed.to_dict())
         assert verify_verdict(json.loads(signed.encode()), [signer.public]).ok
+
+
+def test_evolve_is_replace_without_the_encoding_cache(tmp_path: Path) -> None:
+    import dataclasses
+
+    signed = load_or_create_key(tmp_path / "k.pem").sign(verdict())
+    for changes in ({"decision": Decision.DEMO}, {"request_id": "f" * 32, "gpus": ("G",)}, {}):
+        evolved = signed.evolve(**changes)
+        assert evolved == dataclasses.replace(signed, **changes) and evolved is not signed
+        assert evolved.encode() == canonical_bytes(evolved.to_dict())  # recomputed, not the cached bytes
+    with pytest.raises(TypeError, match="no field"):
+        signed.evolve(decisoin=Decision.DEMO)

@@ -15,7 +15,7 @@ import os
 import secrets
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class Signer:
 
     def sign(self, verdict: Verdict) -> Verdict:
         """The verdict with ``key_id`` set and signed over its canonical encoding."""
-        unsigned = replace(verdict, key_id=self.key_id, signature="", batch=None)
+        unsigned = verdict.evolve(key_id=self.key_id, signature="", batch=None)
         message = canonical_bytes(unsigned.to_dict(signed=False))
         return unsigned.signed_from(message, self.sign_bytes(message))
 
@@ -92,7 +92,7 @@ class Signer:
         verdict of a larger batch carries the root's signature and its inclusion proof."""
         if len(verdicts) == 1:
             return [self.sign(verdicts[0])]
-        unsigned = [replace(v, key_id=self.key_id, signature="", batch=None) for v in verdicts]
+        unsigned = [v.evolve(key_id=self.key_id, signature="", batch=None) for v in verdicts]
         messages = [canonical_bytes(v.to_dict(signed=False)) for v in unsigned]
         root, paths = merkle_tree([leaf_hash(m) for m in messages])
         n = len(messages)
