@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from swtpm import SwtpmFactory
-from test_probe_support import NODE, make_node, serve
+from test_probe_support import NODE, ROOT, make_node, serve
 
 from probes.agent import Probe
 
@@ -41,6 +41,8 @@ async def test_probe_batches_become_attested(tmp_path: Path, swtpm_factory: Swtp
     t0, t1 = min(r.t0_ns for r in rows if r.t0_ns), max(r.t1_ns for r in rows if r.t1_ns) + 1
     samples, summary, findings = ingest.attested_window(NODE, t0, t1)
     assert summary is not None and summary.ok and summary.verity_ok and summary.policy_ok, findings
+    assert summary.verity == {"model@1": ROOT}  # the commitment satisfied, with the root the node mounted
+    assert 0 < summary.quote_time_ns <= time.time_ns()
     assert len(samples) >= 4 and samples.synthetic and samples.source == "synthetic"
     # the genesis (seq 0, no samples) is covered too
     seg = rows[0].segment

@@ -58,7 +58,21 @@ def _span(**kw: object) -> Span:
 
 def _summary(ok: bool = True) -> AttestationSummary:
     findings = () if ok else (Finding("dm.verity_root_mismatch", "root matches no commitment"),)
-    return AttestationSummary("gpu-node-1", 3, 12345, 1, 0, "aa" * 32, "sha256", True, True, ok, findings)
+    return AttestationSummary(
+        "gpu-node-1",
+        3,
+        12345,
+        1,
+        0,
+        "aa" * 32,
+        "sha256",
+        True,
+        True,
+        ok,
+        findings,
+        T0 + 7,
+        {"llama-1b@v1": "cd" * 32},
+    )
 
 
 def _engine(tmp_path: Path, profiles: list[Profile], *, demo: bool = True) -> Engine:
@@ -80,6 +94,9 @@ def test_honest_synthetic_is_demo_never_verified(tmp_path: Path, profiles: list[
     v = _decide(_engine(tmp_path, profiles), _span(), _window("llama-1b/bf16/h100"), _summary())
     assert v.decision is Decision.DEMO and v.telemetry_source == "synthetic"
     assert v.fingerprint["decision"] == "consistent" and v.attestation["verified"] is True
+    # what the client reads: when the quote was verified and which committed root the node mounted
+    assert v.attestation["quote_time_ns"] == T0 + 7
+    assert v.attestation["verity_roots"] == {"llama-1b@v1": "cd" * 32}
     v = _decide(_engine(tmp_path, profiles, demo=False), _span(), _window("llama-1b/bf16/h100"), _summary())
     assert v.decision is Decision.INSUFFICIENT_TELEMETRY
     assert [r.id for r in v.reasons] == ["telemetry.synthetic"]

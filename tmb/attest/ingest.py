@@ -37,7 +37,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,8 @@ class AttestationSummary:
     policy_ok: bool
     verity_ok: bool  # every required verity rule (model commitment) is satisfied
     findings: tuple[Finding, ...] = field(default_factory=tuple)
+    quote_time_ns: int = 0  # wall clock (ns) when the daemon verified the quote
+    verity: Mapping[str, str] = field(default_factory=dict)  # satisfied rule (commitment) -> its root
 
     @property
     def ok(self) -> bool:
@@ -113,6 +115,8 @@ class AttestationSummary:
             "verity_ok": self.verity_ok,
             "ok": self.ok,
             "findings": [f.to_dict() for f in self.findings],
+            "quote_time_ns": self.quote_time_ns,
+            "verity": dict(self.verity),
         }
 
     @classmethod
@@ -129,6 +133,8 @@ class AttestationSummary:
             doc["policy_ok"],
             doc["verity_ok"],
             tuple(_finding(f) for f in doc["findings"]),
+            int(doc.get("quote_time_ns", 0)),  # summaries stored before these fields existed
+            dict(doc.get("verity", {})),
         )
 
 
@@ -639,6 +645,8 @@ class Ingest:
                 node, now, True, (head.segment, head.seq, head.digest), {}, message, signature
             )
             summary = self._summary(node, quote_id, ci, pcr10, matched, policy_ok, verity_ok, all_findings)
+            verity = {rule: str(dev.get("root", "")) for rule, dev in state.get("verity", {}).items()}
+            summary = replace(summary, quote_time_ns=now, verity=verity)
             self.store.set_quote_summary(quote_id, summary.to_dict())
             attested = self.store.attest(node, head.segment, head.seq, quote_id)
             self.store.set_state(node, state)

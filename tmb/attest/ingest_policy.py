@@ -119,6 +119,7 @@ def evaluate_verity(policy: RuntimePolicy, state: dict[str, Any], report: Report
             continue
         target = next((t for t in load.targets if t.get("target_name") == "verity"), {})
         devices[rule] = {
+            "root": target.get("root_digest", ""),  # the rule's committed root, as the quoted log shows it
             "dev": f"{load.device.get('major', '')}:{load.device.get('minor', '')}",
             "data_dev": target.get("data_device_name", ""),
             "entry": resume_at,

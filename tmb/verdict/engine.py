@@ -168,6 +168,8 @@ class Engine:
                 "pcr_matched": summary.pcr_matched,
                 "policy_ok": summary.policy_ok,
                 "verity_ok": summary.verity_ok,
+                "quote_time_ns": summary.quote_time_ns,
+                "verity_roots": dict(summary.verity),  # model commitment (rule) -> dm-verity root mounted
             }
             doc = json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
             refs.append(
