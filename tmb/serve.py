@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -176,52 +177,46 @@ def load_profiles(paths: Sequence[str]) -> list[Profile]:
 
 
 class SpanPipeline:
-    """Queue between the proxy's hot path and the store/engine. ``submit`` is the proxy's ``on_span_end``."""
+    """Between the proxy's hot path and the store/engine. ``submit`` is the proxy's ``on_span_end``.
 
-    def __init__(self, ctx: DaemonContext, engine: VerdictEngine, *, ack: bool, batch: int = 512) -> None:
+    A span goes straight into the store's next group commit (:meth:`AsyncStore.add_span`: no queue, no
+    task); the spans of one commit share its future. Once it committed, the requests waiting for it
+    complete (store ack ``commit``), metrics are updated and every span goes to the :class:`VerdictEngine`.
+    """
+
+    def __init__(self, ctx: DaemonContext, engine: VerdictEngine, *, ack: bool) -> None:
         self.ctx = ctx
         self.engine = engine
         self.ack = ack
-        self.batch = batch
-        self._queue: asyncio.Queue[tuple[Span, asyncio.Future[None] | None]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
         self._engine_tasks: set[asyncio.Task[None]] = set()
         self._idle_engine = type(engine) is PendingEngine  # nothing to run: no task per span
+        self._future: asyncio.Future[None] | None = None  # the commit the current spans ride on
+        self._spans: list[Span] = []
+        self._closed = False
 
     def submit(self, span: Span) -> asyncio.Future[None] | None:
-        fut = asyncio.get_running_loop().create_future() if self.ack else None
-        self._queue.put_nowait((span, fut))
-        return fut
+        fut = self.ctx.store.add_span(span)
+        if fut is not self._future:  # the first span of a new commit
+            self._future, self._spans = fut, []
+            fut.add_done_callback(functools.partial(self._stored, self._spans))
+        self._spans.append(span)
+        return fut if self.ack else None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._consume())
+        """Nothing to start: kept for the app's lifecycle (spans flow as soon as requests do)."""
 
-    async def _consume(self) -> None:
-        q = self._queue
-        while True:
-            items = [await q.get()]
-            while len(items) < self.batch and not q.empty():
-                items.append(q.get_nowait())
-            await self._write(items)
-
-    async def _write(self, items: list[tuple[Span, asyncio.Future[None] | None]]) -> None:
-        spans = [s for s, _ in items]
-        try:
-            await self.ctx.store.record_spans(spans)
-        except Exception as exc:
+    def _stored(self, spans: list[Span], fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
             self.ctx.metrics.store_errors.inc()
-            log.exception("cannot store %d spans", len(spans))
-            for _, fut in items:
-                if fut is not None and not fut.done():
-                    fut.set_exception(exc)
+            exc = None if fut.cancelled() else fut.exception()
+            log.error("cannot store %d spans", len(spans), exc_info=exc)
             return
-        for span, fut in items:
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        loop = fut.get_loop()
+        for span in spans:
             self.ctx.metrics.observe(span)
-            if self._idle_engine:
+            if self._idle_engine or self._closed:
                 continue
-            task = asyncio.get_running_loop().create_task(self._run_engine(span))
+            task = loop.create_task(self._run_engine(span))
             self._engine_tasks.add(task)
             task.add_done_callback(self._engine_tasks.discard)
 
@@ -232,16 +227,9 @@ class SpanPipeline:
             log.exception("verdict engine failed on span %s", span.id)
 
     async def close(self) -> None:
-        """Write what is queued, then stop (engine tasks are cancelled)."""
-        items = []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if items:
-            await self._write(items)
+        """Stop the engine's tasks (the store's close commits spans still queued; their verdicts are
+        resumed as pending at the next start)."""
+        self._closed = True
         for task in list(self._engine_tasks):
             task.cancel()
         await asyncio.gather(*self._engine_tasks, return_exceptions=True)

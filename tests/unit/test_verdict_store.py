@@ -229,3 +229,26 @@ def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
     store.put_verdict(final(tmp_path, f"{2:032x}"))
     assert store.pending() == [] and store.lookup(f"{2:032x}").state == "final"
     store.close()
+
+
+@pytest.mark.parametrize("sync", ["normal", "full"])
+async def test_add_span_gathers_one_iterations_spans_into_one_write(tmp_path: Path, sync: str) -> None:
+    store = AsyncStore(tmp_path / "s.sqlite3", sync=sync)
+    commits: list[str] = []
+    store.store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)  # type: ignore[attr-defined]
+    futures = [store.add_span(span(i)) for i in range(25)]
+    assert len({id(f) for f in futures}) == 1  # one write, one future for all of them
+    await futures[0]
+    assert len(commits) == 1 and (await store.counts())["spans"] == 25
+    later = store.add_span(span(99))  # a new iteration's span: a new write
+    assert later is not futures[0]
+    await later
+    bad = store.add_span(dataclasses.replace(span(100), end_ns=2**70))  # no SQLite integer holds it
+    with pytest.raises(OverflowError):
+        await bad
+    pending = store.add_span(span(101))
+    await store.close()  # commits what was gathered
+    assert pending.done() and pending.exception() is None
+    again = Store(tmp_path / "s.sqlite3")
+    assert again.counts()["spans"] == 27 and again.lookup(f"{101:032x}").state == "pending"
+    again.close()

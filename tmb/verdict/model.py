@@ -238,14 +238,25 @@ def _check(value: Any, path: str) -> None:
 
 
 def _ok(value: Any) -> bool:
-    """:func:`_check` without building paths (the common case: nothing to report)."""
-    if value is None or isinstance(value, str | int):  # bool is an int; float is not
-        return True
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _ok(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_ok(v) for v in value)
-    return False
+    """:func:`_check` without building paths (the common case: nothing to report); iterative, with exact
+    type tests first (this runs over every verdict the daemon signs)."""
+    stack = [value]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        v = pop()
+        t = type(v)
+        if t is str or t is int or t is bool or v is None:
+            continue
+        if t is dict:
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    return False
+                push(item)
+        elif t is list:
+            extend(v)
+        elif not isinstance(v, str | int) or isinstance(v, float):  # str/int subclasses (enums) are fine
+            return False
+    return True
 
 
 def canonical_bytes(data: Mapping[str, Any]) -> bytes:

@@ -336,6 +336,9 @@ class AsyncStore:
         self._batch: list[_Op] = []  # inline mode: writes waiting for the next loop iteration
         self._flush_handle: asyncio.Handle | None = None
         self._flush_soon = False  # the pending flush is for the next iteration (not LINGER_S away)
+        self._spans: list[Span] | None = None  # add_span: the spans of the write being gathered
+        self._spans_future: asyncio.Future[None] | None = None
+        self._spans_sealed_by_flush = False
         self._stop = threading.Event()
         if self.inline:
             self._thread = threading.Thread(target=self._checkpointer, name="tmb-store-ckpt", daemon=True)
@@ -362,6 +365,8 @@ class AsyncStore:
     def _flush(self) -> None:
         """Inline mode: commit the writes queued since the last flush, in one transaction."""
         batch, self._batch, self._flush_handle, self._flush_soon = self._batch, [], None, False
+        if self._spans_sealed_by_flush:
+            self._spans, self._spans_sealed_by_flush = None, False  # the next add_span starts a new write
         if batch:
             _resolve(_commit(self.store, batch))
 
@@ -419,6 +424,32 @@ class AsyncStore:
 
     async def record_spans(self, spans: Sequence[Span]) -> None:
         await self._submit(_WRITE, (spans, None))
+
+    def add_span(self, span: Span) -> asyncio.Future[None]:
+        """Queue ``span`` for the next group commit, without a task or a queue hop (the proxy's hot path).
+
+        Every span added during one loop iteration goes into the same write: they share the returned
+        future, which resolves once that write committed (or fails for all of them)."""
+        if self._spans is not None:
+            self._spans.append(span)
+            assert self._spans_future is not None
+            return self._spans_future
+        spans = [span]
+        self._spans = spans
+        if self.inline:  # the flush reads the list at the next iteration: it can keep growing until then
+            self._spans_future = self._submit(_WRITE, (spans, None))
+            self._spans_sealed_by_flush = True
+        else:  # the writer thread may take a queued write at once: queue the list once it is complete
+            loop = asyncio.get_running_loop()
+            self._spans_future = loop.create_future()
+            loop.call_soon(self._seal_spans)
+        return self._spans_future
+
+    def _seal_spans(self) -> None:
+        spans, fut = self._spans, self._spans_future
+        self._spans = None
+        if spans and fut is not None:
+            self._queue.put((_WRITE, (spans, None), fut))
 
     async def publish(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
         """The engine's write: store the final signed verdict, then wake whoever waits for it."""
@@ -482,6 +513,8 @@ class AsyncStore:
 
     async def close(self) -> None:
         """Finish what is queued, stop the thread, close the store."""
+        if self._spans is not None and not self.inline:
+            self._seal_spans()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush()
