@@ -44,15 +44,21 @@ if TYPE_CHECKING:
 
 
 class VerdictEngine(Protocol):
-    """Turns a finished span into a signed verdict. Called off the hot path, one task per span."""
+    """Turns finished spans into signed verdicts. Called off the hot path: one task per group of spans
+    committed together (``on_spans``), or per span resumed after a restart (``on_span``)."""
 
     async def on_span(self, span: Span) -> None: ...
+
+    async def on_spans(self, spans: Sequence[Span]) -> None: ...
 
 
 class PendingEngine:
     """The placeholder engine: leaves every verdict ``pending`` (the span pipeline already stored it so)."""
 
     async def on_span(self, span: Span) -> None:
+        return None
+
+    async def on_spans(self, spans: Sequence[Span]) -> None:
         return None
 
 
@@ -211,20 +217,19 @@ class SpanPipeline:
             exc = None if fut.cancelled() else fut.exception()
             log.error("cannot store %d spans", len(spans), exc_info=exc)
             return
-        loop = fut.get_loop()
         for span in spans:
             self.ctx.metrics.observe(span)
-            if self._idle_engine or self._closed:
-                continue
-            task = loop.create_task(self._run_engine(span))
-            self._engine_tasks.add(task)
-            task.add_done_callback(self._engine_tasks.discard)
+        if self._idle_engine or self._closed:
+            return
+        task = fut.get_loop().create_task(self._run_engine(spans))
+        self._engine_tasks.add(task)
+        task.add_done_callback(self._engine_tasks.discard)
 
-    async def _run_engine(self, span: Span) -> None:
+    async def _run_engine(self, spans: list[Span]) -> None:
         try:
-            await self.engine.on_span(span)
+            await self.engine.on_spans(spans)
         except Exception:
-            log.exception("verdict engine failed on span %s", span.id)
+            log.exception("verdict engine failed on %d spans (first %s)", len(spans), spans[0].id)
 
     async def close(self) -> None:
         """Stop the engine's tasks (the store's close commits spans still queued; their verdicts are

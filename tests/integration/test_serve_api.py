@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -34,6 +34,10 @@ class GatedEngine:
     def __init__(self, ctx: DaemonContext) -> None:
         self.ctx = ctx
         self.gate = asyncio.Event()
+
+    async def on_spans(self, spans: Sequence[Span]) -> None:
+        for span in spans:
+            await self.on_span(span)
 
     async def on_span(self, span: Span) -> None:
         await self.gate.wait()

@@ -174,3 +174,34 @@ def test_quote_findings_lead_and_repeats_are_dropped(tmp_path: Path, profiles: l
     assert verdict.decision is Decision.UNATTESTED
     assert [r.id for r in verdict.reasons] == ["ima.template_hash_mismatch", "binding.exe_not_measured"]
     assert verdict.reasons[0].message.endswith("(entry=2)")
+
+
+async def test_a_group_of_spans_gets_its_verdicts_together_and_a_bad_one_costs_only_itself(
+    tmp_path: Path, profiles: list[Profile]
+) -> None:
+    import json
+
+    engine = _engine(tmp_path, profiles)
+    spans = [_span(id=f"{i:032x}", node=f"gpu-node-{i % 2}") for i in range(6)]
+    spans.append(_span(id="f" * 32, first_byte_ns=None, worker=None))  # nobody served it: no verdict
+    bad = f"{3:032x}"
+    decide = engine.decide
+
+    def flaky(span: Span, *args: object) -> tuple[Verdict, list[object]]:
+        if span.id == bad:
+            raise RuntimeError("boom")
+        return decide(span, *args)  # type: ignore[arg-type]
+
+    engine.decide = flaky  # type: ignore[assignment,method-assign]
+    await engine.on_spans(spans)
+    docs = {}
+    for span in spans:
+        rec = await engine.store.lookup(span.id)
+        if rec.state == "final":
+            assert rec.doc is not None
+            docs[span.id] = json.loads(rec.doc)
+    assert sorted(docs) == sorted(f"{i:032x}" for i in range(6) if i != 3)
+    assert all(verify_verdict(d, [engine.signer.public]).ok for d in docs.values())
+    assert len({d["signature"] for d in docs.values()}) == 1  # both nodes' verdicts: one batch signature
+    assert {d["node"] for d in docs.values()} == {"gpu-node-0", "gpu-node-1"}
+    await engine.store.close()

@@ -104,12 +104,48 @@ class Engine:
         self.scorer = Scorer(profiles, target_far=self.settings.target_far) if profiles else None
 
     async def on_span(self, span: Span) -> None:
-        if not span.served or span.node is None:
-            return  # no worker answered: there is nothing to attest (the API answers 404)
-        window = widen(span, self.settings.min_window_s)
-        samples, summary, findings = await self._wait_for_evidence(span.node, window)
-        verdict, refs = self.decide(span, window, samples, summary, findings)
-        await self.store.publish(await self.batch_signer.sign(verdict), refs)
+        await self.on_spans([span])
+
+    async def on_spans(self, spans: Sequence[Span]) -> None:
+        """Decide, sign and publish the verdicts of spans stored together: one task for the group, the
+        spans of each node handled in order (their windows end within milliseconds of each other, so the
+        first wait for evidence covers the rest), nodes concurrently."""
+        by_node: dict[str, list[Span]] = {}
+        for span in spans:
+            if span.served and span.node is not None:  # else nothing to attest (the API answers 404)
+                by_node.setdefault(span.node, []).append(span)
+        if len(by_node) == 1:
+            node, group = next(iter(by_node.items()))
+            await self._decide_node(node, group)
+        elif by_node:
+            groups = list(by_node.items())
+            results = await asyncio.gather(
+                *(self._decide_node(n, g) for n, g in groups), return_exceptions=True
+            )
+            for (node, group), result in zip(groups, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error("verdicts for %d spans of node %s failed", len(group), node, exc_info=result)
+
+    async def _decide_node(self, node: str, spans: Sequence[Span]) -> None:
+        decided: list[tuple[Verdict, list[EvidenceRef]]] = []
+        for span in spans:
+            window = widen(span, self.settings.min_window_s)
+            samples, summary, findings = await self._wait_for_evidence(node, window)
+            try:
+                decided.append(self.decide(span, window, samples, summary, findings))
+            except Exception:  # one bad span must not cost the others their verdicts; this one stays pending
+                log.exception("cannot decide the verdict of span %s", span.id)
+        try:
+            signed = await self.batch_signer.sign_many([verdict for verdict, _ in decided])
+        except Exception:  # one verdict could not be encoded: sign the others on their own
+            signed = []
+            for verdict, refs in list(decided):
+                try:
+                    signed.append(await self.batch_signer.sign(verdict))
+                except Exception:
+                    log.exception("cannot sign the verdict of span %s", verdict.request_id)
+                    decided.remove((verdict, refs))
+        await self.store.publish_many([(v, refs) for v, (_, refs) in zip(signed, decided, strict=True)])
 
     async def _wait_for_evidence(
         self, node: str, window: Window

@@ -112,14 +112,20 @@ class BatchSigner:
         self.signer = signer
         self.max_batch = max_batch
         self.linger_s = linger_s
-        self._queue: list[tuple[Verdict, asyncio.Future[Verdict]]] = []
+        self._queue: list[tuple[Sequence[Verdict], asyncio.Future[list[Verdict]]]] = []
+        self._queued = 0
         self._handle: asyncio.TimerHandle | None = None
 
-    def sign(self, verdict: Verdict) -> asyncio.Future[Verdict]:
+    async def sign(self, verdict: Verdict) -> Verdict:
+        return (await self.sign_many([verdict]))[0]
+
+    def sign_many(self, verdicts: Sequence[Verdict]) -> asyncio.Future[list[Verdict]]:
+        """The verdicts signed, in order (one future for the group)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Verdict] = loop.create_future()
-        self._queue.append((verdict, fut))
-        if len(self._queue) >= self.max_batch:
+        fut: asyncio.Future[list[Verdict]] = loop.create_future()
+        self._queue.append((verdicts, fut))
+        self._queued += len(verdicts)
+        if self._queued >= self.max_batch:
             self._flush()
         elif self._handle is None:
             self._handle = loop.call_later(self.linger_s, self._flush)
@@ -128,21 +134,29 @@ class BatchSigner:
     def _flush(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        queued, self._queue, self._handle = self._queue, [], None
-        for start in range(0, len(queued), self.max_batch):
-            part = queued[start : start + self.max_batch]
+        queued, self._queue, self._queued, self._handle = self._queue, [], 0, None
+        flat = [v for group, _ in queued for v in group]
+        signed: list[Verdict | BaseException] = []
+        for start in range(0, len(flat), self.max_batch):
+            part = flat[start : start + self.max_batch]
             try:
-                signed = self.signer.sign_batch([v for v, _ in part])
-            except Exception as exc:  # an unencodable verdict: sign the others one by one
-                for verdict, fut in part:
+                signed += self.signer.sign_batch(part)
+            except Exception:  # an unencodable verdict: sign the others one by one
+                for verdict in part:
                     try:
-                        fut.set_result(self.signer.sign(verdict))
-                    except Exception as one:
-                        fut.set_exception(one if one is not exc else exc)
+                        signed.append(self.signer.sign(verdict))
+                    except Exception as exc:
+                        signed.append(exc)
+        at = 0
+        for group, fut in queued:
+            mine, at = signed[at : at + len(group)], at + len(group)
+            if fut.done():
                 continue
-            for (_, fut), verdict in zip(part, signed, strict=True):
-                if not fut.done():
-                    fut.set_result(verdict)
+            failed = next((r for r in mine if isinstance(r, BaseException)), None)
+            if failed is not None:
+                fut.set_exception(failed)
+            else:
+                fut.set_result([r for r in mine if isinstance(r, Verdict)])
 
 
 BATCH_DOMAIN = b"tmb-verdict-batch/1"

@@ -453,12 +453,19 @@ class AsyncStore:
 
     async def publish(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
         """The engine's write: store the final signed verdict, then wake whoever waits for it."""
-        if not verdict.signature:
+        await self.publish_many([(verdict, evidence)])
+
+    async def publish_many(self, finals: Sequence[tuple[Verdict, Sequence[EvidenceRef]]]) -> None:
+        """Several final verdicts in one write (they commit together), then wake whoever waits for them."""
+        if not finals:
+            return
+        if any(not verdict.signature for verdict, _ in finals):
             raise ValueError("refusing to store an unsigned verdict")
-        await self._submit(_WRITE, (None, (verdict, evidence)), soon=False)
-        for fut in self._waiters.pop(verdict.request_id, ()):
-            if not fut.done():
-                fut.set_result(None)
+        await self._submit(_WRITE, [(None, final) for final in finals], soon=False)
+        for verdict, _ in finals:
+            for fut in self._waiters.pop(verdict.request_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
 
     async def lookup(self, request_id: str) -> VerdictRecord:
         rec: VerdictRecord = await self._run(self.store.lookup, request_id)
@@ -538,14 +545,14 @@ def _commit(store: Backend, writes: list[_Op]) -> list[tuple[asyncio.Future[Any]
     """Commit ``writes`` in one transaction; when that fails, each on its own (the good ones still land)."""
     if not writes:
         return []
-    try:
-        store.write_batch([op[1] for op in writes])
+    try:  # an op's payload is one Write or a list of them (publish_many)
+        store.write_batch([w for op in writes for w in (op[1] if isinstance(op[1], list) else [op[1]])])
         return [(op[2], None, None) for op in writes]
     except Exception:
         done: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         for op in writes:
             try:
-                store.write_batch([op[1]])
+                store.write_batch(op[1] if isinstance(op[1], list) else [op[1]])
                 done.append((op[2], None, None))
             except Exception as exc:
                 done.append((op[2], exc, None))
