@@ -51,10 +51,18 @@ def normal_scores(x: FloatArray, cdf: Cdf, m0: float, m1: float) -> FloatArray:
 
 
 def _gauss_logpdf(z: Matrix, mean: Matrix, cov: Matrix) -> FloatArray:
+    return _gauss_logpdf_prepared(z, *_prepare(mean, cov))
+
+
+def _prepare(mean: Matrix, cov: Matrix) -> tuple[Matrix, Matrix, float]:
+    """What a Gaussian log-density needs of its parameters: mean, inverse, log-determinant."""
     chol = np.linalg.cholesky(cov)  # raises LinAlgError unless positive definite
-    inv = np.linalg.inv(cov)
+    inv: Matrix = np.asarray(np.linalg.inv(cov), dtype=np.float64)
+    return mean, inv, 2.0 * float(np.log(np.diag(chol)).sum())
+
+
+def _gauss_logpdf_prepared(z: Matrix, mean: Matrix, inv: Matrix, logdet: float) -> FloatArray:
     diff = z - mean
-    logdet = 2.0 * float(np.log(np.diag(chol)).sum())
     quad = ((diff @ inv) * diff).sum(axis=1)
     out: FloatArray = -0.5 * (z.shape[1] * math.log(2 * math.pi) + logdet + quad)
     return out
@@ -75,15 +83,29 @@ class Copula:
         n = min((s.size for s in scores.values()), default=0)
         if len(keep) < 2:
             return np.zeros(n)
-        idx = [self.names.index(k) for k in keep]
         z = np.stack([scores[k][:n] for k in keep], axis=1)
         parts = [
-            math.log(w) + _gauss_logpdf(z, np.asarray(m)[idx], np.asarray(c)[np.ix_(idx, idx)])
-            for w, m, c in zip(self.weights, self.means, self.covs, strict=True)
+            math.log(w) + _gauss_logpdf_prepared(z, *prepared)
+            for w, prepared in zip(self.weights, self._prepared(tuple(keep)), strict=True)
         ]
         logg = parts[0] if len(parts) == 1 else np.logaddexp.reduce(np.stack(parts), axis=0)
         base = -0.5 * (len(keep) * math.log(2 * math.pi) + (z * z).sum(axis=1))
         out: FloatArray = logg - base
+        return out
+
+    def _prepared(self, keep: tuple[str, ...]) -> list[tuple[Matrix, Matrix, float]]:
+        """Per component, the marginal over ``keep``: mean, inverse covariance, log-determinant. Computed
+        once per feature subset (the parameters never change; every window used to invert them again)."""
+        cache: dict[tuple[str, ...], list[tuple[Matrix, Matrix, float]]] = self.__dict__.setdefault(
+            "_prepared_cache", {}
+        )
+        out = cache.get(keep)
+        if out is None:
+            idx = [self.names.index(k) for k in keep]
+            out = cache[keep] = [
+                _prepare(np.asarray(m)[idx], np.asarray(c)[np.ix_(idx, idx)])
+                for m, c in zip(self.means, self.covs, strict=True)
+            ]
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ The outcome is statistical evidence, not a proof.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -169,7 +169,8 @@ class Scorer:
                 )
             )
         names = frozenset(usable)
-        fits = [(float(p.series(usable, copula=aligned).mean()), i) for i, p in enumerate(candidates)]
+        memo = _SeriesMemo()  # the claimed profile's series comes up three times per window: compute it once
+        fits = [(float(memo(p, usable, None, aligned).mean()), i) for i, p in enumerate(candidates)]
         claim_p = candidates[max(fits)[1]]
         missing = sorted(set(claim_p.features) - set(usable))
         if missing:
@@ -181,7 +182,7 @@ class Scorer:
                     features=missing,
                 )
             )
-        gof_series = claim_p.series(usable, copula=aligned)
+        gof_series = memo(claim_p, usable, None, aligned)
         gof_null, used_n = self._null(claim_p, None, gof_series.size, names, aligned)
         if gof_null is None:
             notes.append(finding("fingerprint.uncalibrated", "the profile's held-out data cannot calibrate"))
@@ -226,7 +227,7 @@ class Scorer:
             )
         best: tuple[float, str, float] | None = None  # (p-value, key, summed LLR)
         for alt in alternatives:
-            series = _series(usable, claim_p, alt, names, aligned)
+            series = _series(usable, claim_p, alt, names, aligned, memo)
             if series.size == 0:
                 continue
             null, _ = self._null(claim_p, alt, series.size, names, aligned)
@@ -312,20 +313,50 @@ class Scorer:
         return usable
 
 
+class _SeriesMemo:
+    """:meth:`Profile.series` results within one :meth:`Scorer.score` call, keyed by profile, values
+    object and the features actually used (the same window is scored against the same profile on the
+    same features several times: claim selection, goodness of fit, each likelihood ratio)."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[int, int, tuple[str, ...], bool], FloatArray] = {}
+
+    def __call__(
+        self, profile: Profile, values: Mapping[str, FloatArray], names: Collection[str] | None, copula: bool
+    ) -> FloatArray:
+        used = tuple(f for f in profile.features if f in values and (names is None or f in names))
+        key = (id(profile), id(values), used, copula)
+        out = self._done.get(key)
+        if out is None:
+            out = self._done[key] = profile.series(values, used, copula=copula)
+        return out
+
+
+_SeriesFn = Callable[[Profile, Mapping[str, FloatArray], Collection[str] | None, bool], FloatArray]
+
+
+def _direct(
+    profile: Profile, values: Mapping[str, FloatArray], names: Collection[str] | None, copula: bool
+) -> FloatArray:
+    return profile.series(values, names, copula=copula)
+
+
 def _series(
     values: Mapping[str, FloatArray],
     claimed: Profile,
     alt: Profile | None,
     names: frozenset[str],
     copula: bool,
+    series: _SeriesFn = _direct,
 ) -> FloatArray:
     """Log-likelihood under ``claimed`` or, with ``alt``, the log-likelihood ratio on common features."""
     if alt is None:
-        return claimed.series(values, names, copula=copula)
+        return series(claimed, values, names, copula)
     common = names & set(claimed.features) & set(alt.features)
     if not common:
         return np.zeros(0)
-    return claimed.series(values, common, copula=copula) - alt.series(values, common, copula=copula)
+    ratio: FloatArray = series(claimed, values, common, copula) - series(alt, values, common, copula)
+    return ratio
 
 
 def score_window(
