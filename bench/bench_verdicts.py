@@ -3,8 +3,9 @@
 Enrols two profiles (llama-1b bf16 and int8 on H100, batched load) from synthetic traces, then for N
 requests with 5 s windows (100 samples at 20 Hz): ``Engine.decide`` (feature extraction, the fingerprint
 score against the claimed profile and the best alternative), Ed25519 signing, and ``AsyncStore.publish``
-(one SQLite transaction with synchronous=FULL per verdict). Side by side in the same run, the peer: the
-same signing + storing with a pre-built verdict (no scoring), so the cost of scoring shows as a ratio.
+(one SQLite transaction per verdict, the daemon's default synchronous=NORMAL). Side by side in the same
+run, the peer: the same signing + storing with a pre-built verdict (no scoring), so the cost of scoring
+shows as a ratio.
 Run: ``.venv/bin/python bench/bench_verdicts.py [--requests N] [--repeats R]``. Prints the ratio last.
 """
 
