@@ -274,6 +274,7 @@ class Engine:
             reasons=tuple(reasons),
             telemetry_source="synthetic" if synthetic else source,
             issued_ns=time_ns(),
+            key_id=self.signer.key_id,
             attestation_evidence=tuple(r.digest for r in refs),
         )
         return verdict, refs

@@ -151,8 +151,13 @@ class Verdict:
         signed = self.evolve(signature=signature.hex(), batch=batch)
         at = signing_bytes.rfind(b',"telemetry_source":')
         extra = b',"signature":"%s"' % signed.signature.encode()
-        if batch is not None:
-            extra += b',"signature_batch":' + _encode(batch.to_dict())
+        if batch is not None:  # {"index","path","size"}: sorted keys, ints and hex strings need no escaping
+            path = b",".join(b'"%s"' % h.encode() for h in batch.path)
+            extra += b',"signature_batch":{"index":%d,"path":[%s],"size":%d}' % (
+                batch.index,
+                path,
+                batch.size,
+            )
         object.__setattr__(signed, "_encoded", signing_bytes[:at] + extra + signing_bytes[at:])
         return signed
 

@@ -92,7 +92,13 @@ class Signer:
         verdict of a larger batch carries the root's signature and its inclusion proof."""
         if len(verdicts) == 1:
             return [self.sign(verdicts[0])]
-        unsigned = [v.evolve(key_id=self.key_id, signature="", batch=None) for v in verdicts]
+        kid = self.key_id
+        unsigned = [  # the engine builds verdicts with our key id already: no copy needed then
+            v
+            if v.key_id == kid and not v.signature and v.batch is None
+            else v.evolve(key_id=kid, signature="", batch=None)
+            for v in verdicts
+        ]
         messages = [canonical_bytes(v.to_dict(signed=False)) for v in unsigned]
         root, paths = merkle_tree([leaf_hash(m) for m in messages])
         n = len(messages)

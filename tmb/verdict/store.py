@@ -202,11 +202,15 @@ class Store:
         now = time_ns()
         db = self._tx()
         try:
+            finals: list[tuple[Verdict, Sequence[EvidenceRef]]] = []  # consecutive ones: one executemany
             for spans, final in writes:
                 if spans is not None:
+                    self._insert_verdicts(db, finals, now)
+                    finals = []
                     self._insert_spans(db, spans, now)
                 if final is not None:
-                    self._insert_verdict(db, final[0], final[1], now)
+                    finals.append(final)
+            self._insert_verdicts(db, finals, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -233,18 +237,24 @@ class Store:
         )
 
     @staticmethod
-    def _insert_verdict(
-        db: sqlite3.Connection, verdict: Verdict, evidence: Sequence[EvidenceRef], now: int
+    def _insert_verdicts(
+        db: sqlite3.Connection, finals: Sequence[tuple[Verdict, Sequence[EvidenceRef]]], now: int
     ) -> None:
-        db.execute(
+        if not finals:
+            return
+        db.executemany(
             "INSERT INTO verdicts(request_id, decision, created_ns, updated_ns, doc, evidence) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET "
             "decision=excluded.decision, updated_ns=excluded.updated_ns, doc=excluded.doc, "
             "evidence=excluded.evidence",
-            (verdict.request_id, verdict.decision.value, now, now, verdict.encode(), evidence_json(evidence)),
+            [
+                (v.request_id, v.decision.value, now, now, v.encode(), evidence_json(evidence))
+                for v, evidence in finals
+            ],
         )
-        db.execute(
-            "UPDATE spans SET pending = NULL WHERE id = ? AND pending IS NOT NULL", (verdict.request_id,)
+        db.executemany(
+            "UPDATE spans SET pending = NULL WHERE id = ? AND pending IS NOT NULL",
+            [(v.request_id,) for v, _ in finals],
         )
 
     def get_span(self, request_id: str) -> Span | None:
