@@ -2,9 +2,10 @@
 
 Enrols two profiles (llama-1b bf16 and int8 on H100, batched load) from synthetic traces, then for N
 requests with 5 s windows (100 samples at 20 Hz): ``Engine.decide`` (feature extraction, the fingerprint
-score against the claimed profile and the best alternative), Ed25519 signing, and ``AsyncStore.publish``
-(one SQLite transaction per verdict, the daemon's default synchronous=NORMAL). Side by side in the same
-run, the peer: the same signing + storing with a pre-built verdict (no scoring), so the cost of scoring
+score against the claimed profile and the best alternative), then signing and storing them as the daemon
+does under load: batch signatures (``BatchSigner.sign_many``, one Ed25519 signature per 256 verdicts) and
+one store transaction (``AsyncStore.publish_many``, synchronous=NORMAL, the default). Side by side in the
+same run, the peer: the same signing + storing of pre-built verdicts (no scoring), so the cost of scoring
 shows as a ratio.
 Run: ``.venv/bin/python bench/bench_verdicts.py [--requests N] [--repeats R]``. Prints the ratio last.
 """
@@ -61,18 +62,20 @@ async def run(n: int, repeats: int) -> None:
         decisions: dict[str, int] = {}
         for r in range(repeats):
             t = time.process_time()
+            decided = []
             for i in range(n):
                 sp = span(i + r * n)
                 verdict, refs = engine.decide(sp, widen(sp, 1.0), windows[i], summary, [])
                 decisions[verdict.decision.value] = decisions.get(verdict.decision.value, 0) + 1
-                await engine.store.publish(signer.sign(verdict), refs)
+                decided.append((verdict, refs))
+            # as the daemon does under load: the verdicts decided together signed and stored together
+            signed = await engine.batch_signer.sign_many([v for v, _ in decided])
+            await engine.store.publish_many([(v, refs) for v, (_, refs) in zip(signed, decided, strict=True)])
             full.append((time.process_time() - t) / n)
             t = time.process_time()
-            for i in range(n):
-                await peer.publish(
-                    signer.sign(dataclasses.replace(verdict, request_id=f"{i + r * n:032x}")),
-                    refs,
-                )
+            prebuilt = [dataclasses.replace(verdict, request_id=f"{i + r * n:032x}") for i in range(n)]
+            signed = await engine.batch_signer.sign_many(prebuilt)
+            await peer.publish_many([(v, refs) for v in signed])
             sign_only.append((time.process_time() - t) / n)
         await engine.store.close()
         await peer.close()
