@@ -163,3 +163,23 @@ async def test_a_proxied_request_leaves_no_reference_cycles(daemon: Daemon) -> N
         gc.garbage.clear()
     writer.close()
     assert not {"Exchange", "HttpResponseParser", "_Rec", "Span", "Verdict", "Task"} & leaked, leaked
+
+
+async def test_without_aiohttps_private_hook_the_daemon_falls_back_to_the_aiohttp_engine(
+    tmp_path: Path, workers: W, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fast engine wraps aiohttp's private ``Application._make_handler``; an aiohttp without it must
+    cost speed, not service."""
+    import tmb.proxy.fast
+
+    monkeypatch.setattr(tmb.proxy.fast, "_HOOK", "_make_handler_of_a_future_aiohttp")
+    runner, d = await start_daemon(make_config(tmp_path, [("a", workers["a"][1])], engine="fast"))
+    try:
+        assert "cannot hook this aiohttp version" in caplog.text
+        reader, writer = await connect(d)
+        writer.write(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and len(headers["x-tmb-request-id"]) == 32
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -444,4 +444,5 @@ def make_proxy_routes(app: web.Application, proxy: Proxy) -> None:
         except ImportError as exc:  # httptools missing: every request through aiohttp
             log.warning("proxy engine 'fast' unavailable (%s): using 'aiohttp'", exc)
             return
-        install(app, proxy, route.resource)  # type: ignore[arg-type]
+        if not install(app, proxy, route.resource):  # type: ignore[arg-type]
+            log.warning("proxy engine 'fast' cannot hook this aiohttp version: using 'aiohttp'")

@@ -322,16 +322,24 @@ class _DispatchServer:
             worker.close_idle()
 
 
-def install(app: web.Application, proxy: Proxy, own: AbstractResource) -> None:
+def install(app: web.Application, proxy: Proxy, own: AbstractResource) -> bool:
     """Serve ``app``'s connections through the fast engine (call before the app's runner is set up).
 
     aiohttp has no public hook for the connection protocol, so the application's ``_make_handler`` (which
     the runner calls once, after start-up, to build its ``web.Server``) is wrapped for this instance.
+    False (and nothing changed) when this aiohttp has no such method: every request then goes through
+    aiohttp, slower but the same contract.
     """
-    make_handler = app._make_handler
+    make_handler = getattr(app, _HOOK, None)
+    if not callable(make_handler):
+        return False
 
     def _make_handler(**kwargs: Any) -> web.Server:
         inner = make_handler(**kwargs)
         return _DispatchServer(inner, lambda s: FastPath(proxy, s, app, own))  # type: ignore[return-value]
 
-    object.__setattr__(app, "_make_handler", _make_handler)
+    object.__setattr__(app, _HOOK, _make_handler)
+    return True
+
+
+_HOOK = "_make_handler"  # aiohttp's private method the runner calls to build its web.Server
