@@ -24,9 +24,9 @@ from tmb.attest.ingest import AttestationSummary
 from tmb.fingerprint import enroll
 from tmb.proxy.spans import Outcome, Span
 from tmb.telemetry.synthetic import generate
+from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.engine import Engine, EngineSettings, widen
 from tmb.verdict.signing import load_or_create_key
-from tmb.verdict.store import AsyncStore
 
 T0 = 1_700_000_000 * 10**9
 

@@ -33,8 +33,8 @@ from tmb.proxy.app import Proxy, make_proxy_routes
 from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
 from tmb.verdict.api import DaemonApi, Metrics, add_api_routes
+from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.signing import Signer, load_or_create_key
-from tmb.verdict.store import AsyncStore
 
 log = logging.getLogger("tmb.serve")
 

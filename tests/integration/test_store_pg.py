@@ -21,9 +21,10 @@ from pg import PgServer
 import tmb.verdict.store as store_module
 import tmb.verdict.store_pg as store_pg_module
 from tmb.proxy.spans import Outcome, Span
+from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Verdict, Window
 from tmb.verdict.signing import Signer, load_or_create_key
-from tmb.verdict.store import AsyncStore, EvidenceRef, Store, StoreError
+from tmb.verdict.store import EvidenceRef, Store, StoreError
 from tmb.verdict.store_pg import PgStore
 
 AnyStore = Store | PgStore
@@ -356,19 +357,28 @@ def test_daemons_writing_overlapping_spans_concurrently(pg_url: str) -> None:
         b.close()
 
 
-def test_daemons_starting_together_on_an_empty_database(pg_url: str) -> None:
-    start = threading.Barrier(4, timeout=WAIT_S)
+def _open_together(pg_url: str, n: int) -> list[PgStore]:
+    """``n`` daemons opening the store at the same moment; every one must succeed."""
+    start = threading.Barrier(n, timeout=WAIT_S)
     stores: list[PgStore] = []
 
     def open_one() -> None:
         start.wait()
         stores.append(PgStore(pg_url))
 
-    threads = [_in_thread(open_one) for _ in range(4)]
+    threads = [_in_thread(open_one) for _ in range(n)]
     for t, _ in threads:
         t.join(WAIT_S * 3)
+    errors = [e for _, errs in threads for e in errs]
+    for s in stores if errors else ():
+        s.close()
+    assert errors == [] and len(stores) == n, errors
+    return stores
+
+
+def test_daemons_starting_together_on_an_empty_database(pg_url: str) -> None:
+    stores = _open_together(pg_url, 4)
     try:
-        assert [errors for _, errors in threads] == [[], [], [], []] and len(stores) == 4
         stores[0].record_spans([span(1)])
         assert stores[3].lookup(rid(1)).state == "pending"
     finally:
@@ -595,18 +605,8 @@ def test_version_1_database_is_migrated(pg_url: str, signer: Signer) -> None:
 
 def test_daemons_starting_together_on_a_version_1_database(pg_url: str, signer: Signer) -> None:
     _make_v1(pg_url, signer)
-    start = threading.Barrier(4, timeout=WAIT_S)
-    stores: list[PgStore] = []
-
-    def open_one() -> None:
-        start.wait()
-        stores.append(PgStore(pg_url))
-
-    threads = [_in_thread(open_one) for _ in range(4)]
-    for t, _ in threads:
-        t.join(WAIT_S * 3)
+    stores = _open_together(pg_url, 4)
     try:
-        assert [errors for _, errors in threads] == [[], [], [], []] and len(stores) == 4
         for s in stores:  # migrated once, under the schema lock; every daemon sees version 2
             assert s.counts() == {"spans": 3, "pending": 1, "final": 2, "evidence": 2}
             assert s.evidence(rid(2)) == _V1_REFS

@@ -13,10 +13,10 @@ from tmb.fingerprint import Profile, enroll
 from tmb.proxy.spans import Outcome, Span
 from tmb.telemetry.sample import SampleBatch
 from tmb.telemetry.synthetic import generate
+from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.engine import Engine, EngineSettings, widen
 from tmb.verdict.model import Decision, Verdict
 from tmb.verdict.signing import load_or_create_key, verify_verdict
-from tmb.verdict.store import AsyncStore
 
 T0 = 1_700_000_000 * 10**9
 

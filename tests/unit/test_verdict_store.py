@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from tmb.proxy.spans import Outcome, Span
+from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Verdict, Window
 from tmb.verdict.signing import load_or_create_key
-from tmb.verdict.store import AsyncStore, EvidenceRef, Store, StoreError
+from tmb.verdict.store import EvidenceRef, Store, StoreError
 
 
 def span(i: int, end_ns: int = 1000, served: bool = True) -> Span:
@@ -136,7 +137,7 @@ async def test_async_store_group_commits_and_survives_reopen(tmp_path: Path, syn
 async def test_inline_store_checkpoints_in_the_background_and_prunes_in_slices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tmb.verdict.store as store_mod
+    import tmb.verdict.async_store as store_mod
 
     monkeypatch.setattr(store_mod, "CHECKPOINT_INTERVAL_S", 0.01)
     monkeypatch.setattr(store_mod, "PRUNE_SLICE", 7)
@@ -162,7 +163,7 @@ async def test_inline_store_checkpoints_in_the_background_and_prunes_in_slices(
 async def test_verdict_writes_linger_and_ride_along_with_the_next_span_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tmb.verdict.store as store_mod
+    import tmb.verdict.async_store as store_mod
 
     monkeypatch.setattr(store_mod, "LINGER_S", 60.0)  # a verdict alone would wait a minute
     store = AsyncStore(tmp_path / "s.sqlite3")

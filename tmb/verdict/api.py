@@ -36,9 +36,9 @@ from tmb.errors import ConfigError, TmbError
 from tmb.proxy.health import health_report
 from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
+from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision
 from tmb.verdict.signing import Signer
-from tmb.verdict.store import AsyncStore
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -42,9 +42,10 @@ from tmb.fingerprint.score import Score
 from tmb.proxy.spans import Span
 from tmb.telemetry.features import extract
 from tmb.telemetry.sample import SampleBatch
+from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Reason, Verdict, Window
 from tmb.verdict.signing import BatchSigner, Signer
-from tmb.verdict.store import AsyncStore, EvidenceRef
+from tmb.verdict.store import EvidenceRef
 
 log = logging.getLogger("tmb.verdict.engine")
 _NO_SAMPLES = SampleBatch.empty("nvml")  # immutable; built once (it costs tens of microseconds)

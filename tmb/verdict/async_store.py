@@ -1,0 +1,306 @@
+"""The store for asyncio code: group commit, the span fast path, long-poll wake-ups (see :class:`AsyncStore`).
+
+The tables and what each ``[store] sync`` mode survives are described in :mod:`tmb.verdict.store`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from tmb.proxy.spans import Span
+from tmb.verdict.model import Verdict
+from tmb.verdict.store import EvidenceRef, Store, VerdictRecord, Write
+
+log = logging.getLogger("tmb.store")
+
+
+class Backend(Protocol):
+    """What :class:`AsyncStore` needs of a store: :class:`Store` (SQLite) or ``store_pg.PgStore``."""
+
+    def write_batch(self, writes: Sequence[Write]) -> None: ...
+    def lookup(self, request_id: str) -> VerdictRecord: ...
+    def evidence(self, request_id: str) -> list[EvidenceRef]: ...
+    def pending(self, limit: int = 1000) -> list[str]: ...
+    def counts(self) -> dict[str, int]: ...
+    def prune(self, before_ns: int) -> int: ...
+    def close(self) -> None: ...
+
+
+class AsyncStore:
+    """A store for asyncio code: group commit, long-poll wake-ups on publish.
+
+    Over a SQLite :class:`Store` with ``sync="normal"`` (inline mode), writes run on the event loop's own
+    thread: every write queued during one loop iteration is committed in one transaction at the start of
+    the next (``write()`` to the WAL, no fsync); verdict writes, which no response waits for, linger up to
+    ``LINGER_S`` to share a transaction with others; reads run at once, and a background thread checkpoints
+    the WAL every second on its own connection. Otherwise (``sync="full"``, or another backend such as
+    PostgreSQL) every call is queued to one dedicated thread: writes queued while a transaction commits
+    are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event loop for the
+    whole group); other calls (reads, prune) run one by one after the group's commit, in the order queued.
+    Either way a caller's future resolves only after the transaction holding its write committed, so the
+    ``ack = "commit"`` guarantee holds per write.
+    """
+
+    def __init__(self, target: str | Path | Backend, *, sync: str = "normal") -> None:
+        self.store: Backend = Store(target, sync=sync) if isinstance(target, str | Path) else target
+        self.inline = isinstance(self.store, Store) and self.store.sync == "normal"
+        if isinstance(self.store, Store) and self.inline:
+            self.store.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._batch: list[_Op] = []  # inline mode: writes waiting for the next loop iteration
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_soon = False  # the pending flush is for the next iteration (not LINGER_S away)
+        self._spans: list[Span] | None = None  # add_span: the spans of the write being gathered
+        self._spans_future: asyncio.Future[None] | None = None
+        self._spans_sealed_by_flush = False
+        self._stop = threading.Event()
+        if self.inline:
+            self._thread = threading.Thread(target=self._checkpointer, name="tmb-store-ckpt", daemon=True)
+        else:
+            self._thread = threading.Thread(target=self._writer, name="tmb-store", daemon=True)
+        self._thread.start()
+
+    def _submit(self, kind: int, payload: Any, *, soon: bool = True) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if self.inline and kind == _WRITE:
+            self._batch.append((kind, payload, fut))
+            if soon and not self._flush_soon:  # a response waits for this write: next iteration
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush_handle = loop.call_soon(self._flush)
+                self._flush_soon = True
+            elif self._flush_handle is None:  # nobody's response waits: gather more first
+                self._flush_handle = loop.call_later(LINGER_S, self._flush)
+        else:
+            self._queue.put((kind, payload, fut))
+        return fut
+
+    def _flush(self) -> None:
+        """Inline mode: commit the writes queued since the last flush, in one transaction."""
+        batch, self._batch, self._flush_handle, self._flush_soon = self._batch, [], None, False
+        if self._spans_sealed_by_flush:
+            self._spans, self._spans_sealed_by_flush = None, False  # the next add_span starts a new write
+        if batch:
+            _resolve(_commit(self.store, batch))
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` against the store: at once in inline mode, else on the store's thread."""
+        if self.inline:
+            return fn(*args)
+        return await self._submit(_CALL, (fn, args))
+
+    def _writer(self) -> None:
+        q, store = self._queue, self.store
+        while True:
+            first = q.get()
+            if first is None:
+                return
+            ops = [first]
+            stop = False
+            while True:
+                try:
+                    op = q.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                ops.append(op)
+            done = _commit(store, [op for op in ops if op[0] != _CALL])
+            for kind, payload, fut in ops:
+                if kind == _CALL:
+                    fn, args = payload
+                    try:
+                        done.append((fut, None, fn(*args)))
+                    except Exception as exc:
+                        done.append((fut, exc, None))
+            _post(done)
+            if stop:
+                return
+
+    def _checkpointer(self) -> None:
+        """Inline mode: copy the WAL into the database file every second (the fsyncs happen here)."""
+        assert isinstance(self.store, Store)
+        try:
+            db = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            log.exception("store checkpointer cannot open %s", self.store.path)
+            return
+        try:
+            while not self._stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or full disk: the next round tries again
+                    log.warning("store checkpoint failed: %s", exc)
+        finally:
+            db.close()
+
+    async def record_spans(self, spans: Sequence[Span]) -> None:
+        await self._submit(_WRITE, (spans, None))
+
+    def add_span(self, span: Span) -> asyncio.Future[None]:
+        """Queue ``span`` for the next group commit, without a task or a queue hop (the proxy's hot path).
+
+        Every span added during one loop iteration goes into the same write: they share the returned
+        future, which resolves once that write committed (or fails for all of them)."""
+        if self._spans is not None:
+            self._spans.append(span)
+            assert self._spans_future is not None
+            return self._spans_future
+        spans = [span]
+        self._spans = spans
+        if self.inline:  # the flush reads the list at the next iteration: it can keep growing until then
+            self._spans_future = self._submit(_WRITE, (spans, None))
+            self._spans_sealed_by_flush = True
+        else:  # the writer thread may take a queued write at once: queue the list once it is complete
+            loop = asyncio.get_running_loop()
+            self._spans_future = loop.create_future()
+            loop.call_soon(self._seal_spans)
+        return self._spans_future
+
+    def _seal_spans(self) -> None:
+        spans, fut = self._spans, self._spans_future
+        self._spans = None
+        if spans and fut is not None:
+            self._queue.put((_WRITE, (spans, None), fut))
+
+    async def publish(self, verdict: Verdict, evidence: Sequence[EvidenceRef] = ()) -> None:
+        """The engine's write: store the final signed verdict, then wake whoever waits for it."""
+        await self.publish_many([(verdict, evidence)])
+
+    async def publish_many(self, finals: Sequence[tuple[Verdict, Sequence[EvidenceRef]]]) -> None:
+        """Several final verdicts in one write (they commit together), then wake whoever waits for them."""
+        if not finals:
+            return
+        if any(not verdict.signature for verdict, _ in finals):
+            raise ValueError("refusing to store an unsigned verdict")
+        await self._submit(_WRITE, [(None, final) for final in finals], soon=False)
+        for verdict, _ in finals:
+            for fut in self._waiters.pop(verdict.request_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def lookup(self, request_id: str) -> VerdictRecord:
+        rec: VerdictRecord = await self._run(self.store.lookup, request_id)
+        return rec
+
+    async def wait(self, request_id: str, timeout_s: float) -> VerdictRecord:
+        """Like :meth:`lookup`, but while pending wait up to ``timeout_s`` for the final verdict."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(request_id, set()).add(fut)
+            try:
+                rec = await self.lookup(request_id)
+                remaining = deadline - loop.time()
+                if rec.state != "pending" or remaining <= 0:
+                    return rec
+                # re-check at least once a second (another daemon may share the store)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fut, min(remaining, 1.0))
+            finally:
+                waiters = self._waiters.get(request_id)
+                if waiters is not None:
+                    waiters.discard(fut)
+                    if not waiters:
+                        del self._waiters[request_id]
+
+    async def evidence(self, request_id: str) -> list[EvidenceRef]:
+        refs: list[EvidenceRef] = await self._run(self.store.evidence, request_id)
+        return refs
+
+    async def pending(self, limit: int = 1000) -> list[str]:
+        ids: list[str] = await self._run(self.store.pending, limit)
+        return ids
+
+    async def prune(self, before_ns: int) -> int:
+        if not self.inline:
+            n: int = await self._run(self.store.prune, before_ns)
+            return n
+        assert isinstance(self.store, Store)
+        total = 0
+        while True:  # in slices, so the loop (and the proxy on it) never stalls for a big purge
+            n = self.store.prune(before_ns, limit=PRUNE_SLICE)
+            total += n
+            if n < PRUNE_SLICE:
+                return total
+            await asyncio.sleep(0)
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = await self._run(self.store.counts)
+        return counts
+
+    async def close(self) -> None:
+        """Finish what is queued, stop the thread, close the store."""
+        if self._spans is not None and not self.inline:
+            self._seal_spans()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush()
+        if self._thread.is_alive():
+            self._stop.set()
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+        if self.inline:
+            assert isinstance(self.store, Store)
+            with contextlib.suppress(sqlite3.Error):
+                self.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.store.close()
+
+
+CHECKPOINT_INTERVAL_S = 1.0
+LINGER_S = 0.005  # inline mode: how long a verdict write waits for company (no response waits for it)
+PRUNE_SLICE = 2000
+
+
+def _commit(store: Backend, writes: list[_Op]) -> list[tuple[asyncio.Future[Any], BaseException | None, Any]]:
+    """Commit ``writes`` in one transaction; when that fails, each on its own (the good ones still land)."""
+    if not writes:
+        return []
+    try:  # an op's payload is one Write or a list of them (publish_many)
+        store.write_batch([w for op in writes for w in (op[1] if isinstance(op[1], list) else [op[1]])])
+        return [(op[2], None, None) for op in writes]
+    except Exception:
+        done: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        for op in writes:
+            try:
+                store.write_batch(op[1] if isinstance(op[1], list) else [op[1]])
+                done.append((op[2], None, None))
+            except Exception as exc:
+                done.append((op[2], exc, None))
+        return done
+
+
+_WRITE, _CALL = 0, 1
+_Op = tuple[int, Any, "asyncio.Future[Any]"]
+
+
+def _post(done: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    """Resolve futures from the writer thread: one ``call_soon_threadsafe`` per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], BaseException | None, Any]]] = {}
+    for item in done:
+        by_loop.setdefault(item[0].get_loop(), []).append(item)
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], BaseException | None, Any]]) -> None:
+    for fut, exc, value in items:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
