@@ -1,10 +1,11 @@
 """``tmb serve --config FILE``: the daemon -- proxy, span pipeline, store, verdict API on one aiohttp server.
 
-Span flow: the proxy calls :meth:`SpanPipeline.submit` at the end of each request (cheap: a queue put). One
-consumer task drains the queue in batches, writes each batch in one store transaction (a served span is
-``pending`` until its verdict lands), resolves the requests waiting for that commit (store ack ``commit``),
-updates metrics and hands every span to the :class:`VerdictEngine`. The engine decides, signs and publishes
-(``ctx.store.publish(verdict, evidence)``), which makes the request final and wakes long-pollers.
+Span flow: the proxy calls :meth:`SpanPipeline.submit` at the end of each request, which puts the span
+into the store's next group commit (:meth:`AsyncStore.add_span`: no queue, no task; a served span is
+``pending`` until its verdict lands). Once that commit is done the requests waiting for it complete
+(store ack ``commit``), metrics are updated and the group of spans goes to the :class:`VerdictEngine` in
+one task. The engine decides, signs and publishes (``ctx.store.publish_many``), which makes the requests
+final and wakes long-pollers.
 
 The seam for what comes next is :func:`attach_engine_and_ingest`: it is where the real verdict engine
 (replacing :class:`PendingEngine`) and the evidence-ingest routes get attached.

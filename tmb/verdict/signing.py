@@ -88,7 +88,7 @@ class Signer:
     def sign_batch(self, verdicts: Sequence[Verdict]) -> list[Verdict]:
         """Sign many verdicts with one Ed25519 signature over the root of a Merkle tree of them.
 
-        A batch of one is signed on its own (no ``batch`` member): at low load nothing changes. Each
+        A batch of one is signed on its own (no ``signature_batch``): at low load nothing changes. Each
         verdict of a larger batch carries the root's signature and its inclusion proof."""
         if len(verdicts) == 1:
             return [self.sign(verdicts[0])]
