@@ -209,9 +209,6 @@ class SpanPipeline:
         self._spans.append(span)
         return fut if self.ack else None
 
-    def start(self) -> None:
-        """Nothing to start: kept for the app's lifecycle (spans flow as soon as requests do)."""
-
     def _stored(self, spans: list[Span], fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             self.ctx.metrics.store_errors.inc()
@@ -263,7 +260,6 @@ async def build_app(config: Config, *, engine_factory: EngineFactory | None = No
     make_proxy_routes(app, Proxy(pool, config.proxy, pipeline.submit))
 
     async def lifecycle(app: web.Application) -> object:
-        pipeline.start()
         pool.start_health_checks()
         retention = asyncio.get_running_loop().create_task(_retention_loop(ctx))
         yield

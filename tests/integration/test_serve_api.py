@@ -114,35 +114,28 @@ async def test_verdict_pending_long_poll_final_and_verifiable(
         "detail"
     ] == {"pcr": 10}
     path = tmp_path / "verdict.json"
-    path.write_bytes(body)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tmb",
-        "verify-verdict",
-        str(path),
-        "--keys-url",
-        f"{d.url}/v1/keys",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err
+
+    async def verify(doc: bytes) -> tuple[int | None, bytes, bytes]:
+        path.write_bytes(doc)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tmb",
+            "verify-verdict",
+            str(path),
+            "--keys-url",
+            f"{d.url}/v1/keys",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        return proc.returncode, out, err
+
+    code, out, err = await verify(body)
+    assert code == 0, err
     assert b"synthetic telemetry" in out
-    path.write_bytes(body.replace(b'"demo"', b'"verified"'))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tmb",
-        "verify-verdict",
-        str(path),
-        "--keys-url",
-        f"{d.url}/v1/keys",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    assert proc.returncode == 1 and b"signature_invalid" in err
+    code, _, err = await verify(body.replace(b'"demo"', b'"verified"'))
+    assert code == 1 and b"signature_invalid" in err
 
 
 async def test_api_errors_404_400(served: tuple[Daemon, GatedEngine], tmp_path: Path) -> None:

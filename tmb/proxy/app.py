@@ -347,6 +347,14 @@ class Proxy:
         expected = upstream.content_length
         empty = rec.method == "HEAD" or status in _NO_BODY_STATUS or expected == 0
         done = False
+
+        async def complete() -> bool:
+            """Token count and request size into the span, then emit it (False: its ack failed)."""
+            _tokens(rec, sse, json_parts)
+            if isinstance(body, _BodyStream):
+                _sync_stream(rec, body)
+            return await self._finish(rec)
+
         try:
             if empty:
                 if isinstance(body, _BodyStream):
@@ -366,20 +374,14 @@ class Proxy:
                     json_parts.append(chunk)
                 if expected is not None and n >= expected and not done:
                     rec.bytes_out = n
-                    _tokens(rec, sse, json_parts)
-                    if isinstance(body, _BodyStream):
-                        _sync_stream(rec, body)
                     done = True
-                    if not await self._finish(rec):
+                    if not await complete():
                         return _abort(request, resp)
                 await write(chunk)
                 rec.bytes_out = n
             if not done:
-                _tokens(rec, sse, json_parts)
-                if isinstance(body, _BodyStream):
-                    _sync_stream(rec, body)
                 done = True
-                if not await self._finish(rec):
+                if not await complete():
                     return _abort(request, resp)
             await resp.write_eof()
             upstream.release()

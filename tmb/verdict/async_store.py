@@ -61,7 +61,6 @@ class AsyncStore:
         self._flush_soon = False  # the pending flush is for the next iteration (not LINGER_S away)
         self._spans: list[Span] | None = None  # add_span: the spans of the write being gathered
         self._spans_future: asyncio.Future[None] | None = None
-        self._spans_sealed_by_flush = False
         self._stop = threading.Event()
         if self.inline:
             self._thread = threading.Thread(target=self._checkpointer, name="tmb-store-ckpt", daemon=True)
@@ -88,8 +87,7 @@ class AsyncStore:
     def _flush(self) -> None:
         """Inline mode: commit the writes queued since the last flush, in one transaction."""
         batch, self._batch, self._flush_handle, self._flush_soon = self._batch, [], None, False
-        if self._spans_sealed_by_flush:
-            self._spans, self._spans_sealed_by_flush = None, False  # the next add_span starts a new write
+        self._spans = None  # gathered spans are in this batch: the next add_span starts a new write
         if batch:
             _resolve(_commit(self.store, batch))
 
@@ -161,7 +159,6 @@ class AsyncStore:
         self._spans = spans
         if self.inline:  # the flush reads the list at the next iteration: it can keep growing until then
             self._spans_future = self._submit(_WRITE, (spans, None))
-            self._spans_sealed_by_flush = True
         else:  # the writer thread may take a queued write at once: queue the list once it is complete
             loop = asyncio.get_running_loop()
             self._spans_future = loop.create_future()
