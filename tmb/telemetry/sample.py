@@ -24,9 +24,9 @@ from tmb.errors import InputError
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-SourceKind = Literal["nvml", "synthetic", "replay"]
+SourceKind = Literal["nvml", "synthetic", "replay", "import"]
 PowerField = Literal["instant", "average", "none"]
-SOURCES: Final = ("nvml", "synthetic", "replay")
+SOURCES: Final = ("nvml", "synthetic", "replay", "import")
 POWER_FIELDS: Final = ("instant", "average", "none")
 
 #: The optional float fields of a sample, in canonical order (the encoding's field-mask bit order).
