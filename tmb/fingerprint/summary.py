@@ -1,0 +1,167 @@
+"""A window of telemetry reduced to what the load-aware fingerprint compares: per feature, the median and
+the noise around it, plus the window's load.
+
+Features (fractions of their scale, so GPUs of one kind compare across nodes):
+
+* ``power_frac``, ``gpu_util``, ``mem_util``, ``sm_active``, ``tensor_active``: :mod:`tmb.telemetry.features`;
+* ``mem_used_frac``: device memory in use / total (NVML ``nvmlDeviceGetMemoryInfo``);
+* ``proc_mem_frac``: GPU memory of the compute processes (NVML per-process ``usedGpuMemory``) / total.
+
+Memory is nearly deterministic for a (model, precision, engine, configuration): quantised weights change it
+even when the engine preallocates its cache. The median is the location statistic because it ignores the
+few samples a window catches of a ramp (weights loaded, cache not yet allocated) or a power spike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from tmb.fingerprint.beta import FloatArray
+from tmb.telemetry.features import extract
+from tmb.telemetry.load import LoadSeries
+from tmb.telemetry.sample import SampleBatch
+
+#: Every feature a load-aware profile may hold, in a fixed order.
+SUMMARY_FEATURES: Final = (
+    "power_frac",
+    "gpu_util",
+    "mem_util",
+    "sm_active",
+    "tensor_active",
+    "mem_used_frac",
+    "proc_mem_frac",
+)
+#: Features that do not drift with the day or the node (allocation is deterministic).
+MEMORY_FEATURES: Final = frozenset({"mem_used_frac", "proc_mem_frac"})
+#: Fewest samples of a feature for a window to be summarised.
+MIN_SAMPLES: Final = 10
+#: Largest lag-1 autocorrelation used for the effective sample size.
+MAX_RHO: Final = 0.95
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """One feature over one window: median, sample count, noise per effective sample."""
+
+    median: float
+    n: int
+    # Variance of the window median times the sample count: (pi/2) sd^2 (1+rho)/(1-rho).
+    noise: float
+
+    @property
+    def median_var(self) -> float:
+        return self.noise / max(self.n, 1)
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    """What the fingerprint scores for one window: its load and, per feature, a :class:`FeatureSummary`."""
+
+    t0_ns: int
+    t1_ns: int
+    load: float
+    features: Mapping[str, FeatureSummary]
+
+    @property
+    def seconds(self) -> float:
+        return (self.t1_ns - self.t0_ns) / 1e9
+
+    @property
+    def n_samples(self) -> int:
+        return max((f.n for f in self.features.values()), default=0)
+
+
+def sample_features(batch: SampleBatch) -> dict[str, FloatArray]:
+    """Per-sample values of every :data:`SUMMARY_FEATURES` member the batch has, aligned with the samples:
+    an invalid or missing value is NaN (see :mod:`tmb.telemetry.features` for what is invalid)."""
+    fs = extract(batch)
+    out: dict[str, FloatArray] = {
+        name: np.where(fs.masks[name], fs.raw[name], np.nan) for name in fs.values if name in fs.masks
+    }
+    total = batch.mem_total_bytes
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = np.where(total > 0, total, np.nan)
+        used = batch.mem_used_bytes / denom
+        if bool(np.isfinite(used).any()):
+            out["mem_used_frac"] = np.where((used >= 0) & (used <= 1.0), used, np.nan)
+        if any(batch.processes):
+            proc = np.array(
+                [
+                    sum(p[1] for p in procs if p[1] is not None) if procs else math.nan
+                    for procs in batch.processes
+                ],
+                dtype=np.float64,
+            )
+            frac = proc / denom
+            if bool(np.isfinite(frac).any()):
+                out["proc_mem_frac"] = np.where((frac >= 0) & (frac <= 1.0), frac, np.nan)
+    return out
+
+
+def _lag1(x: FloatArray) -> float:
+    if x.size < 3:
+        return 0.0
+    d = x - x.mean()
+    den = float(np.dot(d, d))
+    return float(np.dot(d[1:], d[:-1]) / den) if den > 0 else 0.0
+
+
+def summarise_values(values: Mapping[str, FloatArray], load: float, t0_ns: int, t1_ns: int) -> WindowSummary:
+    """Summarise per-sample feature values (NaN ignored; features with fewer than :data:`MIN_SAMPLES`
+    valid values are left out)."""
+    out: dict[str, FeatureSummary] = {}
+    for name in SUMMARY_FEATURES:
+        raw = values.get(name)
+        if raw is None:
+            continue
+        x = np.asarray(raw, dtype=np.float64)
+        x = x[np.isfinite(x)]
+        if x.size < MIN_SAMPLES:
+            continue
+        rho = min(max(_lag1(x), 0.0), MAX_RHO)
+        sd = float(x.std())
+        noise = (math.pi / 2.0) * sd * sd * (1.0 + rho) / (1.0 - rho)
+        out[name] = FeatureSummary(float(np.median(x)), int(x.size), noise)
+    return WindowSummary(int(t0_ns), int(t1_ns), float(load), out)
+
+
+def summarise(batch: SampleBatch, load: float) -> WindowSummary:
+    """Summarise a whole batch as one window whose load is ``load``."""
+    t0 = int(batch.t_ns[0]) if len(batch) else 0
+    t1 = int(batch.t_ns[-1]) if len(batch) else 0
+    return summarise_values(sample_features(batch), load, t0, t1)
+
+
+def window_summaries(
+    batch: SampleBatch, load: LoadSeries | None, window_s: float, stride_s: float | None = None
+) -> list[WindowSummary]:
+    """Consecutive windows of ``window_s`` (every ``stride_s``, default the window) over a trace.
+
+    A window's load is the time average of ``load`` over it (0 where the trace has no load series). Windows
+    with fewer than :data:`MIN_SAMPLES` samples of every feature are skipped.
+    """
+    if len(batch) == 0 or window_s <= 0:
+        return []
+    values = sample_features(batch)
+    stride = max(int((stride_s or window_s) * 1e9), 1)
+    width = int(window_s * 1e9)
+    t = batch.t_ns
+    last = int(t[-1])
+    out: list[WindowSummary] = []
+    t0 = int(t[0])
+    while t0 + width <= last + 1:
+        t1 = t0 + width
+        lo, hi = int(np.searchsorted(t, t0, "left")), int(np.searchsorted(t, t1, "left"))
+        if hi - lo >= MIN_SAMPLES:
+            mean_load = load.mean(t0, t1) if load is not None else 0.0
+            part = {name: v[lo:hi] for name, v in values.items()}
+            summary = summarise_values(part, mean_load, t0, t1)
+            if summary.features:
+                out.append(summary)
+        t0 += stride
+    return out
