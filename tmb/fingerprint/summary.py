@@ -165,3 +165,35 @@ def window_summaries(
                 out.append(summary)
         t0 += stride
     return out
+
+
+def growing_windows(
+    batch: SampleBatch, load: LoadSeries | None, window_s: float, step_s: float
+) -> list[tuple[WindowSummary, ...]]:
+    """Non-overlapping windows of ``window_s``, each as its prefixes of ``step_s``, ``2 step_s``, ... up
+    to the whole window (the last element): how long a window must grow before the fingerprint decides.
+
+    Windows whose whole length has fewer than :data:`MIN_SAMPLES` samples are skipped; short prefixes
+    are kept even when empty of features (they are then inconclusive).
+    """
+    if len(batch) == 0 or window_s <= 0 or step_s <= 0:
+        return []
+    values = sample_features(batch)
+    t = batch.t_ns
+    width = int(window_s * 1e9)
+    steps = [int(min(k * step_s, window_s) * 1e9) for k in range(1, math.ceil(window_s / step_s) + 1)]
+    out: list[tuple[WindowSummary, ...]] = []
+    t0, last = int(t[0]), int(t[-1])
+    while t0 + width <= last + 1:
+        lo = int(np.searchsorted(t, t0, "left"))
+        if int(np.searchsorted(t, t0 + width, "left")) - lo >= MIN_SAMPLES:
+            prefixes = []
+            for span in steps:
+                hi = int(np.searchsorted(t, t0 + span, "left"))
+                mean_load = load.mean(t0, t0 + span) if load is not None else 0.0
+                prefixes.append(
+                    summarise_values({k: v[lo:hi] for k, v in values.items()}, mean_load, t0, t0 + span)
+                )
+            out.append(tuple(prefixes))
+        t0 += width
+    return out
