@@ -7,6 +7,10 @@
 AR(1) noise with correlation time ``tau_s`` is added, power lags its target (~0.1 s) and is capped near the
 limit, NVML utilisation is quantised to integer percent (so exact 0 and 100 occur), the energy counter
 integrates power in whole mJ, temperature follows power with a 20 s time constant.
+
+Load sweeps (regime ``"sweep"``, ``load_schedule=[(seconds, requests_in_flight), ...]``) hold a closed-loop
+concurrency per step; a :class:`RunShift` (``shift=``) moves one run's levels as real sessions move. Every
+run's workload carries the requests in flight it simulated as a load series (``tmb.telemetry.load``).
 """
 
 from __future__ import annotations
@@ -15,21 +19,25 @@ import asyncio
 import math
 import time
 import uuid as uuidlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 from scipy.signal import lfilter
 
 from tmb.errors import Finding, InputError, Severity
+from tmb.telemetry.load import MAX_STEPS, LoadSeries
 from tmb.telemetry.sample import FLOAT_FIELDS, FloatArray, IntArray, SampleBatch
-from tmb.telemetry.workloads import MODELS, REGIMES, Levels, WorkloadModel
+from tmb.telemetry.workloads import MODELS, REGIMES, Levels, RunShift, WorkloadModel
 
 __all__ = [
     "MODELS",
     "REGIMES",
+    "SWEEP",
     "Levels",
+    "RunShift",
     "SyntheticRun",
     "SyntheticSource",
     "WorkloadModel",
@@ -38,6 +46,8 @@ __all__ = [
 ]
 
 IDLE, PREFILL, DECODE = 0, 1, 2
+SWEEP: Final = "sweep"
+_MEAN_OUTPUT_TOKENS: Final = 208.0  # the single regime's uniform 32..384
 _POWER_LAG_S: Final = 0.1
 _TEMP_TAU_S: Final = 20.0
 _GPM_FIELDS: Final = (
@@ -78,22 +88,29 @@ def _lag(x: FloatArray, a: float, prev: float) -> FloatArray:
 class _Simulator:
     """Stateful renderer: phases and loads at given times -> samples, continuous across calls."""
 
-    def __init__(self, m: WorkloadModel, rate_hz: float, seed: int, gpu: str | None) -> None:
+    def __init__(
+        self, m: WorkloadModel, rate_hz: float, seed: int, gpu: str | None, shift: RunShift | None = None
+    ) -> None:
         if not (math.isfinite(rate_hz) and 0 < rate_hz <= 1000):
             raise InputError("synthetic sample rate must be in (0, 1000] Hz", rate_hz=rate_hz)
         self.m = m
+        self.shift = shift = None if shift == RunShift() else shift
+        self.temp_idle_c = m.temp_idle_c if shift is None else m.temp_idle_c + shift.temp_c
         self.rng = np.random.default_rng(seed)
         self.dt = 1.0 / rate_hz
         self.phi = math.exp(-self.dt / m.tau_s)
         self.zi = self.phi * self.rng.standard_normal((1, 6))
-        self.power_prev = m.idle.power_frac
-        self.temp = m.temp_idle_c
+        self.power_prev = m.idle.power_frac if shift is None else m.idle.power_frac + shift.power_frac
+        self.temp = self.temp_idle_c
         self.energy_mj = float(self.rng.integers(10**8, 10**9))
         self.gpu = gpu or f"GPU-{uuidlib.UUID(bytes=self.rng.bytes(16))}"
         self.pid = int(self.rng.integers(1000, 60000))
         self.last_t_ns: int | None = None
 
-    def render(self, t_ns: IntArray, phase: IntArray, load: FloatArray) -> SampleBatch:
+    def render(
+        self, t_ns: IntArray, phase: IntArray, load: FloatArray, mem_used: FloatArray | None = None
+    ) -> SampleBatch:
+        """``mem_used``: device memory per sample (default: the model's flat ``mem_used_bytes``)."""
         m, n = self.m, int(t_ns.shape[0])
         if n == 0:
             return SampleBatch.empty("synthetic", synthetic=True, power_field="instant")
@@ -104,6 +121,8 @@ class _Simulator:
         decode = ds + (db - ds) * w
         ph = phase[:, None]
         means = np.where(ph == IDLE, idle, np.where(ph == PREFILL, pre, decode))
+        if self.shift is not None:
+            means = _shifted(means, ph != IDLE, idle, self.shift)
         sd = np.array(m.noise.as_tuple()) * np.where(ph == IDLE, 0.2, 1.0)
         dips = (phase == DECODE) & (self.rng.random(n) < m.tensor_dip)
         means[dips, 4] *= 0.5
@@ -123,17 +142,20 @@ class _Simulator:
         self.energy_mj = float(self.energy_mj + np.sum(power_w * gaps * 1000.0))
         self.last_t_ns = int(t_ns[-1])
         a_t = math.exp(-self.dt / _TEMP_TAU_S)
-        temp = _lag(m.temp_idle_c + m.temp_rise_c * pf, a_t, self.temp)
+        temp = _lag(self.temp_idle_c + m.temp_rise_c * pf, a_t, self.temp)
         self.temp = float(temp[-1])
         throttle = np.clip((pf - 0.97) * 3.0, 0.0, 0.3)
         sm_clock = np.where(phase == IDLE, m.sm_clock_idle_mhz, np.round(m.sm_clock_max_mhz * (1 - throttle)))
         const = np.ones(n)
+        mem = const * m.mem_used_bytes if mem_used is None else np.asarray(mem_used, dtype=np.float64)
+        if self.shift is not None:
+            mem = mem + self.shift.mem_used_bytes
         cols: dict[str, Any] = {
             "power_w": power_w,
             "energy_mj": energy,
             "gpu_util": np.round(x[:, 1] * 100.0),
             "mem_util": np.round(x[:, 2] * 100.0),
-            "mem_used_bytes": const * m.mem_used_bytes,
+            "mem_used_bytes": mem,
             "mem_total_bytes": const * m.mem_total_bytes,
             "sm_clock_mhz": sm_clock,
             "mem_clock_mhz": const * m.mem_clock_mhz,
@@ -150,16 +172,27 @@ class _Simulator:
                 "tensor_dfma": np.round(tensor * m.tensor_split[2], 4),
                 "dram_active": np.round(x[:, 5], 4),
             }
-        proc = ((self.pid, m.mem_used_bytes - 512 * 2**20),)
+        if mem_used is None and self.shift is None:
+            procs = [((self.pid, m.mem_used_bytes - 512 * 2**20),)] * n
+        else:
+            procs = [((self.pid, int(b) - 512 * 2**20),) for b in mem]
         return SampleBatch.from_columns(
             t_ns,
             (self.gpu,),
             source="synthetic",
             synthetic=True,
             power_field="instant",
-            processes=[proc] * n,
+            processes=procs,
             **cols,
         )
+
+
+def _shifted(means: FloatArray, busy: npt.NDArray[np.bool_], idle: FloatArray, s: RunShift) -> FloatArray:
+    """``means`` moved by a run shift: power gain above idle plus offset, utilisation offset when busy."""
+    out = means.copy()
+    out[:, 0] = idle[0] + s.gain * (means[:, 0] - idle[0]) + s.power_frac
+    out[:, 1:] = np.where(busy, np.clip(means[:, 1:] + s.util, 0.0, 1.0), means[:, 1:])
+    return out
 
 
 @dataclass(frozen=True)
@@ -206,24 +239,111 @@ def _schedule(
                 tokens += m.tokens_per_s_batched * conc / m.max_batch * dt
             i += 1
     elif regime != "idle":
-        raise InputError(f"unknown load regime {regime!r}", known=list(REGIMES))
+        raise InputError(f"unknown load regime {regime!r}", known=[*REGIMES, SWEEP])
     busy = load[phase == DECODE]
     batch_size = float(np.mean(busy * (m.max_batch - 1) + 1)) if busy.size and regime == "batched" else 1.0
     info = {"requests": requests, "tokens_generated": int(tokens), "batch_size": batch_size}
     return phase, load, info
 
 
+def _sweep_levels(schedule: Sequence[tuple[float, float]]) -> tuple[FloatArray, FloatArray]:
+    """(durations, requests in flight) of a load schedule; :class:`InputError` naming a bad step."""
+    if not schedule:
+        raise InputError("a load sweep needs at least one (seconds, requests in flight) step")
+    durations, levels = [], []
+    for i, step in enumerate(schedule):
+        seconds, level = (float(x) for x in step)
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise InputError("load sweep step durations must be positive seconds", step=i, seconds=seconds)
+        if not (math.isfinite(level) and 0 <= level <= 4096 and level == round(level)):
+            raise InputError("requests in flight must be a whole number in 0..4096", step=i, level=level)
+        durations.append(seconds)
+        levels.append(level)
+    return np.array(durations), np.array(levels)
+
+
+def _sweep(
+    m: WorkloadModel, schedule: Sequence[tuple[float, float]], n: int, dt: float, rng: np.random.Generator
+) -> tuple[IntArray, FloatArray, FloatArray, FloatArray, dict[str, Any]]:
+    """Closed loop: each step holds its requests in flight (a finished request is replaced at once).
+
+    Up to ``max_batch`` run (more wait in the queue); decode levels interpolate with the running count as
+    in the batched regime; each admitted prompt is a chunked-prefill share of its sample. Returns phase,
+    load, requests in flight, device memory per sample and the workload description.
+    """
+    durations, levels = _sweep_levels(schedule)
+    step = np.searchsorted(np.cumsum(durations), np.arange(n) * dt + 1e-9, side="right")
+    inflight = levels[np.minimum(step, levels.size - 1)]
+    running = np.minimum(inflight, m.max_batch)
+    load = np.clip((running - 1) / (m.max_batch - 1), 0.0, 1.0)
+    single, batched = m.tokens_per_s_single, m.tokens_per_s_batched / m.max_batch
+    rate = running * (single + (batched - single) * load**0.7)  # tokens/s, all sequences
+    admitted = rng.poisson(rate * dt / _MEAN_OUTPUT_TOKENS)
+    prompts = rng.integers(64, 1024, size=int(admitted.sum()), endpoint=True)
+    prompt_tokens = np.bincount(np.repeat(np.arange(n), admitted), weights=prompts, minlength=n)
+    phase = np.where(running > 0, DECODE, IDLE).astype(np.int64)
+    phase[rng.random(n) < prompt_tokens / m.prefill_tokens_per_s / dt] = PREFILL
+    decode = phase == DECODE
+    info = {
+        "engine": m.engine,
+        "load_schedule": [[float(d), float(c)] for d, c in zip(durations, levels, strict=True)],
+        "requests": int(admitted.sum()),
+        "tokens_generated": int(np.sum(rate[decode]) * dt),
+        "batch_size": float(np.mean(running[decode])) if bool(decode.any()) else 1.0,
+    }
+    mem = m.sweep_mem_bytes + m.mem_per_request_bytes * running
+    return phase, load, inflight, mem, info
+
+
+def _load_series(t_ns: IntArray, inflight: FloatArray, default: float, start_ns: int) -> dict[str, Any]:
+    """Requests in flight per sample as steps (time-averaged over equal chunks beyond the step limit)."""
+    if inflight.size == 0:
+        return LoadSeries.constant(default, start_ns, "series").to_dict()
+    t, v = t_ns, inflight.astype(np.float64)
+    if int(np.count_nonzero(np.diff(v))) >= MAX_STEPS:
+        idx = np.unique(np.linspace(0, v.size, MAX_STEPS // 2, endpoint=False).astype(np.int64))
+        t, v = t[idx], np.add.reduceat(v, idx) / np.diff(np.append(idx, v.size))
+    keep = np.concatenate([[True], v[1:] != v[:-1]])
+    return LoadSeries(tuple(int(x) for x in t[keep]), tuple(float(x) for x in v[keep]), "series").to_dict()
+
+
 def simulate(
-    model_name: str, regime: str, seconds: float, rate_hz: float = 20.0, seed: int = 0, start_ns: int = 0
+    model_name: str,
+    regime: str,
+    seconds: float,
+    rate_hz: float = 20.0,
+    seed: int = 0,
+    start_ns: int = 0,
+    *,
+    load_schedule: Sequence[tuple[float, float]] | None = None,
+    shift: RunShift | None = None,
 ) -> SyntheticRun:
-    """:func:`generate` plus the workload description (for trace metadata)."""
+    """:func:`generate` plus the workload description (for trace metadata).
+
+    ``regime="sweep"`` needs ``load_schedule``: ``(seconds, requests_in_flight)`` steps in order, the last
+    one held until ``seconds`` (a longer schedule is cut there). ``shift`` moves this run's levels
+    (default: none). ``workload["load"]`` is the requests in flight simulated, as a load series dict.
+    """
     m = model(model_name)
     if not (math.isfinite(seconds) and 0 <= seconds <= 7 * 86400):
         raise InputError("synthetic trace length must be between 0 and 7 days", seconds=seconds)
-    sim = _Simulator(m, rate_hz, seed, None)
+    if (regime == SWEEP) != (load_schedule is not None):
+        raise InputError("a load schedule goes with regime 'sweep', and only there", regime=regime)
+    sim = _Simulator(m, rate_hz, seed, None, shift)
     n = math.floor(seconds * rate_hz + 1e-9)
     t_ns = start_ns + np.round(np.arange(n) * (1e9 / rate_hz)).astype(np.int64)
-    phase, load, info = _schedule(m, regime, n, sim.dt, np.random.default_rng([seed, 1]))
+    rng = np.random.default_rng([seed, 1])
+    mem: FloatArray | None = None
+    if load_schedule is not None:
+        phase, load, inflight, mem, info = _sweep(m, load_schedule, n, sim.dt, rng)
+        first = float(info["load_schedule"][0][1])
+    else:
+        phase, load, info = _schedule(m, regime, n, sim.dt, rng)
+        if regime == "batched":
+            inflight = np.round(load * (m.max_batch - 1)) + 1.0
+        else:
+            inflight = (phase != IDLE).astype(np.float64)
+        first = 0.0
     workload = {
         "model": m.model,
         "precision": m.precision,
@@ -233,8 +353,11 @@ def simulate(
         "seconds": seconds,
         "seed": seed,
         **info,
+        "load": _load_series(t_ns, inflight, first, start_ns),
     }
-    return SyntheticRun(sim.render(t_ns, phase, load), workload)
+    if shift is not None:
+        workload["shift"] = shift.to_dict()
+    return SyntheticRun(sim.render(t_ns, phase, load, mem), workload)
 
 
 def generate(
@@ -254,6 +377,7 @@ class SyntheticSource:
     bulk), :meth:`request_finished` when it completes (or use :meth:`on_activity` as a callback). Samples
     lie on an exact ``rate_hz`` grid from construction time; a sample is in prefill while a request's
     prompt is being processed, in decode while any request runs (load from the number running), else idle.
+    ``shift`` moves its levels as one recording session's (:class:`RunShift`; default none).
     """
 
     kind: Final = "synthetic"
@@ -265,12 +389,13 @@ class SyntheticSource:
         rate_hz: float = 20.0,
         seed: int = 0,
         gpu: str | None = None,
+        shift: RunShift | None = None,
         clock: Callable[[], int] = time.time_ns,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.model = model_name if isinstance(model_name, WorkloadModel) else model(model_name)
         self.rate_hz = rate_hz
-        self._sim = _Simulator(self.model, rate_hz, seed, gpu)
+        self._sim = _Simulator(self.model, rate_hz, seed, gpu, shift)
         self._clock, self._sleep = clock, sleep
         self._period_ns = max(1, round(1e9 / rate_hz))
         self._next_ns = clock()
@@ -365,6 +490,17 @@ class SyntheticSource:
     def describe(self) -> dict[str, Any]:
         """Trace metadata for this source."""
         m = self.model
+        workload: dict[str, Any] = {
+            "model": m.model,
+            "precision": m.precision,
+            "gpu_type": m.gpu_type,
+            "workload_model": m.name,
+            "regime": "activity",
+            "requests": self.requests,
+            "tokens_generated": self.tokens_generated,
+        }
+        if self._sim.shift is not None:
+            workload["shift"] = self._sim.shift.to_dict()
         return {
             "source": "synthetic",
             "synthetic": True,
@@ -374,15 +510,7 @@ class SyntheticSource:
             "supported_fields": list(supported_fields(m)),
             "power_field": "instant",
             "rate_hz": self.rate_hz,
-            "workload": {
-                "model": m.model,
-                "precision": m.precision,
-                "gpu_type": m.gpu_type,
-                "workload_model": m.name,
-                "regime": "activity",
-                "requests": self.requests,
-                "tokens_generated": self.tokens_generated,
-            },
+            "workload": workload,
         }
 
     def close(self) -> None:

@@ -6,14 +6,21 @@ compute-bound prefill, near-100 % NVML utilisation whenever a request is in flig
 of one model differ by a few percent of the power limit and by tensor-activity level and shape: not
 separable on one sample, separable over tens of seconds. They are *not* measurements; recorded NVML traces
 (``tmb telemetry record --source nvml``) replace them where a GPU is available.
+
+:class:`RunShift` is what moves between recording sessions of one workload (day, node, temperature); the
+synthetic generator applies one per run when asked (``simulate(..., shift=...)``), never by default.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Final
 
+from tmb.errors import InputError
+
 GIB: Final = 1 << 30
+MIB: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,12 @@ class WorkloadModel:
     sampling, attention), which makes its distribution bimodal; ``tensor_split`` shares ``tensor_active``
     between the HMMA, IMMA and DFMA pipes. ``gpm`` False means the GPU has no GPM (pre-Hopper): SM, tensor
     and DRAM activity are absent from its samples.
+
+    Device memory: the ``idle``/``single``/``batched`` regimes report ``mem_used_bytes`` flat (as they always
+    have). Load sweeps (``simulate(..., "sweep", load_schedule=...)``) report ``mem_static_bytes`` (None: the
+    same ``mem_used_bytes``) plus ``mem_per_request_bytes`` per running sequence: nearly deterministic for a
+    (model, precision, engine, config), growing slightly with the batch, and lower for quantised weights
+    even though the engine preallocates its KV cache.
     """
 
     name: str
@@ -81,6 +94,48 @@ class WorkloadModel:
     mem_clock_mhz: float = 2619.0
     temp_idle_c: float = 33.0
     temp_rise_c: float = 45.0
+    engine: str = "vllm"
+    mem_static_bytes: int | None = None
+    mem_per_request_bytes: int = 3 * MIB
+
+    @property
+    def sweep_mem_bytes(self) -> int:
+        """Device memory in use with no sequence running, in the load-sweep path."""
+        return self.mem_used_bytes if self.mem_static_bytes is None else self.mem_static_bytes
+
+
+@dataclass(frozen=True)
+class RunShift:
+    """What moves between recording sessions of one workload on one kind of GPU.
+
+    ``power_frac`` is added to the mean power of every phase (fraction of the power limit), after ``gain``
+    has scaled the part above idle; ``util`` is added to the utilisation and activity means of busy samples;
+    ``mem_used_bytes`` to device memory in use; ``temp_c`` to the temperature. Draw one per run with
+    :func:`tmb.telemetry.synthetic_corpus.run_shift`; ``RunShift()`` changes nothing.
+    """
+
+    power_frac: float = 0.0
+    util: float = 0.0
+    mem_used_bytes: int = 0
+    temp_c: float = 0.0
+    gain: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in (self.power_frac, self.util, self.temp_c, self.gain)):
+            raise InputError("run shift values must be finite", shift=repr(self))
+        if not (0.5 <= self.gain <= 2.0 and abs(self.power_frac) <= 0.5 and abs(self.util) <= 0.5):
+            raise InputError("run shift out of range (gain 0.5-2, power and util offsets within 0.5)")
+        if abs(self.mem_used_bytes) > 8 * GIB or abs(self.temp_c) > 40.0:
+            raise InputError("run shift out of range (memory within 8 GiB, temperature within 40 C)")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "power_frac": self.power_frac,
+            "util": self.util,
+            "mem_used_bytes": self.mem_used_bytes,
+            "temp_c": self.temp_c,
+            "gain": self.gain,
+        }
 
 
 _IDLE_H100 = Levels(0.100, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -120,6 +175,8 @@ MODELS: Final[dict[str, WorkloadModel]] = {
             tensor_dip=0.30,
             tokens_per_s_single=330.0,
             tokens_per_s_batched=3800.0,
+            # bf16 embeddings (0.5 GiB) kept, the other ~1 B parameters at one byte: ~0.9 GiB less.
+            mem_static_bytes=72 * GIB - 920 * MIB,
         ),
         # FP8 (Hopper transformer engine): GEMMs on the HMMA pipe at lower activity, slightly less power.
         replace(
@@ -132,6 +189,7 @@ MODELS: Final[dict[str, WorkloadModel]] = {
             tensor_dip=0.15,
             tokens_per_s_single=310.0,
             tokens_per_s_batched=3600.0,
+            mem_static_bytes=72 * GIB - 880 * MIB,
         ),
         replace(
             _LLAMA_1B_BF16_H100,
@@ -143,6 +201,7 @@ MODELS: Final[dict[str, WorkloadModel]] = {
             tokens_per_s_single=150.0,
             tokens_per_s_batched=2000.0,
             prefill_tokens_per_s=9000.0,
+            mem_per_request_bytes=5 * MIB,
         ),
         # Launch-bound: the GPU waits for the host between small kernels, so even NVML utilisation drops.
         replace(
@@ -157,6 +216,7 @@ MODELS: Final[dict[str, WorkloadModel]] = {
             tokens_per_s_batched=9000.0,
             prefill_tokens_per_s=60000.0,
             mem_used_bytes=70 * GIB,
+            mem_per_request_bytes=1 * MIB,
         ),
         # A100 SXM4 80 GB: 400 W limit, higher idle share, runs closer to its limit; no GPM (pre-Hopper).
         replace(
