@@ -1,9 +1,10 @@
-"""``tmb telemetry record`` and ``tmb telemetry show``."""
+"""``tmb telemetry record``, ``tmb telemetry show`` and ``tmb telemetry import``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from tmb.errors import InputError
@@ -35,6 +36,59 @@ def register(sub: Any) -> None:
     show.add_argument("trace")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(func=_show)
+
+    _register_import(group)
+
+
+def _register_import(group: Any) -> None:
+    from tmb.telemetry.importers import FORMATS
+
+    imp = group.add_parser(
+        "import",
+        help="turn a recording (nvidia-smi, dmon, dcgmi, dcgm-exporter, nvsmi scrape) into a trace",
+        description="Read a telemetry recording made with another tool and write it as a tmb trace. "
+        "Formats: " + ", ".join(FORMATS) + " (see docs/telemetry.md, 'Importing recordings').",
+    )
+    imp.add_argument("input", metavar="INPUT", help="the recording")
+    imp.add_argument("--out", required=True, metavar="TRACE", help="trace file to write")
+    imp.add_argument("--format", choices=("auto", *FORMATS), default="auto", help="default: from the content")
+    imp.add_argument("--gpu", metavar="INDEX|UUID|BUS_ID", help="import this GPU only (default: every GPU)")
+    imp.add_argument(
+        "--utc-offset", metavar="+HH:MM", help="the recording host's offset from UTC (default: UTC)"
+    )
+    imp.add_argument("--start", metavar="TIME", help="time of the first sample where the file has none")
+    imp.add_argument(
+        "--interval", type=float, metavar="S", help="seconds between samples where the file has no times"
+    )
+    imp.add_argument(
+        "--power",
+        choices=("auto", "instant", "average"),
+        default="auto",
+        help="power reading (auto: instant if any)",
+    )
+    imp.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of failing"
+    )
+    imp.add_argument(
+        "--sort", action="store_true", help="sort samples whose times go backwards instead of failing"
+    )
+    imp.add_argument(
+        "--trim-idle", action="store_true", help="drop the leading and trailing 0 %% utilisation samples"
+    )
+    lab = imp.add_argument_group("labels (written to the trace metadata; flags win over --labels)")
+    lab.add_argument("--labels", metavar="FILE", help="sidecar JSON or TOML file with any of the keys below")
+    lab.add_argument("--model", help="served model")
+    lab.add_argument("--precision", help="weights precision (bf16, fp16, int8, ...)")
+    lab.add_argument("--engine", help="inference engine (vllm, trtllm, transformers, ...)")
+    lab.add_argument("--gpu-type", help="GPU type as profiles name it (h100, a100, v100s, ...)")
+    lab.add_argument("--regime", help="load regime")
+    lab.add_argument(
+        "--load", type=float, metavar="N", help="requests in flight, constant over the recording"
+    )
+    lab.add_argument("--run-id", help="recording session id (default: first 16 hex of the file's SHA-256)")
+    lab.add_argument("--node", help="node name (default: the GPU UUID, or unknown-node)")
+    lab.add_argument("--day", metavar="YYYY-MM-DD", help="day of the run (default: from the first timestamp)")
+    imp.set_defaults(func=_import)
 
 
 def _record(args: argparse.Namespace) -> int:
@@ -89,4 +143,62 @@ def _show(args: argparse.Namespace) -> int:
     workload = summary["workload"]
     if isinstance(workload, dict) and workload:
         print("workload:    " + ", ".join(f"{k}={v}" for k, v in sorted(workload.items())))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from tmb.telemetry.importers import ImportOptions, Labels, import_recording, parse_utc_offset
+
+    try:
+        offset = None if args.utc_offset is None else parse_utc_offset(args.utc_offset)
+    except ValueError as exc:
+        raise InputError(f"--utc-offset: {exc}") from None
+    options = ImportOptions(
+        format=args.format,
+        gpu=args.gpu,
+        utc_offset_s=offset,
+        start=args.start,
+        interval_s=args.interval,
+        power=args.power,
+        skip_bad_rows=args.skip_bad_rows,
+        sort=args.sort,
+        trim_idle=args.trim_idle,
+    )
+    given = Labels(
+        model=args.model,
+        precision=args.precision,
+        engine=args.engine,
+        gpu_type=args.gpu_type,
+        regime=args.regime,
+        load=args.load,
+        run_id=args.run_id,
+        node=args.node,
+        day=args.day,
+    )
+    labels = given.over(Labels.from_file(args.labels)) if args.labels else given
+    imported = import_recording(args.input, options, labels)
+    imp = imported.meta["import"]
+    skipped = imp["skipped"]
+    if skipped["count"]:
+        print(f"note: skipped {skipped['count']} row(s) of {args.input}:", file=sys.stderr)
+        for row in skipped["first"]:
+            print(f"  line {row['line']}: {row['reason']}", file=sys.stderr)
+        if skipped["count"] > len(skipped["first"]):
+            print(f"  ... and {skipped['count'] - len(skipped['first'])} more", file=sys.stderr)
+    if imp["readings_without_values"]:
+        print(
+            f"note: dropped {imp['readings_without_values']} reading(s) with no value (all N/A)",
+            file=sys.stderr,
+        )
+    if imp["trim_idle"]:
+        head, tail = imp["trim_idle"]["head"], imp["trim_idle"]["tail"]
+        print(f"note: --trim-idle dropped {head} leading and {tail} trailing idle sample(s)", file=sys.stderr)
+    if imp["timestamps"].get("assumed_utc"):
+        print("note: the file's local times were taken as UTC (pass --utc-offset)", file=sys.stderr)
+    imported.write(args.out)
+    s = imported.batch.summary()
+    print(
+        f"wrote {args.out}: {s['samples']} samples, {len(s['gpus'])} GPU(s), {s['span_s']:.1f} s, "
+        f"{s['rate_hz']:.2f} Hz per GPU, fields {', '.join(s['fields'])} ({imp['format']})"
+    )
     return 0
