@@ -3,9 +3,10 @@ the fingerprint profiles, and per node a measured boot (swtpm, AK, IMA log in st
 
 * **Commitment**: ``tmb commit`` of the sample workers' model directory (``sample_infra/corpus/``, the
   training text of their n-gram model, standing in for weights).
-* **Profiles**: enrolled from SYNTHETIC traces rendered by the same :class:`SyntheticSource` the workers
-  drive, on a virtual clock, under the demo's load (one request at a time, several seconds each, short
-  gaps): regime ``demo-sequential``. A window is only comparable with a profile of its own load regime.
+* **Profiles**: load-aware, enrolled from SYNTHETIC runs rendered by the same :class:`SyntheticSource` the
+  workers drive, on a virtual clock, under the demo's load (one request at a time, several seconds each,
+  short gaps: one request in flight), each run labelled with its load series; four runs, so the
+  leave-one-run-out calibration can decide (docs/profiles.md).
 * **Nodes**: a private swtpm, an RSA AK, and a binary IMA log written the way the kernel does (boot
   aggregate, the probe, the inference engine = this Python interpreter, the dm-verity mount of the
   committed image) while PCR 10 is extended with exactly what :class:`LogBuilder` returns. A node may be
@@ -27,7 +28,8 @@ from probes.tpm import AK_HANDLE
 from sample_infra.swtpm import Swtpm
 from tmb.attest.ima import iter_log
 from tmb.attest.ima_build import LogBuilder
-from tmb.fingerprint import Profile, enroll
+from tmb.fingerprint import enroll_runs, window_summaries
+from tmb.telemetry.load import LoadSeries
 from tmb.telemetry.sample import SampleBatch
 from tmb.telemetry.synthetic import SyntheticSource
 from tmb.verity import Commitment, commit_model, policy_toml_snippet
@@ -57,35 +59,55 @@ def commit_demo_model(out: Path) -> tuple[Commitment, Path]:
     return result.commitment, Path(result.commitment_path)
 
 
-def demo_trace(claim: str, seconds: float, seed: int, start_ns: int = 1_700_000_000 * 10**9) -> SampleBatch:
+def demo_run(
+    claim: str, seconds: float, seed: int, start_ns: int = 1_700_000_000 * 10**9
+) -> tuple[SampleBatch, LoadSeries]:
     """SYNTHETIC telemetry of the demo's load: back-to-back requests of 3-9 s with 0.05-0.5 s gaps, rendered
-    by a :class:`SyntheticSource` on a virtual clock (deterministic for a seed)."""
+    by a :class:`SyntheticSource` on a virtual clock (deterministic for a seed), and its load series."""
     now = [start_ns]
     source = SyntheticSource(claim, rate_hz=20.0, seed=seed, clock=lambda: now[0])
     rng = np.random.default_rng([seed, 7])
     parts = []
+    steps_t, steps_v = [start_ns], [0.0]
     end = start_ns + int(seconds * 1e9)
     while now[0] < end:
         source.request_started(tokens_expected=300, prompt_tokens=int(rng.integers(8, 48)))
+        steps_t.append(now[0])
+        steps_v.append(1.0)
         now[0] += int(rng.uniform(3.0, 9.0) * 1e9)
         parts.append(source.read())
         source.request_finished()
+        steps_t.append(now[0])
+        steps_v.append(0.0)
         now[0] += int(rng.uniform(0.05, 0.5) * 1e9)
         parts.append(source.read())
-    return SampleBatch.concat([p for p in parts if len(p)])
+    return SampleBatch.concat([p for p in parts if len(p)]), LoadSeries(
+        tuple(steps_t), tuple(steps_v), "series"
+    )
 
 
-def enrol_profiles(claims: list[str], out: Path, *, seconds: float = 60.0, traces: int = 3) -> list[Path]:
-    """A profile per claim (``model/precision/gpu``) from ``traces`` SYNTHETIC traces, saved under ``out``."""
+def demo_trace(claim: str, seconds: float, seed: int, start_ns: int = 1_700_000_000 * 10**9) -> SampleBatch:
+    """The telemetry of :func:`demo_run` alone."""
+    return demo_run(claim, seconds, seed, start_ns)[0]
+
+
+def enrol_profiles(claims: list[str], out: Path, *, seconds: float = 60.0, runs: int = 4) -> list[Path]:
+    """A load-aware profile per claim (``model/precision/gpu``) from ``runs`` SYNTHETIC runs, saved under
+    ``out``. Windows of 5 s, like the demo's requests."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, claim in enumerate(claims):
         model, precision, gpu = claim.split("/")
-        batches = [demo_trace(claim, seconds, seed=100 * i + s) for s in range(traces)]
-        profile: Profile
-        profile, _ = enroll(
-            model, batches, precision=precision, gpu_type=gpu, engine="sample", regime=REGIME, window_s=5
-        )
+        windows = {}
+        for s in range(runs):
+            batch, load = demo_run(
+                claim, seconds, seed=100 * i + s, start_ns=(1_700_000_000 + 3600 * s) * 10**9
+            )
+            windows[f"demo-{model}-{precision}-run{s}"] = window_summaries(batch, load, 5.0, 2.5)
+        profile = enroll_runs(
+            windows, model=model, precision=precision, engine="sample", gpu_type=gpu, regime=REGIME,
+            window_s=5.0, extra={"synthetic": True, "sources": ["sample_infra.demo_setup.demo_run"]},
+        )  # fmt: skip
         path = out / f"{model}_{precision}_{gpu}_{REGIME}.json"
         profile.save(path)
         paths.append(path)

@@ -40,8 +40,9 @@ from tmb.verdict.signing import Signer, load_or_create_key
 log = logging.getLogger("tmb.serve")
 
 if TYPE_CHECKING:
-    from tmb.fingerprint import Profile
+    from tmb.fingerprint.loadprofile import LoadProfile as Profile
     from tmb.verdict.engine import Engine
+    from tmb.verdict.model import Window
 
 
 class VerdictEngine(Protocol):
@@ -111,7 +112,14 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
         demo=cfg.verdicts.demo,
         target_far=cfg.fingerprint.target_far or None,
     )
-    engine = Engine(ctx.store, ctx.signer, ingest, load_profiles(cfg.fingerprint.profiles), settings)
+    engine = Engine(
+        ctx.store,
+        ctx.signer,
+        ingest,
+        load_profiles(cfg.fingerprint.profiles),
+        settings,
+        load_of=lambda span, window: _worker_load(ctx, span, window),
+    )
     app[ENGINE_KEY] = engine
     upload_dir = next((Path(p) for p in cfg.fingerprint.profiles if Path(p).is_dir()), None)
     if upload_dir is not None and API_KEY in app:
@@ -131,6 +139,12 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
     return engine
 
 
+def _worker_load(ctx: DaemonContext, span: Span, window: Window) -> float | None:
+    """Requests in flight on the span's worker over the window, as this daemon's proxy counted them."""
+    worker = next((w for w in ctx.pool.workers if w.name == span.worker), None)
+    return worker.load.mean(window.t0_ns, window.t1_ns) if worker is not None else None
+
+
 RESUMED_KEY = web.AppKey("tmb.resumed", set)
 API_KEY = web.AppKey("tmb.api", DaemonApi)
 ENGINE_KEY = web.AppKey("tmb.engine", object)
@@ -139,7 +153,7 @@ ENGINE_KEY = web.AppKey("tmb.engine", object)
 async def install_profile(engine: Engine, directory: Path, body: bytes) -> str:
     """Validate an uploaded profile, store it in ``directory`` (replacing one with the same key) and make
     the engine score with it. Written under a temporary name, renamed when it loaded cleanly."""
-    from tmb.fingerprint import load_profile
+    from tmb.fingerprint.loadprofile import load_profile
 
     if len(body) > MAX_PROFILE_BYTES:
         raise InputError(f"profile larger than {MAX_PROFILE_BYTES} bytes")
@@ -169,7 +183,7 @@ def _read_ak(path: str, node: str) -> bytes:
 
 def load_profiles(paths: Sequence[str]) -> list[Profile]:
     """Profiles from files and directories (every ``*.json`` in a directory), in a stable order."""
-    from tmb.fingerprint import load_profile
+    from tmb.fingerprint.loadprofile import load_profile
 
     files: list[Path] = []
     for entry in paths:

@@ -11,9 +11,9 @@ import aiohttp
 from test_proxy_support import make_config, start_daemon
 
 from tmb.config import AdminConfig, FingerprintConfig
-from tmb.fingerprint import enroll
+from sample_infra.demo_setup import enrol_profiles
+from tmb.fingerprint import load_profile
 from tmb.serve import ENGINE_KEY
-from tmb.telemetry.synthetic import generate
 from tmb.verdict.engine import Engine
 
 TOKEN = "admin-token-for-tests"
@@ -27,16 +27,8 @@ async def test_upload_installs_a_profile_the_engine_uses(tmp_path: Path) -> None
         admin=AdminConfig(enabled="true", token=TOKEN),
         fingerprint=FingerprintConfig(profiles=(str(profiles),)),
     )
-    profile, _ = enroll(
-        "llama-1b",
-        [generate("llama-1b/bf16/h100", "batched", 40, seed=s) for s in range(3)],
-        precision="bf16",
-        gpu_type="h100",
-        regime="batched",
-        window_s=5,
-    )
-    saved = tmp_path / "upload.json"
-    profile.save(saved)
+    (saved,) = enrol_profiles(["llama-1b/bf16/h100"], tmp_path / "enrolled", seconds=30)
+    profile = load_profile(saved)
     runner, daemon = await start_daemon(config)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
@@ -46,6 +38,9 @@ async def test_upload_installs_a_profile_the_engine_uses(tmp_path: Path) -> None
             async with s.post(f"{daemon.url}/admin/profiles", data=b'{"version": 1}', headers=auth) as r:
                 assert r.status == 400
                 assert (await r.json())["error"]["type"] == "bad_profile"
+            old = json.dumps({**profile.to_dict(), "version": 1}).encode()  # format 1: not load-aware
+            async with s.post(f"{daemon.url}/admin/profiles", data=old, headers=auth) as r:
+                assert r.status == 400 and "re-enrol" in await r.text()
             assert list(profiles.iterdir()) == []  # nothing half-written is left behind
             async with s.post(f"{daemon.url}/admin/profiles", data=saved.read_bytes(), headers=auth) as r:
                 assert r.status == 201, await r.text()
@@ -55,6 +50,6 @@ async def test_upload_installs_a_profile_the_engine_uses(tmp_path: Path) -> None
         assert len(stored) == 1 and json.loads(stored[0].read_text())["model"] == "llama-1b"
         engine = daemon.app[ENGINE_KEY]
         assert isinstance(engine, Engine) and [p.key for p in engine.profiles] == [key]
-        assert engine.scorer is not None
+        assert engine.judge is not None
     finally:
         await runner.cleanup()

@@ -9,10 +9,10 @@ import pytest
 
 from tmb.attest.ingest import AttestationSummary
 from tmb.errors import Finding
-from tmb.fingerprint import Profile, enroll
+from sample_infra.demo_setup import demo_trace, enrol_profiles
+from tmb.fingerprint import LoadProfile, load_profile
 from tmb.proxy.spans import Outcome, Span
 from tmb.telemetry.sample import SampleBatch
-from tmb.telemetry.synthetic import generate
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.engine import Engine, EngineSettings, widen
 from tmb.verdict.model import Decision, Verdict
@@ -22,14 +22,10 @@ T0 = 1_700_000_000 * 10**9
 
 
 @pytest.fixture(scope="module")
-def profiles() -> list[Profile]:
-    out = []
-    for claim in ("llama-1b/bf16/h100", "llama-1b/int8/h100"):
-        model, precision, gpu = claim.split("/")
-        traces = [generate(claim, "batched", 60, seed=s) for s in range(3)]
-        profile, _ = enroll(model, traces, precision=precision, gpu_type=gpu, regime="batched", window_s=5)
-        out.append(profile)
-    return out
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> list[LoadLoadProfile]:
+    """Load-aware profiles of the demo's load (one request in flight), four synthetic runs each."""
+    out = tmp_path_factory.mktemp("profiles")
+    return [load_profile(p) for p in enrol_profiles(["llama-1b/bf16/h100", "llama-1b/int8/h100"], out)]
 
 
 def _span(**kw: object) -> Span:
@@ -75,13 +71,16 @@ def _summary(ok: bool = True) -> AttestationSummary:
     )
 
 
-def _engine(tmp_path: Path, profiles: list[Profile], *, demo: bool = True) -> Engine:
+def _engine(
+    tmp_path: Path, profiles: list[LoadProfile], *, demo: bool = True, load: float | None = None
+) -> Engine:
     signer = load_or_create_key(str(tmp_path / "key.pem"))
-    return Engine(AsyncStore(str(tmp_path / "store.db")), signer, None, profiles, EngineSettings(demo=demo))
+    store = AsyncStore(str(tmp_path / "store.db"))
+    return Engine(store, signer, None, profiles, EngineSettings(demo=demo), load_of=lambda _s, _w: load)
 
 
 def _window(claim: str, seed: int = 99) -> SampleBatch:
-    return generate(claim, "batched", 6, seed=seed, start_ns=T0)
+    return demo_trace(claim, 6, seed=seed, start_ns=T0).slice_time(T0, T0 + 6 * 10**9)
 
 
 def _decide(engine: Engine, span: Span, samples: SampleBatch, summary: AttestationSummary | None) -> Verdict:
@@ -90,7 +89,7 @@ def _decide(engine: Engine, span: Span, samples: SampleBatch, summary: Attestati
     return verdict
 
 
-def test_honest_synthetic_is_demo_never_verified(tmp_path: Path, profiles: list[Profile]) -> None:
+def test_honest_synthetic_is_demo_never_verified(tmp_path: Path, profiles: list[LoadProfile]) -> None:
     v = _decide(_engine(tmp_path, profiles), _span(), _window("llama-1b/bf16/h100"), _summary())
     assert v.decision is Decision.DEMO and v.telemetry_source == "synthetic"
     assert v.fingerprint["decision"] == "consistent" and v.attestation["verified"] is True
@@ -102,13 +101,13 @@ def test_honest_synthetic_is_demo_never_verified(tmp_path: Path, profiles: list[
     assert [r.id for r in v.reasons] == ["telemetry.synthetic"]
 
 
-def test_quantized_impostor_is_a_model_mismatch(tmp_path: Path, profiles: list[Profile]) -> None:
+def test_quantized_impostor_is_a_model_mismatch(tmp_path: Path, profiles: list[LoadProfile]) -> None:
     v = _decide(_engine(tmp_path, profiles), _span(), _window("llama-1b/int8/h100"), _summary())
     assert v.decision is Decision.MODEL_MISMATCH
     assert v.fingerprint["best_alternative"] and "int8" in v.fingerprint["best_alternative"]
 
 
-def test_attestation_failures_are_unattested(tmp_path: Path, profiles: list[Profile]) -> None:
+def test_attestation_failures_are_unattested(tmp_path: Path, profiles: list[LoadProfile]) -> None:
     engine = _engine(tmp_path, profiles)
     v = _decide(engine, _span(), _window("llama-1b/bf16/h100"), _summary(ok=False))
     assert v.decision is Decision.UNATTESTED and v.reasons[0].id == "dm.verity_root_mismatch"
@@ -116,7 +115,7 @@ def test_attestation_failures_are_unattested(tmp_path: Path, profiles: list[Prof
     assert v.decision is Decision.UNATTESTED and v.reasons[0].id == "attestation.no_quote"
 
 
-def test_missing_profile_and_short_windows(tmp_path: Path, profiles: list[Profile]) -> None:
+def test_missing_profile_and_short_windows(tmp_path: Path, profiles: list[LoadProfile]) -> None:
     engine = _engine(tmp_path, profiles)
     v = _decide(engine, _span(model_served="mixtral/bf16/h100"), _window("llama-1b/bf16/h100"), _summary())
     assert v.decision is Decision.INSUFFICIENT_TELEMETRY and v.reasons[0].id == "fingerprint.no_profile"
@@ -125,10 +124,38 @@ def test_missing_profile_and_short_windows(tmp_path: Path, profiles: list[Profil
     assert window.widened and window.t1_ns - window.t0_ns == 10**9 and window.t0_ns < T0
     v = _decide(engine, short, _window("llama-1b/bf16/h100").slice_time(T0, T0 + 10**8), _summary())
     assert v.window.widened and v.reasons[0].id == "window.widened"
-    assert v.decision is Decision.INSUFFICIENT_TELEMETRY
+    # two samples cannot decide: the fingerprint is inconclusive, which never breaks a chain that held
+    assert v.fingerprint["decision"] == "inconclusive"
+    assert v.decision is Decision.DEMO and "fingerprint.inconclusive" in [r.id for r in v.reasons]
+    v = _decide(engine, _span(), SampleBatch.empty("nvml"), _summary())
+    assert v.decision is Decision.INSUFFICIENT_TELEMETRY  # no telemetry at all is not inconclusive
 
 
-async def test_signed_verdict_verifies_and_floats_stay_out(tmp_path: Path, profiles: list[Profile]) -> None:
+def test_the_load_the_proxy_counted_is_scored(tmp_path: Path, profiles: list[LoadProfile]) -> None:
+    """The profiles know one request in flight; at 12 the window is outside what was enrolled: even an
+    impostor's window is then inconclusive (never a mismatch), and the verdict carries the load."""
+    v = _decide(_engine(tmp_path, profiles, load=12.0), _span(), _window("llama-1b/int8/h100"), _summary())
+    assert v.fingerprint["decision"] == "inconclusive" and v.fingerprint["load"] == "12"
+    assert v.decision is Decision.DEMO
+    assert any("outside every enrolled load range" in r.message for r in v.reasons)
+    v = _decide(_engine(tmp_path, profiles, load=1.0), _span(), _window("llama-1b/int8/h100"), _summary())
+    assert v.decision is Decision.MODEL_MISMATCH and v.fingerprint["load"] == "1"
+
+
+def test_real_telemetry_with_an_inconclusive_fingerprint_is_verified(
+    tmp_path: Path, profiles: list[LoadProfile]
+) -> None:
+    real = _window("llama-1b/bf16/h100").with_source("nvml")
+    real = SampleBatch(**{**real._fields(), "synthetic": False})
+    v = _decide(_engine(tmp_path, profiles, demo=False, load=40.0), _span(), real, _summary())
+    assert v.decision is Decision.VERIFIED and v.fingerprint["decision"] == "inconclusive"
+    assert [r.id for r in v.reasons] == ["fingerprint.inconclusive"]
+    v = _decide(_engine(tmp_path, profiles, demo=False, load=1.0), _span(), real, _summary())
+    assert v.decision is Decision.VERIFIED and [r.id for r in v.reasons] == ["fingerprint.consistent"]
+    assert v.fingerprint["power"] is not None and v.fingerprint["runs"] == 4
+
+
+async def test_signed_verdict_verifies_and_floats_stay_out(tmp_path: Path, profiles: list[LoadProfile]) -> None:
     engine = _engine(tmp_path, profiles)
     verdict = _decide(engine, _span(), _window("llama-1b/bf16/h100"), _summary())
     signed = engine.signer.sign(verdict)
@@ -140,7 +167,7 @@ async def test_signed_verdict_verifies_and_floats_stay_out(tmp_path: Path, profi
     await engine.store.close()
 
 
-def test_attestation_reasons_name_the_entry_and_the_rule(tmp_path: Path, profiles: list[Profile]) -> None:
+def test_attestation_reasons_name_the_entry_and_the_rule(tmp_path: Path, profiles: list[LoadProfile]) -> None:
     """A verdict's reasons have no context member: where a check failed (the IMA entry, the verity rule)
     must be in the message, or the verdict cannot say which entry was edited."""
     findings = (
@@ -160,7 +187,7 @@ def test_attestation_reasons_name_the_entry_and_the_rule(tmp_path: Path, profile
     ]
 
 
-def test_quote_findings_lead_and_repeats_are_dropped(tmp_path: Path, profiles: list[Profile]) -> None:
+def test_quote_findings_lead_and_repeats_are_dropped(tmp_path: Path, profiles: list[LoadProfile]) -> None:
     """The window's stored findings (a process binding, reported once per bindings document) are
     consequences; the quote's own findings (which IMA entry was edited) come first, each reason once."""
     binding = Finding("binding.exe_not_measured", "not measured", context={"pid": 7, "exe": "/e"})
@@ -177,7 +204,7 @@ def test_quote_findings_lead_and_repeats_are_dropped(tmp_path: Path, profiles: l
 
 
 async def test_a_group_of_spans_gets_its_verdicts_together_and_a_bad_one_costs_only_itself(
-    tmp_path: Path, profiles: list[Profile]
+    tmp_path: Path, profiles: list[LoadProfile]
 ) -> None:
     import json
 

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from time import time_ns
 from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
 from tmb.config import ProxyConfig, WorkerConfig
+from tmb.telemetry.load import LoadRecorder
 
 if TYPE_CHECKING:
     from tmb.proxy.fast_upstream import FastUpstream
@@ -29,13 +31,14 @@ class Worker:
     """Runtime state of one configured worker. Create inside a running event loop."""
 
     __slots__ = (
+        "_inflight",
         "config",
         "healthy",
         "host",
         "host_header",
         "idle",
-        "inflight",
         "last_error",
+        "load",
         "origin",
         "plain",
         "port",
@@ -45,7 +48,8 @@ class Worker:
     def __init__(self, config: WorkerConfig, proxy: ProxyConfig) -> None:
         self.config = config
         self.origin = config.url.rstrip("/")
-        self.inflight = 0
+        self._inflight = 0
+        self.load = LoadRecorder()  # requests in flight over time: the fingerprint's load
         self.healthy = True
         self.last_error: str | None = None
         url = URL(self.origin)
@@ -71,6 +75,15 @@ class Worker:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, value: int) -> None:
+        self._inflight = value
+        self.load.set(time_ns(), value)
 
     @property
     def full(self) -> bool:

@@ -22,6 +22,7 @@ Absent keys are derived: the run id from the trace's first timestamp and GPU, th
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -173,3 +174,37 @@ def series_from_intervals(intervals: Sequence[tuple[int, int]], source: str = "s
         ts.append(t)
         vs.append(float(level))
     return LoadSeries(tuple(ts), tuple(vs), source)
+
+
+class LoadRecorder:
+    """Requests in flight on one worker as they change, for the daemon: the proxy calls :meth:`set` on
+    every change; :meth:`mean` answers a request window's load. Keeps between ``keep`` and ``2 keep``
+    recent changes; before the oldest one kept, nothing is known (None)."""
+
+    __slots__ = ("_keep", "_t", "_v")
+
+    def __init__(self, keep: int = 100_000) -> None:
+        self._keep = keep
+        self._t: list[int] = []
+        self._v: list[int] = []
+
+    def set(self, t_ns: int, value: int) -> None:
+        if self._t and t_ns < self._t[-1]:
+            t_ns = self._t[-1]  # the wall clock stepped back: keep the history sorted
+        self._t.append(t_ns)
+        self._v.append(value)
+        if len(self._t) > 2 * self._keep:
+            del self._t[: self._keep], self._v[: self._keep]
+
+    def mean(self, t0_ns: int, t1_ns: int) -> float | None:
+        """Time-averaged requests in flight over the window (None: the window predates the history)."""
+        ts, vs = self._t, self._v
+        if not ts or t1_ns < ts[0]:
+            return None
+        i = max(bisect.bisect_right(ts, t0_ns) - 1, 0)
+        j = bisect.bisect_left(ts, t1_ns, lo=i)
+        steps_t = ts[i:j] or ts[i : i + 1]
+        steps_v = [float(v) for v in (vs[i:j] or vs[i : i + 1])]
+        if steps_t[0] > t0_ns:  # the window starts before the history: count from its first change
+            t0_ns = steps_t[0]
+        return LoadSeries(tuple(steps_t), tuple(steps_v), "spans").mean(t0_ns, max(t1_ns, t0_ns))

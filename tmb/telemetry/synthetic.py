@@ -473,7 +473,10 @@ class SyntheticSource:
         self._next_ns = last + self._period_ns
         phase = np.where(prefill, PREFILL, np.where(active > 0, DECODE, IDLE)).astype(np.int64)
         load = np.clip((active - 1) / (self.model.max_batch - 1), 0.0, 1.0)
-        return self._sim.render(t, phase, load)
+        # Device memory as a live engine shows it: the model's static allocation (weights + preallocated
+        # cache: a quantised model's is lower) plus a little per running sequence.
+        mem = (self.model.sweep_mem_bytes + self.model.mem_per_request_bytes * active).astype(np.float64)
+        return self._sim.render(t, phase, load, mem)
 
     async def batches(self, interval_s: float = 1.0) -> AsyncGenerator[SampleBatch, None]:
         """A batch every ``interval_s`` (absolute deadlines on the source clock), forever."""

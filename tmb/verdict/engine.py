@@ -12,7 +12,9 @@ decision                      when
 ``insufficient_telemetry``    the chain held but there is no telemetry, too little of it to score, no
                               enrolled profile for the claimed model, or the telemetry is synthetic in a
                               deployment that is not a demo
-``model_mismatch``            the fingerprint is inconsistent with the claimed model's profile
+``model_mismatch``            the fingerprint is ``inconsistent`` with the claimed model's load-aware profile
+                              (never from an ``inconclusive`` one: that leaves ``verified``/``demo`` with a
+                              ``fingerprint.inconclusive`` reason saying why it could not decide)
 ``demo``                      everything held on a synthetic source and ``[verdicts] demo = true``
 ``verified``                  everything held on real GPU telemetry
 ============================  =================================================================
@@ -30,17 +32,17 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import time_ns
 from typing import Any
 
 from tmb.attest.ingest import AttestationSummary, Ingest
 from tmb.errors import Finding, Severity
-from tmb.fingerprint import Profile, Scorer
-from tmb.fingerprint.score import Score
+from tmb.fingerprint.judge import Judge, Judgement
+from tmb.fingerprint.loadprofile import LoadProfile
+from tmb.fingerprint.summary import summarise
 from tmb.proxy.spans import Span
-from tmb.telemetry.features import extract
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Reason, Verdict, Window
@@ -88,21 +90,23 @@ class Engine:
         store: AsyncStore,
         signer: Signer,
         ingest: Ingest | None,
-        profiles: Sequence[Profile],
+        profiles: Sequence[LoadProfile],
         settings: EngineSettings,
+        load_of: Callable[[Span, Window], float | None] | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
         self.batch_signer = BatchSigner(signer)  # verdicts decided within 5 ms: one signature
         self.ingest = ingest
-        self.scorer = Scorer(profiles, target_far=settings.target_far) if profiles else None
+        self.judge = Judge(profiles, target_far=settings.target_far) if profiles else None
         self.profiles = tuple(profiles)
         self.settings = settings
+        self.load_of = load_of
 
-    def set_profiles(self, profiles: Sequence[Profile]) -> None:
+    def set_profiles(self, profiles: Sequence[LoadProfile]) -> None:
         """Score with these profiles from now on (an upload replaced or added one)."""
         self.profiles = tuple(profiles)
-        self.scorer = Scorer(profiles, target_far=self.settings.target_far) if profiles else None
+        self.judge = Judge(profiles, target_far=self.settings.target_far) if profiles else None
 
     async def on_span(self, span: Span) -> None:
         await self.on_spans([span])
@@ -243,8 +247,11 @@ class Engine:
             reasons += [Reason(fid, message) for fid, message in list(unique)[:8]]
             if not errors:
                 reasons.append(Reason("attestation.no_quote", "no verified quote covers the request window"))
+        elif not len(samples):
+            decision = Decision.INSUFFICIENT_TELEMETRY
+            reasons.append(Reason("telemetry.none", "no telemetry of the node covers the request window"))
         else:
-            score = self._score(claimed, samples)
+            score = self._score(claimed, samples, span, window)
             if score is None:
                 decision = Decision.INSUFFICIENT_TELEMETRY
                 reasons.append(Reason("fingerprint.no_profile", f"no enrolled profile for {claimed!r}"))
@@ -280,33 +287,51 @@ class Engine:
         )
         return verdict, refs
 
-    def _score(self, claimed: str | None, samples: SampleBatch) -> Score | None:
-        if self.scorer is None or not claimed or not any(p.matches(claimed) for p in self.profiles):
-            return None
-        seconds = (int(samples.t_ns[-1]) - int(samples.t_ns[0])) / 1e9 if len(samples) > 1 else None
-        return self.scorer.score(claimed, extract(samples).values, window_s=seconds)
+    def window_load(self, span: Span, window: Window) -> float:
+        """Requests in flight on the span's worker over the window (as the proxy counted them); at least
+        the request itself when the proxy has no record (a span resumed after a restart)."""
+        load = self.load_of(span, window) if self.load_of is not None else None
+        return load if load is not None and math.isfinite(load) else 1.0
 
-    def _from_score(self, score: Score, synthetic: bool) -> tuple[Decision, list[Reason]]:
+    def _score(
+        self, claimed: str | None, samples: SampleBatch, span: Span, window: Window
+    ) -> Judgement | None:
+        if self.judge is None or not claimed or not self.judge.covers(claimed):
+            return None
+        return self.judge.judge(claimed, summarise(samples, self.window_load(span, window)))
+
+    def _from_score(self, score: Judgement, synthetic: bool) -> tuple[Decision, list[Reason]]:
+        """``model_mismatch`` only from ``inconsistent``; an inconclusive fingerprint does not break a chain
+        that held (the verdict says why it could not decide)."""
         if score.decision == "inconsistent":
             alt = f"; closest enrolled model: {score.best_alternative}" if score.best_alternative else ""
             return Decision.MODEL_MISMATCH, [
                 Reason("fingerprint.inconsistent", f"telemetry is inconsistent with {score.claimed}{alt}")
             ]
-        if score.decision == "insufficient_data":
-            return Decision.INSUFFICIENT_TELEMETRY, [
-                Reason("fingerprint.insufficient_data", f"{score.n_samples} samples are too few to judge")
-            ]
+        reasons: list[Reason] = []
+        if score.decision == "inconclusive":
+            why = next((f for f in score.findings if f.severity is not Severity.INFO), None)
+            reasons.append(
+                Reason(
+                    "fingerprint.inconclusive",
+                    f"the fingerprint cannot decide: {why.message if why else 'too little power'}",
+                )
+            )
         if synthetic:
             if self.settings.demo:
                 return Decision.DEMO, [
-                    Reason("telemetry.synthetic", "synthetic telemetry (demo deployment): never `verified`")
+                    *reasons,
+                    Reason("telemetry.synthetic", "synthetic telemetry (demo deployment): never `verified`"),
                 ]
             return Decision.INSUFFICIENT_TELEMETRY, [
-                Reason("telemetry.synthetic", "synthetic telemetry is not evidence outside a demo deployment")
+                *reasons,
+                Reason(
+                    "telemetry.synthetic", "synthetic telemetry is not evidence outside a demo deployment"
+                ),
             ]
-        return Decision.VERIFIED, [
-            Reason("fingerprint.consistent", f"telemetry consistent with {score.claimed}")
-        ]
+        if not reasons:
+            reasons.append(Reason("fingerprint.consistent", f"telemetry consistent with {score.claimed}"))
+        return Decision.VERIFIED, reasons
 
 
 _WHERE = ("entry", "path", "rule", "device", "pid", "exe")
@@ -319,16 +344,17 @@ def _located(f: Finding) -> str:
     return f"{f.message} ({where})" if where else f.message
 
 
-def _fingerprint_dict(score: Score) -> dict[str, Any]:
+def _fingerprint_dict(score: Judgement) -> dict[str, Any]:
     return {
         "decision": score.decision,
         "profile": score.profile,
+        "load": _num(score.load),
         "statistic": _num(score.statistic),
-        "p_value": _num(score.p_value),
+        "threshold": _num(score.threshold),
         "samples": score.n_samples,
-        "effective_samples": _num(score.n_eff),
+        "power": _num(score.power),
+        "runs": score.runs,
         "best_alternative": score.best_alternative,
-        "best_alternative_llr": _num(score.best_alternative_llr),
         "false_alarm_rate": _num(score.false_alarm_rate),
         "window_s": _num(score.window_s),
         "kind": "statistical evidence, not proof",
