@@ -24,6 +24,8 @@ A profile with fewer than :data:`MIN_RUNS` calibrated runs cannot reach a decisi
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -149,15 +151,30 @@ class LoadProfile:
         lo, hi = self.load_range
         return lo * (1 - LOAD_TOLERANCE) - 0.25 <= load <= hi * (1 + LOAD_TOLERANCE) + 0.25
 
+    @functools.cached_property
+    def _curves(self) -> dict[str, tuple[list[float], list[float], list[float]]]:
+        """Per feature: the knots' loads, locations and noises (built once; scoring reads them often)."""
+        out: dict[str, tuple[list[float], list[float], list[float]]] = {}
+        for name in SUMMARY_FEATURES:
+            pts = [(k.load, k.location[name], k.noise[name]) for k in self.knots if name in k.location]
+            if pts:
+                out[name] = ([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
+        return out
+
     def expected(self, name: str, load: float) -> tuple[float, float] | None:
-        """Expected window median of ``name`` at ``load`` and the per-sample noise there (None: no data)."""
-        pts = [(k.load, k.location[name], k.noise[name]) for k in self.knots if name in k.location]
-        if not pts:
+        """Expected window median of ``name`` at ``load`` and the per-sample noise there (None: no data);
+        linear between knots, the end knots' values beyond them."""
+        curve = self._curves.get(name)
+        if curve is None:
             return None
-        xs = np.array([p[0] for p in pts])
-        return float(np.interp(load, xs, [p[1] for p in pts])), float(
-            np.interp(load, xs, [p[2] for p in pts])
-        )
+        xs, locs, noises = curve
+        i = bisect.bisect_right(xs, load)
+        if i == 0:
+            return locs[0], noises[0]
+        if i == len(xs):
+            return locs[-1], noises[-1]
+        f = (load - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return locs[i - 1] + f * (locs[i] - locs[i - 1]), noises[i - 1] + f * (noises[i] - noises[i - 1])
 
     def scale(self, name: str, load: float, n: int) -> float:
         """Standard deviation of a genuine window's median around :meth:`expected` for ``n`` samples."""

@@ -15,14 +15,13 @@ few samples a window catches of a ramp (weights loaded, cache not yet allocated)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
 from tmb.fingerprint.beta import FloatArray
-from tmb.telemetry.features import extract
 from tmb.telemetry.load import LoadSeries
 from tmb.telemetry.sample import SampleBatch
 
@@ -76,30 +75,52 @@ class WindowSummary:
         return max((f.n for f in self.features.values()), default=0)
 
 
+def _valid(x: FloatArray, upper: float | None) -> FloatArray | None:
+    """``x`` with invalid values as NaN (non-finite, negative, above ``upper``); None when none is valid."""
+    ok = np.isfinite(x) & (x >= 0)
+    if upper is not None:
+        ok &= x <= upper
+    if not bool(ok.any()):
+        return None
+    return x if bool(ok.all()) else np.where(ok, x, np.nan)
+
+
+def _process_bytes(processes: Sequence[Sequence[tuple[int, int | None]]]) -> FloatArray:
+    """GPU memory of each sample's processes (NaN where none is listed); consecutive samples usually list
+    the same processes, so a repeat costs one comparison."""
+    out = np.empty(len(processes), dtype=np.float64)
+    prev: object = None
+    value = math.nan
+    for i, procs in enumerate(processes):
+        if procs is not prev and procs != prev:
+            value = float(sum(p[1] for p in procs if p[1] is not None)) if procs else math.nan
+            prev = procs
+        out[i] = value
+    return out
+
+
 def sample_features(batch: SampleBatch) -> dict[str, FloatArray]:
     """Per-sample values of every :data:`SUMMARY_FEATURES` member the batch has, aligned with the samples:
-    an invalid or missing value is NaN (see :mod:`tmb.telemetry.features` for what is invalid)."""
-    fs = extract(batch)
-    out: dict[str, FloatArray] = {
-        name: np.where(fs.masks[name], fs.raw[name], np.nan) for name in fs.values if name in fs.masks
-    }
-    total = batch.mem_total_bytes
+    an invalid or missing value is NaN (the validity rules of :mod:`tmb.telemetry.features`)."""
+    out: dict[str, FloatArray] = {}
     with np.errstate(divide="ignore", invalid="ignore"):
+        limit = batch.power_limit_w
+        cols: tuple[tuple[str, FloatArray, float | None], ...] = (
+            ("power_frac", batch.power_w / np.where(limit > 0, limit, np.nan), None),
+            ("gpu_util", batch.gpu_util / 100.0, 1.0),
+            ("mem_util", batch.mem_util / 100.0, 1.0),
+            ("sm_active", batch.sm_active, 1.0),
+            ("tensor_active", batch.tensor_active, 1.0),
+        )
+        total = batch.mem_total_bytes
         denom = np.where(total > 0, total, np.nan)
-        used = batch.mem_used_bytes / denom
-        if bool(np.isfinite(used).any()):
-            out["mem_used_frac"] = np.where((used >= 0) & (used <= 1.0), used, np.nan)
+        cols += (("mem_used_frac", batch.mem_used_bytes / denom, 1.0),)
         if any(batch.processes):
-            proc = np.array(
-                [
-                    sum(p[1] for p in procs if p[1] is not None) if procs else math.nan
-                    for procs in batch.processes
-                ],
-                dtype=np.float64,
-            )
-            frac = proc / denom
-            if bool(np.isfinite(frac).any()):
-                out["proc_mem_frac"] = np.where((frac >= 0) & (frac <= 1.0), frac, np.nan)
+            cols += (("proc_mem_frac", _process_bytes(batch.processes) / denom, 1.0),)
+        for name, x, upper in cols:
+            v = _valid(x, upper)
+            if v is not None:
+                out[name] = v
     return out
 
 
@@ -114,19 +135,33 @@ def _lag1(x: FloatArray) -> float:
 def summarise_values(values: Mapping[str, FloatArray], load: float, t0_ns: int, t1_ns: int) -> WindowSummary:
     """Summarise per-sample feature values (NaN ignored; features with fewer than :data:`MIN_SAMPLES`
     valid values are left out)."""
+    names = [n for n in SUMMARY_FEATURES if n in values]
     out: dict[str, FeatureSummary] = {}
-    for name in SUMMARY_FEATURES:
-        raw = values.get(name)
-        if raw is None:
+    if not names:
+        return WindowSummary(int(t0_ns), int(t1_ns), float(load), out)
+    x = np.column_stack([np.asarray(values[n], dtype=np.float64) for n in names])
+    if x.shape[0] >= MIN_SAMPLES and not bool(np.isnan(x).any()):
+        # The common case, every feature valid in every sample: one pass over the matrix.
+        med = np.median(x, axis=0)
+        d = x - x.mean(axis=0)
+        ss = np.einsum("ij,ij->j", d, d)
+        lag = np.einsum("ij,ij->j", d[1:], d[:-1])
+        rho = np.clip(np.divide(lag, ss, out=np.zeros_like(ss), where=ss > 0), 0.0, MAX_RHO)
+        noise = (math.pi / 2.0) * (ss / x.shape[0]) * (1.0 + rho) / (1.0 - rho)
+        n = int(x.shape[0])
+        for j, name in enumerate(names):
+            out[name] = FeatureSummary(float(med[j]), n, float(noise[j]))
+        return WindowSummary(int(t0_ns), int(t1_ns), float(load), out)
+    for j, name in enumerate(names):
+        col = x[:, j]
+        col = col[np.isfinite(col)]
+        if col.size < MIN_SAMPLES:
             continue
-        x = np.asarray(raw, dtype=np.float64)
-        x = x[np.isfinite(x)]
-        if x.size < MIN_SAMPLES:
-            continue
-        rho = min(max(_lag1(x), 0.0), MAX_RHO)
-        sd = float(x.std())
-        noise = (math.pi / 2.0) * sd * sd * (1.0 + rho) / (1.0 - rho)
-        out[name] = FeatureSummary(float(np.median(x)), int(x.size), noise)
+        r = min(max(_lag1(col), 0.0), MAX_RHO)
+        sd = float(col.std())
+        out[name] = FeatureSummary(
+            float(np.median(col)), int(col.size), (math.pi / 2.0) * sd * sd * (1.0 + r) / (1.0 - r)
+        )
     return WindowSummary(int(t0_ns), int(t1_ns), float(load), out)
 
 
