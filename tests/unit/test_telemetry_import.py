@@ -15,7 +15,14 @@ import pytest
 
 from tmb.cli import main
 from tmb.errors import ConfigError, InputError, ParseError
-from tmb.telemetry.importers import FORMATS, ImportOptions, Labels, detect_format, import_recording
+from tmb.telemetry.importers import (
+    FORMATS,
+    ImportOptions,
+    Labels,
+    detect_format,
+    import_recording,
+    parse_utc_offset,
+)
 from tmb.telemetry.load import load_from_meta
 from tmb.telemetry.replay import read_trace
 
@@ -111,6 +118,10 @@ def test_utc_offset_converts_local_times(tmp_path: Path) -> None:
     assert int(imp.batch.t_ns[0]) == 1711694589_805_000_000  # 06:43:09.805 UTC
     ts = imp.meta["import"]["timestamps"]
     assert ts["utc_offset"] == "+02:00" and ts["assumed_utc"] is False and ts["absolute"] is True
+    assert [parse_utc_offset(t) for t in ("UTC-04:00", "-0400", "+5:30", "Z")] == [-14400, -14400, 19800, 0]
+    out = tmp_path / "t"
+    assert main(["telemetry", "import", str(f), "--out", str(out), "--utc-offset=-04:00"]) == 0
+    assert int(read_trace(out).batch.t_ns[0]) == 1711716189_805_000_000  # 12:43:09.805 UTC
 
 
 # -- nvidia-smi dmon -------------------------------------------------------------------------------------

@@ -54,7 +54,9 @@ def _register_import(group: Any) -> None:
     imp.add_argument("--format", choices=("auto", *FORMATS), default="auto", help="default: from the content")
     imp.add_argument("--gpu", metavar="INDEX|UUID|BUS_ID", help="import this GPU only (default: every GPU)")
     imp.add_argument(
-        "--utc-offset", metavar="+HH:MM", help="the recording host's offset from UTC (default: UTC)"
+        "--utc-offset",
+        metavar="+HH:MM",
+        help="the recording host's offset from UTC: +02:00, UTC-04:00 or --utc-offset=-04:00 (default: UTC)",
     )
     imp.add_argument("--start", metavar="TIME", help="time of the first sample where the file has none")
     imp.add_argument(

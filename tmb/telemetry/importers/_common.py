@@ -122,10 +122,15 @@ _OFFSET = re.compile(r"^([+-])(\d{1,2})(?::?(\d{2}))?$")
 
 
 def parse_utc_offset(text: str) -> int:
-    """``+02:00``, ``-0530``, ``+2``, ``Z`` or ``UTC`` as seconds east of UTC; ValueError when malformed."""
+    """``+02:00``, ``-0530``, ``+2``, ``UTC-04:00``, ``Z`` or ``UTC`` as seconds east of UTC.
+
+    ValueError when malformed.
+    """
     t = text.strip()
-    if t.upper() in ("Z", "UTC"):
+    if t.upper() in ("Z", "UTC", "GMT"):
         return 0
+    if t[:3].upper() in ("UTC", "GMT"):
+        t = t[3:].strip()  # UTC-04:00: easier to pass on a command line than -04:00
     m = _OFFSET.match(t)
     if not m or int(m.group(2)) > 14 or int(m.group(3) or 0) > 59:
         raise ValueError(f"not a UTC offset: {text!r} (expected e.g. +02:00)")

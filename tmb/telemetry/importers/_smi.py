@@ -96,7 +96,7 @@ def parse_smi_csv(source: Source, issues: RowIssues, *, utc_offset_s: int, power
             columns=names,
             hint="query at least one of power.draw, utilization.gpu, memory.used, temperature.gpu",
         )
-    idx = {n: col.get(n, col.get(alt)) for n, alt in (("index", "index"), ("uuid", "gpu_uuid"))}
+    index_col, uuid_col = col.get("index"), col.get("uuid", col.get("gpu_uuid"))
     bus_col = col.get("pci.bus_id", col.get("gpu_bus_id"))
     name_col = col.get("name", col.get("gpu_name"))
     ts_col, drv_col = col.get("timestamp"), col.get("driver_version")
@@ -125,8 +125,8 @@ def parse_smi_csv(source: Source, issues: RowIssues, *, utc_offset_s: int, power
             values = {f: parse_value(cells[col[q]], f, header[col[q]][1]) for q, f in wanted.items()}
             values = {f: v for f, v in values.items() if not math.isnan(v)}
             index = None
-            if idx["index"] is not None and cells[idx["index"]].strip():
-                index = int(cells[idx["index"]])
+            if index_col is not None and cells[index_col].strip():
+                index = int(cells[index_col])
             t_ns = None if ts_col is None else parse_wall_time(cells[ts_col], utc_offset_s)[0]
         except ValueError as exc:
             issues.bad(no, str(exc), text)
@@ -134,7 +134,7 @@ def parse_smi_csv(source: Source, issues: RowIssues, *, utc_offset_s: int, power
         if problem := range_problem(values):
             issues.bad(no, problem, text)
             continue
-        uuid = cells[idx["uuid"]].strip() if idx["uuid"] is not None else ""
+        uuid = cells[uuid_col].strip() if uuid_col is not None else ""
         bus = cells[bus_col].strip() if bus_col is not None else ""
         ref = GpuRef(index, uuid or None, bus or None)
         if name_col is not None and cells[name_col].strip():
