@@ -21,6 +21,7 @@ after it are reported as unattested, not evaluated as proof.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +60,13 @@ class Bundle:
     policy: Path | None
     commitments: tuple[Path, ...]
     # Optional request context (docs/evidence-bundle.md): the request window's telemetry (SampleBatch
-    # canonical encoding), the enrolled profiles, the claimed model, the daemon's signed verdict.
+    # canonical encoding), the enrolled profiles, the claimed model, the daemon's signed verdict, and the
+    # window's load (requests in flight, as the daemon measured it).
     telemetry: Path | None = None
     profiles: tuple[Path, ...] = ()
     claimed: str | None = None
     verdict: Path | None = None
+    load: float | None = None
 
 
 def _read(root: Path, rel: Any, what: str) -> bytes:
@@ -136,6 +139,16 @@ def load_bundle(root: str | Path) -> Bundle:
     claimed = doc.get("claimed")
     if claimed is not None and not isinstance(claimed, str):
         raise InputError("manifest: 'claimed' must be a string (model/precision/gpu)", bundle=str(root))
+    load = doc.get("load")
+    if load is not None and (
+        isinstance(load, bool) or not isinstance(load, int | float) or not math.isfinite(load) or load < 0
+    ):
+        raise InputError(
+            "manifest: 'load' must be a number >= 0 (requests in flight over the window)",
+            bundle=str(root),
+            key="load",
+            got=load,
+        )
     return Bundle(
         root=root,
         node=str(doc.get("node", "")),
@@ -150,6 +163,7 @@ def load_bundle(root: str | Path) -> Bundle:
         profiles=tuple(root / p for p in profiles),
         claimed=claimed,
         verdict=optional.get("verdict"),
+        load=float(load) if load is not None else None,
     )
 
 
@@ -167,10 +181,12 @@ def write_bundle(
     profiles: Mapping[str, bytes] | None = None,
     claimed: str | None = None,
     verdict: bytes | None = None,
+    load: float | None = None,
 ) -> Path:
     """Write a bundle. Each quote mapping has ``message``, ``signature``, ``pcrs`` (bytes) and
     ``nonce`` (bytes or None). The request context is optional: ``telemetry`` (the window's
-    ``SampleBatch.encode()``), ``profiles`` (file name -> profile JSON), ``claimed``, ``verdict``."""
+    ``SampleBatch.encode()``), ``profiles`` (file name -> profile JSON), ``claimed``, ``verdict``, ``load``
+    (requests in flight over the window, as the daemon measured it)."""
     root = Path(root)
     (root / "quotes").mkdir(parents=True, exist_ok=True)
     (root / "ak.key").write_bytes(ak)
@@ -221,6 +237,8 @@ def write_bundle(
     if verdict is not None:
         (root / "verdict.json").write_bytes(verdict)
         manifest["verdict"] = "verdict.json"
+    if load is not None:
+        manifest["load"] = load
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return root
 

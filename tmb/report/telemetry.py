@@ -1,33 +1,235 @@
-"""The report's telemetry section: the request window's features against the enrolled profiles.
+"""The report's telemetry section: the request window judged against the enrolled load-aware profiles.
 
 For a bundle that carries a telemetry window (``telemetry``), the profiles and the claimed model, the window
-is scored as the daemon scores it (:class:`tmb.fingerprint.Scorer`), and every feature of the claimed
-profile is drawn: the window's histogram (interior values, as a density; exact 0 and 1 as bars of their
-share) against the claimed profile's fitted zero/one-inflated beta mixture and the best-fitting
-alternative's. A last figure shows the window over time. matplotlib runs on the Agg backend; each figure
-is a PNG embedded as a ``data:`` URI, so the page stays self-contained.
+is judged exactly as the daemon judges it: :func:`tmb.fingerprint.summarise` at the window's load, then
+:meth:`tmb.fingerprint.Judge.judge`. The load is the manifest's ``load`` when present, else the signed
+verdict's ``fingerprint.load``, else 1 request in flight (the daemon's own default); the summary says which.
+
+Figures, per feature of the claimed profile that the window has:
+
+* the profile's expected median as a function of load (linear through its knots, flat beyond them inside
+  the load range the judge accepts) with the acceptance band ``± threshold · scale`` at the window's sample
+  count, the closest alternative's curve dashed, and the window's median as a point at its load;
+* the window's own distribution: its histogram (interior values as a density, exact 0 and 1 as bars of
+  their share) with a zero/one-inflated beta mixture fitted to it (:func:`tmb.fingerprint.fit_beta_mixture`)
+  and a vertical line at the claimed profile's expected median.
+
+A last figure shows the window over time. matplotlib runs on the Agg backend; each figure is a PNG embedded
+as a ``data:`` URI, so the page stays self-contained. The outcome is statistical evidence, not a proof.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tmb.errors import InputError, ParseError, TmbError
+from tmb.errors import InputError, Severity, TmbError
 from tmb.report.html import Plot, TelemetrySection
 
 if TYPE_CHECKING:
     from tmb.attest.evidence import Bundle
-    from tmb.fingerprint import Profile
-    from tmb.fingerprint.mixture import BetaMixture
-    from tmb.fingerprint.score import Score
+    from tmb.fingerprint import Judgement, LoadProfile, WindowSummary
+    from tmb.fingerprint.beta import FloatArray
+    from tmb.telemetry.sample import SampleBatch
 
-PLOT_FEATURES_ORDER = ("power_frac", "gpu_util", "mem_util", "sm_active", "tensor_active", "dram_active")
+#: The load when neither the manifest nor the verdict records one: the request itself (as the daemon does).
+DEFAULT_LOAD = 1.0
+_BINS = 40
+
+
+@dataclass(frozen=True)
+class WindowLoad:
+    """The window's load (requests in flight) and where it came from."""
+
+    value: float
+    source: str  # "manifest", "verdict" or "default"
+
+    def describe(self) -> str:
+        return {
+            "manifest": "from the bundle manifest",
+            "verdict": "from the signed verdict",
+        }.get(self.source, f"not recorded: assumed {DEFAULT_LOAD:g} request in flight")
+
+
+def window_load(bundle: Bundle) -> WindowLoad:
+    """The manifest's ``load``, else the verdict's ``fingerprint.load``, else :data:`DEFAULT_LOAD`.
+
+    InputError naming the file when the verdict cannot be read or its load is not a number >= 0."""
+    if bundle.load is not None:
+        return WindowLoad(bundle.load, "manifest")
+    if bundle.verdict is None:
+        return WindowLoad(DEFAULT_LOAD, "default")
+    path = Path(bundle.verdict)
+    try:
+        doc = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"cannot read the verdict: {exc.strerror}", path=str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"the verdict is not JSON: {exc}", path=str(path)) from None
+    fingerprint = doc.get("fingerprint") if isinstance(doc, dict) else None
+    raw = fingerprint.get("load") if isinstance(fingerprint, dict) else None
+    if raw is None:
+        return WindowLoad(DEFAULT_LOAD, "default")
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+            raise ValueError(raw)
+        value = float(raw)  # a decimal string in the signed encoding
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(
+            "the verdict's fingerprint.load must be a number >= 0 (requests in flight)",
+            path=str(path),
+            key="fingerprint.load",
+            got=raw,
+        )
+    return WindowLoad(value, "verdict")
+
+
+def _read_batch(path: Path) -> SampleBatch:
+    from tmb.telemetry.sample import SampleBatch
+
+    try:
+        return SampleBatch.decode(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"cannot read the telemetry window: {exc.strerror}", path=str(path)) from None
+    except TmbError as exc:
+        raise InputError(
+            f"the telemetry window is not a sample batch: {exc.message}", path=str(path)
+        ) from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        raise InputError(f"the telemetry window is not a sample batch: {exc}", path=str(path)) from None
+
+
+def _read_profiles(paths: Sequence[Path]) -> list[LoadProfile]:
+    from tmb.fingerprint import load_profile
+
+    out = []
+    for path in paths:
+        try:
+            out.append(load_profile(path))
+        except InputError:
+            raise  # names the file (and the field) already
+        except TmbError as exc:
+            raise InputError(f"cannot read profile: {exc.message}", path=str(path)) from None
+    return out
+
+
+def telemetry_section(bundle: Bundle) -> TelemetrySection | None:
+    """The section for a bundle with a telemetry window, else None. InputError for anything unreadable."""
+    if bundle.telemetry is None:
+        return None
+    from tmb.fingerprint import Judge, summarise
+
+    batch = _read_batch(Path(bundle.telemetry))
+    profiles = _read_profiles(bundle.profiles)
+    load = window_load(bundle)
+    claimed = bundle.claimed or ""
+    try:
+        summary = summarise(batch, load.value)
+    except (TmbError, ValueError) as exc:
+        text = exc.message if isinstance(exc, TmbError) else str(exc)
+        raise InputError(
+            f"cannot summarise the telemetry window: {text}", path=str(bundle.telemetry)
+        ) from None
+    judgement: Judgement | None = None
+    if not claimed:
+        text = "no claimed model in the bundle: the window is not judged"
+    elif not profiles:
+        text = f"no enrolled profile in the bundle: the window is not judged against {claimed}"
+    else:
+        try:
+            judgement = Judge(profiles).judge(claimed, summary)
+        except TmbError as exc:
+            raise InputError(
+                f"cannot judge the telemetry window: {exc.message}", bundle=str(bundle.root)
+            ) from None
+    own = _claimed_profile(profiles, claimed, judgement)
+    alt = _alternative(profiles, own, summary, judgement)
+    if judgement is not None:
+        text = _summary(judgement, load, alt)
+    plots = _plots(batch, summary, judgement, own, alt)
+    ok = judgement is not None and judgement.decision == "consistent"
+    return TelemetrySection(text, ok, tuple(plots), batch.synthetic)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def _summary(j: Judgement, load: WindowLoad, alt: LoadProfile | None) -> str:
+    head = {
+        "consistent": f"consistent with {j.claimed}",
+        "inconsistent": f"inconsistent with {j.claimed}",
+    }.get(j.decision, f"inconclusive for {j.claimed}")
+    if j.profile:
+        head += f" (profile {j.profile})"
+    parts = [f"{head} at load {j.load:.3g} ({load.describe()})"]
+    if math.isfinite(j.statistic):
+        worst = max(j.deviations, key=lambda k: abs(j.deviations[k]), default=None)
+        at = f" ({worst})" if worst else ""
+        parts.append(f"max |z| {j.statistic:.2f}{at} vs threshold {j.threshold:.2f}")
+    parts.append(f"{j.n_samples} samples, {j.window_s:.1f} s")
+    if j.power is not None:
+        against = f" against the nearest alternative {alt.key}" if alt is not None else ""
+        parts.append(f"power {j.power:.2f}{against}")
+    if j.decision == "inconsistent" and j.best_alternative:
+        parts.append(f"closest enrolled: {j.best_alternative}")
+    if j.decision == "inconclusive":
+        why = next((f for f in j.findings if f.severity is not Severity.INFO), None)
+        parts.append(f"cannot decide: {why.message if why else 'too little power'}")
+    return "; ".join(parts)
+
+
+def _claimed_profile(
+    profiles: Sequence[LoadProfile], claimed: str, j: Judgement | None
+) -> LoadProfile | None:
+    """The profile the judge scored against, else the first one matching the claim (to draw it anyway)."""
+    if j is not None and j.profile is not None:
+        found = next((p for p in profiles if p.key == j.profile), None)
+        if found is not None:
+            return found
+    return next((p for p in profiles if claimed and p.matches(claimed)), None)
+
+
+def _alternative(
+    profiles: Sequence[LoadProfile], own: LoadProfile | None, window: WindowSummary, j: Judgement | None
+) -> LoadProfile | None:
+    """The alternative the judge names when inconsistent; else the one the power refers to: among those the
+    judge compares with (same GPU type, load in range, common features), the one whose expected behaviour at
+    the window's load lies fewest scales from the claimed profile's."""
+    if j is not None and j.best_alternative is not None:
+        found = next((p for p in profiles if p.key == j.best_alternative), None)
+        if found is not None:
+            return found
+    if own is None:
+        return None
+    names = [f for f in own.features if f in window.features]
+    best: tuple[float, str, LoadProfile] | None = None
+    for alt in profiles:
+        if alt.identity == own.identity or not alt.in_range(window.load):
+            continue
+        if alt.gpu_type and own.gpu_type and alt.gpu_type != own.gpu_type:
+            continue
+        sep = -1.0
+        for name in (f for f in names if f in alt.features):
+            a, c = alt.expected(name, window.load), own.expected(name, window.load)
+            if a is not None and c is not None:
+                scale = own.scale(name, window.load, window.features[name].n)
+                sep = max(sep, abs(a[0] - c[0]) / scale)
+        if sep >= 0 and (best is None or (sep, alt.key) < best[:2]):
+            best = (sep, alt.key, alt)
+    return best[2] if best else None
+
+
+# ------------------------------------------------------------------------------------------------ plots
 
 
 def _png(fig: Any) -> str:
@@ -36,127 +238,186 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _pdf(mix: BetaMixture, grid: np.ndarray) -> np.ndarray:
-    """Density of the mixture's interior part on ``grid`` (already weighted by the interior mass)."""
-    return np.exp(mix.logpdf(grid))
+def _threshold(j: Judgement | None, own: LoadProfile, names: Sequence[str]) -> float:
+    from tmb.fingerprint.judge import threshold
+
+    if j is not None and math.isfinite(j.threshold):
+        return j.threshold
+    return threshold(j.false_alarm_rate if j is not None else own.target_far, len(names))
 
 
-def _summary(score: Score) -> str:
-    if score.decision == "consistent":
-        head = f"consistent with {score.claimed}"
-    elif score.decision == "inconsistent":
-        alt = f"; closest enrolled: {score.best_alternative}" if score.best_alternative else ""
-        head = f"inconsistent with {score.claimed}{alt}"
-    else:
-        head = f"not enough telemetry to judge {score.claimed}"
-    p = f"p = {score.p_value:.3g}, " if math.isfinite(score.p_value) else ""
-    return f"{head} ({p}{score.n_samples} samples, {score.window_s:.1f} s, FAR {score.false_alarm_rate:g})"
+def _accepted_loads(profile: LoadProfile) -> tuple[float, float]:
+    """The load range the judge accepts for ``profile`` (its knots widened by the tolerance)."""
+    from tmb.fingerprint.loadprofile import LOAD_TOLERANCE
+
+    lo, hi = profile.load_range
+    return max(0.0, lo * (1 - LOAD_TOLERANCE) - 0.25), hi * (1 + LOAD_TOLERANCE) + 0.25
 
 
-def _alternative(profiles: list[Profile], score: Score) -> Profile | None:
-    if score.best_alternative is None:
-        return None
-    return next((p for p in profiles if p.key == score.best_alternative), None) or next(
-        (p for p in profiles if score.best_alternative.startswith("/".join(p.identity))), None
-    )
-
-
-def telemetry_section(bundle: Bundle) -> TelemetrySection | None:
-    """The section for a bundle with a telemetry window, else None. InputError for an unreadable one."""
-    if bundle.telemetry is None:
-        return None
-    from tmb.fingerprint import Scorer, load_profile
-    from tmb.telemetry.features import extract
-    from tmb.telemetry.sample import SampleBatch
-
-    try:
-        batch = SampleBatch.decode(Path(bundle.telemetry).read_bytes())
-    except OSError as exc:
-        raise InputError(
-            f"cannot read the telemetry window: {exc.strerror}", path=str(bundle.telemetry)
-        ) from None
-    except (ParseError, ValueError) as exc:
-        raise InputError(
-            f"the telemetry window is not a sample batch: {exc}", path=str(bundle.telemetry)
-        ) from None
-    profiles = [load_profile(p) for p in bundle.profiles]
-    values = extract(batch).values
-    claimed = bundle.claimed or ""
-    seconds = (int(batch.t_ns[-1]) - int(batch.t_ns[0])) / 1e9 if len(batch) > 1 else None
-    score: Score | None = None
-    if profiles and claimed and any(p.matches(claimed) for p in profiles):
-        try:
-            score = Scorer(profiles).score(claimed, values, window_s=seconds)
-        except TmbError as exc:
-            raise InputError(
-                f"cannot score the telemetry window: {exc.message}", bundle=str(bundle.root)
-            ) from None
-    if score is None:
-        summary, ok = (
-            f"no enrolled profile for the claimed model {claimed or '(none given)'}: not scored",
-            False,
-        )
-    else:
-        summary, ok = _summary(score), score.decision == "consistent"
-    own = next((p for p in profiles if score is not None and p.key == score.profile), None)
-    if own is None:
-        own = next((p for p in profiles if claimed and p.matches(claimed)), None)
-    alt = _alternative(profiles, score) if score is not None else None
-    plots = _plots(batch, values, own, alt)
-    return TelemetrySection(summary, ok, tuple(plots), batch.synthetic)
-
-
-def _plots(batch: Any, values: dict[str, np.ndarray], own: Profile | None, alt: Profile | None) -> list[Plot]:
+def _plots(
+    batch: SampleBatch,
+    window: WindowSummary,
+    j: Judgement | None,
+    own: LoadProfile | None,
+    alt: LoadProfile | None,
+) -> list[Plot]:
     import matplotlib
 
     matplotlib.use("Agg")
+    from tmb.fingerprint.summary import SUMMARY_FEATURES, sample_features
+
+    per_sample = sample_features(batch)
+    values = {k: v[np.isfinite(v)] for k, v in per_sample.items()}
+    if own is not None:
+        names = [f for f in own.features if f in window.features]
+    else:
+        names = [f for f in SUMMARY_FEATURES if f in window.features]
+    plots: list[Plot] = []
+    thr = _threshold(j, own, names) if own is not None and names else math.nan
+    for name in names:
+        if own is not None:
+            plots.append(_load_plot(name, window, own, alt, thr))
+        if values.get(name) is not None and values[name].size:
+            plots.append(_distribution_plot(name, values[name], window, own))
+    timeline = _timeline(batch, per_sample)
+    if timeline is not None:
+        plots.append(timeline)
+    return plots
+
+
+def _load_plot(
+    name: str, window: WindowSummary, own: LoadProfile, alt: LoadProfile | None, thr: float
+) -> Plot:
     import matplotlib.pyplot as plt
 
-    plots: list[Plot] = []
-    names = [f for f in PLOT_FEATURES_ORDER if f in values and values[f].size]
-    grid = np.linspace(0.002, 0.998, 400)
-    for name in names:
-        x = values[name]
-        fig, ax = plt.subplots(figsize=(5.2, 2.8))
+    fs = window.features[name]
+    load = window.load
+    lo, hi = _accepted_loads(own)
+    ranges = [(lo, hi)]
+    if alt is not None and name in alt.features:
+        ranges.append(_accepted_loads(alt))
+    x_lo = min(min(r[0] for r in ranges), load)
+    x_hi = max(max(r[1] for r in ranges), load)
+    pad = 0.05 * max(x_hi - x_lo, 1.0)
+    fig, ax = plt.subplots(figsize=(5.2, 2.8))
+    try:
+        xs = np.linspace(lo, hi, 200)
+        curve = [own.expected(name, x) for x in xs]
+        med = np.array([c[0] if c else math.nan for c in curve])
+        band = np.array([thr * own.scale(name, x, fs.n) for x in xs])
+        ax.fill_between(
+            xs, med - band, med + band, color="#c9dcef", label=f"acceptance band (±{thr:.2f} scales)"
+        )
+        ax.plot(xs, med, "-", color="#2b5d8a", lw=1.6, label=f"claimed: {own.key}")
+        knots = [(k.load, k.location[name]) for k in own.knots if name in k.location]
+        ax.plot([k[0] for k in knots], [k[1] for k in knots], "o", color="#2b5d8a", ms=3.5)
+        if alt is not None and name in alt.features:
+            a_lo, a_hi = _accepted_loads(alt)
+            a_xs = np.linspace(a_lo, a_hi, 200)
+            a_med = [e[0] if (e := alt.expected(name, x)) else math.nan for x in a_xs]
+            ax.plot(a_xs, a_med, "--", color="#b5533c", lw=1.4, label=f"closest alternative: {alt.key}")
+        expected = own.expected(name, load)
+        z = (fs.median - expected[0]) / own.scale(name, load, fs.n) if expected else math.nan
+        outside = math.isfinite(thr) and math.isfinite(z) and abs(z) > thr
+        ax.plot(
+            [load],
+            [fs.median],
+            "D",
+            color="#c0392b" if outside else "#1e7b34",
+            ms=6,
+            label=f"window (z = {z:+.2f})" if math.isfinite(z) else "window",
+            zorder=5,
+        )
+        ax.set_xlim(max(0.0, x_lo - pad), x_hi + pad)
+        ax.set_xlabel("load (requests in flight)")
+        ax.set_ylabel(f"{name} (window median)")
+        ax.legend(fontsize=7, loc="best")
+        caption = f"window median {fs.median:.4f} at load {load:.3g} ({fs.n} samples)"
+        if expected:
+            scale = own.scale(name, load, fs.n)
+            caption += (
+                f"; expected {expected[0]:.4f}, scale {scale:.4f} at {fs.n} samples, z = {z:+.2f}"
+                f" (threshold {thr:.2f})"
+            )
+        caption += f"; knots at load {', '.join(f'{k[0]:.3g}' for k in knots)}"
+        return Plot(f"{name}: expected median vs load", _png(fig), caption)
+    finally:
+        plt.close(fig)
+
+
+def _distribution_plot(name: str, x: FloatArray, window: WindowSummary, own: LoadProfile | None) -> Plot:
+    import matplotlib.pyplot as plt
+
+    from tmb.fingerprint import FitError, fit_beta_mixture
+
+    expected = own.expected(name, window.load) if own is not None and name in own.features else None
+    claimed_key = own.key if own is not None else ""
+    marks = [float(x.min()), float(x.max())] + ([expected[0]] if expected else [])
+    lo, hi = min(marks), max(marks)
+    pad = max(0.03, 0.1 * (hi - lo))
+    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)
+    width = (hi - lo) / _BINS
+    fig, ax = plt.subplots(figsize=(5.2, 2.8))
+    try:
+        inner = x[(x > 0) & (x < 1)]
+        if inner.size:
+            weights = np.full(inner.size, 1.0 / (x.size * width))  # interior share, as a density
+            ax.hist(inner, bins=_BINS, range=(lo, hi), weights=weights, color="#8fb3d9", label="window")
+        for atom in (0.0, 1.0):
+            share = float(np.mean(x == atom))
+            if share and lo <= atom <= hi:
+                at = atom + (width / 2 if atom == 0.0 else -width / 2)  # drawn inside the axes
+                ax.bar([at], [share / width], width=width, color="#2b5d8a", label=f"window: exactly {atom:g}")
         try:
-            inner = x[(x > 0) & (x < 1)]
-            if inner.size:
-                weight = np.full(inner.size, 1.0 / x.size)  # interior share of the window, as a density
-                ax.hist(inner, bins=40, range=(0, 1), weights=weight * 40, color="#8fb3d9", label="window")
-            for atom, at in ((0.0, 0.0), (1.0, 1.0)):
-                share = float(np.mean(x == atom))
-                if share:
-                    ax.bar(
-                        [at], [share * 40], width=0.025, color="#2b5d8a", label=f"window: exactly {atom:g}"
-                    )
-            for profile, style, label in ((own, "-", "claimed profile"), (alt, "--", "closest alternative")):
-                if profile is not None and name in profile.features:
-                    ax.plot(
-                        grid,
-                        _pdf(profile.features[name], grid),
-                        style,
-                        lw=1.6,
-                        label=f"{label} ({profile.key})",
-                    )
-            ax.set_xlim(0, min(1.0, max(0.15, float(x.max()) * 1.4 + 0.05)))  # zoom on where the data is
-            ax.set_xlabel(f"{name} (fraction of scale)")
-            ax.set_ylabel("density")
-            ax.legend(fontsize=7, loc="upper left")
-            caption = f"{x.size} samples; mean {float(np.mean(x)):.3f}"
-            plots.append(Plot(f"{name}: window vs enrolled distribution", _png(fig), caption))
-        finally:
-            plt.close(fig)
-    if len(batch) and names:
-        t = (batch.t_ns.astype(np.float64) - float(batch.t_ns[0])) / 1e9
-        fig, ax = plt.subplots(figsize=(5.2, 2.6))
-        try:
-            for name in names:
-                if values[name].size == len(batch):
-                    ax.plot(t, values[name], lw=1.0, label=name)
-            ax.set_xlabel("seconds into the window")
-            ax.set_ylim(-0.02, 1.05)
-            ax.legend(fontsize=7, ncol=3, loc="lower right")
-            plots.append(Plot("the window over time", _png(fig), f"{len(batch)} samples from {batch.source}"))
-        finally:
-            plt.close(fig)
-    return plots
+            mix = fit_beta_mixture(x)
+        except FitError as exc:
+            fit_note = f"no beta mixture fitted: {exc.message}"
+        except (ValueError, ArithmeticError) as exc:
+            fit_note = f"no beta mixture fitted: {exc}"
+        else:
+            grid = np.linspace(max(lo, 1e-4), min(hi, 1 - 1e-4), 400)
+            with np.errstate(all="ignore"):
+                density = np.exp(mix.logpdf(grid))
+            ax.plot(grid, density, "-", color="#1c2430", lw=1.4, label=f"beta mixture ({mix.k} comp.)")
+            p0, p1 = mix.components[0].p0, mix.components[0].p1
+            state = "converged" if mix.converged else "NOT converged"
+            fit_note = (
+                f"fitted zero/one-inflated beta mixture: {mix.k} component(s), weights "
+                f"{', '.join(f'{w:.2f}' for w in mix.weights)}, P(0) {p0:.3f}, P(1) {p1:.3f}, {state}"
+                + (f" after {mix.iterations} EM iterations" if mix.k > 1 else "")
+            )
+        if expected:
+            ax.axvline(expected[0], color="#2b5d8a", ls="-", lw=1.6, label=f"claimed median ({claimed_key})")
+        if name in window.features:
+            ax.axvline(window.features[name].median, color="#c0392b", ls=":", lw=1.4, label="window median")
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel(f"{name} (fraction of scale)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7, loc="best")
+        caption = f"{x.size} samples; {fit_note}"
+        if expected:
+            caption += f"; claimed profile's expected median at load {window.load:.3g}: {expected[0]:.4f}"
+        return Plot(f"{name}: the window's distribution", _png(fig), caption)
+    finally:
+        plt.close(fig)
+
+
+def _timeline(batch: SampleBatch, values: Mapping[str, FloatArray]) -> Plot | None:
+    import matplotlib.pyplot as plt
+
+    from tmb.fingerprint.summary import SUMMARY_FEATURES
+
+    names = [f for f in SUMMARY_FEATURES if f in values and bool(np.isfinite(values[f]).any())]
+    if not len(batch) or not names:
+        return None
+    t = (batch.t_ns.astype(np.float64) - float(batch.t_ns[0])) / 1e9
+    fig, ax = plt.subplots(figsize=(5.2, 2.6))
+    try:
+        for name in names:
+            ax.plot(t, values[name], lw=1.0, label=name)
+        ax.set_xlabel("seconds into the window")
+        ax.set_ylim(-0.02, 1.05)
+        ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+        return Plot("the window over time", _png(fig), f"{len(batch)} samples from {batch.source}")
+    finally:
+        plt.close(fig)
