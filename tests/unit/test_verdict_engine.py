@@ -232,3 +232,18 @@ async def test_a_group_of_spans_gets_its_verdicts_together_and_a_bad_one_costs_o
     assert len({d["signature"] for d in docs.values()}) == 1  # both nodes' verdicts: one batch signature
     assert {d["node"] for d in docs.values()} == {"gpu-node-0", "gpu-node-1"}
     await engine.store.close()
+
+
+def test_only_the_spans_gpus_are_scored(tmp_path: Path, profiles: list[LoadProfile]) -> None:
+    """A node's telemetry covers all its GPUs; the worker's GPU is the one judged (the int8 impostor on
+    the node's other GPU must not make an honest worker a mismatch, nor hide a dishonest one)."""
+
+    def on(gpu: str, claim: str) -> SampleBatch:
+        return SampleBatch(**{**_window(claim)._fields(), "gpus": (gpu,)})
+
+    node = SampleBatch.concat([on("GPU-A", "llama-1b/bf16/h100"), on("GPU-B", "llama-1b/int8/h100")])
+    engine = _engine(tmp_path, profiles)
+    v = _decide(engine, _span(gpus=("GPU-A",)), node, _summary())
+    assert v.decision is Decision.DEMO and v.fingerprint["decision"] == "consistent"
+    v = _decide(engine, _span(gpus=("GPU-B",)), node, _summary())
+    assert v.decision is Decision.MODEL_MISMATCH

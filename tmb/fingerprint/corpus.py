@@ -121,6 +121,16 @@ def load_runs(
             )
             continue
         seen[digest] = str(path)
+        if len(trace.batch.gpus) > 1:
+            notes.append(
+                finding(
+                    "fingerprint.gpus_pooled",
+                    f"{len(trace.batch.gpus)} GPUs in one run are summarised together (right for one model"
+                    " split over them; import one GPU per run otherwise: tmb telemetry import --gpu)",
+                    severity=Severity.WARNING,
+                    path=str(path),
+                )
+            )
         ident = identity_of(trace)
         if not ident[0]:
             raise InputError(

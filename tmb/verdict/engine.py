@@ -298,6 +298,9 @@ class Engine:
     ) -> Judgement | None:
         if self.judge is None or not claimed or not self.judge.covers(claimed):
             return None
+        mine = [samples.for_gpu(g) for g in span.gpus if g in samples.gpus]
+        if mine and len(mine) < len(samples.gpus):  # the node's other GPUs serve other workers
+            samples = SampleBatch.concat(mine) if len(mine) > 1 else mine[0]
         return self.judge.judge(claimed, summarise(samples, self.window_load(span, window)))
 
     def _from_score(self, score: Judgement, synthetic: bool) -> tuple[Decision, list[Reason]]:
