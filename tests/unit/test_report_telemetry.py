@@ -190,3 +190,19 @@ def test_nothing_to_judge_against(tmp_path: Path, profiles: dict[str, bytes]) ->
 def test_no_telemetry_no_section(tmp_path: Path) -> None:
     root = write_bundle(tmp_path / "b", node="n", ak=b"k", ima_log=b"", quotes=[])
     assert telemetry_section(load_bundle(root)) is None
+
+
+def test_an_inconclusive_window_passes_the_audit_and_says_why(
+    tmp_path: Path, profiles: dict[str, bytes]
+) -> None:
+    """As in a verdict: a load the profiles never saw cannot decide; that does not fail a chain that held,
+    and the page says the fingerprint was inconclusive instead of claiming a fit or a misfit."""
+
+    section = _section(_bundle(tmp_path / "far", profiles, "llama-1b/int8/h100", load=200.0))
+    assert section.ok and section.decision == "inconclusive"
+    assert (
+        section.summary.startswith("inconclusive") and "outside every enrolled load range" in section.summary
+    )
+    result = AuditResult(str(tmp_path / "far"), "gpu-node-1")
+    page = render_html(result, telemetry=section)
+    assert "inconclusive" in page and "does not fit the claimed model" not in page

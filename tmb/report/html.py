@@ -54,6 +54,7 @@ class TelemetrySection:
     ok: bool
     plots: tuple[Plot, ...]
     synthetic: bool
+    decision: str = ""  # consistent, inconsistent, inconclusive or not_judged
 
 
 def _e(value: object) -> str:
@@ -184,7 +185,7 @@ def _telemetry(section: TelemetrySection | None) -> str:
         f'<figcaption class="note">{_e(p.caption)}</figcaption></figure>'
         for p in section.plots
     )
-    cls = "pass" if section.ok else "fail"
+    cls = "pass" if section.ok and section.decision != "inconclusive" else "warn" if section.ok else "fail"
     return (
         f'<p><span class="st {cls}">{_e(section.summary)}</span></p>{label}'
         '<p class="note">A fingerprint is statistical evidence with a calibrated false-alarm rate, '
@@ -196,7 +197,9 @@ def _telemetry(section: TelemetrySection | None) -> str:
 def render_html(result: AuditResult, *, telemetry: TelemetrySection | None = None, title: str = "") -> str:
     """The whole page as a string."""
     ok = result.ok and (telemetry is None or telemetry.ok)
-    if ok:
+    if ok and telemetry is not None and telemetry.decision == "inconclusive":
+        verdict = "PASS: every check held; the telemetry fingerprint could not decide (inconclusive)"
+    elif ok:
         verdict = "PASS: every check held"
     elif result.ok and telemetry is not None:
         verdict = "FAIL: the telemetry does not fit the claimed model (attestation chain held)"

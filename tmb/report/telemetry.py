@@ -157,8 +157,12 @@ def telemetry_section(bundle: Bundle) -> TelemetrySection | None:
     if judgement is not None:
         text = _summary(judgement, load, alt)
     plots = _plots(batch, summary, judgement, own, alt)
-    ok = judgement is not None and judgement.decision == "consistent"
-    return TelemetrySection(text, ok, tuple(plots), batch.synthetic)
+    # As in a verdict: `inconsistent` fails; `inconclusive` leaves a chain that held standing (the section
+    # says why the fingerprint could not decide); no judgement or no profile for the claim fails closed.
+    unprofiled = judgement is not None and any(f.id == "fingerprint.no_profile" for f in judgement.findings)
+    ok = judgement is not None and judgement.decision != "inconsistent" and not unprofiled
+    decision = judgement.decision if judgement is not None else "not_judged"
+    return TelemetrySection(text, ok, tuple(plots), batch.synthetic, decision)
 
 
 # ---------------------------------------------------------------------------------------------- summary
