@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from tmb.fingerprint.beta import FloatArray
 from tmb.telemetry.load import LoadSeries
@@ -172,6 +173,12 @@ def summarise(batch: SampleBatch, load: float) -> WindowSummary:
     return summarise_values(sample_features(batch), load, t0, t1)
 
 
+def _covered_until(t: npt.NDArray[np.int64]) -> int:
+    """The end of the time the samples cover: the last one plus one mean sampling period."""
+    last = int(t[-1])
+    return last + ((last - int(t[0])) // (len(t) - 1) if len(t) > 1 else 0) + 1
+
+
 def window_summaries(
     batch: SampleBatch, load: LoadSeries | None, window_s: float, stride_s: float | None = None
 ) -> list[WindowSummary]:
@@ -186,10 +193,10 @@ def window_summaries(
     stride = max(int((stride_s or window_s) * 1e9), 1)
     width = int(window_s * 1e9)
     t = batch.t_ns
-    last = int(t[-1])
+    last = _covered_until(t)
     out: list[WindowSummary] = []
     t0 = int(t[0])
-    while t0 + width <= last + 1:
+    while t0 + width <= last:
         t1 = t0 + width
         lo, hi = int(np.searchsorted(t, t0, "left")), int(np.searchsorted(t, t1, "left"))
         if hi - lo >= MIN_SAMPLES:
@@ -218,8 +225,8 @@ def growing_windows(
     width = int(window_s * 1e9)
     steps = [int(min(k * step_s, window_s) * 1e9) for k in range(1, math.ceil(window_s / step_s) + 1)]
     out: list[tuple[WindowSummary, ...]] = []
-    t0, last = int(t[0]), int(t[-1])
-    while t0 + width <= last + 1:
+    t0, last = int(t[0]), _covered_until(t)
+    while t0 + width <= last:
         lo = int(np.searchsorted(t, t0, "left"))
         if int(np.searchsorted(t, t0 + width, "left")) - lo >= MIN_SAMPLES:
             prefixes = []
