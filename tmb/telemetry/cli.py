@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from tmb.errors import InputError
+from tmb.telemetry.load import load_from_meta, run_from_meta
 from tmb.telemetry.replay import read_trace, write_trace
 from tmb.telemetry.synthetic import MODELS, REGIMES, simulate
 
@@ -99,12 +100,14 @@ def _record(args: argparse.Namespace) -> int:
             raise InputError(f"unknown load regime {args.regime!r}", known=list(REGIMES))
         run = simulate(args.model, args.regime, args.seconds, args.rate, args.seed)
         m = MODELS[args.model]
+        workload = {k: v for k, v in run.workload.items() if k != "load"}
         meta = {
             "gpu_name": m.gpu_name,
             "driver_version": None,
             "supported_fields": list(run.batch.present_fields()),
             "rate_hz": args.rate,
-            "workload": run.workload,
+            "workload": workload,
+            "load": run.workload["load"],  # where the fingerprint reads it (tmb.telemetry.load)
         }
         write_trace(args.out, run.batch, meta)
         batch = run.batch
@@ -144,7 +147,13 @@ def _show(args: argparse.Namespace) -> int:
     print(f"fields:      {', '.join(summary['fields']) or '-'}")
     workload = summary["workload"]
     if isinstance(workload, dict) and workload:
-        print("workload:    " + ", ".join(f"{k}={v}" for k, v in sorted(workload.items())))
+        print("workload:    " + ", ".join(f"{k}={v}" for k, v in sorted(workload.items()) if k != "load"))
+    load = load_from_meta(trace.meta, args.trace)
+    if load is not None:
+        lo, hi = min(load.values), max(load.values)
+        print(f"load:        {lo:g}-{hi:g} requests in flight ({len(load.values)} steps, {load.source})")
+    run = run_from_meta(trace.meta, args.trace)
+    print(f"run:         {run.id} (node {run.node}, day {run.day})")
     return 0
 
 
