@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 from test_proxy_support import make_config, start_daemon
 
-from tmb.config import AdminConfig, FingerprintConfig
 from sample_infra.demo_setup import enrol_profiles
+from tmb.config import AdminConfig, FingerprintConfig
 from tmb.fingerprint import load_profile
 from tmb.serve import ENGINE_KEY
 from tmb.verdict.engine import Engine

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from sample_infra.demo_setup import demo_trace, enrol_profiles
 from tmb.attest.ingest import AttestationSummary
 from tmb.errors import Finding
-from sample_infra.demo_setup import demo_trace, enrol_profiles
 from tmb.fingerprint import LoadProfile, load_profile
 from tmb.proxy.spans import Outcome, Span
 from tmb.telemetry.sample import SampleBatch
@@ -22,7 +22,7 @@ T0 = 1_700_000_000 * 10**9
 
 
 @pytest.fixture(scope="module")
-def profiles(tmp_path_factory: pytest.TempPathFactory) -> list[LoadLoadProfile]:
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> list[LoadProfile]:
     """Load-aware profiles of the demo's load (one request in flight), four synthetic runs each."""
     out = tmp_path_factory.mktemp("profiles")
     return [load_profile(p) for p in enrol_profiles(["llama-1b/bf16/h100", "llama-1b/int8/h100"], out)]
@@ -155,7 +155,9 @@ def test_real_telemetry_with_an_inconclusive_fingerprint_is_verified(
     assert v.fingerprint["power"] is not None and v.fingerprint["runs"] == 4
 
 
-async def test_signed_verdict_verifies_and_floats_stay_out(tmp_path: Path, profiles: list[LoadProfile]) -> None:
+async def test_signed_verdict_verifies_and_floats_stay_out(
+    tmp_path: Path, profiles: list[LoadProfile]
+) -> None:
     engine = _engine(tmp_path, profiles)
     verdict = _decide(engine, _span(), _window("llama-1b/bf16/h100"), _summary())
     signed = engine.signer.sign(verdict)

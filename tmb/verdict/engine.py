@@ -9,9 +9,9 @@ decision                      when
 ============================  =================================================================
 ``unattested``                no verified quote covers the window, or its IMA replay, runtime policy or
                               dm-verity model rule failed (the cryptographic chain did not hold)
-``insufficient_telemetry``    the chain held but there is no telemetry, too little of it to score, no
-                              enrolled profile for the claimed model, or the telemetry is synthetic in a
-                              deployment that is not a demo
+``insufficient_telemetry``    the chain held but there is no telemetry, no enrolled profile for the
+                              claimed model, or the telemetry is synthetic in a deployment that is not a
+                              demo (too few samples is an ``inconclusive`` fingerprint, see below)
 ``model_mismatch``            the fingerprint is ``inconsistent`` with the claimed model's load-aware profile
                               (never from an ``inconclusive`` one: that leaves ``verified``/``demo`` with a
                               ``fingerprint.inconclusive`` reason saying why it could not decide)
