@@ -207,6 +207,7 @@ def confusion_png(result: Evaluation, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     names = result.identities
     flagged = np.full((len(names), len(names)), np.nan)
@@ -218,7 +219,7 @@ def confusion_png(result: Evaluation, path: str | Path) -> Path:
             undecided[r, c] = p.inconclusive / p.windows
     size = 2.0 + 1.1 * len(names)
     fig, ax = plt.subplots(figsize=(size + 2, size))
-    im = ax.imshow(flagged, vmin=0, vmax=1, cmap="RdYlGn_r")
+    im = ax.imshow(flagged, vmin=0, vmax=1, cmap="Blues")  # one hue: flagged is good off the diagonal only
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("claimed")
@@ -226,13 +227,21 @@ def confusion_png(result: Evaluation, path: str | Path) -> Path:
     for r in range(len(names)):
         for c in range(len(names)):
             if math.isfinite(flagged[r, c]):
+                honest = r == c
+                alarm = honest and flagged[r, c] > 0
+                kind = "false alarms" if honest else "detected"
                 ax.text(
-                    c, r, f"{100 * flagged[r, c]:.0f}% flagged\n{100 * undecided[r, c]:.0f}% inconcl.",
+                    c, r, f"{100 * flagged[r, c]:.0f}% {kind}\n{100 * undecided[r, c]:.0f}% inconcl.",
                     ha="center", va="center", fontsize=7,
+                    color="#b00000" if alarm else ("white" if flagged[r, c] > 0.6 else "black"),
+                    fontweight="bold" if honest else "normal",
                 )  # fmt: skip
-    fig.colorbar(im, ax=ax, label="share of windows inconsistent")
+            if r == c:
+                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=2, ec="#444444"))
+    fig.colorbar(im, ax=ax, label="share of windows judged inconsistent")
     ax.set_title(
-        f"tmb fingerprint, leave-one-run-out, {result.window_s:g} s windows\n(diagonal: false alarms)"
+        f"tmb fingerprint, leave-one-run-out, {result.window_s:g} s windows\n"
+        "(framed diagonal: honest runs, where any flag is a false alarm)"
     )
     fig.tight_layout()
     out = Path(path)
