@@ -227,6 +227,13 @@ class Parsed:
     names: dict[str, str] = field(default_factory=dict)  # GpuRef.key -> GPU name
     driver_version: str | None = None
     notes: list[str] = field(default_factory=list)
+    _seq: dict[str, int] = field(default_factory=dict, repr=False)  # readings so far per GPU
+
+    def add(self, line: int, ref: GpuRef, values: dict[str, float], t_ns: int | None) -> None:
+        """Append a reading of ``ref``, numbered in its GPU's order (what "order" timing uses)."""
+        n = self._seq.get(ref.key, 0)
+        self._seq[ref.key] = n + 1
+        self.readings.append(Reading(line, ref, values, t_ns, n))
 
 
 class RowIssues:

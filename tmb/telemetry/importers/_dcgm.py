@@ -107,7 +107,6 @@ def parse_dcgmi(source: Source, issues: RowIssues, *, power: str) -> Parsed:
         columns={f: t for t, f in mapping.items()},
         ignored_columns=sorted(seen_tags - set(mapping) - {"FBFRE"}),
     )
-    seq: dict[str, int] = {}
     for no, text, row_tags, _ in rows:
         parsed.rows_read += 1
         m = _ENTITY.match(text.strip())
@@ -135,9 +134,7 @@ def parse_dcgmi(source: Source, issues: RowIssues, *, power: str) -> Parsed:
             issues.bad(no, problem, text)
             continue
         ref = GpuRef(index=ent)
-        n = seq.get(ref.key, 0)
-        seq[ref.key] = n + 1
-        parsed.readings.append(Reading(no, ref, values, None, n))
+        parsed.add(no, ref, values, None)
     if "FBFRE" in seen_tags and "FBTTL" not in seen_tags and "FBUSD" in seen_tags:
         parsed.columns["mem_total_bytes"] = "FBUSD + FBFRE"
         parsed.notes.append("total memory is FBUSD + FBFRE (reserved memory not included)")

@@ -22,7 +22,6 @@ from typing import Any, Final
 from tmb.telemetry.importers._common import (
     GpuRef,
     Parsed,
-    Reading,
     RowIssues,
     Source,
     no_data,
@@ -87,7 +86,6 @@ def parse_nvsmi(source: Source, issues: RowIssues) -> Parsed:
     )
     layouts: set[str] = set()
     times: list[int] = []
-    seq: dict[str, int] = {}
     for no, text in lines[1:]:
         if not text.strip():
             continue
@@ -125,9 +123,7 @@ def parse_nvsmi(source: Source, issues: RowIssues) -> Parsed:
                 parsed.columns["temp_c"] = "temp_celsius"
             ref = GpuRef(index=index)
             parsed.names.setdefault(ref.key, name)
-            n = seq.get(ref.key, 0)
-            seq[ref.key] = n + 1
-            parsed.readings.append(Reading(no, ref, values, t_ns, n))
+            parsed.add(no, ref, values, t_ns)
     parsed.notes.append(f"layout: {' and '.join(sorted(layouts)) or 'none'}")
     if len(times) > 1 and len(set(times)) == 1:
         parsed.timing, parsed.anchor_ns = "order", times[0]

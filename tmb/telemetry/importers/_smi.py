@@ -11,7 +11,6 @@ from tmb.errors import InputError
 from tmb.telemetry.importers._common import (
     GpuRef,
     Parsed,
-    Reading,
     RowIssues,
     Source,
     no_data,
@@ -111,7 +110,6 @@ def parse_smi_csv(source: Source, issues: RowIssues, *, utc_offset_s: int, power
         columns={f: q for q, f in wanted.items()},
         ignored_columns=[n for n in names if n not in wanted and n not in _CSV_IDS and n != "driver_version"],
     )
-    seq: dict[str, int] = {}
     for no, text in lines[1:]:
         if text.strip() == head_text.strip():
             issues.ignore("repeated header line")
@@ -141,9 +139,7 @@ def parse_smi_csv(source: Source, issues: RowIssues, *, utc_offset_s: int, power
             parsed.names.setdefault(ref.key, cells[name_col].strip())
         if drv_col is not None and cells[drv_col].strip() and not parsed.driver_version:
             parsed.driver_version = cells[drv_col].strip()
-        n = seq.get(ref.key, 0)
-        seq[ref.key] = n + 1
-        parsed.readings.append(Reading(no, ref, values, t_ns, n))
+        parsed.add(no, ref, values, t_ns)
     return parsed
 
 
@@ -176,7 +172,6 @@ def parse_dmon(source: Source, issues: RowIssues, *, utc_offset_s: int) -> Parse
     )
     names: list[str] = []
     units: list[str] = []
-    seq: dict[str, int] = {}
     day_s = 86_400 * 1_000_000_000
     first_tod: int | None = None
     last_tod, rollover = 0, 0
@@ -225,9 +220,7 @@ def parse_dmon(source: Source, issues: RowIssues, *, utc_offset_s: int) -> Parse
             issues.bad(no, problem, text)
             continue
         ref = GpuRef(index=index)
-        n = seq.get(ref.key, 0)
-        seq[ref.key] = n + 1
-        parsed.readings.append(Reading(no, ref, values, t_ns, n))
+        parsed.add(no, ref, values, t_ns)
         if t_ns is not None:
             parsed.timing = "file"
             parsed.relative = "date" not in row
