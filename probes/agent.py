@@ -14,6 +14,16 @@ Three asyncio tasks share one :class:`Probe`:
   quote demand and the daemon's IMA offset from every response. Connection errors and 5xx keep the items
   and retry with backoff (0.2 s doubling to 5 s); a 4xx drops the refused item (it would be refused forever)
   and, for a refused batch, starts a new chain segment.
+
+The daemon's answers are not trusted to be well-formed: each is read incrementally and refused beyond
+:data:`MAX_ANSWER_BYTES` (1 MiB; a declared larger ``Content-Length`` is refused unread), a whole exchange is
+limited to ``http_timeout_s``, and the values it carries are checked before use (``nonce``: 32 bytes of hex;
+``quote``: a boolean; ``ima_offset``: a non-negative integer that is a record boundary of the local IMA log;
+``findings``: a list). Each refusal is a warning finding with a stable id, kept in
+:attr:`ProbeStats.refusals` and logged: ``probe.answer_too_large``, ``probe.answer_timeout``,
+``probe.answer_malformed`` (not a JSON object) and ``probe.answer_bad_value`` (the exchange is retried with
+backoff, the items stay buffered), ``probe.answer_ima_offset_outside_log`` (the offset is ignored; the
+probe reads the IMA log from where it was).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +52,7 @@ from probes.chain import ZERO, Chain, qualifying_data
 from probes.config import ProbeConfig
 from probes.ima_reader import ImaReader
 from probes.tpm import Quote, TpmClient
-from tmb.errors import Finding, TmbError, TpmError
+from tmb.errors import Finding, Severity, TmbError, TpmError, finding
 from tmb.telemetry.source import TelemetrySource, open_source
 
 __all__ = ["Probe", "ProbeStats"]
@@ -52,6 +63,14 @@ MAX_BATCHES_PER_POST = 64
 IMA_CHUNK = 4 * 1024 * 1024
 TPM_BACKOFF = (0.5, 30.0)
 SEND_BACKOFF = (0.2, 5.0)
+MAX_ANSWER_BYTES = 1 << 20  # a daemon answer is a few hundred bytes; a larger one is refused, never buffered
+MAX_IMA_OFFSET = (1 << 63) - 1
+MAX_KEPT = 100  # refusals and refused-evidence records kept in ProbeStats (the newest)
+MAX_FINDINGS_KEPT = 16  # findings kept from one refusal answer
+REPEAT_LOG_S = 60.0  # an identical refusal is counted at once but logged again only after this long
+OFFSET_RECHECK_S = 10.0  # a refused ima_offset offered again is checked against the log again after this
+_HEX32 = re.compile(r"^[0-9a-fA-F]{64}$")
+_ROUTES = {"batch": "batches", "quote": "quotes", "ima": "ima", "bindings": "bindings"}
 
 
 @dataclass
@@ -65,7 +84,37 @@ class ProbeStats:
     quotes_acked: int = 0
     tpm_errors: int = 0
     send_errors: int = 0
-    refused: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # evidence the daemon refused (newest)
+    answers_refused: int = 0  # daemon answers (or values in them) the probe refused
+    refusals: list[Finding] = field(default_factory=list)  # the newest distinct refusals
+
+
+class _Refused(Exception):
+    """A daemon answer the probe will not use; the exchange is retried with backoff."""
+
+    def __init__(self, refusal: Finding) -> None:
+        super().__init__(str(refusal))
+        self.finding = refusal
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value the daemon sent, for a finding's context or a log line: short, whatever it was."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refusal(fid: str, message: str, **context: Any) -> Finding:
+    return finding(fid, message, severity=Severity.WARNING, **context)
+
+
+def _bad_value(route: str, key: str, value: Any, want: str) -> Finding:
+    return _refusal(
+        "probe.answer_bad_value",
+        f"the daemon's {key!r} is not {want}",
+        route=route,
+        field=key,
+        got=_show(value),
+    )
 
 
 def _quote(cfg: ProbeConfig, qdata: bytes, client: TpmClient) -> Quote:
@@ -106,6 +155,8 @@ class Probe:
         self._new_segment = False
         self._pids: set[int] = set()
         self._ak_name: str | None = None
+        self._last_refusal: dict[str, tuple[Finding, float]] = {}
+        self._offset_refused: tuple[int, float] | None = None
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -151,7 +202,9 @@ class Probe:
         """Run until ``stop`` is set (or the task is cancelled)."""
         self._seal(None)
         timeout = aiohttp.ClientTimeout(total=self.config.http_timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        async with aiohttp.ClientSession(
+            timeout=timeout, auto_decompress=False, headers={"Accept-Encoding": "identity"}
+        ) as http:
             tasks = [
                 asyncio.create_task(self._seal_loop(), name="probe-seal"),
                 asyncio.create_task(self._quote_loop(), name="probe-quote"),
@@ -283,21 +336,73 @@ class Probe:
     def _url(self, what: str) -> str:
         return f"{self.config.daemon_url.rstrip('/')}/v1/ingest/{urlquote(self.config.node, safe='')}/{what}"
 
-    def _take_answer(self, doc: Any) -> None:
-        if not isinstance(doc, dict):
+    def _refuse(self, refusal: Finding) -> None:
+        """Count, keep and log a refused answer; the same refusal again is logged once a minute."""
+        self.stats.answers_refused += 1
+        now = time.monotonic()
+        last = self._last_refusal.get(refusal.id)
+        if last is not None and last[0] == refusal and now - last[1] < REPEAT_LOG_S:
             return
+        self._last_refusal[refusal.id] = (refusal, now)
+        self.stats.refusals.append(refusal)
+        del self.stats.refusals[:-MAX_KEPT]
+        log.warning("refused the daemon's answer: %s", refusal)
+
+    async def _take_answer(self, route: str, doc: dict[str, Any]) -> int | None:
+        """Take the next nonce, the quote demand and (once) the IMA offset from an answer; every value is
+        checked first. Returns the answer's ``ima_offset`` when it is a sane integer."""
         nonce = doc.get("nonce")
-        if isinstance(nonce, str):
-            with contextlib.suppress(ValueError):
+        if nonce is not None:
+            if isinstance(nonce, str) and _HEX32.match(nonce):
                 self._nonce = bytes.fromhex(nonce)
                 self._nonce_event.set()
-        if doc.get("quote"):
+            else:
+                self._refuse(_bad_value(route, "nonce", nonce, "32 bytes of hex"))
+        quote = doc.get("quote")
+        if quote is not None and not isinstance(quote, bool):
+            self._refuse(_bad_value(route, "quote", quote, "a boolean"))
+        elif quote:
             self._quote_now = True
             self._nonce_event.set()
         offset = doc.get("ima_offset")
-        if not self._ima_ready and isinstance(offset, int):
+        if offset is not None and (
+            not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_IMA_OFFSET
+        ):
+            self._refuse(_bad_value(route, "ima_offset", offset, "a non-negative integer"))
+            offset = None
+        if offset is not None and not self._ima_ready and await self._offset_in_log(route, offset):
             self.ima.rewind(offset)
             self._ima_ready = True
+        return offset
+
+    async def _offset_in_log(self, route: str, offset: int) -> bool:
+        """Whether ``offset`` is a record boundary of the local IMA log (a refusal is a finding)."""
+        now = time.monotonic()
+        last = self._offset_refused
+        if last is not None and last[0] == offset and now - last[1] < OFFSET_RECHECK_S:
+            return False
+        try:
+            problem, boundary = await asyncio.to_thread(self.ima.check_offset, offset)
+        except TmbError as exc:
+            self._offset_refused = (offset, now)
+            log.warning("cannot check the daemon's ima_offset against the IMA log:\n%s", exc.diagnostics())
+            return False
+        if problem is None:
+            self._offset_refused = None
+            return True
+        self._offset_refused = (offset, now)
+        self._refuse(
+            _refusal(
+                "probe.answer_ima_offset_outside_log",
+                f"the daemon's ima_offset {offset} is not a record boundary of the local IMA log ({problem})",
+                route=route,
+                offset=offset,
+                problem=problem,
+                boundary=boundary,
+                path=str(self.ima.path),
+            )
+        )
+        return False
 
     async def _send_loop(self, http: aiohttp.ClientSession) -> None:
         backoff = SEND_BACKOFF[0]
@@ -314,34 +419,91 @@ class Probe:
                     sent: list[Item] = []
                 else:
                     status, doc, sent = await self._post(http, items)
+            except _Refused as exc:
+                self._refuse(exc.finding)
+                self.stats.send_errors += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, SEND_BACKOFF[1])
+                continue
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 self.stats.send_errors += 1
                 log.info("daemon unreachable (retrying in %.1f s): %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, SEND_BACKOFF[1])
                 continue
-            self._take_answer(doc)
+            route = _ROUTES[sent[0].kind] if sent else "nonce"
+            offset = await self._take_answer(route, doc) if doc is not None else None
             if status >= 500:
                 self.stats.send_errors += 1
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, SEND_BACKOFF[1])
                 continue
-            backoff = SEND_BACKOFF[0]
             if not sent:
-                if status >= 400:  # e.g. node not registered yet
-                    await asyncio.sleep(1.0)
+                if status >= 400 or self._nonce is None:  # e.g. node not registered yet; no usable nonce
+                    await asyncio.sleep(max(backoff, 1.0) if status >= 400 else backoff)
+                    backoff = min(backoff * 2, SEND_BACKOFF[1])
+                else:
+                    backoff = SEND_BACKOFF[0]
                 continue
-            self._settle(status, doc, sent)
+            backoff = SEND_BACKOFF[0]
+            await self._settle(status, doc or {}, sent, offset)
 
     async def _request(
         self, http: aiohttp.ClientSession, method: str, what: str, body: Any
-    ) -> tuple[int, Any]:
-        async with http.request(method, self._url(what), json=body) as resp:
-            try:
-                doc = await resp.json(content_type=None)
-            except (ValueError, aiohttp.ContentTypeError):
-                doc = None
-            return resp.status, doc
+    ) -> tuple[int, dict[str, Any] | None]:
+        """``(status, JSON object)``; raises :class:`_Refused` for an answer too large, too slow or (below
+        500) not a JSON object. A 5xx answer's body may be anything (None)."""
+        limit_s = self.config.http_timeout_s
+        try:
+            async with asyncio.timeout(limit_s), http.request(method, self._url(what), json=body) as resp:
+                status = resp.status
+                declared = resp.content_length
+                if declared is not None and declared > MAX_ANSWER_BYTES:
+                    resp.close()
+                    raise _Refused(self._too_large(what, status, declared))
+                data = bytearray()
+                async for chunk in resp.content.iter_any():
+                    data += chunk
+                    if len(data) > MAX_ANSWER_BYTES:
+                        resp.close()
+                        raise _Refused(self._too_large(what, status, None))
+        except TimeoutError:
+            raise _Refused(
+                _refusal(
+                    "probe.answer_timeout",
+                    f"no complete answer from the daemon within http_timeout_s ({limit_s} s)",
+                    route=what,
+                    timeout_s=limit_s,
+                )
+            ) from None
+        try:
+            doc = json.loads(bytes(data))
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict):
+            return status, doc
+        if status >= 500:
+            return status, None
+        raise _Refused(
+            _refusal(
+                "probe.answer_malformed",
+                "the daemon's answer is not a JSON object",
+                route=what,
+                status=status,
+                got=_show(bytes(data[:64])),
+            )
+        )
+
+    @staticmethod
+    def _too_large(route: str, status: int, declared: int | None) -> Finding:
+        return _refusal(
+            "probe.answer_too_large",
+            f"the daemon's answer exceeds {MAX_ANSWER_BYTES} bytes; refused unread",
+            route=route,
+            status=status,
+            limit=MAX_ANSWER_BYTES,
+            **({"content_length": declared} if declared is not None else {}),
+        )
 
     async def _post(self, http: aiohttp.ClientSession, items: list[Item]) -> tuple[int, Any, list[Item]]:
         first = items[0]
@@ -361,23 +523,27 @@ class Probe:
             if status >= 500:
                 self.buffer.findings[:0] = findings
             return status, doc, group
-        path = {"quote": "quotes", "ima": "ima", "bindings": "bindings"}[first.kind]
-        status, doc = await self._request(http, "POST", path, first.doc)
+        status, doc = await self._request(http, "POST", _ROUTES[first.kind], first.doc)
         return status, doc, [first]
 
-    def _settle(self, status: int, doc: Any, sent: list[Item]) -> None:
+    async def _settle(self, status: int, doc: dict[str, Any], sent: list[Item], offset: int | None) -> None:
+        kind = sent[0].kind
         if status >= 400:
-            findings = doc.get("findings", []) if isinstance(doc, dict) else []
-            self.stats.refused.append({"status": status, "kind": sent[0].kind, "findings": findings})
-            log.warning("daemon refused %s evidence (%s): %s", sent[0].kind, status, findings)
-            ids = {f.get("id") for f in findings if isinstance(f, dict)}
-            if sent[0].kind == "batch":
+            raw = doc.get("findings", [])
+            if not isinstance(raw, list):
+                self._refuse(_bad_value(_ROUTES[kind], "findings", raw, "a list of findings"))
+                raw = []
+            findings = [f for f in raw if isinstance(f, dict)][:MAX_FINDINGS_KEPT]
+            self.stats.refused.append({"status": status, "kind": kind, "findings": findings})
+            del self.stats.refused[:-MAX_KEPT]
+            log.warning("daemon refused %s evidence (%s): %s", kind, status, _show(findings, 1000))
+            ids = {f.get("id") for f in findings}
+            if kind == "batch":
                 self._new_segment = True
-            elif sent[0].kind == "ima" and "ima.delta_gap" in ids and isinstance(doc, dict):
-                offset = doc.get("ima_offset")
-                if isinstance(offset, int):
+            elif kind == "ima" and "ima.delta_gap" in ids:
+                if offset is not None and await self._offset_in_log("ima", offset):
                     self.ima.rewind(offset)
-            elif sent[0].kind == "quote":
+            elif kind == "quote":
                 self._quote_now = True
         for item in sent:
             self.buffer.ack(item)

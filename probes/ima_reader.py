@@ -5,6 +5,9 @@ read (``data`` may be empty). A record the kernel is still appending is left for
 production path is ``/sys/kernel/security/ima/binary_runtime_measurements`` (a seq_file: the reader seeks
 to its offset, and falls back to reading and discarding where seeking is refused); tests point it at a
 file written by :class:`tmb.attest.ima_build.LogBuilder`.
+
+``check_offset(offset)`` says whether an offset the daemon sent lies on a record boundary of the local log
+(the probe refuses any other: a negative one, one beyond the log, one inside a record).
 """
 
 from __future__ import annotations
@@ -58,6 +61,24 @@ class ImaReader:
                 path=str(self.path),
                 hint="the probe needs read access to securityfs (root or CAP_SYS_ADMIN)",
             ) from None
+
+    def check_offset(self, offset: int) -> tuple[str | None, int]:
+        """``(problem, boundary)``: problem is None when ``offset`` is the start of a record or the end of the
+        last whole one, else ``"negative"``, ``"beyond_log"`` (boundary: the log's whole-record length) or
+        ``"inside_record"`` (boundary: the end of the record holding ``offset``)."""
+        if offset < 0:
+            return "negative", 0
+        buf = self._read_from(0)
+        pos, index, names = 0, 0, {}  # type: int, int, dict[bytes, str]
+        while pos < offset:
+            try:
+                _, pos = parse_record(buf, pos, 0, index, names)
+            except Incomplete:
+                return "beyond_log", pos
+            except ParseError as exc:
+                raise InputError(f"the IMA log is malformed: {exc.message}", **exc.context) from None
+            index += 1
+        return (None if pos == offset else "inside_record"), pos
 
     def read(self) -> tuple[int, bytes]:
         """``(start offset, whole records after it)``; advances the offset past them."""
