@@ -5,7 +5,8 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [server]    host, port, api_prefix
     [[workers]] name, url, node, gpus, model, max_concurrency
     [proxy]     max_body_bytes, inspect_body_bytes, connect_timeout_s, read_timeout_s, total_timeout_s,
-                health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes, engine
+                health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes, engine,
+                header_timeout_s, keepalive_timeout_s, max_connections
     [verdicts]  key_file, demo, min_window_ms, max_wait_s
     [store]     path, retention_days, ack, sync, url
     [admin]     enabled, token, token_file
@@ -67,6 +68,9 @@ class ProxyConfig:
     health_interval_s: float = 5.0
     health_timeout_s: float = 2.0
     engine: str = "fast"  # "fast": own HTTP/1.1 relay (aiohttp for what it does not handle); "aiohttp"
+    header_timeout_s: float = 10.0  # a request head (and a JSON body read whole) must arrive within this
+    keepalive_timeout_s: float = 60.0  # an idle client connection is closed after this
+    max_connections: int = 4096  # client connections held at once; the next one gets 503 and is closed
 
 
 @dataclass(frozen=True)
@@ -359,7 +363,14 @@ def _validate(config: Config) -> None:
     for key in ("max_body_bytes", "inspect_body_bytes", "max_response_inspect_bytes"):
         if getattr(p, key) < 0:
             fail(f"proxy.{key} must not be negative", "proxy", key, getattr(p, key))
-    for key in ("connect_timeout_s", "read_timeout_s", "health_interval_s", "health_timeout_s"):
+    for key in (
+        "connect_timeout_s",
+        "read_timeout_s",
+        "health_interval_s",
+        "health_timeout_s",
+        "header_timeout_s",
+        "keepalive_timeout_s",
+    ):
         if getattr(p, key) <= 0:
             fail(f"proxy.{key} must be positive", "proxy", key, getattr(p, key))
     if p.total_timeout_s < 0:
@@ -369,6 +380,8 @@ def _validate(config: Config) -> None:
             "total_timeout_s",
             p.total_timeout_s,
         )
+    if p.max_connections < 1:
+        fail("proxy.max_connections must be at least 1", "proxy", "max_connections", p.max_connections)
     if not p.health_path.startswith("/"):
         fail("proxy.health_path must start with '/'", "proxy", "health_path", p.health_path)
     v = config.verdicts

@@ -2,7 +2,9 @@
 
 Per request: a tmb request id (``os.urandom(16).hex()``) is minted and sent to the client as the
 ``X-TMB-Request-Id`` response header (with the headers, so before the first SSE event) and to the worker
-as a request header; the client's ``X-Request-Id`` is kept only as the span's ``correlation_id``.
+as a request header; the client's ``X-Request-Id`` is kept only as the span's ``correlation_id``. An
+``X-TMB-Request-Id`` from the client is not forwarded, nor one from the worker relayed: the only one either
+side sees is tmb's.
 
 * Hop-by-hop headers (RFC 9110 §7.6.1: ``Connection`` and the fields it names, ``Keep-Alive``, ``TE``,
   ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``Proxy-*``) are dropped both ways; ``Host`` and
@@ -13,8 +15,10 @@ as a request header; the client's ``X-Request-Id`` is kept only as the span's ``
   read).
 * Failover to the next candidate worker happens only before the first response byte, and only while the
   request body can still be sent again.
-* Errors, with a JSON body ``{"error": {"type", "message", "request_id"}}``: 413 body too large, 502 no
-  worker reachable, 503 every candidate at its concurrency limit, 504 worker silent before its headers.
+* Errors, with a JSON body ``{"error": {"type", "message", "request_id"}}``: 400 a request target that is
+  not a path (absolute form) or a version other than HTTP/1.0 and 1.1, 408 a JSON body
+  read whole that did not arrive within ``header_timeout_s``, 413 body too large, 502 no worker
+  reachable, 503 every candidate at its concurrency limit, 504 worker silent before its headers.
   Failures after the headers went out end the client connection without a complete response.
 * ``on_span_end(span)`` is called once per request; when it returns an awaitable (store ack ``commit``),
   the byte that completes the response is sent only after it resolves.
@@ -31,6 +35,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.streams import StreamReader
 
 from tmb.config import ProxyConfig
@@ -45,7 +50,8 @@ REQUEST_ID_HEADER = "X-TMB-Request-Id"
 _HOP_BY_HOP = frozenset(
     ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"]
 )
-_NOT_FORWARDED = _HOP_BY_HOP | {"host", "expect"}
+_NOT_FORWARDED = _HOP_BY_HOP | {"host", "expect", REQUEST_ID_HEADER.lower()}
+_HTTP1 = (HttpVersion11, HttpVersion10)
 _NO_BODY_STATUS = frozenset([204, 304])
 
 
@@ -191,12 +197,14 @@ class Proxy:
         return True
 
     async def _error(
-        self, request: web.Request, rec: _Rec, status: int, kind: str, message: str
+        self, request: web.Request, rec: _Rec, status: int, kind: str, message: str, close: bool = False
     ) -> web.Response:
         rec.status = status
         rec.error = f"{kind}: {message}"
         body = {"error": {"type": kind, "message": message, "request_id": rec.rid}}
         resp = web.json_response(body, status=status, headers={REQUEST_ID_HEADER: rec.rid})
+        if close:
+            resp.force_close()
         rec.bytes_out = len(resp.body)  # type: ignore[arg-type]
         await self._finish(rec)
         return resp
@@ -221,6 +229,8 @@ class Proxy:
 
     async def _handle(self, request: web.Request, rec: _Rec) -> web.StreamResponse:
         cfg = self.config
+        if request.version not in _HTTP1 or rec.path[:1] != "/":
+            return await self._bad_request(request, rec)
         headers = request.headers
         clen = request.content_length
         if clen is not None and clen > cfg.max_body_bytes:
@@ -242,7 +252,19 @@ class Proxy:
         if request.body_exists:
             is_json = "json" in headers.get("Content-Type", "")
             if is_json and clen is not None and clen <= cfg.inspect_body_bytes:
-                body = await request.read()
+                try:
+                    async with asyncio.timeout(cfg.header_timeout_s):
+                        body = await request.read()
+                except TimeoutError:
+                    rec.outcome = Outcome.REJECTED
+                    return await self._error(
+                        request,
+                        rec,
+                        408,
+                        "request_timeout",
+                        f"request body not received within {cfg.header_timeout_s:g} s",
+                        close=True,  # the rest of the body is not read
+                    )
                 rec.bytes_in = len(body)
                 rec.model = model_from_json(body)
             else:
@@ -307,6 +329,8 @@ class Proxy:
                     break
                 except _BodyTooLarge:
                     break
+                except ValueError:  # a target yarl or the client cannot encode (no worker saw it)
+                    return await self._bad_request(request, rec)
                 rec.worker = worker
                 if isinstance(body, _BodyStream):
                     _sync_stream(rec, body)
@@ -327,6 +351,15 @@ class Proxy:
         return await self._error(
             request, rec, 503, "workers_busy", "every worker serving this request is at its concurrency limit"
         )
+
+    async def _bad_request(self, request: web.Request, rec: _Rec) -> web.Response:
+        """400 for a request the proxy relays to no worker: not HTTP/1.x, or a target that is not a path."""
+        rec.outcome = Outcome.REJECTED
+        if request.version not in _HTTP1:
+            message = "only HTTP/1.1 and HTTP/1.0 are proxied"
+        else:
+            message = "the request target must be a path (origin form): no absolute URL, authority or '*'"
+        return await self._error(request, rec, 400, "bad_request", message, close=True)
 
     async def _relay(
         self,
@@ -436,15 +469,17 @@ def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse
 def make_proxy_routes(app: web.Application, proxy: Proxy) -> None:
     """Add the catch-all route; call after every route of the daemon's own (they take precedence).
 
-    With ``[proxy] engine = "fast"`` the app's connections start in the fast engine
-    (:mod:`tmb.proxy.fast`), which hands to aiohttp (and so to this route) what it does not handle.
+    The app's connections start in the fast engine's dispatcher (:mod:`tmb.proxy.fast`: connection cap,
+    header and keep-alive timeouts, heads that are not HTTP/1.x); with ``[proxy] engine = "fast"`` it relays
+    what it can itself and hands to aiohttp (and so to this route) the rest, with ``"aiohttp"`` everything.
     """
     route = app.router.add_route("*", "/{tail:.*}", proxy.handle)
-    if proxy.config.engine == "fast":
-        try:
-            from tmb.proxy.fast import install
-        except ImportError as exc:  # httptools missing: every request through aiohttp
-            log.warning("proxy engine 'fast' unavailable (%s): using 'aiohttp'", exc)
-            return
-        if not install(app, proxy, route.resource):  # type: ignore[arg-type]
-            log.warning("proxy engine 'fast' cannot hook this aiohttp version: using 'aiohttp'")
+    try:
+        from tmb.proxy.fast import install
+    except ImportError as exc:  # httptools missing: every request through aiohttp, no connection gate
+        log.warning("proxy engine 'fast' unavailable (%s): using 'aiohttp' without a connection cap", exc)
+        return
+    if not install(app, proxy, route.resource):  # type: ignore[arg-type]
+        log.warning(
+            "proxy engine 'fast' cannot hook this aiohttp version: using 'aiohttp' without a connection cap"
+        )

@@ -35,8 +35,17 @@ log = logging.getLogger("tmb.proxy")
 
 _NONE, _WHOLE, _STREAM = 0, 1, 2  # request body: none (or complete), gathered whole, streamed
 _QUEUE_PAUSE = 1 << 18  # streamed body bytes held while connecting before reading from the client pauses
-_RESPONSE_DROP = frozenset(
-    [b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection"]
+_RESPONSE_DROP = frozenset(  # hop-by-hop fields, and a worker's own X-TMB-Request-Id (tmb's is the one)
+    [
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"x-tmb-request-id",
+    ]
 )
 _BUSY = "every worker serving this request is at its concurrency limit"
 
@@ -139,6 +148,9 @@ class Exchange:
             self.dispatch(None)
         if body:
             self.client_body(body)
+        if self.mode == _WHOLE and self.body_left and not self.finished:  # the rest must come in time
+            loop = self.fp.loop
+            self.timer = loop.call_at(loop.time() + self.fp.config.header_timeout_s, self._body_late)
 
     def client_body(self, data: bytes) -> None:
         """Request body bytes from the client (never more than ``body_left``)."""
@@ -150,6 +162,7 @@ class Exchange:
         if self.mode == _WHOLE:
             self.body.append(data)
             if not self.body_left:
+                self._stop_timer()
                 whole = b"".join(self.body)
                 self.body = [whole]
                 rec.model = model_from_json(whole)
@@ -261,6 +274,16 @@ class Exchange:
         if self.timer is not None:
             self.timer.cancel()
         self.timer = loop.call_at(min(now + self.fp.config.read_timeout_s, self.deadline), self._on_timer)
+
+    def _body_late(self) -> None:
+        """A JSON body read whole before choosing a worker did not arrive within ``header_timeout_s``."""
+        self.timer = None
+        if self.finished or self.up is not None or not self.body_left:
+            return
+        self.rec.outcome = Outcome.REJECTED
+        self.close_after = True  # the rest of the body is not read
+        t = self.fp.config.header_timeout_s
+        self.error(408, "request_timeout", f"request body not received within {t:g} s")
 
     def _stop_timer(self) -> None:
         if self.timer is not None:

@@ -10,21 +10,34 @@ in a :class:`FastConnection`. A request it does not handle itself is handed, wit
 bytes read so far, to aiohttp's own protocol, which then keeps the connection (daemon routes, so the API
 and metrics behave exactly as before, and whatever the fast path leaves to aiohttp: HTTP/1.0, ``HEAD``,
 ``Transfer-Encoding`` (chunked uploads), ``Expect``, ``Upgrade``, bodies over ``max_body_bytes`` (413),
-percent-encoded paths, unusual or malformed heads, https workers).
+percent-encoded paths, unusual heads, https workers).
+
+The dispatcher is also the connection gate, for both engines (with ``engine = "aiohttp"`` every complete
+head is handed to aiohttp): at most ``max_connections`` client connections (lowered to what the open-file
+limit allows; the next one is answered 503 and closed), a request head must arrive within
+``header_timeout_s`` of its first byte (else 408 and close), an idle connection is closed after
+``keepalive_timeout_s`` (aiohttp gets the same keep-alive timeout for the connections it holds). Heads that
+cannot be HTTP/1.x (no version, HTTP/0.9 or 2.0 request lines, lines ending in a bare LF) are answered 400
+here, with a span, like every request the proxy refuses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Callable
+from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit
 from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from tmb.config import ProxyConfig
 from tmb.proxy.exchange import Exchange
+from tmb.proxy.spans import Outcome
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import AbstractResource
@@ -38,6 +51,32 @@ _FIELDS_RE = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _REQUEST_LINE_RE = re.compile(rb"(GET|POST|PUT|DELETE|PATCH|OPTIONS) (/[!-$&-~]*) HTTP/1\.1")
 _MAX_HEAD = 8190  # aiohttp's own line limit: longer heads go to aiohttp (which answers 400/431)
 _PIPELINE_PAUSE = 1 << 20  # bytes read ahead of the current exchange before reading pauses
+_HTTP1 = (b"HTTP/1.1", b"HTTP/1.0")
+_UNPRINTABLE_RE = re.compile(rb"[^\x20-\x7e]")
+_FD_RESERVE = 64  # open files besides connections: listening socket, store, logs, event loop, threads
+_MAX_LINGER = 64  # refused connections lingering at once (the rest are closed at once)
+_LINGER_S = 2.0  # how long a refused connection waits for the client to read its 503 and hang up
+
+
+def connection_cap(config: ProxyConfig, upstream: int, nofile: int) -> int:
+    """``max_connections``, lowered to what the open-file limit ``nofile`` leaves for client connections
+    once ``upstream`` connections to workers (and a reserve) are counted; at least 1."""
+    if nofile == RLIM_INFINITY:
+        return config.max_connections
+    return max(1, min(config.max_connections, nofile - upstream - _FD_RESERVE - _MAX_LINGER))
+
+
+def _error_body(kind: str, message: str) -> bytes:
+    return json.dumps({"error": {"type": kind, "message": message}}).encode()
+
+
+def _connection_error(status: bytes, kind: str, message: str, extra: bytes = b"") -> bytes:
+    """A whole response for a connection-level refusal (no request: the daemon API's envelope, no id)."""
+    body = _error_body(kind, message)
+    return (
+        b"HTTP/1.1 %s\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"%sConnection: close\r\n\r\n%s" % (status, len(body), extra, body)
+    )
 
 
 class FastPath:
@@ -53,6 +92,37 @@ class FastPath:
         self.conns: set[FastConnection] = set()
         self.loop = asyncio.get_running_loop()
         self._routes: dict[bytes, bool] = {}
+        self.fast = self.config.engine == "fast"  # False: every head goes to aiohttp (the gate stays)
+        self.header_timeout = self.config.header_timeout_s
+        self.keepalive_timeout = self.config.keepalive_timeout_s
+        upstream = 2 * sum(w.config.max_concurrency for w in self.pool.workers)  # both engines' pools
+        nofile = getrlimit(RLIMIT_NOFILE)[0]
+        self.max_conns = connection_cap(self.config, upstream, nofile)
+        if self.max_conns < self.config.max_connections:
+            log.warning(
+                "proxy.max_connections lowered from %d to %d: the open-file limit (ulimit -n) is %d; "
+                "raise it (systemd: LimitNOFILE=) to at least %d",
+                self.config.max_connections,
+                self.max_conns,
+                nofile,
+                self.config.max_connections + upstream + _FD_RESERVE + _MAX_LINGER,
+            )
+        self.refused: set[_Refused] = set()  # refused connections still lingering
+        self.refusal = _connection_error(
+            b"503 Service Unavailable",
+            "too_many_connections",
+            f"the proxy holds its maximum of {self.max_conns} client connections; retry later",
+            b"Retry-After: 1\r\n",
+        )
+        self.head_late = _connection_error(
+            b"408 Request Timeout",
+            "header_timeout",
+            f"the request head did not arrive within {self.header_timeout:g} s",
+        )
+
+    def open_connections(self) -> int:
+        """Client connections held now: in the fast engine, and those handed to aiohttp."""
+        return len(self.conns) + len(self.inner.connections)
 
     def proxied(self, path: bytes) -> bool:
         """Whether ``path`` (no query, no percent escapes) reaches the proxy rather than a daemon route."""
@@ -96,13 +166,27 @@ class FastConnection(asyncio.Protocol):
         self.drain = 0  # request body bytes still to be read and dropped (an exchange ended early)
         self.closed = False
         self.paused = False
+        # One timer per connection, re-armed lazily: idle (no request, no byte of one) until ``expires``
+        # (keep-alive timeout); a head that started waits until ``expires`` (header timeout) once
+        # ``head_timed``. While an exchange runs neither applies (the exchange has its own timeouts).
+        self.timer: asyncio.TimerHandle | None = None
+        self.expires = 0.0
+        self.head_timed = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        fp = self.fp
+        if fp.open_connections() >= fp.max_conns:
+            refused = _Refused(fp)
+            transport.set_protocol(refused)
+            refused.connection_made(transport)
+            return
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
-        self.fp.conns.add(self)
+        fp.conns.add(self)
+        self.expires = fp.loop.time() + fp.keepalive_timeout
+        self.timer = fp.loop.call_at(self.expires, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
@@ -133,6 +217,9 @@ class FastConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.fp.conns.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         ex, self.ex = self.ex, None
         if ex is not None:
             ex.client_lost()
@@ -164,12 +251,72 @@ class FastConnection(asyncio.Protocol):
             if end < 0:
                 if len(buf) > _MAX_HEAD:
                     self.hand_off()
+                elif buf.find(b"\n\n", 0, _MAX_HEAD) >= 0:  # a head ended by bare LFs: never complete
+                    self.reject(buf[: buf.find(b"\n")], "request head lines must end with CRLF")
+                else:
+                    self.head_pending()
                 return
-            if not self.start(buf, end):
-                self.hand_off()
+            self.head_timed = False
+            if not (self.fp.fast and self.start(buf, end)):
+                why = _refused_line(buf)
+                if why is None:
+                    self.hand_off()
+                else:
+                    self.reject(buf[: buf.find(b"\r\n")], why)
                 return
         if self.ex is None:
             self.resume()
+            if not self.buf:  # idle: the keep-alive timeout runs (the timer catches up lazily)
+                self.head_timed = False
+                self.expires = self.fp.loop.time() + self.fp.keepalive_timeout
+
+    def head_pending(self) -> None:
+        """Part of a head is here: it must be complete within the header timeout of its first byte."""
+        if self.head_timed:
+            return
+        self.head_timed = True
+        loop = self.fp.loop
+        self.expires = loop.time() + self.fp.header_timeout
+        timer = self.timer
+        if timer is None or timer.when() > self.expires:
+            if timer is not None:
+                timer.cancel()
+            self.timer = loop.call_at(self.expires, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        loop = self.fp.loop
+        now = loop.time()
+        if self.ex is not None:  # busy: look again one keep-alive timeout from now
+            self.timer = loop.call_at(now + self.fp.keepalive_timeout, self._on_timer)
+        elif now < self.expires:
+            self.timer = loop.call_at(self.expires, self._on_timer)
+        elif self.head_timed and self.buf:
+            log.info(
+                "client %s: request head incomplete after %g s: 408, closed",
+                self.peer,
+                self.fp.header_timeout,
+            )
+            transport.write(self.fp.head_late)
+            transport.close()
+        else:  # idle too long (or draining a body nobody reads): close quietly
+            transport.close()
+
+    def reject(self, line: bytes, message: str) -> None:
+        """Answer the head at the start of ``buf`` (request line ``line``) with 400 and close: an exchange
+        that reaches no worker, so the answer and the span are the proxy's own."""
+        parts = _UNPRINTABLE_RE.sub(b"?", line[:_MAX_HEAD]).split(b" ", 2)
+        method = parts[0][:32].decode("ascii")
+        target = parts[1].decode("ascii") if len(parts) > 1 else ""
+        ex = Exchange(self, method, target, None, time_ns())
+        ex.close_after = True
+        ex.rec.outcome = Outcome.REJECTED
+        self.buf = b""
+        self.ex = ex
+        ex.error(400, "bad_request", message)
 
     def start(self, buf: bytes, end: int) -> bool:
         """Parse the head ``buf[:end]``; start its exchange. False: aiohttp must take this request."""
@@ -212,7 +359,7 @@ class FastConnection(asyncio.Protocol):
                     corr = value.decode("latin-1")
                 elif name == b"content-type":
                     json_body = b"json" in value
-                else:  # host and hop-by-hop fields
+                else:  # host, hop-by-hop fields, a client's X-TMB-Request-Id (tmb sends its own)
                     continue
             elif name.startswith(b"proxy-"):
                 continue
@@ -246,6 +393,9 @@ class FastConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         self.fp.conns.discard(self)
+        if self.timer is not None:  # aiohttp's keep-alive timeout takes over
+            self.timer.cancel()
+            self.timer = None
         data, self.buf = self.buf, b""
         handler = self.fp.inner()
         transport.set_protocol(handler)
@@ -277,10 +427,56 @@ class FastConnection(asyncio.Protocol):
             self.ex.close_after = True
 
 
+def _refused_line(buf: bytes) -> str | None:
+    """Why the complete head at the start of ``buf`` is refused outright, or None: aiohttp decides."""
+    line = buf[: buf.find(b"\r\n")]
+    if not line:
+        return None  # empty lines before a request line: aiohttp skips them (RFC 9112 section 2.2)
+    parts = line.split(b" ")
+    if len(parts) == 3 and parts[2] in _HTTP1:
+        return None
+    return "a request line is METHOD SP request-target SP HTTP/1.1 (or HTTP/1.0), CRLF"
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections``: 503, then closed. What the client sends meanwhile is read and
+    dropped, so that closing does not reset the connection before the client could read the answer."""
+
+    def __init__(self, fp: FastPath) -> None:
+        self.fp = fp
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        fp = self.fp
+        tr: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = tr
+        tr.write(fp.refusal)
+        if len(fp.refused) >= _MAX_LINGER or not tr.can_write_eof():
+            tr.close()
+            return
+        fp.refused.add(self)
+        tr.write_eof()
+        self.timer = fp.loop.call_later(_LINGER_S, tr.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client hung up: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fp.refused.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 _REQUEST_REFUSED = frozenset([b"transfer-encoding", b"upgrade", b"expect"])
 _REQUEST_SPECIAL = frozenset(
     [
         b"content-length",
+        b"x-tmb-request-id",
         b"connection",
         b"x-forwarded-for",
         b"x-request-id",
@@ -318,23 +514,48 @@ class _DispatchServer:
         for conn in list(self.fp.conns):
             if conn.transport is not None:
                 conn.transport.abort()
+        for refused in list(self.fp.refused):
+            if refused.transport is not None:
+                refused.transport.abort()
         for worker in self.fp.pool.workers:
             worker.close_idle()
 
 
+class _ClientErrors(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback: that is the client's mistake
+    (answered 400), not the daemon's, so it becomes one INFO line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.msg}: %s"
+            record.args = (*(record.args if isinstance(record.args, tuple) else ()), exc.message)
+        return True
+
+
+_server_log = logging.getLogger("tmb.proxy.http")
+_server_log.addFilter(_ClientErrors())
+
+
 def install(app: web.Application, proxy: Proxy, own: AbstractResource) -> bool:
-    """Serve ``app``'s connections through the fast engine (call before the app's runner is set up).
+    """Serve ``app``'s connections through the fast engine's dispatcher (call before the app's runner is
+    set up): with ``engine = "fast"`` it relays what it can itself; with ``"aiohttp"`` it only gates the
+    connections (cap, timeouts, heads that are not HTTP/1.x) and hands every request to aiohttp.
 
     aiohttp has no public hook for the connection protocol, so the application's ``_make_handler`` (which
     the runner calls once, after start-up, to build its ``web.Server``) is wrapped for this instance.
     False (and nothing changed) when this aiohttp has no such method: every request then goes through
-    aiohttp, slower but the same contract.
+    aiohttp, slower but the same contract, with aiohttp's own keep-alive timeout and no connection cap.
     """
     make_handler = getattr(app, _HOOK, None)
     if not callable(make_handler):
         return False
 
     def _make_handler(**kwargs: Any) -> web.Server:
+        kwargs.setdefault("keepalive_timeout", proxy.config.keepalive_timeout_s)
+        kwargs.setdefault("logger", _server_log)
         inner = make_handler(**kwargs)
         return _DispatchServer(inner, lambda s: FastPath(proxy, s, app, own))  # type: ignore[return-value]
 
