@@ -10,6 +10,7 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [verdicts]  key_file, demo, min_window_ms, max_wait_s
     [store]     path, retention_days, ack, sync, url
     [admin]     enabled, token, token_file
+    [metrics]   enabled, token, token_file
     [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, settle_ms
     [fingerprint] profiles, target_far
 
@@ -18,14 +19,21 @@ Environment overrides follow keylime's single rule: ``TMB_<SECTION>_<KEY>`` (upp
 ``TMB_WORKERS_0_URL=http://10.0.0.5:8000`` overrides (or, for the next free index, adds) worker 0's key.
 Values are parsed by the key's type: integers, decimals, booleans (``true/false/1/0/yes/no``), lists
 (comma-separated). Every error is a :class:`~tmb.errors.ConfigError` naming file, section and key.
+
+Bearer tokens (``[admin]``, ``[metrics]``) read from a ``token_file`` are checked like the verdict key file:
+a regular file, owned by the daemon's user (or root), not accessible by group or others, holding a token of
+at least :data:`MIN_TOKEN_BITS` bits (estimated from its length and character classes). A token given inline
+(or by ``TMB_*_TOKEN``) must be that strong too when it guards endpoints on a non-loopback address.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +45,9 @@ from tmb.errors import ConfigError
 
 ENV_PREFIX = "TMB_"
 REDACTED = "<redacted>"
+MIN_TOKEN_BITS = 128  # e.g. 32 hex digits, 22 URL-safe base64 characters (see token_bits)
+MIN_TOKEN_DISTINCT = 8  # "aaaa..." or "abab..." are not tokens, however long
+MAX_TOKEN_FILE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True  # false: GET /metrics answers 404
+    token: str = ""  # when set, /metrics needs "Authorization: Bearer <token>" (secret)
+    token_file: str = ""  # read the token from this file instead
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     workers: tuple[WorkerConfig, ...] = ()
@@ -122,15 +140,29 @@ class Config:
     verdicts: VerdictsConfig = field(default_factory=VerdictsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
     source: str = "<defaults>"  # the file it came from
 
     def admin_enabled(self) -> bool:
         """Whether admin endpoints are served (see :class:`AdminConfig`)."""
-        if self.admin.enabled == "false" or not self.admin.token:
-            return False
-        return self.admin.enabled == "true" or _is_loopback(self.server.host)
+        return self.admin_status()[0]
+
+    def admin_status(self) -> tuple[bool, str]:
+        """``(served, why)``: whether the admin endpoints are served and the reason, for the start-up log."""
+        if self.admin.enabled == "false":
+            return False, "admin.enabled = false"
+        if not self.admin.token:
+            return False, "no admin token is set (admin.token or admin.token_file)"
+        if self.admin.enabled == "true":
+            return True, "admin.enabled = true"
+        if not _is_loopback(self.server.host):
+            return False, (
+                f'admin.enabled = "auto" and server.host {self.server.host!r} is not a loopback address '
+                "(set admin.enabled = true to serve the admin endpoints there)"
+            )
+        return True, f'admin.enabled = "auto" with a token on the loopback address {self.server.host!r}'
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets replaced by ``<redacted>``."""
@@ -138,8 +170,9 @@ class Config:
         for name in _SECTIONS:
             data[name] = dataclasses.asdict(getattr(self, name))
         data["workers"] = [dataclasses.asdict(w) for w in self.workers]
-        if data["admin"]["token"]:
-            data["admin"]["token"] = REDACTED
+        for name in ("admin", "metrics"):
+            if data[name]["token"]:
+                data[name]["token"] = REDACTED
         if data["store"]["url"]:
             from tmb.verdict.store_pg import redact
 
@@ -153,6 +186,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "verdicts": VerdictsConfig,
     "store": StoreConfig,
     "admin": AdminConfig,
+    "metrics": MetricsConfig,
     "attestation": AttestationConfig,
     "fingerprint": FingerprintConfig,
 }
@@ -177,6 +211,79 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def token_bits(token: str) -> float:
+    """A strength estimate: length × log2(alphabet), the alphabet being 16 for hex digits, else the
+    character classes used (26 lower case, 26 upper case, 10 digits) plus each other character seen.
+    32 hex digits are 128 bits, 22 URL-safe base64 characters 132, ``s3cret`` 31."""
+    chars = set(token)
+    if not chars:
+        return 0.0
+    if chars <= set("0123456789abcdef") or chars <= set("0123456789ABCDEF"):
+        pool = 16
+    else:
+        pool = (
+            26 * any(c.islower() for c in chars)
+            + 26 * any(c.isupper() for c in chars)
+            + 10 * any(c.isdigit() for c in chars)
+            + sum(not c.isalnum() for c in chars)
+        )
+    return len(token) * math.log2(pool)
+
+
+def _check_token(token: str, what: str, where: dict[str, str]) -> None:
+    """Raise when ``token`` cannot be a bearer token or is weaker than :data:`MIN_TOKEN_BITS`."""
+    if not all(33 <= ord(c) < 127 for c in token):
+        raise ConfigError(
+            f"{what} must be printable ASCII without spaces (it is sent in an Authorization header)",
+            **where,
+        )
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS or len(set(token)) < MIN_TOKEN_DISTINCT:
+        raise ConfigError(
+            f"{what} is too weak: {len(token)} characters ({len(set(token))} distinct), about {bits:.0f} "
+            f"bits (at least {MIN_TOKEN_BITS} bits and {MIN_TOKEN_DISTINCT} distinct characters needed)",
+            hint="use a random one, e.g. `openssl rand -hex 32`",
+            **where,
+        )
+
+
+def _read_token_file(path: str, section: str, where: dict[str, str]) -> str:
+    """The token in ``path``, after the checks the verdict key file gets (regular file, owner, mode)."""
+    what = f"{section} token file {path}"
+    where = {**where, "path": path}
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}", **where) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} is not a regular file", **where)
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{what} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+            hint=f"chmod 600 {path}",
+            **where,
+        )
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise ConfigError(
+            f"{what} is owned by uid {st.st_uid}, not by the daemon's user (uid {euid}) or root",
+            hint=f"chown {euid} {path}",
+            **where,
+        )
+    if st.st_size > MAX_TOKEN_FILE_BYTES:
+        raise ConfigError(f"{what} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a token", **where)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read(MAX_TOKEN_FILE_BYTES + 1).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read {what}: {reason}", **where) from exc
+    if not token:
+        raise ConfigError(f"{what} is empty", **where)
+    _check_token(token, f"the token in {what}", where)
+    return token
 
 
 def _coerce(value: Any, kind: Any, where: dict[str, str], from_env: bool) -> Any:
@@ -305,18 +412,17 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         _build(WorkerConfig, w, f"workers[{i}]", origin, env_keys.get(f"workers[{i}]", set()))
         for i, w in enumerate(workers)
     )
-    admin: AdminConfig = built["admin"]
-    if admin.token_file and not admin.token:
-        try:
-            token = Path(admin.token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read admin token file: {exc.strerror}",
-                file=origin,
-                section="admin",
-                key="token_file",
-            ) from exc
-        built["admin"] = dataclasses.replace(admin, token=token)
+    for name in ("admin", "metrics"):
+        guarded: AdminConfig | MetricsConfig = built[name]
+        if guarded.token_file and not guarded.token:
+            from_env = "token_file" in env_keys.get(name, set())
+            where = {
+                "file": f"environment ({_env_name(name, 'token_file')})" if from_env else origin,
+                "section": name,
+                "key": "token_file",
+            }
+            token = _read_token_file(guarded.token_file, name, where)
+            built[name] = dataclasses.replace(guarded, token=token)
     config = Config(workers=worker_cfgs, source=origin, **built)
     _validate(config)
     return config
@@ -396,6 +502,12 @@ def _validate(config: Config) -> None:
         )
     if config.admin.enabled == "true" and not config.admin.token:
         fail("admin.enabled = true needs admin.token (or admin.token_file)", "admin", "token", "")
+    if not _is_loopback(s.host):  # inline tokens guarding endpoints others can reach must be strong
+        where = {"file": origin, "key": "token"}
+        if config.admin.token and config.admin_enabled():
+            _check_token(config.admin.token, "admin.token", {**where, "section": "admin"})
+        if config.metrics.token and config.metrics.enabled:
+            _check_token(config.metrics.token, "metrics.token", {**where, "section": "metrics"})
     a = config.attestation
     for entry in a.nodes:
         node, sep, ak = entry.partition("=")

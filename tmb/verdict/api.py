@@ -5,8 +5,10 @@
                                        404 unknown or never served, 400 malformed id or wait
 ``GET /v1/keys``                       the verdict public keys ``{"keys": [{key_id, algorithm, ...}]}``
 ``GET /v1/evidence/{id}``              200 the evidence references the final verdict rests on, 202, 404
-``GET /metrics``                       Prometheus text format
-``GET /healthz``                       200 when a worker is healthy, else 503
+``GET /metrics``                       Prometheus text format; 404 with ``[metrics] enabled = false``,
+                                       401 without the bearer token when ``[metrics]`` has one
+``GET /healthz``                       200 when a worker is healthy, else 503; ``{"status"}`` only, the
+                                       per-worker detail with the metrics or admin bearer token
 ``GET /openapi.json``                  OpenAPI 3.0 description of all of the above
 ``GET|POST /admin/workers``            list / register workers (bearer token; see AdminConfig)
 ``POST /admin/prune``                  apply the retention setting now
@@ -20,6 +22,7 @@ These paths are reserved: any other method on them gets 405, never the proxy. Er
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,8 +43,15 @@ from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision
 from tmb.verdict.signing import Signer
 
+log = logging.getLogger("tmb.serve")
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bearer(request: web.Request, token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (constant-time; never for no token)."""
+    got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    return bool(token) and hmac.compare_digest(got, f"Bearer {token}".encode())
 
 
 def _error(status: int, kind: str, message: str, **headers: str) -> web.Response:
@@ -167,19 +177,38 @@ class DaemonApi:
             {"request_id": rid, "state": "final", "evidence": [r.to_dict() for r in refs]}
         )
 
+    def _may_see_workers(self, request: web.Request) -> bool:
+        """The metrics token, or the admin token while admin is on, shows per-worker detail."""
+        admin = self.config.admin.token if self.config.admin_enabled() else ""
+        return _bearer(request, self.config.metrics.token) or _bearer(request, admin)
+
     async def metrics_page(self, request: web.Request) -> web.StreamResponse:
+        if not self.config.metrics.enabled:
+            return _error(404, "metrics_disabled", "metrics are off (see [metrics] in docs/config.md)")
+        if self.config.metrics.token and not self._may_see_workers(request):
+            return _error(
+                401,
+                "unauthorized",
+                "/metrics needs 'Authorization: Bearer <token>'",
+                **{"WWW-Authenticate": "Bearer"},
+            )
         resp = web.Response(body=generate_latest(self.metrics.registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         status, body = health_report(self.pool)
+        if not self._may_see_workers(request):  # anonymous: the overall status, no worker names
+            body = {"status": body["status"]}
         return web.json_response(body, status=status)
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(
             openapi_document(
-                self.config.server.api_prefix, self.config.admin_enabled(), self.config.verdicts.max_wait_s
+                self.config.server.api_prefix,
+                self.config.admin_enabled(),
+                self.config.verdicts.max_wait_s,
+                metrics=_metrics_mode(self.config),
             )
         )
 
@@ -259,8 +288,18 @@ def _not_allowed(allowed: str) -> Handler:
     return handler
 
 
+def _metrics_mode(config: Config) -> str:
+    """``off``, ``token`` or ``public``: how ``GET /metrics`` is served."""
+    if not config.metrics.enabled:
+        return "off"
+    return "token" if config.metrics.token else "public"
+
+
 def add_api_routes(app: web.Application, api: DaemonApi) -> None:
-    """Register the daemon's routes (before the proxy's catch-all)."""
+    """Register the daemon's routes (before the proxy's catch-all); log whether admin is on, and why not."""
+    served, why = api.config.admin_status()
+    if not served:
+        (log.warning if api.config.admin.token else log.info)("admin endpoints are off: %s", why)
     p = api.config.server.api_prefix
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/v1/verdicts/{id:.+}", api.verdict),
@@ -291,8 +330,8 @@ def _resp(
     return out
 
 
-def openapi_document(prefix: str, admin: bool, max_wait_s: float) -> dict[str, Any]:
-    """The OpenAPI 3.0 document served at ``/openapi.json``."""
+def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str = "public") -> dict[str, Any]:
+    """The OpenAPI 3.0 document served at ``/openapi.json`` (``metrics``: see :func:`_metrics_mode`)."""
     ref = {
         k: {"$ref": f"#/components/schemas/{k}"}
         for k in ("Error", "Pending", "Verdict", "Keys", "Evidence", "Health")
@@ -350,7 +389,7 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float) -> dict[str, A
         },
         "/healthz": {
             "get": {
-                "summary": "daemon health",
+                "summary": "daemon health (per-worker detail with the metrics or admin bearer token)",
                 "responses": {
                     "200": _resp("a worker is healthy", ref["Health"]),
                     "503": _resp("no worker healthy", ref["Health"]),
@@ -361,6 +400,11 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float) -> dict[str, A
             "get": {"summary": "this document", "responses": {"200": _resp("OpenAPI", {"type": "object"})}}
         },
     }
+    if metrics == "off":
+        del paths["/metrics"]
+    elif metrics == "token":
+        paths["/metrics"]["get"]["security"] = [{"bearer": []}]
+        paths["/metrics"]["get"]["responses"]["401"] = err
     if admin:
         sec: list[dict[str, list[str]]] = [{"bearer": []}]
         admin_err = {"401": err, "404": err}
@@ -502,7 +546,7 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float) -> dict[str, A
         },
         "Health": {
             "type": "object",
-            "required": ["status", "workers"],
+            "required": ["status"],
             "properties": {"status": {"type": "string"}, "workers": {"type": "object"}},
         },
     }
