@@ -35,7 +35,8 @@ from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
 from tmb.verdict.api import DaemonApi, Metrics, add_api_routes
 from tmb.verdict.async_store import AsyncStore
-from tmb.verdict.signing import Signer, load_or_create_key
+from tmb.verdict.signing import Signer, load_verdict_key
+from tmb.verdict.store import Cursor, Store
 
 log = logging.getLogger("tmb.serve")
 
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
 class VerdictEngine(Protocol):
     """Turns finished spans into signed verdicts. Called off the hot path: one task per group of spans
-    committed together (``on_spans``), or per span resumed after a restart (``on_span``)."""
+    committed together (``on_spans``), and one per page of spans resumed (``on_spans`` too: spans left
+    pending by a previous run, or by an engine failure, see :func:`resume_pending`)."""
 
     async def on_span(self, span: Span) -> None: ...
 
@@ -125,15 +127,10 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
     if upload_dir is not None and API_KEY in app:
         app[API_KEY].profile_sink = lambda body: install_profile(engine, upload_dir, body)
 
-    async def resume_pending(app: web.Application) -> None:
-        ids = await ctx.store.pending()
-        for request_id in ids:
-            rec = await ctx.store.lookup(request_id)
-            if rec.span is not None:
-                app[RESUMED_KEY].add(asyncio.get_running_loop().create_task(engine.on_span(rec.span)))
-
+    grace_s = a.wait_s + a.settle_ms / 1000 + RESUME_GRACE_S
     app[RESUMED_KEY] = set()
-    app.on_startup.append(resume_pending)
+    app.on_startup.append(functools.partial(_start_resuming, engine=engine, grace_s=grace_s))
+    app.on_shutdown.append(_stop_resuming)
     if ingest is not None:
         app.on_cleanup.append(lambda _app: asyncio.to_thread(ingest.close))
     return engine
@@ -145,7 +142,107 @@ def _worker_load(ctx: DaemonContext, span: Span, window: Window) -> float | None
     return worker.load.mean(window.t0_ns, window.t1_ns) if worker is not None else None
 
 
-RESUMED_KEY = web.AppKey("tmb.resumed", set)
+RESUMED_KEY = web.AppKey("tmb.resumed", set)  # the resumer task (see _start_resuming)
+RESUME_PAGE = 500  # pending spans read (and handed to the engine together) per page
+RESUME_CONCURRENCY = 4  # pages being decided at once: at most this many pages of spans in memory
+RESUME_INTERVAL_S = 30.0  # how often a daemon whose engine is idle looks for spans left pending
+RESUME_GRACE_S = 30.0  # beyond the engine's own wait: a span still pending that much later was left behind
+
+
+async def resume_pending(
+    store: AsyncStore,
+    engine: VerdictEngine,
+    *,
+    before_ns: int | None = None,
+    page: int | None = None,
+    concurrency: int | None = None,
+) -> int:
+    """Hand every span still pending (that ended before ``before_ns``) to ``engine.on_spans``, a page of
+    ``page`` spans at a time (keyset pagination over ``(end_ns, id)``), with at most ``concurrency`` pages
+    being decided at once: a million pending spans never become a million tasks or a million spans in
+    memory. Returns how many spans were handed over; an engine failure on one page is logged, the other
+    pages go on. Cancelled, it cancels the pages in flight (they stay pending for the next pass)."""
+    page = page or RESUME_PAGE
+    slots = asyncio.Semaphore(concurrency or RESUME_CONCURRENCY)
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    after: Cursor | None = None
+    total = 0
+
+    async def decide(spans: list[Span]) -> None:
+        try:
+            await engine.on_spans(spans)
+        except Exception:
+            log.exception("verdict engine failed on %d resumed spans (first %s)", len(spans), spans[0].id)
+        finally:
+            slots.release()
+
+    try:
+        while True:
+            await slots.acquire()
+            try:
+                spans, after = await store.pending_spans(after, before_ns=before_ns, limit=page)
+            except BaseException:
+                slots.release()
+                raise
+            if spans:
+                total += len(spans)
+                task = loop.create_task(decide(spans))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            else:
+                slots.release()
+            if after is None:
+                break
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return total
+
+
+async def _resume_loop(app: web.Application, engine: VerdictEngine, grace_s: float) -> None:
+    """At start-up: resume every span the previous run left pending. Then, every ``RESUME_INTERVAL_S``
+    while the engine is idle: resume spans still pending ``grace_s`` after they ended (an engine failure,
+    a daemon sharing the PostgreSQL store that died mid-verdict). Store errors are logged, never fatal."""
+    store = app[CTX_KEY].store
+    before_ns = time_ns()  # spans ending later are this run's: the pipeline hands them to the engine
+    while True:
+        try:
+            n = await resume_pending(store, engine, before_ns=before_ns)
+            if n:
+                log.info("resumed %d pending spans that ended before %d", n, before_ns)
+        except Exception as exc:
+            log.error("cannot resume pending verdicts: %s", exc)
+        while True:
+            await asyncio.sleep(RESUME_INTERVAL_S)
+            if _engine_idle(app):
+                break
+        before_ns = time_ns() - int(grace_s * 1e9)
+
+
+def _engine_idle(app: web.Application) -> bool:
+    """No group of spans from the proxy is being decided (so every span pending now was left behind)."""
+    pipeline = app.get(PIPELINE_KEY)
+    return pipeline is None or not pipeline._engine_tasks
+
+
+async def _start_resuming(app: web.Application, *, engine: VerdictEngine, grace_s: float) -> None:
+    """on_startup: the resumer runs in the background (the daemon serves while it works)."""
+    app[RESUMED_KEY].add(asyncio.get_running_loop().create_task(_resume_loop(app, engine, grace_s)))
+
+
+async def _stop_resuming(app: web.Application) -> None:
+    """on_shutdown (before the store closes): stop the resumer; what it had not decided stays pending."""
+    tasks = app[RESUMED_KEY]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()
+
+
 API_KEY = web.AppKey("tmb.api", DaemonApi)
 ENGINE_KEY = web.AppKey("tmb.engine", object)
 
@@ -256,10 +353,18 @@ CTX_KEY = web.AppKey("tmb.ctx", DaemonContext)
 PIPELINE_KEY = web.AppKey("tmb.pipeline", SpanPipeline)
 
 
-async def build_app(config: Config, *, engine_factory: EngineFactory | None = None) -> web.Application:
-    """The daemon's application (call inside the running loop). ``engine_factory`` overrides the hook."""
-    signer = load_or_create_key(config.verdicts.key_file)
-    store = open_store(config)
+async def build_app(
+    config: Config, *, engine_factory: EngineFactory | None = None, init: bool = False, new_key: bool = False
+) -> web.Application:
+    """The daemon's application (call inside the running loop). ``engine_factory`` overrides the hook;
+    ``init`` accepts an empty SQLite file as a new store, ``new_key`` a new verdict key where the key file
+    is missing but the store holds verdicts (``tmb serve --init``, ``--new-key``)."""
+    store = open_store(config, init=init)
+    try:
+        signer = await load_key(config, store, new_key=new_key)
+    except BaseException:
+        await store.close()
+        raise
     pool = WorkerPool(config.workers, config.proxy)
     metrics = Metrics(pool)
     ctx = DaemonContext(config, store, signer, pool, metrics)
@@ -288,13 +393,32 @@ async def build_app(config: Config, *, engine_factory: EngineFactory | None = No
     return app
 
 
-def open_store(config: Config) -> AsyncStore:
-    """The verdict store the config names: PostgreSQL when ``[store] url`` is set, else the SQLite file."""
+def open_store(config: Config, *, init: bool = False) -> AsyncStore:
+    """The verdict store the config names: PostgreSQL when ``[store] url`` is set, else the SQLite file
+    (checked first: a damaged file, or an empty one without ``init``, is a one-line StoreError)."""
     if config.store.url:
         from tmb.verdict.store_pg import PgStore
 
         return AsyncStore(PgStore(config.store.url))
-    return AsyncStore(config.store.path, sync=config.store.sync)
+    return AsyncStore(config.store.path, sync=config.store.sync, init=init)
+
+
+async def load_key(config: Config, store: AsyncStore, *, new_key: bool = False) -> Signer:
+    """The verdict key, never created silently over the store's verdicts (:func:`load_verdict_key`);
+    its public key is recorded in the store, so ``/v1/keys`` keeps publishing it after a key change."""
+    path = Path(config.verdicts.key_file)
+    signed_by = [] if os.path.lexists(path) else await store.verdict_signers()
+    label = str(store.store.path) if isinstance(store.store, Store) else str(getattr(store.store, "url", ""))
+    signer = load_verdict_key(path, signed_by=signed_by, store=label, new_key=new_key)
+    if signed_by and signer.key_id not in signed_by:
+        log.warning(
+            "--new-key: created verdict key %s; the store's earlier verdicts (keys %s) verify with the "
+            "public keys it recorded, which GET /v1/keys keeps publishing",
+            signer.key_id,
+            ", ".join(signed_by),
+        )
+    await store.remember_key(signer.public.raw, signer.key_id)
+    return signer
 
 
 async def _retention_loop(ctx: DaemonContext) -> None:
@@ -329,9 +453,16 @@ def install_uvloop() -> bool:
     return True
 
 
-async def serve(config: Config, *, ready: Callable[[str], None] | None = None) -> None:
-    """Run until cancelled. ``ready`` gets ``host:port`` once listening (port 0 = pick one)."""
-    app = await build_app(config)
+async def serve(
+    config: Config,
+    *,
+    ready: Callable[[str], None] | None = None,
+    init: bool = False,
+    new_key: bool = False,
+) -> None:
+    """Run until cancelled. ``ready`` gets ``host:port`` once listening (port 0 = pick one); ``init`` and
+    ``new_key`` as for :func:`build_app`."""
+    app = await build_app(config, init=init, new_key=new_key)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)

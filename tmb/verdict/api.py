@@ -41,7 +41,7 @@ from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision
-from tmb.verdict.signing import Signer
+from tmb.verdict.signing import PublicKey, Signer
 
 log = logging.getLogger("tmb.serve")
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -159,7 +159,14 @@ class DaemonApi:
         return _error(404, "unknown_request", f"no request {rid} is known here")
 
     async def keys(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"keys": [self.signer.public.to_dict()]})
+        # The signing key first, then every earlier one the store recorded: old verdicts keep verifying.
+        current = self.signer.public
+        older = [
+            PublicKey(k.public_key)
+            for k in await self.store.known_keys()
+            if k.key_id != current.key_id and len(k.public_key) == 32
+        ]
+        return web.json_response({"keys": [current.to_dict(), *(k.to_dict() for k in older)]})
 
     async def evidence(self, request: web.Request) -> web.StreamResponse:
         rid = request.match_info["id"]

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from tmb.proxy.spans import Span
 from tmb.verdict.model import Verdict
-from tmb.verdict.store import EvidenceRef, Store, VerdictRecord, Write
+from tmb.verdict.store import Cursor, EvidenceRef, KnownKey, Store, VerdictRecord, Write
 
 log = logging.getLogger("tmb.store")
 
@@ -29,6 +29,12 @@ class Backend(Protocol):
     def lookup(self, request_id: str) -> VerdictRecord: ...
     def evidence(self, request_id: str) -> list[EvidenceRef]: ...
     def pending(self, limit: int = 1000) -> list[str]: ...
+    def pending_spans(
+        self, after: Cursor | None = None, *, before_ns: int | None = None, limit: int = 500
+    ) -> tuple[list[Span], Cursor | None]: ...
+    def remember_key(self, public_key: bytes, key_id: str, now_ns: int | None = None) -> None: ...
+    def known_keys(self) -> list[KnownKey]: ...
+    def verdict_signers(self) -> list[str]: ...
     def counts(self) -> dict[str, int]: ...
     def prune(self, before_ns: int) -> int: ...
     def close(self) -> None: ...
@@ -49,8 +55,12 @@ class AsyncStore:
     ``ack = "commit"`` guarantee holds per write.
     """
 
-    def __init__(self, target: str | Path | Backend, *, sync: str = "normal") -> None:
-        self.store: Backend = Store(target, sync=sync) if isinstance(target, str | Path) else target
+    def __init__(self, target: str | Path | Backend, *, sync: str = "normal", init: bool = False) -> None:
+        """``target``: a SQLite path (opened with ``sync``; ``init`` accepts an empty file, see
+        :class:`Store`) or an open backend."""
+        self.store: Backend = (
+            Store(target, sync=sync, init=init) if isinstance(target, str | Path) else target
+        )
         self.inline = isinstance(self.store, Store) and self.store.sync == "normal"
         if isinstance(self.store, Store) and self.inline:
             self.store.db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
@@ -219,6 +229,28 @@ class AsyncStore:
 
     async def pending(self, limit: int = 1000) -> list[str]:
         ids: list[str] = await self._run(self.store.pending, limit)
+        return ids
+
+    async def pending_spans(
+        self, after: Cursor | None = None, *, before_ns: int | None = None, limit: int = 500
+    ) -> tuple[list[Span], Cursor | None]:
+        """One page of the spans waiting for a verdict, and the next page's cursor (see
+        ``Store.pending_spans``)."""
+        page: tuple[list[Span], Cursor | None] = await self._run(
+            lambda: self.store.pending_spans(after, before_ns=before_ns, limit=limit)
+        )
+        return page
+
+    async def remember_key(self, public_key: bytes, key_id: str) -> None:
+        """Record the verdict public key the daemon signs with (published at ``/v1/keys`` from then on)."""
+        await self._run(self.store.remember_key, public_key, key_id)
+
+    async def known_keys(self) -> list[KnownKey]:
+        keys: list[KnownKey] = await self._run(self.store.known_keys)
+        return keys
+
+    async def verdict_signers(self) -> list[str]:
+        ids: list[str] = await self._run(self.store.verdict_signers)
         return ids
 
     async def prune(self, before_ns: int) -> int:

@@ -1,5 +1,9 @@
 """``tmb serve``, ``tmb verify-verdict`` and ``tmb config show``.
 
+``tmb serve --config FILE [--init] [--new-key]``: ``--init`` lets the daemon make a store of an empty
+(0-byte) SQLite file, which is otherwise refused; ``--new-key`` lets it create a verdict key where the key
+file is missing although the store holds verdicts signed with the lost key (otherwise refused, exit 2).
+
 ``tmb verify-verdict VERDICT.json [--key PUB | --keys-url URL]`` exits 0 only when the signature verifies
 and the decision is ``verified`` (or ``demo``, with a note that it rests on synthetic telemetry), 1 when
 the signature fails or the decision is anything else, 2 when the input (verdict or key) cannot be read.
@@ -28,6 +32,17 @@ def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the daemon: reverse proxy, verdict API, metrics")
     p.add_argument("--config", type=Path, help="TOML config file (docs/config.md); TMB_* variables override")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="accept an empty (0-byte) store file and create a new store in it (refused otherwise)",
+    )
+    p.add_argument(
+        "--new-key",
+        action="store_true",
+        help="create a new verdict key although the key file is missing and the store holds verdicts "
+        "(the old public keys stay published at /v1/keys)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("verify-verdict", help="check a verdict's signature and decision")
@@ -72,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
-            await serve(config, ready=ready)
+            await serve(config, ready=ready, init=args.init, new_key=args.new_key)
 
     asyncio.run(main())
     return 0

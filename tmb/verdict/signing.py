@@ -3,6 +3,8 @@
 Key file: PKCS#8 PEM, unencrypted, mode 0600, written to a temporary file and hard-linked into place, so a
 concurrent start can neither clobber it nor read it half-written.
 A key file readable or writable by group or others is refused (:class:`KeyFileError`), as OpenSSH does.
+A missing key file is never replaced silently where verdicts were already signed (:func:`load_verdict_key`):
+a new key would leave every earlier verdict unverifiable against the keys the daemon publishes.
 Key id: lowercase hex SHA-256 of the raw 32-byte public key.
 """
 
@@ -258,6 +260,26 @@ def load_or_create_key(path: str | Path) -> Signer:
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError("verdict key is not an Ed25519 key", path=str(path), got=type(key).__name__)
     return Signer(key)
+
+
+def load_verdict_key(
+    path: str | Path, *, signed_by: Sequence[str], store: str, new_key: bool = False
+) -> Signer:
+    """The daemon's key for a store whose verdicts were signed by the key ids ``signed_by`` ([]: none yet).
+
+    The key file is loaded when it exists; when it is missing a new key is created only if the store holds
+    no verdicts, or with ``new_key`` (``tmb serve --new-key``: the operator knows the old key is gone).
+    Otherwise a one-line :class:`KeyFileError` names the key file and the store (``store``: its path or
+    redacted URL)."""
+    path = Path(path)
+    if not new_key and signed_by and not os.path.lexists(path):
+        ids = ", ".join(k[:16] for k in signed_by)
+        raise KeyFileError(
+            f"verdict key file {path} is missing but store {store} holds verdicts signed by key {ids}: "
+            "refusing to create a new key (restore the key file, or start once with `tmb serve --new-key` "
+            "to sign with a new key from now on; the old public keys stay published at /v1/keys)"
+        )
+    return load_or_create_key(path)
 
 
 def _create_key(path: Path) -> Ed25519PrivateKey | None:

@@ -18,10 +18,22 @@ Tables (schema version 2, ``PRAGMA user_version``; a version-1 store is migrated
 * ``verdicts(request_id, decision, created_ns, updated_ns, doc, evidence)`` -- final verdicts only:
   ``doc`` is the signed verdict's canonical bytes (docs/verdict.md), ``evidence`` the JSON array of the
   :class:`EvidenceRef` objects it rests on, in order.
+* ``verdict_keys(key_id, public_key, first_ns, last_ns)`` -- every verdict public key a daemon signed with
+  on this store (raw 32 bytes), when it was first registered and last used, so ``/v1/keys`` keeps
+  publishing a key after its private key is gone. Added to a version-2 store on open (older tmb ignore it).
 
 A request is thus ``final`` (a verdicts row), ``pending`` (a served span, no verdict yet) or unknown.
 Per request that is two row inserts and one flag update, the fewest pages a random 128-bit key allows
 (version 1 kept a pending verdict row and an evidence table: three times the pages written).
+
+Opening checks the file: a zero-byte file is refused unless ``init`` (it is not a store; SQLite would
+silently start a new one in it), and ``PRAGMA integrity_check`` (``quick_check`` for
+files over :data:`FULL_CHECK_MAX_BYTES`) must say ``ok``. Each failure is a one-line :class:`StoreError`
+naming the file. A missing file is created.
+
+Resuming: :meth:`Store.pending_spans` pages through the pending spans by ``(end_ns, id)`` (keyset
+pagination: a page costs the same however many spans precede it, and spans decided meanwhile do not
+shift the pages).
 
 Retention: :meth:`Store.prune` deletes spans (and their verdicts) that ended before a cutoff. The daemon
 uses the store through :class:`tmb.verdict.async_store.AsyncStore` (group commit, long-poll wake-ups);
@@ -57,7 +69,10 @@ CREATE INDEX IF NOT EXISTS spans_pending ON spans(end_ns) WHERE pending IS NOT N
 CREATE TABLE IF NOT EXISTS verdicts(
     request_id TEXT PRIMARY KEY, decision TEXT NOT NULL, created_ns INTEGER NOT NULL,
     updated_ns INTEGER NOT NULL, doc BLOB NOT NULL, evidence TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS verdict_keys(
+    key_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL);
 """
+FULL_CHECK_MAX_BYTES = 256 * 1024 * 1024  # larger stores get PRAGMA quick_check (no index contents)
 # Version 1 -> 2, in one transaction: pending rows become the spans' flag, evidence rows a JSON array.
 _MIGRATE_V1 = """
 ALTER TABLE spans ADD COLUMN pending INTEGER;
@@ -138,19 +153,46 @@ class VerdictRecord:
     span: Span | None = None
 
 
-class Store:
-    """Synchronous SQLite store; not thread-safe on its own (use ``async_store.AsyncStore`` from asyncio)."""
+@dataclass(frozen=True)
+class KnownKey:
+    """A verdict public key the store has seen: raw 32 bytes, first registered and last used (wall ns)."""
 
-    def __init__(self, path: str | Path, *, sync: str = "full") -> None:
+    key_id: str
+    public_key: bytes
+    first_ns: int
+    last_ns: int
+
+
+# A position in the pending spans, in the order they are resumed: (end_ns, id) of the last one read.
+Cursor = tuple[int, str]
+
+
+class Store:
+    """Synchronous SQLite store; not thread-safe on its own (use ``async_store.AsyncStore`` from asyncio).
+
+    ``init``: accept a zero-byte file and make a store of it (``tmb serve --init``); ``check``: run
+    ``PRAGMA integrity_check`` (or ``quick_check`` on a big file) before using the file.
+    """
+
+    def __init__(
+        self, path: str | Path, *, sync: str = "full", init: bool = False, check: bool = True
+    ) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
         self.path = Path(path)
         self.sync = sync
+        if not init:
+            _refuse_empty(self.path)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        try:
+            self.db.execute("PRAGMA busy_timeout=5000")
+            if check:
+                self._check_integrity()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={sync.upper()}")
-            self.db.execute("PRAGMA busy_timeout=5000")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, 1, SCHEMA_VERSION):
                 raise StoreError("store has an unknown schema version", path=str(self.path), got=version)
@@ -159,7 +201,29 @@ class Store:
             self.db.executescript(_SCHEMA)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store: {exc}", path=str(self.path)) from exc
+            self.db.close()
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_integrity(self) -> None:
+        """``PRAGMA integrity_check`` (``quick_check`` over :data:`FULL_CHECK_MAX_BYTES`): a damaged file
+        is a one-line :class:`StoreError` with SQLite's first findings, before anything reads or writes it."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        pragma = "integrity_check" if size <= FULL_CHECK_MAX_BYTES else "quick_check"
+        try:
+            rows = [str(r[0]) for r in self.db.execute(f"PRAGMA {pragma}(3)")]
+        except sqlite3.DatabaseError as exc:  # too damaged for the check to go on: that is its verdict
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
+                raise  # not a SQLite file at all: "cannot open store ...: file is not a database"
+            rows = [str(exc)]
+        if rows != ["ok"]:
+            said = "; ".join(" ".join(r.split()) for r in rows)
+            raise StoreError(
+                f"store {self.path} is damaged: PRAGMA {pragma}: {said} "
+                "(restore it from a backup, or salvage it with sqlite3's .recover into a new file)"
+            )
 
     def _migrate_v1(self) -> None:
         log.info("migrating store %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
@@ -207,6 +271,7 @@ class Store:
                 if final is not None:
                     finals.append(final)
             self._insert_verdicts(db, finals, now)
+            self._touch_keys(db, writes, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -253,6 +318,13 @@ class Store:
             [(v.request_id,) for v, _ in finals],
         )
 
+    @staticmethod
+    def _touch_keys(db: sqlite3.Connection, writes: Sequence[Write], now: int) -> None:
+        """The keys that signed these verdicts were last used now."""
+        ids = {final[0].key_id for _, final in writes if final is not None}
+        if ids:
+            db.executemany("UPDATE verdict_keys SET last_ns = ? WHERE key_id = ?", [(now, k) for k in ids])
+
     def get_span(self, request_id: str) -> Span | None:
         row = self.db.execute("SELECT doc FROM spans WHERE id=?", (request_id,)).fetchone()
         return Span.from_dict(json.loads(row[0])) if row else None
@@ -272,11 +344,60 @@ class Store:
         return [EvidenceRef.from_dict(e) for e in json.loads(row[0])] if row else []
 
     def pending(self, limit: int = 1000) -> list[str]:
-        """Ids of served spans still waiting for a verdict, oldest first (resumed after a restart)."""
+        """Ids of the first ``limit`` served spans still waiting for a verdict, oldest first (a look at the
+        backlog; to go through all of it use :meth:`pending_spans`)."""
         rows = self.db.execute(
             "SELECT id FROM spans WHERE pending IS NOT NULL ORDER BY end_ns, id LIMIT ?", (limit,)
         )
         return [r[0] for r in rows]
+
+    def pending_spans(
+        self, after: Cursor | None = None, *, before_ns: int | None = None, limit: int = 500
+    ) -> tuple[list[Span], Cursor | None]:
+        """One page of the spans still waiting for a verdict, in ``(end_ns, id)`` order: the first ``limit``
+        after ``after`` (None: from the start) that ended before ``before_ns`` (None: any), and the cursor
+        for the next page (None when this was the last). A span whose JSON cannot be read is skipped (and
+        logged): it must not stop the ones behind it."""
+        sql = "SELECT end_ns, id, doc FROM spans WHERE pending IS NOT NULL"
+        args: list[Any] = []
+        if after is not None:
+            sql += " AND end_ns >= ? AND (end_ns > ? OR id > ?)"
+            args += [after[0], after[0], after[1]]
+        if before_ns is not None:
+            sql += " AND end_ns < ?"
+            args.append(before_ns)
+        rows = self.db.execute(sql + " ORDER BY end_ns, id LIMIT ?", (*args, limit)).fetchall()
+        return pending_page(rows, limit)
+
+    def remember_key(self, public_key: bytes, key_id: str, now_ns: int | None = None) -> None:
+        """Record a verdict public key this store's verdicts are (or will be) signed with."""
+        now = time_ns() if now_ns is None else now_ns
+        db = self._tx()
+        try:
+            db.execute(
+                "INSERT INTO verdict_keys(key_id, public_key, first_ns, last_ns) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(key_id) DO UPDATE SET last_ns = max(last_ns, excluded.last_ns)",
+                (key_id, public_key, now, now),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def known_keys(self) -> list[KnownKey]:
+        """Every verdict public key recorded, oldest first."""
+        rows = self.db.execute(
+            "SELECT key_id, public_key, first_ns, last_ns FROM verdict_keys ORDER BY first_ns, key_id"
+        )
+        return [KnownKey(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
+
+    def verdict_signers(self) -> list[str]:
+        """Key ids the stored verdicts were signed with: [] when the store holds no verdict; else the keys
+        recorded (a store written before keys were recorded: the key id of one of its verdicts)."""
+        row = self.db.execute("SELECT doc FROM verdicts LIMIT 1").fetchone()
+        if row is None:
+            return []
+        return [k.key_id for k in self.known_keys()] or [signer_of(bytes(row[0]))]
 
     def counts(self) -> dict[str, int]:
         one = self.db.execute
@@ -303,3 +424,39 @@ class Store:
             db.execute("ROLLBACK")
             raise
         return n
+
+
+def _refuse_empty(path: Path) -> None:
+    """A zero-byte file where a store should be is not a store: SQLite would quietly make a new, empty one
+    of it, hiding a truncated or wrongly restored file (a store tmb made is never 0 bytes: the WAL mode is
+    written into its first page as it is created). Refused; a missing file is a first start, fine."""
+    try:
+        if path.stat().st_size != 0:
+            return
+    except OSError:
+        return  # missing (created), or unreadable: sqlite3 says what is wrong
+    raise StoreError(
+        f"store {path} is an empty file (0 bytes), not a store: refusing to start a new store over it "
+        "(restore the file, or start once with `tmb serve --init` to create a new store there)"
+    )
+
+
+def pending_page(rows: Sequence[Sequence[Any]], limit: int) -> tuple[list[Span], Cursor | None]:
+    """Rows ``(end_ns, id, doc)`` of a page of pending spans -> the spans and the next page's cursor."""
+    spans: list[Span] = []
+    for _, request_id, doc in rows:
+        try:
+            spans.append(Span.from_dict(json.loads(doc)))
+        except (ValueError, KeyError, TypeError):
+            log.error("pending span %s has an unreadable record: not resumed", request_id)
+    after = (int(rows[-1][0]), str(rows[-1][1])) if len(rows) == limit else None
+    return spans, after
+
+
+def signer_of(doc: bytes) -> str:
+    """The ``key_id`` a stored verdict (canonical bytes) names, or ``unknown``."""
+    try:
+        key_id = json.loads(doc).get("key_id")
+    except (ValueError, AttributeError):
+        key_id = None
+    return key_id if isinstance(key_id, str) else "unknown"

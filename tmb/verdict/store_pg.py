@@ -3,7 +3,8 @@
 Same tables (schema version 2), columns and semantics as the SQLite :class:`tmb.verdict.store.Store` (its
 module docstring describes them); the differences are PostgreSQL's types (``BIGINT`` times, ``BYTEA`` verdict
 docs, span docs and evidence arrays as ``TEXT`` so their bytes round-trip exactly) and the schema version,
-kept in the one-row table ``tmb_meta`` instead of ``PRAGMA user_version``.
+kept in the one-row table ``tmb_meta`` instead of ``PRAGMA user_version``. The ``verdict_keys`` table is
+created on open when missing, as on SQLite (the schema version stays 2: older tmb ignore the table).
 
 A version-1 database (a ``pending`` verdicts row per served span, evidence in a table of its own) is migrated
 on open, in one transaction under the schema lock, so daemons starting together migrate it once and none
@@ -26,7 +27,17 @@ from psycopg.conninfo import conninfo_to_dict
 
 from tmb.proxy.spans import Span
 from tmb.verdict.model import Verdict
-from tmb.verdict.store import SCHEMA_VERSION, EvidenceRef, StoreError, VerdictRecord, Write
+from tmb.verdict.store import (
+    SCHEMA_VERSION,
+    Cursor,
+    EvidenceRef,
+    KnownKey,
+    StoreError,
+    VerdictRecord,
+    Write,
+    pending_page,
+    signer_of,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("tmb.store")
@@ -43,6 +54,8 @@ CREATE TABLE IF NOT EXISTS tmb_meta(
 _VERDICTS = """(
     request_id TEXT PRIMARY KEY, decision TEXT NOT NULL, created_ns BIGINT NOT NULL,
     updated_ns BIGINT NOT NULL, doc BYTEA NOT NULL, evidence TEXT NOT NULL)"""
+_KEYS = """CREATE TABLE IF NOT EXISTS verdict_keys(
+    key_id TEXT PRIMARY KEY, public_key BYTEA NOT NULL, first_ns BIGINT NOT NULL, last_ns BIGINT NOT NULL)"""
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS spans_end ON spans(end_ns)",
     "CREATE INDEX IF NOT EXISTS spans_pending ON spans(end_ns) WHERE pending IS NOT NULL",
@@ -144,6 +157,7 @@ class PgStore:
                         expected=SCHEMA_VERSION,
                         hint="a newer tmb wrote this database; run that version, or point tmb at another",
                     )
+                cur.execute(_KEYS)
         except psycopg.Error as exc:
             raise self._error("cannot open store", exc) from None
 
@@ -208,6 +222,12 @@ class PgStore:
                     _insert_spans(cur, spans)
                 if final is not None:
                     _insert_verdict(cur, final[0], final[1], now)
+            key_ids = sorted({final[0].key_id for _, final in writes if final is not None})
+            if key_ids:  # the keys that signed these verdicts were last used now
+                cur.execute(
+                    "UPDATE verdict_keys SET last_ns = %s WHERE key_id = ANY(%s) AND last_ns < %s",
+                    (now, key_ids, now),
+                )
 
         self._run("cannot write to store", apply)
 
@@ -268,6 +288,64 @@ class PgStore:
                 "SELECT id FROM spans WHERE pending IS NOT NULL ORDER BY end_ns, id LIMIT %s", (limit,)
             )
             return [r[0] for r in cur.fetchall()]
+
+        return self._run("cannot read store", read)
+
+    def pending_spans(
+        self, after: Cursor | None = None, *, before_ns: int | None = None, limit: int = 500
+    ) -> tuple[list[Span], Cursor | None]:
+        """One page of the spans waiting for a verdict, in ``(end_ns, id)`` order (see
+        :meth:`tmb.verdict.store.Store.pending_spans`)."""
+        sql = "SELECT end_ns, id, doc FROM spans WHERE pending IS NOT NULL"
+        args: list[Any] = []
+        if after is not None:
+            sql += " AND end_ns >= %s AND (end_ns, id) > (%s, %s)"
+            args += [after[0], after[0], after[1]]
+        if before_ns is not None:
+            sql += " AND end_ns < %s"
+            args.append(before_ns)
+        sql += " ORDER BY end_ns, id LIMIT %s"
+
+        def read(cur: _Cursor) -> list[tuple[Any, ...]]:
+            return cur.execute(sql, (*args, limit)).fetchall()
+
+        return pending_page(self._run("cannot read store", read), limit)
+
+    def remember_key(self, public_key: bytes, key_id: str, now_ns: int | None = None) -> None:
+        """Record a verdict public key this store's verdicts are (or will be) signed with."""
+        now = time_ns() if now_ns is None else now_ns
+
+        def apply(cur: _Cursor) -> None:
+            cur.execute(
+                "INSERT INTO verdict_keys(key_id, public_key, first_ns, last_ns) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (key_id) DO UPDATE SET "
+                "last_ns = GREATEST(verdict_keys.last_ns, excluded.last_ns)",
+                (key_id, public_key, now, now),
+            )
+
+        self._run("cannot write to store", apply)
+
+    def known_keys(self) -> list[KnownKey]:
+        """Every verdict public key recorded, oldest first."""
+
+        def read(cur: _Cursor) -> list[KnownKey]:
+            rows = cur.execute(
+                "SELECT key_id, public_key, first_ns, last_ns FROM verdict_keys ORDER BY first_ns, key_id"
+            ).fetchall()
+            return [KnownKey(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
+
+        return self._run("cannot read store", read)
+
+    def verdict_signers(self) -> list[str]:
+        """Key ids the stored verdicts were signed with ([] when there is no verdict; see
+        :meth:`tmb.verdict.store.Store.verdict_signers`)."""
+
+        def read(cur: _Cursor) -> list[str]:
+            row = cur.execute("SELECT doc FROM verdicts LIMIT 1").fetchone()
+            if row is None:
+                return []
+            keys = [r[0] for r in cur.execute("SELECT key_id FROM verdict_keys ORDER BY first_ns, key_id")]
+            return keys or [signer_of(bytes(row[0]))]
 
         return self._run("cannot read store", read)
 
