@@ -226,7 +226,7 @@ async def _resume_loop(app: web.Application, engine: VerdictEngine, grace_s: flo
 def _engine_idle(app: web.Application) -> bool:
     """No group of spans from the proxy is being decided (so every span pending now was left behind)."""
     pipeline = app.get(PIPELINE_KEY)
-    return pipeline is None or not pipeline._engine_tasks
+    return pipeline is None or pipeline.idle
 
 
 async def _start_resuming(app: web.Application, *, engine: VerdictEngine, grace_s: float) -> None:
@@ -311,6 +311,11 @@ class SpanPipeline:
         self._future: asyncio.Future[None] | None = None  # the commit the current spans ride on
         self._spans: list[Span] = []
         self._closed = False
+
+    @property
+    def idle(self) -> bool:
+        """No group of spans is being decided now."""
+        return not self._engine_tasks
 
     def submit(self, span: Span) -> asyncio.Future[None] | None:
         fut = self.ctx.store.add_span(span)

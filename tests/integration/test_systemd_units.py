@@ -64,7 +64,8 @@ def test_shipped_configs_load_with_the_units_environment(tmp_path: Path) -> None
     from tmb.config import load_config
 
     token = tmp_path / "admin.token"
-    token.write_text("s3cret\n")
+    token.write_text("5f2b8c0e9a7d4e3f1b6a8c2d0e4f7a9b\n")  # 128 bits, owner-only: as checked
+    token.chmod(0o600)
     env = {**_unit_env("tmb.service"), "TMB_ADMIN_TOKEN_FILE": str(token)}
     config = load_config(UNITS / "tmb.toml", env=env)
     assert config.store.path == "/var/lib/tmb/tmb.sqlite3"

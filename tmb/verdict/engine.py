@@ -102,6 +102,7 @@ class Engine:
         self.profiles = tuple(profiles)
         self.settings = settings
         self.load_of = load_of
+        self._started: float | None = None  # loop time of the first wait for evidence
 
     def set_profiles(self, profiles: Sequence[LoadProfile]) -> None:
         """Score with these profiles from now on (an upload replaced or added one)."""
@@ -162,7 +163,14 @@ class Engine:
         settle = window.t1_ns / 1e9 + self.settings.settle_s - time_ns() / 1e9
         if settle > 0:
             await asyncio.sleep(settle)
-        deadline = loop.time() + self.settings.wait_s
+        # The wait counts from the window's end (+ settle), not from now, so a restart's backlog of old
+        # spans is not waited for span by span; but never ends before wait_s after this engine started,
+        # the time probes get to re-send what they buffered while the daemon was down.
+        if self._started is None:
+            self._started = loop.time()
+        deadline = max(
+            loop.time() + self.settings.wait_s + min(settle, 0.0), self._started + self.settings.wait_s
+        )
         while True:
             # On the loop thread: the ingest's SQLite connection is used by its routes there too.
             samples, summary, findings = self.ingest.attested_window(node, window.t0_ns, window.t1_ns)
