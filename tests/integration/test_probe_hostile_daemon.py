@@ -35,6 +35,8 @@ def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same doubling backoff, from 0.05 s to 0.4 s instead of 0.2 s to 5 s: the tests count retries,
     they need not wait for the production pauses between them."""
     monkeypatch.setattr("probes.agent.SEND_BACKOFF", (0.05, 0.4))
+
+
 HUGE = 200 * MiB
 
 
