@@ -28,6 +28,14 @@ The policy is one TOML file (format documented in docs/policy.md)::
     salt = "..."
     data_blocks = 51200
 
+    [keyrings]
+    ima = ["keys/vendor.pem"]       # X.509 certificates / public keys for IMA signatures (relative paths)
+    trust_measured_keys = false     # also trust keys measured onto the kernel's .ima keyring
+    accept_signed = false           # a validly signed file passes even if [allow] does not list it
+
+    [[require_signature]]
+    prefix = "/usr/bin/"            # every measured file under it must carry a valid signature
+
     [[import]]
     keylime = "runtime-policy.json"  # Keylime runtime policy as an allowlist source (relative path)
 
@@ -36,6 +44,8 @@ An empty policy (nothing allowed, nothing required, no verity rule) fails closed
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import tomllib
@@ -45,7 +55,15 @@ from pathlib import Path
 from typing import Any
 
 from tmb.attest.dm import DM_EVENTS, VerityRule
-from tmb.attest.ima import DIGEST_SIZES, ImaEntry, parse_fields
+from tmb.attest.ima import DIGEST_SIZES, ImaEntry, ImaFields, parse_fields
+from tmb.attest.imasig import (
+    MEASURED_KEYRING,
+    SignatureChecker,
+    TrustedKey,
+    key_from_public_key,
+    load_key_file,
+    load_keys,
+)
 from tmb.errors import ConfigError, ParseError, Report
 
 POLICY_VERSION = 1
@@ -67,11 +85,23 @@ class RuntimePolicy:
     allow_violations: bool = False
     allow_unknown: bool = False
     ignored_keyrings: frozenset[str] = frozenset()
+    ima_keys: tuple[TrustedKey, ...] = ()  # [keyrings] ima + Keylime verification-keys
+    require_signature: tuple[str, ...] = ()  # path prefixes whose files must be validly signed
+    trust_measured_keys: bool = False  # keys measured onto .ima join the keyring
+    accept_signed: bool = False  # a valid signature stands in for an [allow] entry
     source: str = "<memory>"
 
     @property
     def empty(self) -> bool:
-        return not (self.allow or self.allow_any_path or self.require or self.verity or self.allow_unknown)
+        signed = self.accept_signed and bool(self.ima_keys or self.trust_measured_keys)
+        return not (
+            self.allow or self.allow_any_path or self.require or self.verity or self.allow_unknown or signed
+        )
+
+    @property
+    def checks_signatures(self) -> bool:
+        """Whether IMA signatures are verified at all (policies without keys behave as before)."""
+        return bool(self.ima_keys or self.require_signature or self.trust_measured_keys)
 
 
 def parse_digest(text: str, where: str) -> AllowedDigest:
@@ -143,8 +173,57 @@ def load_keylime_policy(path: str | Path) -> RuntimePolicy:
         allow=allow,
         exclude=_compile(doc.get("excludes", []), f"{where}: excludes"),
         ignored_keyrings=frozenset(ima.get("ignored_keyrings", []) or []),
+        ima_keys=keylime_verification_keys(doc.get("verification-keys", ""), where),
         source=where,
     )
+
+
+def keylime_verification_keys(value: Any, where: str) -> tuple[TrustedKey, ...]:
+    """Keys of a Keylime runtime policy's ``verification-keys``: a JSON *string* holding Keylime's
+    ``ImaKeyring`` (``{"pubkeys": [base64 DER SubjectPublicKeyInfo, ...], "keyids": [int, ...]}``, as
+    ``keylime-policy create runtime --add-ima-signature-verification-key`` writes it). PEM public keys or
+    certificates in place of the base64 DER, and a plain list instead of the object, are accepted too.
+    ``""`` means none."""
+    what = f"{where}: verification-keys"
+    doc = value
+    for _ in range(2):  # Keylime sometimes stores the JSON string JSON-encoded once more
+        if not isinstance(doc, str):
+            break
+        if not doc.strip():
+            return ()
+        try:
+            doc = json.loads(doc)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"verification-keys is not JSON: {exc}", path=what) from None
+    if isinstance(doc, list):
+        doc = {"pubkeys": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("pubkeys", []), list):
+        raise ConfigError("verification-keys must hold {'pubkeys': [...], 'keyids': [...]}", path=what)
+    pubkeys, keyids = doc.get("pubkeys", []), doc.get("keyids", [])
+    if not isinstance(keyids, list):
+        raise ConfigError("verification-keys 'keyids' must be a list", path=what)
+    out: list[TrustedKey] = []
+    for i, text in enumerate(pubkeys):
+        source = f"{what}[{i}]"
+        keyid = keyids[i] if i < len(keyids) else None
+        if not isinstance(text, str) or not (
+            keyid is None or (isinstance(keyid, int) and 0 <= keyid < 1 << 32)
+        ):
+            raise ConfigError("each key must be a string, each keyid a 32-bit integer", path=source)
+        try:
+            if "-----BEGIN" in text:
+                keys = load_keys(text.encode("ascii"), source)
+            else:
+                keys = load_keys(base64.b64decode(text, validate=True), source)
+        except (ValueError, binascii.Error) as exc:
+            raise ConfigError(f"verification key not usable: {exc}", path=source) from None
+        if keyid is not None:
+            keys = [
+                key_from_public_key(k.public_key, source, keyid.to_bytes(4, "big")) if k.issuer is None else k
+                for k in keys
+            ]
+        out.extend(keys)
+    return tuple(out)
 
 
 def load_policy(path: str | Path) -> RuntimePolicy:
@@ -164,6 +243,7 @@ def policy_from_dict(
     doc: Mapping[str, Any], *, where: str = "<policy>", base: Path | None = None
 ) -> RuntimePolicy:
     known = {"version", "allow", "allow_any_path", "exclude", "require", "options", "verity", "import"}
+    known |= {"keyrings", "require_signature"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown policy keys: {', '.join(sorted(unknown))}", path=where)
@@ -185,6 +265,14 @@ def policy_from_dict(
         if key not in ("allow_violations", "allow_unknown"):
             raise ConfigError(f"unknown option {key!r}", path=where)
     verity = tuple(_verity_rule(r, f"{where}: verity[{i}]") for i, r in enumerate(doc.get("verity", [])))
+    keyrings = _table(doc, "keyrings", where)
+    extra = set(keyrings) - {"ima", "trust_measured_keys", "accept_signed"}
+    if extra:
+        raise ConfigError(f"unknown [keyrings] keys: {', '.join(sorted(extra))}", path=where)
+    flags = {k: keyrings.get(k, False) for k in ("trust_measured_keys", "accept_signed")}
+    for key, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ConfigError(f"keyrings.{key} must be true or false", path=where)
     policy = RuntimePolicy(
         allow=allow,
         allow_any_path=any_path,
@@ -193,6 +281,10 @@ def policy_from_dict(
         verity=verity,
         allow_violations=bool(options.get("allow_violations", False)),
         allow_unknown=bool(options.get("allow_unknown", False)),
+        ima_keys=_keyring_files(keyrings.get("ima", []), where, base),
+        require_signature=_signature_rules(doc.get("require_signature", []), where),
+        trust_measured_keys=flags["trust_measured_keys"],
+        accept_signed=flags["accept_signed"],
         source=where,
     )
     for i, imp in enumerate(doc.get("import", [])):
@@ -202,7 +294,53 @@ def policy_from_dict(
         policy = merge(
             policy, load_keylime_policy(target if target.is_absolute() else (base or Path()) / target)
         )
+    if policy.require_signature and not (policy.ima_keys or policy.trust_measured_keys):
+        raise ConfigError(
+            "[[require_signature]] rules but no key to verify with",
+            path=where,
+            hint="list certificates in [keyrings] ima, import Keylime verification-keys, or set "
+            "keyrings.trust_measured_keys",
+        )
     return policy
+
+
+def _keyring_files(value: Any, where: str, base: Path | None) -> tuple[TrustedKey, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("keyrings.ima must be a list of certificate/key file paths", path=where)
+    out: list[TrustedKey] = []
+    for i, name in enumerate(value):
+        target = Path(name)
+        target = target if target.is_absolute() else (base or Path()) / target
+        try:
+            out.extend(load_key_file(target))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read keyring file: {exc.strerror}",
+                path=where,
+                key=f"keyrings.ima[{i}]",
+                file=str(target),
+            ) from None
+        except ValueError as exc:
+            raise ConfigError(
+                f"keyring file holds no usable key: {exc}", path=where, key=f"keyrings.ima[{i}]"
+            ) from None
+    return tuple(out)
+
+
+def _signature_rules(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("[[require_signature]] must be an array of tables", path=where)
+    out = []
+    for i, rule in enumerate(value):
+        if not isinstance(rule, dict) or set(rule) != {"prefix"}:
+            raise ConfigError(
+                "each [[require_signature]] needs exactly: prefix = '/path/'", path=where, index=i
+            )
+        prefix = rule["prefix"]
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            raise ConfigError("require_signature prefix must be an absolute path", path=where, index=i)
+        out.append(prefix)
+    return tuple(out)
 
 
 def _table(doc: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -255,6 +393,10 @@ def merge(a: RuntimePolicy, b: RuntimePolicy) -> RuntimePolicy:
         allow_violations=a.allow_violations or b.allow_violations,
         allow_unknown=a.allow_unknown or b.allow_unknown,
         ignored_keyrings=a.ignored_keyrings | b.ignored_keyrings,
+        ima_keys=a.ima_keys + b.ima_keys,
+        require_signature=a.require_signature + b.require_signature,
+        trust_measured_keys=a.trust_measured_keys or b.trust_measured_keys,
+        accept_signed=a.accept_signed or b.accept_signed,
         source=a.source,
     )
 
@@ -273,6 +415,11 @@ class PolicyChecker:
         self._exclude = [re.compile(p) for p in policy.exclude]
         self._seen_required: set[str] = set()
         self.entries: list[ImaEntry] = []  # dm events, kept for the verity rules
+        self.signatures = (
+            SignatureChecker(policy.ima_keys, policy.require_signature, report)
+            if policy.checks_signatures
+            else None
+        )
 
     def __call__(self, entry: ImaEntry) -> None:
         self.check(entry)
@@ -305,13 +452,18 @@ class PolicyChecker:
             return
         if any(rx.search(name) for rx in self._exclude):
             return
+        signed = self.signatures is not None and self.signatures.check(entry, fields)
         allowed = policy.allow.get(name)
         if allowed is not None and _allowed(allowed, fields.digest_alg, fields.digest):
             self._seen_required.add(name)
+            self._passed(entry, fields)
             return
         if _allowed(policy.allow_any_path, fields.digest_alg, fields.digest):
             self._seen_required.add(name)
+            self._passed(entry, fields)
             return
+        if signed and policy.accept_signed and allowed is None:
+            return  # a path the allowlist does not name; a pinned path keeps its pinned digests
         got = f"{fields.digest_alg}:{fields.digest.hex()}"
         if allowed is not None:
             report.add(
@@ -330,6 +482,19 @@ class PolicyChecker:
                 path=name,
                 got=got,
             )
+        else:
+            self._passed(entry, fields)
+
+    def _passed(self, entry: ImaEntry, fields: ImaFields) -> None:
+        """An entry that passed the allowlist: a key measured onto ``.ima`` joins the keyring when the
+        policy trusts measured keys."""
+        if (
+            self.signatures is not None
+            and self.policy.trust_measured_keys
+            and entry.template_name == "ima-buf"
+            and fields.name == MEASURED_KEYRING
+        ):
+            self.signatures.add_measured_key(entry, fields)
 
     def finish(self) -> None:
         if self.policy.empty:
