@@ -5,9 +5,9 @@ VENV      ?= .venv
 PYTHON    ?= python3
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.tmb-installed
-APT_PKGS  := swtpm swtpm-tools libtss2-dev pkg-config cryptsetup-bin erofs-utils tpm2-tools systemd chromium postgresql
+APT_PKGS  := swtpm swtpm-tools libtss2-dev pkg-config cryptsetup-bin erofs-utils tpm2-tools systemd chromium postgresql ima-evm-utils
 # Commands whose absence means the Debian packages above still need installing.
-APT_BINS  := swtpm swtpm_setup veritysetup mkfs.erofs pkg-config tpm2_quote systemd-analyze chromium
+APT_BINS  := swtpm swtpm_setup veritysetup mkfs.erofs pkg-config tpm2_quote systemd-analyze chromium evmctl
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps venv test lint typecheck unit demo bench clean
