@@ -20,6 +20,7 @@ from tmb.errors import TmbError
 SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "tmb.attest.cli": ("ima", "audit"),
     "tmb.attest.quote_cli": ("quote",),
+    "tmb.attest.boot_cli": ("boot",),
     "tmb.telemetry.cli": ("telemetry",),
     "tmb.fingerprint.cli": ("enroll", "fingerprint"),
     "tmb.verity.cli": ("verity", "commit"),
