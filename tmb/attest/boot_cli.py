@@ -1,10 +1,13 @@
-"""``tmb boot replay`` and ``tmb boot show``: UEFI/TCG event logs (``binary_bios_measurements``).
+"""``tmb boot replay|show|policy|check``: UEFI/TCG event logs (``binary_bios_measurements``).
 
 ``replay`` prints the replayed PCRs per bank and, with ``--pcrs``, checks them against PCR values: the
 ``pcrs:`` section of ``tpm2_eventlog`` yaml output, ``tpm2_pcrread`` yaml output, the JSON form
 ``{"sha256": {"0": "<hex>"}}`` or a tpm2-tools serialized PCR file. ``show`` prints every decoded event and
-the boot summary (Secure Boot, boot applications, kernel command lines, db/dbx). Exit status: 0 every check
-passed, 1 a PCR mismatch or an error finding, 2 unreadable input. See docs/boot.md.
+the boot summary (Secure Boot, boot applications, kernel command lines, db/dbx). ``policy`` drafts a
+``[boot]`` policy section from a known-good log; ``check`` replays a log (against ``--pcrs``), checks it
+against a policy's ``[boot]`` rules and (``--ima``) IMA's boot_aggregate against the replayed PCRs.
+Exit status: 0 every check passed, 1 a PCR mismatch or an error finding, 2 unreadable input. See
+docs/boot.md.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tmb.attest import tpm2
-from tmb.attest.eventlog import Event, Replay, replay_file
+from tmb.attest.bootpolicy import check_boot, draft_policy
+from tmb.attest.eventlog import Event, Replay, check_pcrs, replay_file
 from tmb.attest.eventlog_events import BootSummary, decode_event, summarize
-from tmb.errors import InputError, ParseError, Report, Severity
+from tmb.errors import ConfigError, InputError, ParseError, Report, Severity
 
 __all__ = ["load_pcr_file", "parse_pcr_yaml", "register"]
 
@@ -46,6 +52,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sh.add_argument("eventlog", type=Path, help="binary_bios_measurements (crypto-agile or SHA-1 format)")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
     sh.set_defaults(func=_cmd_show)
+    dp = bsub.add_parser(
+        "policy",
+        help="draft a [boot] policy section from a known-good event log",
+        description="Print a [boot] runtime-policy section that this log meets: Secure Boot as observed, "
+        "its boot loaders and kernels, the IMA/dm-verity/root words of its kernel command line, a default "
+        "list of forbidden words, its db and dbx entries; each line names the event it came from. Exit 1 "
+        "(the draft is still printed) when the log has error findings.",
+    )
+    dp.add_argument("eventlog", type=Path, help="binary_bios_measurements of a known-good boot")
+    dp.set_defaults(func=_cmd_policy)
+    ck = bsub.add_parser(
+        "check",
+        help="check an event log against a policy's [boot] rules (and PCR values, IMA's boot_aggregate)",
+        description="Replay the log (and compare the policy's PCRs with --pcrs), check the boot it "
+        "records against the [boot] rules of --policy and, with --ima, the IMA log's boot_aggregate "
+        "against the replayed PCRs. Exit 0 all held, 1 findings, 2 bad input.",
+    )
+    ck.add_argument("eventlog", type=Path, help="binary_bios_measurements (crypto-agile or SHA-1 format)")
+    ck.add_argument("--policy", type=Path, required=True, help="TOML runtime policy with a [boot] section")
+    ck.add_argument(
+        "--pcrs",
+        type=Path,
+        metavar="FILE",
+        help="PCR values: yaml (tpm2_eventlog/pcrread), json or serialized",
+    )
+    ck.add_argument(
+        "--ima", type=Path, metavar="IMA_LOG", help="IMA log (binary or ascii): its boot_aggregate"
+    )
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
+    ck.set_defaults(func=_cmd_check)
 
 
 # ------------------------------------------------------------------------------------------ PCR files
@@ -221,3 +257,122 @@ def _event_dict(event: Event) -> dict[str, Any]:
     except ParseError as exc:
         out["malformed"] = exc.message
     return out
+
+
+# -------------------------------------------------------------------------------------- policy, check
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    events: list[Event] = []
+    result = replay_file(args.eventlog, on_event=events.append)
+    summary = summarize(events, result.report)
+    sys.stdout.write(draft_policy(summary, events=events, source=str(args.eventlog)))
+    errors = summary.report.errors
+    for item in errors:
+        print(item, file=sys.stderr)
+    if errors:
+        print(
+            f"warning: the log has {len(errors)} error finding(s): it is not a known-good log to draft from",
+            file=sys.stderr,
+        )
+    return 1 if errors else 0
+
+
+def _pcr_text(pcrs: Sequence[int]) -> str:
+    if list(pcrs) == list(range(pcrs[0], pcrs[-1] + 1)) and len(pcrs) > 1:
+        return f"{pcrs[0]}-{pcrs[-1]}"
+    return ", ".join(map(str, pcrs))
+
+
+def _check_quoted(
+    result: Replay, given: Mapping[str, Mapping[int, bytes]], pcrs: Sequence[int], report: Report
+) -> bool:
+    """The policy's PCRs against given values: some bank of the log must give them all, and every given
+    value of them (in a bank of the log) must be what the log replays to."""
+    expected = {
+        bank: {i: values[i] for i in pcrs if i in values}
+        for bank, values in given.items()
+        if bank in result.pcrs
+    }
+    expected = {bank: values for bank, values in expected.items() if values}
+    complete = [bank for bank, values in expected.items() if len(values) == len(pcrs)]
+    if not complete:
+        report.add(
+            "boot.pcrs_not_covered",
+            f"the PCR values do not give PCRs {_pcr_text(pcrs)} in any bank of the log: the log is not "
+            "tied to them",
+            pcrs=list(pcrs),
+            given={bank: sorted(values) for bank, values in given.items()},
+            log_banks=list(result.banks),
+        )
+    return check_pcrs(result, expected, report) and bool(complete)
+
+
+def _first_ima_entry(path: Path) -> Any:
+    from tmb.attest.ima import iter_log, open_log
+
+    with open_log(path) as stream:
+        return next(iter_log(stream), None)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tmb.attest.bootagg import check_boot_aggregate
+    from tmb.attest.policy import load_policy
+
+    policy = load_policy(args.policy)
+    if policy.boot is None:
+        raise ConfigError(
+            "the policy has no [boot] section",
+            path=str(args.policy),
+            hint="draft one from a known-good log with `tmb boot policy EVENTLOG`",
+        )
+    rules = policy.boot
+    given = load_pcr_file(args.pcrs) if args.pcrs is not None else None
+    first_ima = _first_ima_entry(args.ima) if args.ima is not None else None
+    events: list[Event] = []
+    result = replay_file(args.eventlog, on_event=events.append)
+    report = result.report
+    pcrs_ok: bool | None = None
+    if given is not None:
+        pcrs_ok = _check_quoted(result, given, rules.pcrs, report)
+    else:
+        report.add(
+            "boot.pcrs_not_checked",
+            "no PCR values given (--pcrs): nothing ties this log to a TPM",
+            severity=Severity.WARNING,
+            pcrs=list(rules.pcrs),
+        )
+    summary = summarize(events, report)
+    report.extend(check_boot(summary, rules, events=events))
+    aggregate_ok: bool | None = None
+    if args.ima is not None:
+        found = check_boot_aggregate(first_ima, result.pcrs)
+        report.extend(found)
+        aggregate_ok = not found
+    if args.json:
+        doc = {
+            "eventlog": str(args.eventlog),
+            "policy": str(args.policy),
+            "ok": report.ok,
+            "events": len(events),
+            "secure_boot": summary.secure_boot,
+            "boot_apps": [vars(a) for a in summary.boot_apps],
+            "kernel_cmdlines": [vars(c) for c in summary.kernel_cmdlines],
+            "pcrs": list(rules.pcrs),
+            "pcrs_match": pcrs_ok,
+            "boot_aggregate": aggregate_ok,
+            "findings": report.to_list(),
+        }
+        print(json.dumps(doc, indent=2))
+        return 0 if report.ok else 1
+    for item in report:
+        print(item)
+    errors, warnings = _counts(report)
+    pcr_state = {None: "not checked", True: "match", False: "do NOT match"}[pcrs_ok]
+    parts = [f"PCRs {_pcr_text(rules.pcrs)} {pcr_state}"]
+    if aggregate_ok is not None:
+        parts.append("boot_aggregate " + ("matches" if aggregate_ok else "does NOT match"))
+    verdict = "OK" if not errors else f"FAILED: {errors} error(s)"
+    warn = f", {warnings} warning(s)" if warnings else ""
+    print(f"boot policy {verdict}; {len(events)} events, {', '.join(parts)}{warn}")
+    return 0 if not errors else 1

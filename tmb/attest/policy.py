@@ -39,6 +39,10 @@ The policy is one TOML file (format documented in docs/policy.md)::
     [[import]]
     keylime = "runtime-policy.json"  # Keylime runtime policy as an allowlist source (relative path)
 
+    [boot]                          # measured boot rules (tmb.attest.bootpolicy; see `tmb boot policy`)
+    secure_boot = "required"
+    kernels = ["sha256:..."]
+
 An empty policy (nothing allowed, nothing required, no verity rule) fails closed.
 """
 
@@ -54,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmb.attest.bootpolicy import BootPolicy
 from tmb.attest.dm import DM_EVENTS, VerityRule
 from tmb.attest.ima import DIGEST_SIZES, ImaEntry, ImaFields, parse_fields
 from tmb.attest.imasig import (
@@ -89,6 +94,7 @@ class RuntimePolicy:
     require_signature: tuple[str, ...] = ()  # path prefixes whose files must be validly signed
     trust_measured_keys: bool = False  # keys measured onto .ima join the keyring
     accept_signed: bool = False  # a valid signature stands in for an [allow] entry
+    boot: BootPolicy | None = None  # the [boot] section: measured boot rules (None: none given)
     source: str = "<memory>"
 
     @property
@@ -243,7 +249,7 @@ def policy_from_dict(
     doc: Mapping[str, Any], *, where: str = "<policy>", base: Path | None = None
 ) -> RuntimePolicy:
     known = {"version", "allow", "allow_any_path", "exclude", "require", "options", "verity", "import"}
-    known |= {"keyrings", "require_signature"}
+    known |= {"keyrings", "require_signature", "boot"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown policy keys: {', '.join(sorted(unknown))}", path=where)
@@ -285,6 +291,7 @@ def policy_from_dict(
         require_signature=_signature_rules(doc.get("require_signature", []), where),
         trust_measured_keys=flags["trust_measured_keys"],
         accept_signed=flags["accept_signed"],
+        boot=BootPolicy.from_toml(doc["boot"], where=where) if "boot" in doc else None,
         source=where,
     )
     for i, imp in enumerate(doc.get("import", [])):
@@ -397,6 +404,7 @@ def merge(a: RuntimePolicy, b: RuntimePolicy) -> RuntimePolicy:
         require_signature=a.require_signature + b.require_signature,
         trust_measured_keys=a.trust_measured_keys or b.trust_measured_keys,
         accept_signed=a.accept_signed or b.accept_signed,
+        boot=a.boot if a.boot is not None else b.boot,
         source=a.source,
     )
 
