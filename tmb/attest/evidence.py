@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmb.attest.boot_audit import BootAudit, audit_boot, boot_lines
 from tmb.attest.dm import VerityRule, check_verity, dm_events
 from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
@@ -67,6 +68,7 @@ class Bundle:
     claimed: str | None = None
     verdict: Path | None = None
     load: float | None = None
+    eventlog: Path | None = None  # the firmware's TCG event log (binary_bios_measurements)
 
 
 def _read(root: Path, rel: Any, what: str) -> bytes:
@@ -126,7 +128,7 @@ def load_bundle(root: str | Path) -> Bundle:
     if not isinstance(commitments, list):
         raise InputError("manifest: 'commitments' must be a list", bundle=str(root))
     optional: dict[str, Path | None] = {}
-    for key in ("telemetry", "verdict"):
+    for key in ("telemetry", "verdict", "eventlog"):
         rel = doc.get(key)
         if rel is not None:
             _read(root, rel, key)[:0]
@@ -164,6 +166,7 @@ def load_bundle(root: str | Path) -> Bundle:
         claimed=claimed,
         verdict=optional.get("verdict"),
         load=float(load) if load is not None else None,
+        eventlog=optional.get("eventlog"),
     )
 
 
@@ -182,6 +185,7 @@ def write_bundle(
     claimed: str | None = None,
     verdict: bytes | None = None,
     load: float | None = None,
+    eventlog: bytes | None = None,
 ) -> Path:
     """Write a bundle. Each quote mapping has ``message``, ``signature``, ``pcrs`` (bytes) and
     ``nonce`` (bytes or None). The request context is optional: ``telemetry`` (the window's
@@ -239,6 +243,9 @@ def write_bundle(
         manifest["verdict"] = "verdict.json"
     if load is not None:
         manifest["load"] = load
+    if eventlog is not None:
+        (root / "eventlog.bin").write_bytes(eventlog)
+        manifest["eventlog"] = "eventlog.bin"
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return root
 
@@ -281,6 +288,7 @@ class AuditResult:
     rules: list[VerityRule] = field(default_factory=list)
     policy_source: str = ""
     entries: list[EntryRow] = field(default_factory=list)  # the first MAX_ENTRY_ROWS, for reports
+    boot: BootAudit | None = None  # the boot chain: event log -> PCRs 0-9 -> boot policy -> boot_aggregate
 
     @property
     def ok(self) -> bool:
@@ -296,6 +304,7 @@ class AuditResult:
             "entries_attested": self.entries_attested,
             "sha256_mode": self.mode,
             "verity_satisfied": self.verity,
+            "boot": self.boot.to_dict() if self.boot is not None else None,
             "findings": self.report.to_list(),
         }
 
@@ -343,6 +352,7 @@ def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> 
 
     state = ReplayState()
     previous: QuoteResult | None = None
+    boot_pcrs: dict[str, dict[int, bytes]] | None = None  # PCRs 0-9 of the last verified quote with them
     banks = ["sha1", bundle.pcr_bank] if bundle.pcr_bank != "sha1" else ["sha1"]
     mode = bundle.sha256_mode
     for q in bundle.quotes:
@@ -358,6 +368,13 @@ def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> 
             continue
         report.extend(_tag(qr.report.findings, quote=label))
         previous = qr
+        if qr.ok:
+            quoted = {
+                b: {i: v for i in range(10) if (v := pcrs.get(b, i)) is not None} for b in ("sha1", "sha256")
+            }
+            quoted = {b: v for b, v in quoted.items() if len(v) == 10}
+            if quoted:
+                boot_pcrs = quoted
         pcr10 = pcrs.get(bundle.pcr_bank, 10)
         matched: int | None = None
         if qr.ok and pcr10 is not None:
@@ -393,8 +410,11 @@ def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> 
     # One full pass for template hashes, violations and structure; the policy sees only quoted entries.
     result.entries_attested = state.index
     checker = PolicyChecker(policy, report)
+    first: list[ImaEntry] = []
 
     def on_entry(entry: ImaEntry) -> None:
+        if not first:
+            first.append(entry)
         if entry.num < state.index:
             checker(entry)
         if len(result.entries) < MAX_ENTRY_ROWS:
@@ -424,6 +444,9 @@ def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> 
     except TmbError as exc:
         report.add("audit.commitment_unreadable", exc.message, **exc.context)
     checker.finish()
+    result.boot = audit_boot(
+        bundle.eventlog, boot_pcrs, first[0] if first else None, getattr(policy, "boot", None), report
+    )
     return result
 
 
@@ -444,6 +467,8 @@ def render_text(result: AuditResult) -> str:
         f"IMA log: {result.entries_total} entries, {result.entries_attested} covered by a verified quote"
         + (f" (non-SHA-1 banks: {result.mode})" if result.mode else "")
     )
+    if result.boot is not None:
+        lines.extend(boot_lines(result.boot))
     lines.append(
         "dm-verity model images: "
         + (
