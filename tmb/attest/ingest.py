@@ -21,17 +21,24 @@ chain.unknown_segment       409     a non-genesis batch of a segment whose genes
 chain.segment_unlinked      (warn)  a new segment's genesis does not link to the node's last head
 ima.delta_gap               409     an IMA delta starting past the bytes received so far
 ima.delta_conflict          409     an IMA delta that rewrites bytes already received
+eventlog.too_large          413     an event log larger than 4 MiB
+eventlog.malformed          422     an event log some event of which does not parse (not stored)
+eventlog.truncated          422     an event log that ends inside an event (not stored)
 pcr.mismatch                (200)   no entry of the received IMA log replays to the quoted PCR 10
 ==========================  ======  ===================================================================
 
-plus every ``quote.*`` (422 when the quote fails), ``policy.*``, ``dm.*`` and ``binding.*`` finding.
-Only batches covered by a verified quote over a later chain head count as attested (:meth:`attested_window`).
+plus every ``quote.*`` (422 when the quote fails), ``policy.*``, ``dm.*``, ``binding.*`` finding and, on
+each verified quote, the boot chain's (``boot.*``, ``eventlog.*``: :mod:`tmb.attest.ingest_boot`, which
+also states the rule for a node without an event log). Only batches covered by a verified quote over a
+later chain head count as attested (:meth:`attested_window`); a quote with any error finding attests
+nothing (its summary is not ``ok``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import sqlite3
 import time
@@ -44,6 +51,14 @@ from typing import Any
 from probes.chain import ZERO, Head, TelemetryBatch, qualifying_data
 from tmb.attest import tpm2
 from tmb.attest.ima import ImaEntry, Incomplete, parse_record
+from tmb.attest.ingest_boot import (
+    MAX_EVENTLOG_BYTES,
+    ParsedLog,
+    check_boot_chain,
+    entry_from_state,
+    entry_to_state,
+    parse_eventlog,
+)
 from tmb.attest.ingest_policy import (
     DEFAULT_MODEL_PATTERNS,
     check_bindings,
@@ -91,6 +106,10 @@ class AttestationSummary:
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     quote_time_ns: int = 0  # wall clock (ns) when the daemon verified the quote
     verity: Mapping[str, str] = field(default_factory=dict)  # satisfied rule (commitment) -> its root
+    boot_ok: bool | None = None  # the boot chain held (None: not checked, no event log and none required)
+    pcrs: Mapping[str, Mapping[str, str]] = field(
+        default_factory=dict
+    )  # every quoted PCR: bank -> idx -> hex
 
     @property
     def ok(self) -> bool:
@@ -98,6 +117,7 @@ class AttestationSummary:
             self.pcr_matched
             and self.policy_ok
             and self.verity_ok
+            and self.boot_ok is not False
             and not any(f.severity is Severity.ERROR for f in self.findings)
         )
 
@@ -117,6 +137,8 @@ class AttestationSummary:
             "findings": [f.to_dict() for f in self.findings],
             "quote_time_ns": self.quote_time_ns,
             "verity": dict(self.verity),
+            "boot_ok": self.boot_ok,
+            "pcrs": {bank: dict(values) for bank, values in self.pcrs.items()},
         }
 
     @classmethod
@@ -135,6 +157,8 @@ class AttestationSummary:
             tuple(_finding(f) for f in doc["findings"]),
             int(doc.get("quote_time_ns", 0)),  # summaries stored before these fields existed
             dict(doc.get("verity", {})),
+            doc.get("boot_ok"),
+            {str(b): dict(v) for b, v in doc.get("pcrs", {}).items()},
         )
 
 
@@ -206,10 +230,13 @@ class Ingest:
         model_patterns: Sequence[str] = DEFAULT_MODEL_PATTERNS,
         clock_ns: Callable[[], int] = time.time_ns,
         synchronous: str = "NORMAL",
+        require_eventlog: bool = False,
     ) -> None:
         self.store = IngestStore(db, synchronous=synchronous)
         self.policy = policy
         self.pcr_bank = pcr_bank
+        self.require_eventlog = require_eventlog
+        self._eventlogs: dict[str, ParsedLog] = {}  # parsed once per node and log
         self.model_patterns = tuple(model_patterns)
         self.clock_ns = clock_ns
         self.nonces = _Nonces(nonce_ttl_s, time.monotonic)
@@ -245,12 +272,15 @@ class Ingest:
     def _extra(self, node: str, row: NodeRow | None = None) -> dict[str, Any]:
         row = row or self.store.node(node)
         end = 0
+        eventlog = None
         if row is not None:
             end = int(row.replay.get("offset", 0)) + len(row.ima_data)
+            eventlog = self.store.eventlog_digest(node)
         return {
             "nonce": self.nonces.current(node).hex(),
             "quote": node in self._quote_wanted,
             "ima_offset": end,
+            "eventlog": eventlog.hex() if eventlog is not None else None,
             "head": (
                 Head(row.segment, row.seq, row.head).to_wire()
                 if row is not None
@@ -325,6 +355,7 @@ class Ingest:
                     if f["id"] == "probe.buffer_evicted":
                         holes.extend(f.get("context", {}).get("batches", []))
                 findings.extend(_finding(f) for f in probe_findings)
+            stored = len(findings)  # the probe's findings are stored above, once
             head = (row.segment, row.seq, row.head)
             for i, batch in enumerate(batches):
                 problem, head, dup = self._one_batch(
@@ -342,7 +373,7 @@ class Ingest:
             if head[0] is not None and head[1] is not None and head[2] is not None:
                 self.store.set_head(node, head[0], head[1], head[2])
             self.store.set_state(node, state)
-            errors = [f.to_dict() for f in findings if f.severity is Severity.ERROR]
+            errors = [f.to_dict() for f in findings[stored:] if f.severity is Severity.ERROR]
             if errors:
                 self.store.add_findings(node, now, errors)
         return self._answer(
@@ -526,6 +557,105 @@ class Ingest:
                 self.store.set_ima(node, row.replay, pending + new)
         return self._answer(node, 200, [], appended=len(new))
 
+    # ----------------------------------------------------------------------------------------- event log
+
+    def add_eventlog(self, node: str, doc: Any) -> Outcome:
+        """``{"data": base64, "sha256": hex}``: the node's whole UEFI event log (binary_bios_measurements) of
+        this boot (``sha256`` optional). It replaces the one held; every later quote's PCRs 0-9 are checked
+        against it. A log that does not parse is refused (422) and recorded as a finding against the node."""
+        row, bad = self._known(node)
+        if bad is not None or row is None:
+            return bad  # type: ignore[return-value]
+        try:
+            if not isinstance(doc, Mapping):
+                raise ParseError('expected {"data": base64, "sha256": hex (optional)}')
+            data = _b64(doc.get("data"), "data")
+            claimed = doc.get("sha256")
+            if claimed is not None and claimed != hashlib.sha256(data).hexdigest():
+                raise ParseError("sha256 is not the SHA-256 of data (lower-case hex)", field="sha256")
+        except ParseError as exc:
+            return self._malformed(node, exc)
+        now = self.clock_ns()
+        if len(data) > MAX_EVENTLOG_BYTES:
+            f = _err(
+                "eventlog.too_large",
+                "the event log is larger than the daemon accepts",
+                limit=MAX_EVENTLOG_BYTES,
+                size=len(data),
+            )
+            with self.store.transaction():
+                self.store.add_findings(node, now, [f.to_dict()])
+            return self._answer(node, 413, [f], error=f.message)
+        digest = hashlib.sha256(data).digest()
+        held = self.store.eventlog_digest(node)
+        if held == digest:
+            parsed = self._parsed_eventlog(node)
+            findings = parsed.findings_report().findings if parsed is not None else []
+            return self._answer(node, 200, findings, digest=digest.hex(), replaced=False)
+        try:
+            parsed = parse_eventlog(data, name=f"event log of {node}")
+        except ParseError as exc:
+            fid = "eventlog.truncated" if exc.context.get("truncated") else "eventlog.malformed"
+            context = {k: v for k, v in exc.context.items() if k != "truncated"}
+            f = Finding(fid, exc.message, Severity.ERROR, context)
+            with self.store.transaction():
+                self.store.add_findings(node, now, [f.to_dict()])
+            return self._answer(node, 422, [f], error=f"the event log does not parse: {exc.message}")
+        with self.store.transaction():
+            self.store.set_eventlog(node, now, digest, data)
+        self._eventlogs[node] = parsed
+        return self._answer(
+            node,
+            200,
+            parsed.findings_report().findings,
+            digest=digest.hex(),
+            replaced=held is not None,
+            events=len(parsed.events),
+            banks=list(parsed.replay.banks),
+        )
+
+    def _parsed_eventlog(self, node: str) -> ParsedLog | None:
+        """The node's event log, parsed (cached while its digest is the stored one); None when it has none."""
+        digest = self.store.eventlog_digest(node)
+        if digest is None:
+            return None
+        cached = self._eventlogs.get(node)
+        if cached is not None and cached.digest == digest:
+            return cached
+        held = self.store.eventlog(node)
+        if held is None:
+            return None
+        try:
+            parsed = parse_eventlog(held.data, name=f"event log of {node}")
+        except ParseError:  # stored logs parsed when they arrived; a damaged row is as good as none
+            return None
+        self._eventlogs[node] = parsed
+        return parsed
+
+    def _boot(
+        self, node: str, quoted: Mapping[int, bytes], matched: bool, state: dict[str, Any], report: Report
+    ) -> bool | None:
+        """The boot chain of a verified quote (:func:`~tmb.attest.ingest_boot.check_boot_chain`)."""
+        boot_policy = self.policy.boot
+        first = entry_from_state(state.get("ima_first"))
+        replayed = int(state.get("ima_entries", 0))
+        if matched and first is None and replayed > 0:
+            report.add(
+                "boot.aggregate_unchecked",
+                "the IMA log's first entry was verified before the daemon kept it: boot_aggregate unchecked",
+                severity=Severity.WARNING,
+            )
+        return check_boot_chain(
+            self._parsed_eventlog(node),
+            quoted,
+            self.pcr_bank,
+            first,
+            ima_checked=matched and (first is not None or replayed == 0),
+            required=self.require_eventlog or boot_policy is not None,
+            boot_policy=boot_policy,
+            report=report,
+        )
+
     # ----------------------------------------------------------------------------------------- quotes
 
     def add_quote(self, node: str, doc: Any) -> Outcome:
@@ -594,10 +724,12 @@ class Ingest:
             return self._malformed(node, exc)
         ci = qr.attest.clock_info
         pcr10 = pcrs.get(self.pcr_bank, 10)
-        bank_selected = any(
-            a == tpm2.hash_id(self.pcr_bank) and i == 10
-            for a, i in (qr.attest.quote.selected() if qr.attest.quote else [])
-        )
+        selected = qr.attest.quote.selected() if qr.attest.quote else []
+        bank_id = tpm2.hash_id(self.pcr_bank)
+        bank_selected = any(a == bank_id and i == 10 for a, i in selected)
+        quoted = {  # the other PCRs the signature covers, in the bank the IMA log is checked in
+            i: v for a, i in selected if a == bank_id and i != 10 and (v := pcrs.get(a, i)) is not None
+        }
         report = Report(list(qr.report.findings))
         if qr.ok and (pcr10 is None or not bank_selected):
             report.add(
@@ -623,6 +755,7 @@ class Ingest:
                 return self._answer(node, 422, report.findings, error="the quote failed verification")
             assert pcr10 is not None
             matched = self._replay(row, pcr10, state, report)
+            boot_ok = self._boot(node, quoted, matched, state, report)
             required_missing(self.policy, state, report)
             verity_ok = evaluate_verity(self.policy, state, report)
             sticky = [_finding(f) for f in state.get("sticky", [])]
@@ -646,7 +779,11 @@ class Ingest:
             )
             summary = self._summary(node, quote_id, ci, pcr10, matched, policy_ok, verity_ok, all_findings)
             verity = {rule: str(dev.get("root", "")) for rule, dev in state.get("verity", {}).items()}
-            summary = replace(summary, quote_time_ns=now, verity=verity)
+            signed = {  # the values the signature covers (an auditor recomputes pcrDigest from them)
+                tpm2.alg_name(a): {str(i): v.hex() for a2, i in selected if a2 == a and (v := pcrs.get(a, i))}
+                for a in dict.fromkeys(a for a, _ in selected)
+            }
+            summary = replace(summary, quote_time_ns=now, verity=verity, boot_ok=boot_ok, pcrs=signed)
             self.store.set_quote_summary(quote_id, summary.to_dict())
             attested = self.store.attest(node, head.segment, head.seq, quote_id)
             self.store.set_state(node, state)
@@ -711,6 +848,9 @@ class Ingest:
         if result.matched is None:
             return False
         newly = [e for e in entries if e.num < result.matched.index]
+        if newly and newly[0].num == 0:
+            state["ima_first"] = entry_to_state(newly[0])  # boot_aggregate, checked on every quote
+        state["ima_entries"] = result.matched.index
         evaluate_entries(self.policy, state, newly, report)
         self.store.set_ima(
             row.node, dict(result.matched.to_json()), data[result.matched.offset - start.offset :]

@@ -6,6 +6,7 @@
     POST /v1/ingest/{node}/batches               {"batches": [...], "probe_findings": [...]}
     POST /v1/ingest/{node}/quotes                {"message", "signature", "pcrs", "nonce", "head", "ak_name"}
     POST /v1/ingest/{node}/ima                   {"offset", "data"}
+    POST /v1/ingest/{node}/eventlog              {"data"}  (the UEFI event log, whole; at most 4 MiB)
     POST /v1/ingest/{node}/bindings              {"t_ns", "processes": [...]}
     PUT  /v1/ingest/admin/nodes/{node}         {"ak": PEM | "ak_hex": TPM2B_PUBLIC hex}  (bearer token)
     GET  /v1/ingest/admin/nodes/{node}         status: batches, attested, last quote     (bearer token)
@@ -15,7 +16,8 @@ Every answer is JSON; errors are 4xx with ``{"error", "findings": [{"id", ...}]}
 ``ingest.malformed``; a missing or wrong admin token a 401 with ``ingest.unauthorized``.
 
 Standalone: ``python -m tmb.attest.ingest_app --db FILE --policy POLICY [--port P] [--admin-token T]
-[--node NODE=AKFILE]...`` listens on 127.0.0.1 and prints ``listening on http://127.0.0.1:P``.
+[--node NODE=AKFILE]... [--require-eventlog]`` listens on 127.0.0.1 and prints
+``listening on http://127.0.0.1:P``.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def add_ingest_routes(app: web.Application, ingest: Ingest, *, admin_token: str 
     r.add_post("/v1/ingest/{node}/batches", _evidence(Ingest.add_batches))
     r.add_post("/v1/ingest/{node}/quotes", _evidence(Ingest.add_quote))
     r.add_post("/v1/ingest/{node}/ima", _evidence(Ingest.add_ima))
+    r.add_post("/v1/ingest/{node}/eventlog", _evidence(Ingest.add_eventlog))
     r.add_post("/v1/ingest/{node}/bindings", _evidence(Ingest.add_bindings))
     r.add_put("/v1/ingest/admin/nodes/{node}", _admin(_register))
     r.add_get("/v1/ingest/admin/nodes/{node}", _admin(_status))
@@ -164,7 +167,12 @@ def make_app(ingest: Ingest, *, admin_token: str | None = None) -> web.Applicati
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    ingest = Ingest(args.db, policy=load_policy(args.policy), nonce_ttl_s=args.nonce_ttl)
+    ingest = Ingest(
+        args.db,
+        policy=load_policy(args.policy),
+        nonce_ttl_s=args.nonce_ttl,
+        require_eventlog=args.require_eventlog,
+    )
     for spec in args.node:
         node, _, path = spec.partition("=")
         try:
@@ -199,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--admin-token", default=None)
     parser.add_argument("--nonce-ttl", type=float, default=120.0)
     parser.add_argument("--node", action="append", default=[], metavar="NODE=AKFILE")
+    parser.add_argument(
+        "--require-eventlog",
+        action="store_true",
+        help="a node without a UEFI event log is not attested (boot.no_eventlog is an error)",
+    )
     args = parser.parse_args(argv)
     try:
         asyncio.run(_serve(args))

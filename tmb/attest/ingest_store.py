@@ -3,7 +3,8 @@
 One row per node (``ingest_nodes``: AK, chain head, IMA replay state and the unverified IMA tail, last quote
 clock, policy and binding state as JSON), its chain segments (anchor and link to the previous segment),
 every accepted batch (payload, time span, the id of the first verified quote covering it), every quote
-(verification summary, raw TPMS_ATTEST/TPMT_SIGNATURE) and the findings recorded against the node.
+(verification summary, raw TPMS_ATTEST/TPMT_SIGNATURE), the findings recorded against the node and its
+UEFI event log (``ingest_eventlogs``: the newest one the probe sent, with its SHA-256).
 The caller gives a path or an open :class:`sqlite3.Connection` (so the daemon can share its database);
 every ingest request is one transaction, committed before the HTTP answer.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 from tmb.errors import InputError
 
-__all__ = ["BatchRow", "IngestStore", "NodeRow", "SegmentRow"]
+__all__ = ["BatchRow", "EventLogRow", "IngestStore", "NodeRow", "SegmentRow"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ingest_nodes (
@@ -76,6 +77,12 @@ CREATE TABLE IF NOT EXISTS ingest_findings (
     finding TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ingest_findings_node ON ingest_findings (node, received_ns);
+CREATE TABLE IF NOT EXISTS ingest_eventlogs (
+    node TEXT PRIMARY KEY,
+    received_ns INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    data BLOB NOT NULL
+);
 """
 
 
@@ -108,6 +115,13 @@ class BatchRow:
     t0_ns: int | None
     t1_ns: int | None
     quote_id: int | None
+
+
+@dataclass(frozen=True)
+class EventLogRow:
+    received_ns: int
+    digest: bytes  # SHA-256 of data
+    data: bytes
 
 
 class IngestStore:
@@ -321,6 +335,26 @@ class IngestStore:
             "SELECT summary FROM ingest_quotes WHERE node = ? ORDER BY id DESC LIMIT 1", (node,)
         ).fetchone()
         return json.loads(row[0]) if row else None
+
+    # ------------------------------------------------------------------------------------------ event log
+
+    def set_eventlog(self, node: str, now_ns: int, digest: bytes, data: bytes) -> None:
+        self.conn.execute(
+            "INSERT INTO ingest_eventlogs (node, received_ns, digest, data) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(node) DO UPDATE SET received_ns = excluded.received_ns, digest = excluded.digest, "
+            "data = excluded.data",
+            (node, now_ns, digest, data),
+        )
+
+    def eventlog(self, node: str) -> EventLogRow | None:
+        row = self.conn.execute(
+            "SELECT received_ns, digest, data FROM ingest_eventlogs WHERE node = ?", (node,)
+        ).fetchone()
+        return EventLogRow(*row) if row else None
+
+    def eventlog_digest(self, node: str) -> bytes | None:
+        row = self.conn.execute("SELECT digest FROM ingest_eventlogs WHERE node = ?", (node,)).fetchone()
+        return bytes(row[0]) if row else None
 
     # ------------------------------------------------------------------------------------------ findings
 
