@@ -5,7 +5,7 @@ Three asyncio tasks share one :class:`Probe`:
 * **seal**: every ``batch_interval_s`` the source yields a :class:`~tmb.telemetry.sample.SampleBatch`; it is
   sealed into the chain, written to the disk buffer and the chain head persisted (``state.json``);
 * **quote**: every ``quote_period_s``, and at once when the daemon asks (``"quote": true`` in a response),
-  with the newest unused daemon nonce: TPM2_Quote over PCR 10 (+ configured PCRs) with qualifying data
+  with the newest unused daemon nonce: TPM2_Quote over PCRs 0-10 (+ configured PCRs) with qualifying data
   ``SHA-256(nonce ‖ head digest)`` in a worker thread (the loop never blocks; a call slower than
   ``tpm_timeout_s`` is abandoned), then the IMA records appended since the last read (read *after* the quote,
   so they include everything the quoted PCR covers), then the process bindings. TPM errors are retried with
@@ -15,11 +15,18 @@ Three asyncio tasks share one :class:`Probe`:
   and retry with backoff (0.2 s doubling to 5 s); a 4xx drops the refused item (it would be refused forever)
   and, for a refused batch, starts a new chain segment.
 
+The UEFI event log (``eventlog``, read once at start, at most 4 MiB: :mod:`probes.eventlog_reader`) is sent
+whole when the daemon's answers show it does not hold this log (``eventlog``: the SHA-256 of the one it
+holds, or null): on the first answer after a boot, and again whenever the daemon lost it or holds another.
+It is queued before the first quote, and again at most every :data:`EVENTLOG_RESEND_S` (30 s). A log the
+daemon refused (4xx) is not offered again until a restart.
+
 The daemon's answers are not trusted to be well-formed: each is read incrementally and refused beyond
 :data:`MAX_ANSWER_BYTES` (1 MiB; a declared larger ``Content-Length`` is refused unread), a whole exchange is
 limited to ``http_timeout_s``, and the values it carries are checked before use (``nonce``: 32 bytes of hex;
 ``quote``: a boolean; ``ima_offset``: a non-negative integer that is a record boundary of the local IMA log;
-``findings``: a list). Each refusal is a warning finding with a stable id, kept in
+``eventlog``: null or a SHA-256 in hex; ``findings``: a list). Each refusal is a warning finding with a
+stable id, kept in
 :attr:`ProbeStats.refusals` and logged: ``probe.answer_too_large``, ``probe.answer_timeout``,
 ``probe.answer_malformed`` (not a JSON object) and ``probe.answer_bad_value`` (the exchange is retried with
 backoff, the items stay buffered), ``probe.answer_ima_offset_outside_log`` (the offset is ignored; the
@@ -32,6 +39,8 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
+import io
 import json
 import logging
 import os
@@ -50,6 +59,7 @@ from probes.bindings import bind_all
 from probes.buffer import DiskBuffer, Item
 from probes.chain import ZERO, Chain, qualifying_data
 from probes.config import ProbeConfig
+from probes.eventlog_reader import read_eventlog
 from probes.ima_reader import ImaReader
 from probes.tpm import Quote, TpmClient
 from tmb.errors import Finding, Severity, TmbError, TpmError, finding
@@ -69,8 +79,15 @@ MAX_KEPT = 100  # refusals and refused-evidence records kept in ProbeStats (the 
 MAX_FINDINGS_KEPT = 16  # findings kept from one refusal answer
 REPEAT_LOG_S = 60.0  # an identical refusal is counted at once but logged again only after this long
 OFFSET_RECHECK_S = 10.0  # a refused ima_offset offered again is checked against the log again after this
+EVENTLOG_RESEND_S = 30.0  # the event log is sent again at most this often (a daemon that keeps losing it)
 _HEX32 = re.compile(r"^[0-9a-fA-F]{64}$")
-_ROUTES = {"batch": "batches", "quote": "quotes", "ima": "ima", "bindings": "bindings"}
+_ROUTES = {
+    "batch": "batches",
+    "quote": "quotes",
+    "ima": "ima",
+    "bindings": "bindings",
+    "eventlog": "eventlog",
+}
 
 
 @dataclass
@@ -118,7 +135,7 @@ def _bad_value(route: str, key: str, value: Any, want: str) -> Finding:
 
 
 def _quote(cfg: ProbeConfig, qdata: bytes, client: TpmClient) -> Quote:
-    return client.quote(cfg.ak_handle, cfg.quoted_pcrs, qdata)
+    return client.quote(cfg.ak_handle, cfg.quote_selection, qdata)
 
 
 class Probe:
@@ -157,6 +174,10 @@ class Probe:
         self._ak_name: str | None = None
         self._last_refusal: dict[str, tuple[Finding, float]] = {}
         self._offset_refused: tuple[int, float] | None = None
+        self._eventlog: bytes | None = None  # this boot's UEFI event log, as read at start
+        self._eventlog_digest: str | None = None  # its SHA-256 (hex)
+        self._eventlog_refused: str | None = None  # the digest of a log the daemon refused (4xx)
+        self._eventlog_queued: float | None = None  # when it was last queued (monotonic)
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -200,6 +221,7 @@ class Probe:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled)."""
+        await self._load_eventlog()
         self._seal(None)
         timeout = aiohttp.ClientTimeout(total=self.config.http_timeout_s)
         async with aiohttp.ClientSession(
@@ -251,6 +273,39 @@ class Probe:
             self._seal(samples.encode())
             if not samples.synthetic:  # a synthetic source's "GPU processes" are made up: never bind them
                 self._pids = {pid for row in samples.processes for pid, _ in row} or self._pids
+
+    async def _load_eventlog(self) -> None:
+        """Read the UEFI event log once; a problem is logged and shipped as a finding with the batches."""
+        if not self.config.eventlog:
+            return
+        data, problem = await asyncio.to_thread(read_eventlog, self.config.eventlog)
+        if problem is not None:
+            log.warning("%s", problem)
+            self.buffer.findings.append(problem)
+            return
+        assert data is not None
+        self._eventlog, self._eventlog_digest = data, hashlib.sha256(data).hexdigest()
+
+    def _offer_eventlog(self, route: str, held: Any) -> None:
+        """Queue the event log when the daemon's answer shows it holds none or another one."""
+        if held is not None and not (isinstance(held, str) and _HEX32.match(held)):
+            self._refuse(_bad_value(route, "eventlog", held, "null or a SHA-256 in hex"))
+            return
+        mine = self._eventlog_digest
+        if (
+            self._eventlog is None
+            or mine is None
+            or (held is not None and held.lower() == mine)
+            or mine == self._eventlog_refused
+            or self.buffer.has("eventlog")
+        ):
+            return
+        now = time.monotonic()
+        if self._eventlog_queued is not None and now - self._eventlog_queued < EVENTLOG_RESEND_S:
+            return
+        self._eventlog_queued = now
+        self.buffer.put("eventlog", {"data": base64.b64encode(self._eventlog).decode(), "sha256": mine})
+        self._wake.set()
 
     # ----------------------------------------------------------------------------------------- TPM
 
@@ -364,6 +419,8 @@ class Probe:
         elif quote:
             self._quote_now = True
             self._nonce_event.set()
+        if "eventlog" in doc:  # before any await: queued ahead of the quote the nonce above allows
+            self._offer_eventlog(route, doc["eventlog"])
         offset = doc.get("ima_offset")
         if offset is not None and (
             not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_IMA_OFFSET
@@ -454,8 +511,14 @@ class Probe:
         """``(status, JSON object)``; raises :class:`_Refused` for an answer too large, too slow or (below
         500) not a JSON object. A 5xx answer's body may be anything (None)."""
         limit_s = self.config.http_timeout_s
+        kw: dict[str, Any] = {}
+        if body is not None:  # a stream, not one bytes object: aiohttp warns about large bodies given whole
+            kw = {
+                "data": io.BytesIO(json.dumps(body).encode()),
+                "headers": {"Content-Type": "application/json"},
+            }
         try:
-            async with asyncio.timeout(limit_s), http.request(method, self._url(what), json=body) as resp:
+            async with asyncio.timeout(limit_s), http.request(method, self._url(what), **kw) as resp:
                 status = resp.status
                 declared = resp.content_length
                 if declared is not None and declared > MAX_ANSWER_BYTES:
@@ -545,6 +608,8 @@ class Probe:
                     self.ima.rewind(offset)
             elif kind == "quote":
                 self._quote_now = True
+            elif kind == "eventlog":
+                self._eventlog_refused = str(sent[0].doc.get("sha256"))
         for item in sent:
             self.buffer.ack(item)
             if status < 400 and item.kind == "batch":

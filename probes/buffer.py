@@ -1,12 +1,12 @@
 """The probe's on-disk evidence buffer: a bounded FIFO of items not yet acknowledged by the daemon.
 
-Every item (a batch, a quote, an IMA delta, a process binding) is written to ``<dir>/<n>.<kind>.json``
-(``n`` a 16-digit counter, written atomically: temporary file, fsync when asked, rename) before it is sent,
-and removed when the daemon acknowledges it, so a probe or daemon crash loses nothing that was sealed.
-Sending happens strictly in counter order. When the buffer holds more than ``max_bytes`` (default 64 MiB)
-or ``max_items`` items, the oldest are evicted; each eviction is recorded as a ``probe.buffer_evicted``
-finding (counts per kind, the evicted batch sequence ranges per segment) that the probe ships to the daemon
-with its next batches.
+Every item (a batch, a quote, an IMA delta, a process binding, the event log) is written to
+``<dir>/<n>.<kind>.json`` (``n`` a 16-digit counter, written atomically: temporary file, fsync when asked,
+rename) before it is sent, and removed when the daemon acknowledges it, so a probe or daemon crash loses
+nothing that was sealed. Sending happens strictly in counter order. When the buffer holds more than
+``max_bytes`` (default 64 MiB) or ``max_items`` items, the oldest are evicted; each eviction is recorded as a
+``probe.buffer_evicted`` finding (counts per kind, the evicted batch sequence ranges per segment) that the
+probe ships to the daemon with its next batches.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tmb.errors import Finding, InputError, Severity
 
 __all__ = ["DiskBuffer", "Item"]
 
-KINDS = ("batch", "quote", "ima", "bindings")
+KINDS = ("batch", "quote", "ima", "bindings", "eventlog")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,10 @@ class DiskBuffer:
 
     def _file(self, item: Item) -> Path:
         return self.path / f"{item.n:016d}.{item.kind}.json"
+
+    def has(self, kind: str) -> bool:
+        """Whether an item of ``kind`` waits in the buffer."""
+        return any(item.kind == kind for item in self._items)
 
     def put(self, kind: str, doc: dict[str, Any]) -> Item:
         """Append an item (written to disk before this returns), then evict the oldest beyond the limits."""

@@ -6,7 +6,7 @@ Keys (all top level; units in the names; defaults in :class:`ProbeConfig`)::
     daemon_url = "http://127.0.0.1:8443"
     tcti = "device:/dev/tpmrm0"         # swtpm:host=127.0.0.1,port=P in tests
     ak_handle = 0x81010002
-    pcrs = [10]                         # quoted in pcr_bank; 10 is always added
+    pcrs = [10]                         # quoted in pcr_bank; 0-10 are always added (boot chain, IMA)
     pcr_bank = "sha256"
     source = "nvml"                     # nvml | synthetic | replay
     source_options = {}                 # passed to tmb.telemetry.open_source (rate_hz, path, seed, ...)
@@ -14,6 +14,7 @@ Keys (all top level; units in the names; defaults in :class:`ProbeConfig`)::
     batch_interval_s = 1.0
     quote_period_s = 5.0
     ima_log = "/sys/kernel/security/ima/binary_runtime_measurements"
+    eventlog = "/sys/kernel/security/tpm0/binary_bios_measurements"  # UEFI event log; "" sends none
     state_dir = "/var/lib/tmb-probe"    # disk buffer and chain state
     buffer_max_bytes = 67108864         # 64 MiB of unacknowledged evidence, oldest evicted first
     buffer_max_items = 100000
@@ -37,9 +38,11 @@ from typing import Any
 
 from tmb.errors import ConfigError
 
-__all__ = ["DEFAULT_IMA_LOG", "ProbeConfig", "load_config"]
+__all__ = ["BOOT_PCRS", "DEFAULT_EVENTLOG", "DEFAULT_IMA_LOG", "ProbeConfig", "load_config"]
 
 DEFAULT_IMA_LOG = "/sys/kernel/security/ima/binary_runtime_measurements"
+DEFAULT_EVENTLOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
+BOOT_PCRS = tuple(range(10))  # what the firmware's event log and IMA's boot_aggregate are checked against
 ENV_PREFIX = "TMB_PROBE_"
 
 
@@ -57,6 +60,7 @@ class ProbeConfig:
     batch_interval_s: float = 1.0
     quote_period_s: float = 5.0
     ima_log: str = DEFAULT_IMA_LOG
+    eventlog: str = DEFAULT_EVENTLOG
     state_dir: str = "/var/lib/tmb-probe"
     buffer_max_bytes: int = 64 * 1024 * 1024
     buffer_max_items: int = 100_000
@@ -90,7 +94,14 @@ class ProbeConfig:
 
     @property
     def quoted_pcrs(self) -> dict[str, list[int]]:
+        """The configured PCRs (10 always among them)."""
         return {self.pcr_bank: sorted(set(self.pcrs) | {10})}
+
+    @property
+    def quote_selection(self) -> dict[str, list[int]]:
+        """What each quote covers: :attr:`quoted_pcrs` and PCRs 0-9, which the daemon replays the event
+        log to and recomputes IMA's boot_aggregate from."""
+        return {self.pcr_bank: sorted(set(self.pcrs) | {10} | set(BOOT_PCRS))}
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -109,6 +120,7 @@ _TYPES: dict[str, type] = {
     "batch_interval_s": float,
     "quote_period_s": float,
     "ima_log": str,
+    "eventlog": str,
     "state_dir": str,
     "buffer_max_bytes": int,
     "buffer_max_items": int,
