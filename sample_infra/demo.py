@@ -191,7 +191,10 @@ class Demo:
             await worker.start()
             self.stack.push_async_callback(worker.stop)
             self.workers[spec.name] = worker
-        self.say(f"  {len(NODES)} nodes booted: swtpm + AK + IMA log (PCR 10 extended as the kernel does)")
+        self.say(
+            f"  {len(NODES)} nodes booted: swtpm + AK + UEFI event log (PCRs 0-9 extended as firmware does)"
+            " + IMA log (PCR 10 extended as the kernel does)"
+        )
         await self._start_daemon()
         for spec in NODES:
             self._start_probe(spec.name)
@@ -255,6 +258,7 @@ class Demo:
             batch_interval_s=s.batch_interval_s,
             quote_period_s=s.quote_period_s,
             ima_log=str(node.ima_log),
+            eventlog=str(node.eventlog or ""),
             state_dir=str(node.ima_log.parent / "probe-state"),
             buffer_fsync=False,
             bind_pids=(os.getpid(),),  # the workers' process: the node's "GPU process"

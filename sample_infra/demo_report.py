@@ -38,8 +38,9 @@ def _window(db: sqlite3.Connection, node: str, t0: int, t1: int) -> bytes | None
 
 
 def write_request_bundle(demo: Demo, row: Row, dest: Path) -> Path | None:
-    """A bundle for one request: the node's AK, IMA log and the quote the verdict rests on, the policy,
-    the commitment, the window's telemetry, the profiles, the claimed model and the signed verdict."""
+    """A bundle for one request: the node's AK, IMA log, firmware event log and the quote the verdict rests
+    on, the policy, the commitment, the window's telemetry, the profiles, the claimed model and the signed
+    verdict."""
     verdict = row.outcome.verdict
     node_name = row.outcome.node
     if verdict is None or node_name is None or node_name not in demo.nodes:
@@ -55,7 +56,9 @@ def write_request_bundle(demo: Demo, row: Row, dest: Path) -> Path | None:
     if quote is None:
         return None
     message, signature, summary = quote
-    pcrs = json.dumps({summary.get("pcr_bank", "sha256"): {"10": summary.get("pcr10", "")}}).encode()
+    # every PCR the quote covers (0-10 since the boot chain is checked); older summaries kept PCR 10 alone
+    signed = summary.get("pcrs") or {summary.get("pcr_bank", "sha256"): {"10": summary.get("pcr10", "")}}
+    pcrs = json.dumps(signed).encode()
     return write_bundle(
         dest,
         node=node_name,
@@ -76,6 +79,7 @@ def write_request_bundle(demo: Demo, row: Row, dest: Path) -> Path | None:
         profiles={p.name: p.read_bytes() for p in demo.profiles},
         claimed=verdict.get("claimed_model"),
         verdict=json.dumps(verdict, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(),
+        eventlog=node.eventlog.read_bytes() if node.eventlog is not None else None,
     )
 
 

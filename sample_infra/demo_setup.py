@@ -7,8 +7,10 @@ the fingerprint profiles, and per node a measured boot (swtpm, AK, IMA log in st
   workers drive, on a virtual clock, under the demo's load (one request at a time, several seconds each,
   short gaps: one request in flight), each run labelled with its load series; four runs, so the
   leave-one-run-out calibration can decide (docs/profiles.md).
-* **Nodes**: a private swtpm, an RSA AK, and a binary IMA log written the way the kernel does (boot
-  aggregate, the probe, the inference engine = this Python interpreter, the dm-verity mount of the
+* **Nodes**: a private swtpm, an RSA AK, a UEFI event log of a Secure Boot through shim and grub written
+  the way firmware does while PCRs 0-9 are extended with exactly what :class:`EventLogBuilder` returns, and
+  a binary IMA log written the way the kernel does (``boot_aggregate`` = SHA-256 of the PCRs 0-9 read back
+  from the TPM, the probe, the inference engine = this Python interpreter, the dm-verity mount of the
   committed image) while PCR 10 is extended with exactly what :class:`LogBuilder` returns. A node may be
   booted with an attack: ``tampered_log`` (an entry edited after it was extended) or ``other_image`` (the
   verity device carries another root than the commitment's).
@@ -26,6 +28,8 @@ import numpy as np
 
 from probes.tpm import AK_HANDLE
 from sample_infra.swtpm import Swtpm
+from tmb.attest.bootagg import boot_aggregate
+from tmb.attest.eventlog_build import EventLogBuilder, standard_boot
 from tmb.attest.ima import iter_log
 from tmb.attest.ima_build import LogBuilder
 from tmb.fingerprint import enroll_runs, window_summaries
@@ -42,6 +46,7 @@ ENGINE_PATH = os.path.realpath(sys.executable)  # the workers run in this interp
 LIBCUDA_PATH = "/usr/lib/x86_64-linux-gnu/libcuda.so.1"
 LIBCUDA_BYTES = b"\x7fELF demo libcuda (stand-in)\n"
 ENGINE_ENTRY = 2  # boot_aggregate, probe, engine, ...: the entry the tampered node edits
+CMDLINE = "root=/dev/vda1 ro ima_policy=tcb ima_hash=sha256"
 
 
 def _sha(data: bytes) -> str:
@@ -114,11 +119,21 @@ def enrol_profiles(claims: list[str], out: Path, *, seconds: float = 60.0, runs:
     return paths
 
 
+def write_boot_log(builder: EventLogBuilder) -> EventLogBuilder:
+    """Every demo node's measured boot: the same firmware, Secure Boot keys, shim, grub and kernel."""
+    return standard_boot(builder, cmdline=CMDLINE, firmware="tmb demo firmware 1.0")
+
+
+def demo_boot_aggregate() -> bytes:
+    """IMA's boot_aggregate of the demo's boot: SHA-256 of PCRs 0-9 as its event log leaves them."""
+    return boot_aggregate(write_boot_log(EventLogBuilder()).pcrs["sha256"], "sha256")
+
+
 def policy_toml(commitment: Commitment) -> str:
     """The runtime policy every demo node is checked against (allowlist + the commitment's verity rule)."""
     return (
         "# tmb demo runtime policy (generated)\nversion = 1\n\n[allow]\n"
-        f'"boot_aggregate" = ["{_sha(b"demo boot aggregate")}"]\n'
+        f'"boot_aggregate" = ["sha256:{demo_boot_aggregate().hex()}"]\n'
         f'"{PROBE_PATH}" = ["{_sha(PROBE_BYTES)}"]\n'
         f'"{ENGINE_PATH}" = ["{engine_digest()}"]\n'
         f'"{LIBCUDA_PATH}" = ["{_sha(LIBCUDA_BYTES)}"]\n\n'
@@ -128,7 +143,7 @@ def policy_toml(commitment: Commitment) -> str:
 
 @dataclass(frozen=True)
 class BootedNode:
-    """A node after its measured boot: its swtpm (running), AK file and IMA log file."""
+    """A node after its measured boot: its swtpm (running), AK file, IMA log and UEFI event log files."""
 
     name: str
     swtpm: Swtpm
@@ -136,22 +151,28 @@ class BootedNode:
     ima_log: Path
     attack: str | None
     tampered_entry: int | None = None
+    eventlog: Path | None = None
 
 
 def boot_node(name: str, root: Path, commitment: Commitment, *, attack: str | None = None) -> BootedNode:
-    """Start the node's swtpm, create its AK, write its IMA log while extending PCR 10 (see module doc)."""
+    """Start the node's swtpm, create its AK, boot it: the event log while extending PCRs 0-9, then the IMA
+    log while extending PCR 10 (see module doc)."""
     root.mkdir(parents=True, exist_ok=True)
     swtpm = Swtpm(root / "tpm")
     try:
         log_path = root / "binary_runtime_measurements"
+        eventlog_path = root / "binary_bios_measurements"
         with swtpm.client() as tpm, open(log_path, "wb") as stream:
             ak = tpm.create_or_load_ak(AK_HANDLE, "rsa")
+            with open(eventlog_path, "wb") as firmware_log:
+                write_boot_log(EventLogBuilder(firmware_log)).extend_into(tpm.pcr_extend)
+            pcrs = tpm.pcr_read(range(10), ("sha256",))
+            boot = boot_aggregate({i: pcrs.get("sha256", i) or b"" for i in range(10)}, "sha256")
             builder = LogBuilder(stream)
 
             def extend(extends: dict[str, bytes]) -> None:
                 tpm.pcr_extend(10, {"sha1": extends["sha1"], "sha256": extends["sha256"]})
 
-            boot = hashlib.sha256(b"demo boot aggregate").digest()
             extend(builder.add("ima-ng", "boot_aggregate", digest=boot).extends)
             extend(builder.file(PROBE_PATH, PROBE_BYTES).extends)
             with open(ENGINE_PATH, "rb") as f:
@@ -169,7 +190,7 @@ def boot_node(name: str, root: Path, commitment: Commitment, *, attack: str | No
         tampered = None
         if attack == "tampered_log":
             tampered = _tamper(log_path, ENGINE_ENTRY)
-        return BootedNode(name, swtpm, ak_path, log_path, attack, tampered)
+        return BootedNode(name, swtpm, ak_path, log_path, attack, tampered, eventlog_path)
     except BaseException:
         swtpm.stop()
         raise
