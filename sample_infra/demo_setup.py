@@ -19,6 +19,7 @@ the fingerprint profiles, and per node a measured boot (swtpm, AK, IMA log in st
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ import numpy as np
 from probes.tpm import AK_HANDLE
 from sample_infra.swtpm import Swtpm
 from tmb.attest.bootagg import boot_aggregate
+from tmb.attest.bootpolicy import draft_policy
+from tmb.attest.eventlog import read_eventlog
 from tmb.attest.eventlog_build import EventLogBuilder, standard_boot
+from tmb.attest.eventlog_events import summarize
 from tmb.attest.ima import iter_log
 from tmb.attest.ima_build import LogBuilder
 from tmb.fingerprint import enroll_runs, window_summaries
@@ -129,6 +133,14 @@ def demo_boot_aggregate() -> bytes:
     return boot_aggregate(write_boot_log(EventLogBuilder()).pcrs["sha256"], "sha256")
 
 
+def demo_boot_policy() -> str:
+    """The ``[boot]`` rules every demo node must meet, drafted from the demo's known-good boot
+    (``tmb boot policy`` does the same for a real node's event log): Secure Boot on, its shim, grub and
+    kernel, its IMA command-line options."""
+    log = write_boot_log(EventLogBuilder())
+    return draft_policy(summarize(read_eventlog(io.BytesIO(log.getvalue()), name="demo event log").events))
+
+
 def policy_toml(commitment: Commitment) -> str:
     """The runtime policy every demo node is checked against (allowlist + the commitment's verity rule)."""
     return (
@@ -137,7 +149,10 @@ def policy_toml(commitment: Commitment) -> str:
         f'"{PROBE_PATH}" = ["{_sha(PROBE_BYTES)}"]\n'
         f'"{ENGINE_PATH}" = ["{engine_digest()}"]\n'
         f'"{LIBCUDA_PATH}" = ["{_sha(LIBCUDA_BYTES)}"]\n\n'
-        f'[require]\npaths = ["{PROBE_PATH}", "{ENGINE_PATH}"]\n\n' + policy_toml_snippet(commitment)
+        f'[require]\npaths = ["{PROBE_PATH}", "{ENGINE_PATH}"]\n\n'
+        + policy_toml_snippet(commitment)
+        + "\n"
+        + demo_boot_policy()
     )
 
 

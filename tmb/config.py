@@ -101,6 +101,7 @@ class AttestationConfig:
     pcr_bank: str = "sha256"  # bank whose PCR 10 the IMA log is replayed against
     wait_s: float = 20.0  # how long a verdict waits for telemetry and a quote covering its window
     settle_ms: int = 1500  # wait at least this long after a request ends (the probe seals 1 s batches)
+    require_eventlog: bool = False  # true: a node without a firmware event log is unattested (boot chain)
 
 
 @dataclass(frozen=True)

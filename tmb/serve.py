@@ -102,6 +102,7 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
             policy=load_policy(a.policy),
             nonce_ttl_s=a.nonce_ttl_s,
             pcr_bank=a.pcr_bank,
+            require_eventlog=a.require_eventlog,
         )
         for entry in a.nodes:
             node, _, ak_path = entry.partition("=")

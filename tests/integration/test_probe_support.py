@@ -106,6 +106,7 @@ class NodeEnv:
             "batch_interval_s": 0.2,
             "quote_period_s": 0.5,
             "ima_log": str(self.log_path),
+            "eventlog": "",  # never the host's own securityfs log: these nodes boot without one
             "state_dir": str(self.tmp / "probe-state"),
             "buffer_fsync": False,
             "bind_pids": (os.getpid(),),

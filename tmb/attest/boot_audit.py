@@ -150,7 +150,9 @@ def boot_lines(boot: BootAudit) -> list[str]:
 
     if not boot.eventlog:
         return ["boot chain: not checked (no firmware event log in the bundle)"]
-    apps = ", ".join(f"{a['role']} {a['path'] or ''} (event {a['event']})".strip() for a in boot.boot_apps)
+    apps = ", ".join(
+        " ".join(p for p in (a["role"], a["path"], f"(event {a['event']})") if p) for a in boot.boot_apps
+    )
     lines = [
         f"boot chain: firmware event log ({boot.events} events) -> quoted PCRs 0-9 replayed:"
         f" {mark(boot.pcrs_replayed)}",
