@@ -22,6 +22,7 @@ from tmb.attest.eventlog_build import EventLogBuilder, standard_boot
 from tmb.attest.eventlog_events import summarize
 from tmb.attest.evidence import audit_bundle, render_text, write_bundle
 from tmb.attest.ima_build import LogBuilder
+from tmb.report import render_html
 
 AK_HANDLE = 0x81010002
 ENGINE = b"engine binary"
@@ -104,6 +105,8 @@ def test_an_honest_boot_chain_passes_and_is_shown(tmp_path: Path, tpm: TpmClient
     text = render_text(result)
     assert "quoted PCRs 0-9 replayed: ok" in text and "boot_aggregate = this boot's PCRs 0-9: ok" in text
     assert "ima_policy=tcb" in text
+    page = render_html(result)
+    assert "IMA boot_aggregate" in page and "✓ this boot's" in page and "PCRs 0-9 replayed" in page
 
 
 def test_an_edited_event_log_is_caught(tmp_path: Path, tpm: TpmClient) -> None:

@@ -80,6 +80,7 @@ def _chain(result: AuditResult) -> str:
     last = result.quotes[-1] if result.quotes else None
     quotes_ok = bool(result.quotes) and not quote_bad
     links = [
+        *_boot_links(result),
         (
             "TPM quote",
             _status(quotes_ok if result.quotes else False),
@@ -127,6 +128,41 @@ def _chain(result: AuditResult) -> str:
             f'<div class="note">{detail}</div></div>'
         )
     return '<div class="chain">' + "".join(parts) + "</div>"
+
+
+def _boot_links(result: AuditResult) -> list[tuple[str, str, str]]:
+    """firmware -> bootloader -> kernel, ahead of the quote: what the event log and the [boot] rules say."""
+    boot = result.boot
+    if boot is None or not boot.eventlog:
+        return [("firmware event log", _status(None), "none in the bundle: the boot chain is not checked")]
+    bad_policy = [f for f in boot.findings if f.id.startswith("boot.") and f.id != "boot.aggregate_mismatch"]
+    apps = [a for a in boot.boot_apps if a["role"] != "kernel"]
+    kernels = [a for a in boot.boot_apps if a["role"] == "kernel"]
+    secure = {True: "Secure Boot on", False: "Secure Boot OFF", None: "Secure Boot not measured"}[
+        boot.secure_boot
+    ]
+    return [
+        (
+            "firmware",
+            _status(boot.pcrs_replayed, "PCRs 0-9 replayed", "does not replay"),
+            f"{boot.events} events; {secure}",
+        ),
+        (
+            "bootloader",
+            _status(not bad_policy if boot.policy_checked else None, "allowed", "policy findings"),
+            "<br>".join(f"{_e(a['role'])} {_e(a['path'] or '')}" for a in apps) or "none measured",
+        ),
+        (
+            "kernel",
+            _status(not bad_policy if boot.policy_checked else None, "allowed", "policy findings"),
+            "<br>".join(_e(c) for c in boot.kernel_cmdlines) or f"{len(kernels)} image(s) measured",
+        ),
+        (
+            "IMA boot_aggregate",
+            _status(boot.boot_aggregate, "this boot's", "another boot's"),
+            "the IMA log starts at the kernel this boot measured",
+        ),
+    ]
 
 
 def _findings(findings: Sequence[Finding]) -> str:
