@@ -19,6 +19,7 @@ offset (binary) or the line (ascii). Absurd length fields are rejected before an
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import io
 import mmap
@@ -332,7 +333,7 @@ def _dng_from_text(text: str, where: dict[str, Any]) -> bytes:
     size = DIGEST_SIZES.get(alg)
     if size is not None and len(digest) != size:
         raise ParseError(f"{alg} digest is {len(digest)} bytes, expected {size}", **where)
-    return alg.encode("ascii") + b":\0" + digest
+    return alg.encode("utf-8", "surrogateescape") + b":\0" + digest  # the bytes the line carried
 
 
 def _unhex(text: str, what: str, where: dict[str, Any]) -> bytes:
@@ -352,7 +353,7 @@ def entry_from_ascii(line: str, *, index: int, offset: int, lineno: int, size: i
     if len(head) < 4:
         raise ParseError("ascii entry has fewer than 4 fields", **where)
     pcr_s, th_hex, name, rest = head
-    if not pcr_s.isdigit():
+    if not pcr_s.isdecimal():  # what int() reads (isdigit() also passes superscripts)
         raise ParseError(f"PCR index {pcr_s[:20]!r} is not a number", **where)
     th = _unhex(th_hex, "template hash", where)
     if len(th) != SHA1_LEN:
@@ -390,6 +391,21 @@ def entry_from_ascii(line: str, *, index: int, offset: int, lineno: int, size: i
     return ImaEntry(index, offset, size, lineno, int(pcr_s), th, name, data, data)
 
 
+def ascii_entry(raw: bytes, *, index: int, offset: int, lineno: int) -> ImaEntry | None:
+    """The entry on one ascii line (``raw`` as read, with its newline if it has one); None for a blank
+    line or a ``#`` comment. A malformed line raises ParseError (the general parser names the problem)."""
+    text = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+    if not text.strip() or text.lstrip().startswith("#"):
+        return None
+    return entry_from_ascii(text, index=index, offset=offset, lineno=lineno, size=len(raw))
+
+
+# d-ng algorithm as ascii logs print it -> (the binary d-ng field up to the digest, hex digits of the digest).
+ASCII_DNG: dict[bytes, tuple[bytes, int]] = {
+    alg: (_U32.pack(len(alg) + 2 + size) + alg + b":\0", 2 * size) for alg, size in _ALG_SIZES.items()
+}
+
+
 def iter_ascii(
     stream: BinaryIO,
     *,
@@ -402,43 +418,40 @@ def iter_ascii(
     reported there and skipped (its index is still consumed); without it, the ParseError propagates."""
     offset = start_offset
     index = start_index
-    pack, fromhex, new_entry = _U32.pack, bytes.fromhex, tuple.__new__
+    join, pack, unhex, new_entry = b"".join, _U32.pack, binascii.a2b_hex, tuple.__new__
     for lineno, raw in enumerate(stream, 1):
         line_offset = offset
         offset += len(raw)
         # Fast path for the common ima-ng line "10 <th> ima-ng <alg>:<hex> <path>"; anything else (or
-        # anything odd about it) takes the general parser below, which names the problem.
+        # anything odd about it) takes the general parser, which names the problem.
         parts = raw.rstrip(b"\r\n").split(b" ", 4)
         if len(parts) == 5 and parts[2] == b"ima-ng" and parts[0] == b"10" and len(parts[1]) == 40:
             alg, sep, hexd = parts[3].partition(b":")
-            size = _ALG_SIZES.get(alg)
-            if sep and size is not None and len(hexd) == 2 * size and parts[4]:
+            dng = ASCII_DNG.get(alg)
+            if sep and dng is not None and len(hexd) == dng[1] and parts[4]:
                 try:
-                    th, digest = fromhex(parts[1].decode()), fromhex(hexd.decode())
-                except (ValueError, UnicodeDecodeError):
+                    th, digest = unhex(parts[1]), unhex(hexd)
+                except ValueError:  # binascii.Error: not hex
                     pass
                 else:
-                    dng = alg + b":\0" + digest
-                    path = parts[4] + b"\0"
-                    data = pack(len(dng)) + dng + pack(len(path)) + path
+                    path = parts[4]
+                    data = join((dng[0], digest, pack(len(path) + 1), path, b"\0"))
                     yield new_entry(
                         ImaEntry, (index, line_offset, len(raw), lineno, 10, th, "ima-ng", data, data)
                     )
                     index += 1
                     continue
-        text = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
-        if not text.strip() or text.lstrip().startswith("#"):
-            continue
         try:
-            entry = entry_from_ascii(text, index=index, offset=line_offset, lineno=lineno, size=len(raw))
+            entry = ascii_entry(raw, index=index, offset=line_offset, lineno=lineno)
         except ParseError as exc:
             if on_error is None:
                 raise
             on_error(exc)
             index += 1
             continue
-        yield entry
-        index += 1
+        if entry is not None:
+            yield entry
+            index += 1
 
 
 # ----------------------------------------------------------------------------------------- detection

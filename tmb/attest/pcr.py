@@ -18,22 +18,24 @@ the new verified state, entries after it stay pending.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import io
-import mmap
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tmb.attest import ima as _ima
 from tmb.attest.ima import (
-    _HEAD,
     _U32,
+    ASCII_DNG,
     ZERO_SHA1,
     ImaEntry,
     Incomplete,
+    ascii_entry,
     iter_log,
-    map_file,
     open_log,
     parse_fields,
     parse_record,
@@ -262,57 +264,221 @@ class _Replayer:
             index, offset, count = self.index, self.offset, self.count
         self.index, self.offset, self.count = index, offset, count
 
-    def fast_binary(self, buf: mmap.mmap, pos: int) -> int:
-        """Replay records of a mapped binary log from ``pos``; returns where it stopped (the end, or a
-        record it could not parse, which the caller reports)."""
-        size = len(buf)
-        unpack_head, unpack_u32 = _HEAD.unpack_from, _U32.unpack_from
-        sha1 = hashlib.sha1
-        specs, pcr_index = self.specs, self.pcr_index
-        vals, shape, h2, watch = self._fast_setup()
+    # The hot loops below replay the common record (an intact record for ``pcr_index`` in a template
+    # they can read) without building an ImaEntry: running values in locals, one SHA-1 of the template
+    # data (the template hash check) and one per bank. Anything else -- another PCR, a violation, a
+    # template hash that does not match, the legacy ``ima`` template, a record cut by the buffer -- is
+    # handed to the general parser and ``step``, so findings and results are those of the general path.
+    # Between "syncs" only hot entries pass, which is how the loops know positions without tracking them.
+
+    def _hot_setup(self) -> tuple[int, list[bytes], Any, bool, bytes]:
+        """PCR ``pcr_index``'s running values and the bank layout: shape 1 = SHA-1 only, 2 = SHA-1 and
+        one other bank (``h2``; ``per_bank``: its hash of the data, else the template hash + ``pad``),
+        0 = anything else (``_extend`` over every slot)."""
+        vals = self.running.get(self.pcr_index) or self.running.setdefault(self.pcr_index, list(self.zeros))
+        kinds = [k for k, _, _ in self.specs]
+        if kinds == [0]:
+            return 1, vals, hashlib.sha1, False, b""
+        if kinds in ([0, 1], [0, 2]):
+            return 2, vals, self.specs[1][1], kinds[1] == 1, self.specs[1][2]
+        return 0, vals, hashlib.sha1, False, b""
+
+    def _watch(self) -> tuple[bytes, bytes, int, bytes]:
+        """What the hot loops compare after each extend to spot a possible match of the quoted values:
+        ``t1``/``t2`` against the two running values (shapes 1, 2), ``vals[wi] == wv`` for shape 0 with
+        ``wi == -1`` meaning every entry. ``b""`` never equals a PCR value (nothing left to match)."""
+        if not self.pending:
+            return b"", b"", 0, b""
+        if len(self.modes) > 1:
+            return b"", b"", -1, b""
+        i, v = self.exp_slots[self.modes[0]][0]  # any one expected slot gates the full check
+        return (v if i == 0 else b""), (v if i == 1 else b""), i, v
+
+    def fast_binary(self, read: Callable[[int], bytes], offset: int) -> None:
+        """Replay binary records read with ``read`` (from file offset ``offset``) until EOF, in chunks of
+        :data:`tmb.attest.ima.CHUNK` bytes. A malformed record or a trailing partial one raises
+        ParseError (as :func:`tmb.attest.ima.iter_binary` does) after every record before it counts."""
+        sha1, unpack_u32 = hashlib.sha1, _U32.unpack_from
+        pcr_index, specs = self.pcr_index, self.specs
+        shape, vals, h2, per_bank, pad = self._hot_setup()
+        v1, v2 = vals[0], vals[-1]
+        t1, t2, wi, wv = self._watch()
         names: dict[bytes, str] = {}
-        fast_names: set[bytes] = set()
-        index = self.index
-        count = 0
-        try:
-            while pos < size:
-                if pos + 32 <= size:
-                    pcr, th, nlen = unpack_head(buf, pos)
-                    p = pos + 28 + nlen
-                    if pcr == pcr_index and 0 < nlen <= 16 and p + 4 <= size and th != ZERO_SHA1:
-                        (dlen,) = unpack_u32(buf, p)
-                        end = p + 4 + dlen
-                        if end <= size and buf[pos + 28 : p] in fast_names:
-                            data = buf[p + 4 : end]
-                            computed = sha1(data).digest()
-                            if computed == th:
-                                if shape == 1:  # the usual layouts, unrolled
-                                    vals[0] = sha1(vals[0] + computed).digest()
+        tags: set[bytes] = set()  # u32 name length + name of every template seen (not ``ima``)
+        heads: dict[int, struct.Struct] = {}
+        nlen = 0  # the name length the current head struct reads (0: none yet, nothing matches)
+        head = _head(heads, nlen)
+        unpack, hlen = head.unpack_from, head.size
+        buf, base, pos, size, eof = b"", offset, 0, 0, False
+        num = synced = self.index
+        while True:
+            # Past MAX_TEMPLATE_DATA bytes of buffer the parser's length limit could matter: no hot loop.
+            limit = size - hlen if size <= _ima.MAX_TEMPLATE_DATA else -1
+            while pos <= limit:
+                pcr, th, tag, dlen = unpack(buf, pos)
+                start = pos + hlen
+                end = start + dlen
+                if pcr != pcr_index or end > size or tag not in tags:
+                    break
+                data = buf[start:end]
+                d = sha1(data).digest()
+                if d != th:  # a mismatch, or a violation (no data hashes to zeros): the general path
+                    break
+                pos = end
+                num += 1
+                if shape == 1:
+                    v1 = sha1(v1 + d).digest()
+                    if v1 != t1:
+                        continue
+                elif shape == 2:
+                    v1 = sha1(v1 + d).digest()
+                    v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
+                    if v1 != t1 and v2 != t2:
+                        continue
+                else:
+                    _extend(vals, specs, d, data)
+                    if wi >= 0 and vals[wi] != wv:
+                        continue
+                # Possibly the quoted value: sync and check every expected bank.
+                self.index, self.offset, self.count = num, base + pos, self.count + num - synced
+                synced = num
+                if shape:
+                    vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+                self._check_match(vals)
+                t1, t2, wi, wv = self._watch()
+            # The record at ``pos`` is not for the hot loop (or the buffer ends): sync, then see why.
+            if num != synced:
+                self.index, self.offset, self.count = num, base + pos, self.count + num - synced
+                synced = num
+            if shape:
+                vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+            if pos + 28 <= size:
+                (n,) = unpack_u32(buf, pos + 24)
+                if n != nlen and buf[pos + 24 : pos + 28 + n] in tags:  # a known template, other length
+                    nlen, head = n, _head(heads, n)
+                    unpack, hlen = head.unpack_from, head.size
+                    continue
+            try:
+                entry, end = parse_record(buf, pos, base, num, names)
+            except Incomplete as inc:
+                if eof:
+                    if pos == size:
+                        return
+                    raise trailing_error(base + pos, size - pos, inc.part) from None
+                more = read(max(_ima.CHUNK, size - pos))
+                eof = not more
+                buf = buf[pos:] + more
+                base, pos, size = base + pos, 0, len(buf)
+                continue
+            if entry.template_name != "ima":  # validated by the parser: later records may be hot
+                tags.add(buf[pos + 24 : pos + 28 + len(entry.template_name)])
+            self.step(entry)
+            num = synced = num + 1
+            pos = end
+            v1, v2 = vals[0], vals[-1]
+            t1, t2, wi, wv = self._watch()
+
+    def fast_ascii(
+        self, read: Callable[[int], bytes], offset: int, on_error: Callable[[ParseError], None]
+    ) -> None:
+        """Replay ascii lines read with ``read`` (from file offset ``offset``) until EOF, as
+        :func:`tmb.attest.ima.iter_ascii` with ``on_error`` would deliver them to ``step``."""
+        sha1, unhex, pack, join = hashlib.sha1, binascii.a2b_hex, _U32.pack, b"".join
+        pcr_index, specs, dngs = self.pcr_index, self.specs, ASCII_DNG
+        pcr_tag = str(pcr_index).encode("ascii")
+        shape, vals, h2, per_bank, pad = self._hot_setup()
+        v1, v2 = vals[0], vals[-1]
+        t1, t2, wi, wv = self._watch()
+        num = synced = self.index
+        # Sync point: lines[at] starts at file offset ``off`` and is line number ``lineno + 1``.
+        off, lineno, carry = offset, 0, b""
+        while True:
+            chunk = read(_ima.CHUNK)
+            if chunk:
+                text = carry + chunk
+                lines = text.split(b"\n")
+                carry, nl = lines.pop(), 1
+            elif carry:  # a last line without its newline
+                text, lines, carry, nl = carry, [carry], b"", 0
+            else:
+                return
+            hot = b"\r" not in text  # CR line ends: leave the stripping to the general parser
+            at = 0
+            for line in lines:
+                if hot:
+                    parts = line.split(b" ", 4)
+                    if len(parts) == 5 and parts[0] == pcr_tag:
+                        _, th_hex, name, dng_text, path = parts
+                        alg, _, digest_hex = dng_text.partition(b":")
+                        dng = dngs.get(alg)
+                        tail_hex = None
+                        if name != b"ima-ng":  # one trailing hex field (sig, buf), or not for us
+                            path, sep, tail_hex = path.rpartition(b" ")
+                            if not sep or (name != b"ima-sig" and name != b"ima-buf"):
+                                dng = None
+                        if dng is not None and len(digest_hex) == dng[1]:
+                            try:
+                                th, digest = unhex(th_hex), unhex(digest_hex)
+                                field: tuple[bytes, ...] = (dng[0], digest, pack(len(path) + 1), path, b"\0")
+                                if tail_hex is not None:
+                                    tail = unhex(tail_hex)
+                                    field += (pack(len(tail)), tail)
+                            except ValueError:  # binascii.Error: not hex
+                                th = b""
+                            data = join(field) if th else b""
+                            d = sha1(data).digest()
+                            if d == th:  # so ``th`` is 20 bytes: 40 hex digits
+                                num += 1
+                                if shape == 1:
+                                    v1 = sha1(v1 + d).digest()
+                                    if v1 != t1:
+                                        continue
                                 elif shape == 2:
-                                    vals[0] = sha1(vals[0] + computed).digest()
-                                    vals[1] = h2(vals[1] + h2(data).digest()).digest()
+                                    v1 = sha1(v1 + d).digest()
+                                    v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
+                                    if v1 != t1 and v2 != t2:
+                                        continue
                                 else:
-                                    _extend(vals, specs, computed, data)
-                                count += 1
-                                index += 1
-                                if self.pending and (watch is None or vals[watch[0]] == watch[1]):
-                                    self.index, self.offset = index, end
-                                    self._check_match(vals)
-                                pos = end
+                                    _extend(vals, specs, d, data)
+                                    if wi >= 0 and vals[wi] != wv:
+                                        continue
+                                # Possibly the quoted value: sync after this line, check every bank.
+                                end = at + num - synced
+                                off, lineno = off + _span(lines, at, end, nl), lineno + end - at
+                                self.index, self.offset, self.count = num, off, self.count + num - synced
+                                at, synced = end, num
+                                if shape:
+                                    vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+                                self._check_match(vals)
+                                t1, t2, wi, wv = self._watch()
                                 continue
-                # Anything unusual goes through the full parser and the generic step.
-                self.index, self.offset, self.count = index, pos, self.count + count
-                count = 0
-                entry, end = parse_record(buf, pos, 0, index, names)
-                if (
-                    entry.template_name != "ima"
-                ):  # validated by the parser: later records may take the fast path
-                    fast_names.add(entry.template_name.encode("ascii"))
-                self.step(entry)
-                index, pos = self.index, end
-        finally:
-            self.index, self.offset, self.count = index, pos, self.count + count
-        return pos
+                # Not a hot line: sync up to it, then the general parser and ``step``.
+                i = at + num - synced
+                off, lineno = off + _span(lines, at, i, nl), lineno + i - at + 1
+                if num != synced:
+                    self.index, self.offset, self.count = num, off, self.count + num - synced
+                if shape:
+                    vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+                raw = line + b"\n" if nl else line
+                try:
+                    entry = ascii_entry(raw, index=num, offset=off, lineno=lineno)
+                except ParseError as exc:
+                    on_error(exc)
+                    num += 1
+                else:
+                    if entry is not None:
+                        self.step(entry)
+                        num += 1
+                        v1, v2 = vals[0], vals[-1]
+                        t1, t2, wi, wv = self._watch()
+                off, at, synced = off + len(raw), i + 1, num
+            # End of the chunk: every line after the sync point was a hot entry.
+            if num != synced:
+                off, lineno = off + _span(lines, at, len(lines), nl), lineno + len(lines) - at
+                self.index, self.offset, self.count = num, off, self.count + num - synced
+                synced = num
+                if shape:
+                    vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
 
     def finish(self) -> ReplayResult:
         chosen = self.modes[0]
@@ -343,6 +509,20 @@ class _Replayer:
                     mode=chosen,
                 )
         return ReplayResult(final, hit, chosen, self.count, self.report)
+
+
+def _span(lines: list[bytes], start: int, stop: int, nl: int) -> int:
+    """Bytes that ``lines[start:stop]`` occupy in the log, ``nl`` newline byte(s) after each."""
+    return sum(map(len, lines[start:stop])) + (stop - start) * nl
+
+
+def _head(heads: dict[int, struct.Struct], nlen: int) -> struct.Struct:
+    """The record head for a template name of ``nlen`` bytes: pcr, template hash, u32 name length +
+    name (one bytes field, compared whole), u32 data length."""
+    head = heads.get(nlen)
+    if head is None:
+        head = heads[nlen] = struct.Struct(f"<I20s{nlen + 4}sI")
+    return head
 
 
 def _extend(vals: list[bytes], specs: list[tuple[int, Any, bytes]], computed: bytes, hashed: bytes) -> None:
@@ -446,19 +626,6 @@ def replay_file(
         stream.seek(state.offset)
         fmt = state.fmt or sniff_format(stream)
         state = replace(state, fmt=fmt)
-        mapped = map_file(stream) if fmt == "binary" and on_entry is None else None
-        if mapped is not None:
-            with mapped:
-                replayer = _Replayer(banks, mode, state, expected, pcr_index, report)
-                try:
-                    replayer.fast_binary(mapped, state.offset)
-                except Incomplete as inc:
-                    _report_parse_error(
-                        report, trailing_error(replayer.offset, len(mapped) - replayer.offset, inc.part)
-                    )
-                except ParseError as exc:
-                    _report_parse_error(report, exc)
-                return replayer.finish()
         return _replay_stream(stream, state, banks, mode, expected, pcr_index, report, on_entry)
     finally:
         if isinstance(source, str | Path):
@@ -498,6 +665,17 @@ def _replay_stream(
 
     def bad_line(exc: ParseError) -> None:
         report.add("ima.malformed_entry", exc.message, **exc.context)
+
+    if on_entry is None and state.fmt in ("binary", "ascii"):  # nobody needs the entries: hot loops
+        replayer = _Replayer(banks, mode, state, expected, pcr_index, report)
+        try:
+            if state.fmt == "binary":
+                replayer.fast_binary(stream.read, state.offset)
+            else:
+                replayer.fast_ascii(stream.read, state.offset, bad_line)
+        except ParseError as exc:
+            _report_parse_error(report, exc)
+        return replayer.finish()
 
     def guarded() -> Iterator[ImaEntry]:
         if state.fmt is None:  # no bytes past the saved offset: nothing new
