@@ -279,12 +279,13 @@ def _f(value: bytes) -> bytes:
 
 @pytest.mark.parametrize("name", [b"ima-ng", b"ima-sig", b"ima-buf"])
 @pytest.mark.parametrize("tail", [b"", b"\x01\x02"])
+@pytest.mark.parametrize("path_len", [12, 4094, 4095, 4096, 5000])
 def test_lines_whose_hash_covers_other_data_are_mismatches_on_both_paths(
-    name: bytes, tail: bytes, tmp_path: Path
+    name: bytes, tail: bytes, path_len: int, tmp_path: Path
 ) -> None:
     """A template hash over something other than the data the general parser rebuilds (a field left
     out, a length without its bytes, no NUL, the tail in the path) is a mismatch on the fast path too."""
-    dng, path = b"sha256:\0" + bytes(range(32)), b"/usr/bin/a b"
+    dng, path = b"sha256:\0" + bytes(range(32)), (b"/usr/bin/a b" + b"x" * path_len)[:path_len]
     fields = [_f(dng), _f(path + b"\0")] + ([_f(tail)] if name != b"ima-ng" else [])
     right = b"".join(fields)
     wrong = [
@@ -295,6 +296,8 @@ def test_lines_whose_hash_covers_other_data_are_mismatches_on_both_paths(
         _f(dng) + _f(path + b" " + tail.hex().encode() + b"\0"),
         _f(dng) + struct.pack("<I", len(path)) + path + b"\0" + (_f(tail) if name != b"ima-ng" else b""),
         right + b"\0",
+        _f(dng) + _f(path + b"\0") + struct.pack("<I", len(tail) + 1) + tail,
+        struct.pack("<I", len(dng) + 1) + dng + _f(path + b"\0") + (_f(tail) if name != b"ima-ng" else b""),
     ]
     text = b"10 %s %s sha256:%s %s" % (b"%s", name, bytes(range(32)).hex().encode(), path)
     if name != b"ima-ng":
@@ -309,6 +312,15 @@ def test_lines_whose_hash_covers_other_data_are_mismatches_on_both_paths(
         for banks, mode in LAYOUTS[:3]:
             r = _same(log, banks=banks, mode=mode)
             assert [f.context["entry"] for f in r.report if f.id == "ima.template_hash_mismatch"] == [1]
+    # A digest one byte short under a sha256 label: the field length the label implies, or the real one.
+    for field in (struct.pack("<I", len(dng)) + dng[:-1], _f(dng[:-1])):
+        short = field + b"".join(fields[1:])
+        line = text.replace(b"%s", hashlib.sha1(short).hexdigest().encode(), 1).replace(
+            dng[8:].hex().encode(), dng[8:-1].hex().encode()
+        )
+        log.write_bytes(head + line + b"\n" + head)
+        r = _same(log, banks=("sha1",))
+        assert [f.context["line"] for f in r.report if f.id == "ima.malformed_entry"] == [2]
     if name != b"ima-ng":  # one field short: "<path>" read as an empty path and a hex tail
         short = _f(dng) + _f(b"\0") + _f(b"\xab\xcd")
         line = b"10 %s %s sha256:%s abcd\n" % (
@@ -398,8 +410,9 @@ def test_ascii_line_ends_are_the_general_parsers(tmp_path: Path) -> None:
     path = tmp_path / "log"
     for log in (data, data.replace(b"\n", b"\r\n"), data.rstrip(b"\n"), data.rstrip(b"\n") + b"\r"):
         path.write_bytes(log)
-        r = _same(path, banks=("sha1",))
-        assert [f.context["entry"] for f in r.report if f.id == "ima.template_hash_mismatch"] == [1]
+        for chunk in (None, *range(1, 80)):  # the CR and its LF in different chunks, too
+            r = _same(path, banks=("sha1",), chunk=chunk)
+            assert [f.context["entry"] for f in r.report if f.id == "ima.template_hash_mismatch"] == [1]
 
 
 @pytest.mark.parametrize("fmt", ["binary", "ascii"])

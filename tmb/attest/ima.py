@@ -38,7 +38,7 @@ ZERO_SHA1 = bytes(SHA1_LEN)
 IMA_NAME_PAD = 256  # IMA_EVENT_NAME_LEN_MAX + 1: the legacy template pads the path to this for hashing
 MAX_TEMPLATE_NAME = 64
 MAX_TEMPLATE_DATA = 64 * 1024 * 1024  # the kernel caps ima-buf payloads far below this
-CHUNK = 1 << 20
+CHUNK = 1 << 17  # read size for streams: the chunk and its copy stay in a core's L2 cache
 
 # Field layout of the templates we interpret. Other names are reported as ``ima.unknown_template``.
 TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {

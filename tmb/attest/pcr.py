@@ -306,56 +306,71 @@ class _Replayer:
         names: dict[bytes, str] = {}
         tags: set[bytes] = set()  # u32 name length + name of every template seen (not ``ima``)
         heads: dict[int, struct.Struct] = {}
-        nlen = 0  # the name length the current head struct reads (0: none yet, nothing matches)
-        head = _head(heads, nlen)
+        tag = b""  # the template the hot loop takes (u32 name length + name); none yet
+        head = _head(heads, 0)
         unpack, hlen = head.unpack_from, head.size
         buf, base, pos, size, eof = b"", offset, 0, 0, False
         num = synced = self.index
         while True:
             # Past MAX_TEMPLATE_DATA bytes of buffer the parser's length limit could matter: no hot loop.
             limit = size - hlen if size <= _ima.MAX_TEMPLATE_DATA else -1
-            while pos <= limit:
-                pcr, th, tag, dlen = unpack(buf, pos)
-                start = pos + hlen
-                end = start + dlen
-                if pcr != pcr_index or end > size or tag not in tags:
-                    break
-                data = buf[start:end]
-                d = sha1(data).digest()
-                if d != th:  # a mismatch, or a violation (no data hashes to zeros): the general path
-                    break
-                pos = end
-                num += 1
-                if shape == 1:
+            hit = False  # stopped after an entry that may meet the quoted values
+            if shape == 1:  # the SHA-1 bank alone: its own loop, the commonest layout
+                while pos <= limit:
+                    pcr, th, name, dlen = unpack(buf, pos)
+                    start = pos + hlen
+                    end = start + dlen
+                    if pcr != pcr_index or end > size or name != tag:
+                        break
+                    d = sha1(buf[start:end]).digest()
+                    if d != th:  # a mismatch, or a violation (no data hashes to zeros): general path
+                        break
+                    pos = end
+                    num += 1
                     v1 = sha1(v1 + d).digest()
-                    if v1 != t1:
-                        continue
-                elif shape == 2:
-                    v1 = sha1(v1 + d).digest()
-                    v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
-                    if v1 != t1 and v2 != t2:
-                        continue
-                else:
-                    _extend(vals, specs, d, data)
-                    if wi >= 0 and vals[wi] != wv:
-                        continue
-                # Possibly the quoted value: sync and check every expected bank.
-                self.index, self.offset, self.count = num, base + pos, self.count + num - synced
-                synced = num
-                if shape:
-                    vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
-                self._check_match(vals)
-                t1, t2, wi, wv = self._watch()
-            # The record at ``pos`` is not for the hot loop (or the buffer ends): sync, then see why.
+                    if v1 == t1:
+                        hit = True
+                        break
+            else:
+                while pos <= limit:
+                    pcr, th, name, dlen = unpack(buf, pos)
+                    start = pos + hlen
+                    end = start + dlen
+                    if pcr != pcr_index or end > size or name != tag:
+                        break
+                    data = buf[start:end]
+                    d = sha1(data).digest()
+                    if d != th:
+                        break
+                    pos = end
+                    num += 1
+                    if shape == 2:
+                        v1 = sha1(v1 + d).digest()
+                        v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
+                        if v1 != t1 and v2 != t2:
+                            continue
+                    else:
+                        _extend(vals, specs, d, data)
+                        if wi >= 0 and vals[wi] != wv:
+                            continue
+                    hit = True
+                    break
+            # Sync, then: check a possible match, or see why the record at ``pos`` is not for the hot
+            # loop (the buffer ends, or it needs the general path).
             if num != synced:
                 self.index, self.offset, self.count = num, base + pos, self.count + num - synced
                 synced = num
             if shape:
                 vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+            if hit:
+                self._check_match(vals)
+                t1, t2, wi, wv = self._watch()
+                continue
             if pos + 28 <= size:
                 (n,) = unpack_u32(buf, pos + 24)
-                if n != nlen and buf[pos + 24 : pos + 28 + n] in tags:  # a known template, other length
-                    nlen, head = n, _head(heads, n)
+                name = buf[pos + 24 : pos + 28 + n]
+                if name != tag and name in tags:  # another template seen before: the loop takes it now
+                    tag, head = name, _head(heads, n)
                     unpack, hlen = head.unpack_from, head.size
                     continue
             try:
@@ -390,68 +405,85 @@ class _Replayer:
         v1, v2 = vals[0], vals[-1]
         t1, t2, wi, wv = self._watch()
         num = synced = self.index
+        th = b""
+        lens = _PATH_LENS
         # Sync point: lines[at] starts at file offset ``off`` and is line number ``lineno + 1``.
-        off, lineno, carry = offset, 0, b""
+        off, lineno, carry, read_off = offset, 0, b"", offset
         while True:
             chunk = read(_ima.CHUNK)
             if chunk:
-                text = carry + chunk
-                lines = text.split(b"\n")
+                lines = chunk.split(b"\n")
+                cr = b"\r" in chunk or b"\r" in carry
+                lines[0] = carry + lines[0]
                 carry, nl = lines.pop(), 1
+                read_off += len(chunk)
             elif carry:  # a last line without its newline
-                text, lines, carry, nl = carry, [carry], b"", 0
+                lines, carry, nl = [carry], b"", 0
+                cr = b"\r" in lines[0]
             else:
                 return
-            hot = b"\r" not in text  # CR line ends: leave the stripping to the general parser
+            # With CR line ends, no line is hot: the general parser strips them.
+            hot_pcr = None if cr else pcr_tag
             at = 0
             for line in lines:
-                if hot:
-                    parts = line.split(b" ", 4)
-                    if len(parts) == 5 and parts[0] == pcr_tag:
-                        _, th_hex, name, dng_text, path = parts
-                        alg, _, digest_hex = dng_text.partition(b":")
-                        dng = dngs.get(alg)
-                        tail_hex = None
-                        if name != b"ima-ng":  # one trailing hex field (sig, buf), or not for us
-                            path, sep, tail_hex = path.rpartition(b" ")
-                            if not sep or (name != b"ima-sig" and name != b"ima-buf"):
-                                dng = None
-                        if dng is not None and len(digest_hex) == dng[1]:
-                            try:
-                                th, digest = unhex(th_hex), unhex(digest_hex)
-                                field: tuple[bytes, ...] = (dng[0], digest, pack(len(path) + 1), path, b"\0")
-                                if tail_hex is not None:
-                                    tail = unhex(tail_hex)
-                                    field += (pack(len(tail)), tail)
-                            except ValueError:  # binascii.Error: not hex
-                                th = b""
-                            data = join(field) if th else b""
-                            d = sha1(data).digest()
-                            if d == th:  # so ``th`` is 20 bytes: 40 hex digits
-                                num += 1
-                                if shape == 1:
-                                    v1 = sha1(v1 + d).digest()
-                                    if v1 != t1:
-                                        continue
-                                elif shape == 2:
-                                    v1 = sha1(v1 + d).digest()
-                                    v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
-                                    if v1 != t1 and v2 != t2:
-                                        continue
-                                else:
-                                    _extend(vals, specs, d, data)
-                                    if wi >= 0 and vals[wi] != wv:
-                                        continue
-                                # Possibly the quoted value: sync after this line, check every bank.
-                                end = at + num - synced
-                                off, lineno = off + _span(lines, at, end, nl), lineno + end - at
-                                self.index, self.offset, self.count = num, off, self.count + num - synced
-                                at, synced = end, num
-                                if shape:
-                                    vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
-                                self._check_match(vals)
-                                t1, t2, wi, wv = self._watch()
-                                continue
+                try:
+                    pcr_b, th_hex, name, dng_text, path = line.split(b" ", 4)
+                except ValueError:  # fewer fields: a comment, a blank or malformed line
+                    pcr_b = b""
+                if pcr_b == hot_pcr:
+                    alg, _, digest_hex = dng_text.partition(b":")
+                    dng = dngs.get(alg)
+                    if dng is not None and len(digest_hex) == dng[1]:
+                        try:
+                            th = unhex(th_hex)
+                            if name == b"ima-ng":
+                                n = len(path)
+                                plen = lens[n] if n < 4096 else pack(n + 1)
+                                data = join((dng[0], unhex(digest_hex), plen, path, b"\0"))
+                            elif (name == b"ima-sig" or name == b"ima-buf") and b" " in path:
+                                path, _, tail_hex = path.rpartition(b" ")  # one more field: sig or buf
+                                tail = unhex(tail_hex)
+                                data = join(
+                                    (
+                                        dng[0],
+                                        unhex(digest_hex),
+                                        pack(len(path) + 1),
+                                        path,
+                                        b"\0",
+                                        pack(len(tail)),
+                                        tail,
+                                    )
+                                )
+                            else:
+                                raise ValueError(name)  # ima-modsig, legacy ima, unknown: general parser
+                            d: bytes | None = sha1(data).digest()
+                        except ValueError:  # binascii.Error: not hex
+                            d = None
+                        if d == th:  # so ``th`` is 20 bytes: 40 hex digits
+                            num += 1
+                            if shape == 1:
+                                v1 = sha1(v1 + d).digest()
+                                if v1 != t1:
+                                    continue
+                            elif shape == 2:
+                                v1 = sha1(v1 + d).digest()
+                                v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
+                                if v1 != t1 and v2 != t2:
+                                    continue
+                            else:
+                                _extend(vals, specs, d, data)
+                                if wi >= 0 and vals[wi] != wv:
+                                    continue
+                            # Possibly the quoted value: sync after this line, check every bank.
+                            end = at + num - synced
+                            off, lineno = off + _span(lines, at, end, nl), lineno + end - at
+                            self.index, self.offset, self.count = num, off, self.count + num - synced
+                            at, synced = end, num
+                            if shape:
+                                vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+                            self._check_match(vals)
+                            t1, t2, wi, wv = self._watch()
+                            continue
                 # Not a hot line: sync up to it, then the general parser and ``step``.
                 i = at + num - synced
                 off, lineno = off + _span(lines, at, i, nl), lineno + i - at + 1
@@ -474,7 +506,7 @@ class _Replayer:
                 off, at, synced = off + len(raw), i + 1, num
             # End of the chunk: every line after the sync point was a hot entry.
             if num != synced:
-                off, lineno = off + _span(lines, at, len(lines), nl), lineno + len(lines) - at
+                off, lineno = read_off - len(carry), lineno + len(lines) - at
                 self.index, self.offset, self.count = num, off, self.count + num - synced
                 synced = num
                 if shape:
@@ -509,6 +541,10 @@ class _Replayer:
                     mode=chosen,
                 )
         return ReplayResult(final, hit, chosen, self.count, self.report)
+
+
+# The u32 length of a path field (path + NUL) for paths up to PATH_MAX, as the ascii hot loop builds them.
+_PATH_LENS = [_U32.pack(n + 1) for n in range(4096)]
 
 
 def _span(lines: list[bytes], start: int, stop: int, nl: int) -> int:
