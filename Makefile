@@ -9,6 +9,8 @@ APT_PKGS  := swtpm swtpm-tools libtss2-dev pkg-config cryptsetup-bin erofs-utils
 # Commands whose absence means the Debian packages above still need installing.
 APT_BINS  := swtpm swtpm_setup veritysetup mkfs.erofs pkg-config tpm2_quote systemd-analyze chromium evmctl
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# What `make bench` adds (bench/bench_proxy.py's load generator and peer proxy); the commands are named alike.
+BENCH_PKGS := wrk nginx
 
 .PHONY: all deps venv test lint typecheck unit demo bench clean
 
@@ -47,6 +49,11 @@ demo: venv
 	PATH=/usr/sbin:$$PATH $(VENV)/bin/python -m tmb demo
 
 bench: venv
+	@missing=""; for b in $(BENCH_PKGS); do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(BENCH_PKGS); \
+	fi
 	$(PY) -m pip install -q -e '.[bench]'
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
