@@ -9,16 +9,20 @@ Generates a 100,000-entry ima-ng log (SHA-256 file digests) as binary and ascii,
   SHA-1 + SHA-256 banks, with the same PCR value to match.
 * tmb incremental: the same log with a saved state 1,000 entries from its end (only the new entries are read).
 
-Repeats each measurement, reports medians, and prints the tmb/Keylime ratio as the last line.
-Run: ``.venv/bin/python bench/bench_ima.py [--entries N] [--repeats R]`` (``make bench`` installs Keylime).
+Repeats each measurement, reports medians, and prints the tmb/Keylime ratio as the last line. With
+``--profile N``, first prints cProfile's top N functions (by own time) for tmb's binary and ascii SHA-1 runs.
+Run: ``.venv/bin/python bench/bench_ima.py [--entries N] [--repeats R] [--profile N]`` (``make bench``
+installs Keylime).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import hashlib
 import io
 import logging
+import pstats
 import statistics
 import sys
 import tempfile
@@ -76,6 +80,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print cProfile's top N functions first"
+    )
     args = ap.parse_args()
     n = args.entries
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +114,12 @@ def main() -> int:
             assert r.entries == 1000 and r.matched is not None
             return r
 
+        if args.profile:
+            for name, path in (("binary", bin_path), ("ascii", txt_path)):
+                prof = cProfile.Profile()
+                prof.runcall(tmb(path, {"sha1": sha1}))
+                print(f"== cProfile: tmb replay_file, {name}, sha1 (top {args.profile} by own time)")
+                pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
         kl = median_time(keylime_runner(txt_path, sha1.hex()), max(1, args.repeats // 2))
         rows = [
             ("keylime process_measurement_list, ascii, sha1", kl, n),
