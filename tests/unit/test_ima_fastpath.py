@@ -333,6 +333,36 @@ def test_lines_whose_hash_covers_other_data_are_mismatches_on_both_paths(
         assert [f.context["line"] for f in r.report if f.id == "ima.malformed_entry"] == [2]
 
 
+@pytest.mark.parametrize("path_len", [1, 200, 254, 255, 256, 300])
+def test_legacy_lines_whose_hash_covers_other_data_are_mismatches_on_both_paths(
+    path_len: int, tmp_path: Path
+) -> None:
+    """The legacy ``ima`` template hashes the digest and the path padded to 256 bytes; paths of 256
+    bytes or more are malformed. A template hash over the record's data, the unpadded path or another
+    padding is a mismatch on the fast path too."""
+    digest, path = bytes(range(20)), (b"/usr/lib/a b" + b"y" * path_len)[:path_len]
+    right = digest + path.ljust(256, b"\0")
+    wrong = [
+        digest + struct.pack("<I", len(path)) + path,
+        digest + path,
+        digest + path.ljust(255, b"\0"),
+        digest + path.ljust(257, b"\0"),
+        digest + path.ljust(256, b" "),
+    ]
+    text = b"10 %s ima " + digest.hex().encode() + b" " + path + b"\n"
+    head = text.replace(b"%s", hashlib.sha1(right).hexdigest().encode())
+    log = tmp_path / "log"
+    for data in [right, *wrong]:
+        log.write_bytes(head + text.replace(b"%s", hashlib.sha1(data).hexdigest().encode()) + head)
+        for banks, mode in LAYOUTS[:3]:
+            r = _same(log, banks=banks, mode=mode)
+            if path_len >= 256:
+                assert r.report.ids() == ["ima.malformed_entry"] * 3
+            else:
+                bad = [f.context["entry"] for f in r.report if f.id == "ima.template_hash_mismatch"]
+                assert bad == ([] if data == right else [1])
+
+
 def test_ascii_quick_path_builds_the_general_parsers_entries() -> None:
     _, text = _mixed(30)
     extra = [
@@ -381,6 +411,16 @@ def test_crafted_binary_records_are_the_parsers_call(chunk: int | None, tmp_path
             _same(path, banks=banks, mode=mode, chunk=chunk)
     path.write_bytes(binary + cut)
     assert "ima.trailing_partial_record" in _same(path, chunk=chunk).report.ids()
+    # The legacy template has no data length: its digest's first bytes are no length to follow, even
+    # when the template hash is that of the bytes such a length would delimit.
+    digest = struct.pack("<I", 8) + bytes(range(16))
+    legacy = [
+        struct.pack("<I20sI", 10, hashlib.sha1(data).digest(), 3) + b"ima" + digest + _f(b"/bin/x")
+        for data in (digest + b"/bin/x".ljust(256, b"\0"), digest[4:12])
+    ]
+    path.write_bytes(binary + legacy[0] + legacy[1] + legacy[0])
+    r = _same(path, banks=("sha1",), chunk=chunk)
+    assert [f.context["entry"] for f in r.report if f.id == "ima.template_hash_mismatch"] == [8]
 
 
 def test_records_past_the_data_limit_are_refused_however_the_buffer_grew(tmp_path: Path) -> None:

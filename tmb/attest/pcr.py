@@ -31,6 +31,7 @@ from tmb.attest import ima as _ima
 from tmb.attest.ima import (
     _U32,
     ASCII_DNG,
+    IMA_NAME_PAD,
     ZERO_SHA1,
     ImaEntry,
     Incomplete,
@@ -294,6 +295,28 @@ class _Replayer:
         i, v = self.exp_slots[self.modes[0]][0]  # any one expected slot gates the full check
         return (v if i == 0 else b""), (v if i == 1 else b""), i, v
 
+    def _cold(
+        self, entry: ImaEntry, vals: list[bytes], shape: int, h2: Any, per_bank: bool, pad: bytes
+    ) -> None:
+        """One entry from the general parser, taken as ``run`` takes it: an intact entry for
+        ``pcr_index`` extended here (the layouts of ``_hot_setup``), anything else through ``step``."""
+        num, off, size, _, pcr, th, _, _, hashed = entry
+        if pcr == self.pcr_index and th != ZERO_SHA1:
+            d = hashlib.sha1(hashed).digest()
+            if d == th:
+                if shape == 1:
+                    vals[0] = hashlib.sha1(vals[0] + d).digest()
+                elif shape == 2:
+                    vals[0] = hashlib.sha1(vals[0] + d).digest()
+                    vals[1] = h2(vals[1] + (h2(hashed).digest() if per_bank else d + pad)).digest()
+                else:
+                    _extend(vals, self.specs, d, hashed)
+                self.index, self.offset, self.count = num + 1, off + size, self.count + 1
+                if self.pending:
+                    self._check_match(vals)
+                return
+        self.step(entry)
+
     def fast_binary(self, read: Callable[[int], bytes], offset: int) -> None:
         """Replay binary records read with ``read`` (from file offset ``offset``) until EOF, in chunks of
         :data:`tmb.attest.ima.CHUNK` bytes. A malformed record or a trailing partial one raises
@@ -304,10 +327,10 @@ class _Replayer:
         v1, v2 = vals[0], vals[-1]
         t1, t2, wi, wv = self._watch()
         names: dict[bytes, str] = {}
-        tags: set[bytes] = set()  # u32 name length + name of every template seen (not ``ima``)
-        heads: dict[int, struct.Struct] = {}
-        tag = b""  # the template the hot loop takes (u32 name length + name); none yet
-        head = _head(heads, 0)
+        # u32 name length + name of every template seen (not ``ima``) -> the head struct for its length
+        tags: dict[bytes, struct.Struct] = {}
+        tag = b""  # the template the hot loop expects (u32 name length + name); none yet
+        head = _head(0)
         unpack, hlen = head.unpack_from, head.size
         buf, base, pos, size, eof = b"", offset, 0, 0, False
         num = synced = self.index
@@ -320,7 +343,7 @@ class _Replayer:
                     pcr, th, name, dlen = unpack(buf, pos)
                     start = pos + hlen
                     end = start + dlen
-                    if pcr != pcr_index or end > size or name != tag:
+                    if pcr != pcr_index or end > size or (name != tag and name not in tags):
                         break
                     d = sha1(buf[start:end]).digest()
                     if d != th:  # a mismatch, or a violation (no data hashes to zeros): general path
@@ -336,7 +359,7 @@ class _Replayer:
                     pcr, th, name, dlen = unpack(buf, pos)
                     start = pos + hlen
                     end = start + dlen
-                    if pcr != pcr_index or end > size or name != tag:
+                    if pcr != pcr_index or end > size or (name != tag and name not in tags):
                         break
                     data = buf[start:end]
                     d = sha1(data).digest()
@@ -369,8 +392,8 @@ class _Replayer:
             if pos + 28 <= size:
                 (n,) = unpack_u32(buf, pos + 24)
                 name = buf[pos + 24 : pos + 28 + n]
-                if name != tag and name in tags:  # another template seen before: the loop takes it now
-                    tag, head = name, _head(heads, n)
+                if name != tag and name in tags:  # a template seen before, another name length
+                    tag, head = name, tags[name]
                     unpack, hlen = head.unpack_from, head.size
                     continue
             try:
@@ -385,13 +408,16 @@ class _Replayer:
                 buf = buf[pos:] + more
                 base, pos, size = base + pos, 0, len(buf)
                 continue
-            if entry.template_name != "ima":  # validated by the parser: later records may be hot
-                tags.add(buf[pos + 24 : pos + 28 + len(entry.template_name)])
-            self.step(entry)
+            name = buf[pos + 24 : pos + 28 + len(entry.template_name)]
+            if name not in tags and entry.template_name != "ima":  # validated by the parser: may be hot
+                tags[name] = _head(len(entry.template_name))
+            pending = self.pending
+            self._cold(entry, vals, shape, h2, per_bank, pad)
             num = synced = num + 1
             pos = end
             v1, v2 = vals[0], vals[-1]
-            t1, t2, wi, wv = self._watch()
+            if self.pending != pending:
+                t1, t2, wi, wv = self._watch()
 
     def fast_ascii(
         self, read: Callable[[int], bytes], offset: int, on_error: Callable[[ParseError], None]
@@ -422,17 +448,18 @@ class _Replayer:
                 cr = b"\r" in lines[0]
             else:
                 return
-            # With CR line ends, no line is hot: the general parser strips them.
-            hot_pcr = None if cr else pcr_tag
             at = 0
-            for line in lines:
+            # CR LF line ends: the hot loop reads the lines without their CRs, as the general parser does
+            # (``lines`` keeps the bytes as they are, for positions and for the general parser).
+            for line in [line.rstrip(b"\r") for line in lines] if cr else lines:
                 try:
                     pcr_b, th_hex, name, dng_text, path = line.split(b" ", 4)
                 except ValueError:  # fewer fields: a comment, a blank or malformed line
                     pcr_b = b""
-                if pcr_b == hot_pcr:
+                if pcr_b == pcr_tag:
                     alg, _, digest_hex = dng_text.partition(b":")
                     dng = dngs.get(alg)
+                    d: bytes | None = None
                     if dng is not None and len(digest_hex) == dng[1]:
                         try:
                             th = unhex(th_hex)
@@ -455,43 +482,51 @@ class _Replayer:
                                     )
                                 )
                             else:
-                                raise ValueError(name)  # ima-modsig, legacy ima, unknown: general parser
-                            d: bytes | None = sha1(data).digest()
+                                raise ValueError(name)  # ima-modsig, unknown: the general parser
+                            d = sha1(data).digest()
                         except ValueError:  # binascii.Error: not hex
                             d = None
-                        if d == th:  # so ``th`` is 20 bytes: 40 hex digits
-                            num += 1
-                            if shape == 1:
-                                v1 = sha1(v1 + d).digest()
-                                if v1 != t1:
-                                    continue
-                            elif shape == 2:
-                                v1 = sha1(v1 + d).digest()
-                                v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
-                                if v1 != t1 and v2 != t2:
-                                    continue
-                            else:
-                                _extend(vals, specs, d, data)
-                                if wi >= 0 and vals[wi] != wv:
-                                    continue
-                            # Possibly the quoted value: sync after this line, check every bank.
-                            end = at + num - synced
-                            off, lineno = off + _span(lines, at, end, nl), lineno + end - at
-                            self.index, self.offset, self.count = num, off, self.count + num - synced
-                            at, synced = end, num
-                            if shape:
-                                vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
-                            self._check_match(vals)
-                            t1, t2, wi, wv = self._watch()
-                            continue
+                    elif name == b"ima" and len(dng_text) == 40 and len(path) < IMA_NAME_PAD:
+                        try:  # the legacy template: what is hashed is the digest and the padded path
+                            th = unhex(th_hex)
+                            data = unhex(dng_text) + path.ljust(IMA_NAME_PAD, b"\0")
+                            d = sha1(data).digest()
+                        except ValueError:
+                            d = None
+                    if d == th:  # so ``th`` is 20 bytes: 40 hex digits
+                        num += 1
+                        if shape == 1:
+                            v1 = sha1(v1 + d).digest()
+                            if v1 != t1:
+                                continue
+                        elif shape == 2:
+                            v1 = sha1(v1 + d).digest()
+                            v2 = h2(v2 + (h2(data).digest() if per_bank else d + pad)).digest()
+                            if v1 != t1 and v2 != t2:
+                                continue
+                        else:
+                            _extend(vals, specs, d, data)
+                            if wi >= 0 and vals[wi] != wv:
+                                continue
+                        # Possibly the quoted value: sync after this line, check every bank.
+                        end = at + num - synced
+                        off, lineno = off + _span(lines, at, end, nl), lineno + end - at
+                        self.index, self.offset, self.count = num, off, self.count + num - synced
+                        at, synced = end, num
+                        if shape:
+                            vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+                        self._check_match(vals)
+                        t1, t2, wi, wv = self._watch()
+                        continue
                 # Not a hot line: sync up to it, then the general parser and ``step``.
-                i = at + num - synced
-                off, lineno = off + _span(lines, at, i, nl), lineno + i - at + 1
+                i = at + num - synced  # lines[at:i] were hot entries
+                lineno += i - at + 1
                 if num != synced:
+                    off += _span(lines, at, i, nl)
                     self.index, self.offset, self.count = num, off, self.count + num - synced
                 if shape:
                     vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
-                raw = line + b"\n" if nl else line
+                raw = lines[i] + b"\n" if nl else lines[i]
                 try:
                     entry = ascii_entry(raw, index=num, offset=off, lineno=lineno)
                 except ParseError as exc:
@@ -499,10 +534,12 @@ class _Replayer:
                     num += 1
                 else:
                     if entry is not None:
-                        self.step(entry)
+                        pending = self.pending
+                        self._cold(entry, vals, shape, h2, per_bank, pad)
                         num += 1
                         v1, v2 = vals[0], vals[-1]
-                        t1, t2, wi, wv = self._watch()
+                        if self.pending != pending:
+                            t1, t2, wi, wv = self._watch()
                 off, at, synced = off + len(raw), i + 1, num
             # End of the chunk: every line after the sync point was a hot entry.
             if num != synced:
@@ -552,13 +589,10 @@ def _span(lines: list[bytes], start: int, stop: int, nl: int) -> int:
     return sum(map(len, lines[start:stop])) + (stop - start) * nl
 
 
-def _head(heads: dict[int, struct.Struct], nlen: int) -> struct.Struct:
+def _head(nlen: int) -> struct.Struct:
     """The record head for a template name of ``nlen`` bytes: pcr, template hash, u32 name length +
     name (one bytes field, compared whole), u32 data length."""
-    head = heads.get(nlen)
-    if head is None:
-        head = heads[nlen] = struct.Struct(f"<I20s{nlen + 4}sI")
-    return head
+    return struct.Struct(f"<I20s{nlen + 4}sI")
 
 
 def _extend(vals: list[bytes], specs: list[tuple[int, Any, bytes]], computed: bytes, hashed: bytes) -> None:
