@@ -51,6 +51,7 @@ class Judgement:
     best_alternative: str | None = None
     best_alternative_statistic: float | None = None
     power: float | None = None
+    power_against: str | None = None  # the alternative ``power`` refers to (the nearest at this load)
     runs: int = 0
     findings: tuple[Finding, ...] = ()
 
@@ -69,6 +70,7 @@ class Judgement:
             "best_alternative": self.best_alternative,
             "best_alternative_statistic": self.best_alternative_statistic,
             "power": self.power,
+            "power_against": self.power_against,
             "runs": self.runs,
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -171,11 +173,12 @@ class Judge:
         thr = threshold(far, len(names))
         alts = self._alternatives(claim_p, window, names, thr)
         best = min(alts, key=lambda a: a[1]) if alts else None
-        power = min((a[2] for a in alts), default=None)
+        nearest = min(alts, key=lambda a: (a[2], a[0])) if alts else None
         base: dict[str, Any] = {
             "claimed": claimed, "profile": claim_p.key, "load": window.load, "statistic": stat,
             "threshold": thr, "n_samples": n, "window_s": window.seconds, "false_alarm_rate": far,
-            "deviations": zs, "power": power, "runs": claim_p.runs,
+            "deviations": zs, "power": nearest[2] if nearest else None,
+            "power_against": nearest[0] if nearest else None, "runs": claim_p.runs,
         }  # fmt: skip
         if stat > thr:
             better = best if best is not None and best[1] < stat else None

@@ -153,7 +153,7 @@ def telemetry_section(bundle: Bundle) -> TelemetrySection | None:
                 f"cannot judge the telemetry window: {exc.message}", bundle=str(bundle.root)
             ) from None
     own = _claimed_profile(profiles, claimed, judgement)
-    alt = _alternative(profiles, own, summary, judgement)
+    alt = _alternative(profiles, judgement)
     if judgement is not None:
         text = _summary(judgement, load, alt)
     plots = _plots(batch, summary, judgement, own, alt)
@@ -203,34 +203,10 @@ def _claimed_profile(
     return next((p for p in profiles if claimed and p.matches(claimed)), None)
 
 
-def _alternative(
-    profiles: Sequence[LoadProfile], own: LoadProfile | None, window: WindowSummary, j: Judgement | None
-) -> LoadProfile | None:
-    """The alternative the judge names when inconsistent; else the one the power refers to: among those the
-    judge compares with (same GPU type, load in range, common features), the one whose expected behaviour at
-    the window's load lies fewest scales from the claimed profile's."""
-    if j is not None and j.best_alternative is not None:
-        found = next((p for p in profiles if p.key == j.best_alternative), None)
-        if found is not None:
-            return found
-    if own is None:
-        return None
-    names = [f for f in own.features if f in window.features]
-    best: tuple[float, str, LoadProfile] | None = None
-    for alt in profiles:
-        if alt.identity == own.identity or not alt.in_range(window.load):
-            continue
-        if alt.gpu_type and own.gpu_type and alt.gpu_type != own.gpu_type:
-            continue
-        sep = -1.0
-        for name in (f for f in names if f in alt.features):
-            a, c = alt.expected(name, window.load), own.expected(name, window.load)
-            if a is not None and c is not None:
-                scale = own.scale(name, window.load, window.features[name].n)
-                sep = max(sep, abs(a[0] - c[0]) / scale)
-        if sep >= 0 and (best is None or (sep, alt.key) < best[:2]):
-            best = (sep, alt.key, alt)
-    return best[2] if best else None
+def _alternative(profiles: Sequence[LoadProfile], j: Judgement | None) -> LoadProfile | None:
+    """The alternative the judge names when inconsistent; else the one its power refers to."""
+    key = j.best_alternative or j.power_against if j is not None else None
+    return next((p for p in profiles if p.key == key), None) if key else None
 
 
 # ------------------------------------------------------------------------------------------------ plots
