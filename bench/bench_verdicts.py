@@ -24,7 +24,7 @@ from pathlib import Path
 from sample_infra.demo_setup import demo_trace, enrol_profiles
 from tmb.attest.ingest import AttestationSummary
 from tmb.fingerprint import Judge, load_profile, summarise
-from tmb.proxy.spans import Outcome, Span
+from tmb.spans import Outcome, Span
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.engine import Engine, EngineSettings, widen
 from tmb.verdict.signing import load_or_create_key

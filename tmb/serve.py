@@ -31,8 +31,8 @@ from aiohttp import web
 from tmb.config import Config
 from tmb.errors import ConfigError, InputError
 from tmb.proxy.app import Proxy, make_proxy_routes
-from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
+from tmb.spans import Span
 from tmb.verdict.api import DaemonApi, Metrics, add_api_routes
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.signing import Signer, load_verdict_key

@@ -35,7 +35,7 @@ from tmb.attest.eventlog_events import summarize
 from tmb.attest.ima_build import LogBuilder
 from tmb.attest.ingest import AttestationSummary, Ingest
 from tmb.errors import Finding, Report, Severity
-from tmb.proxy.spans import Outcome, Span
+from tmb.spans import Outcome, Span
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.engine import Engine, EngineSettings, widen

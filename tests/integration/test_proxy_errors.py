@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, start_daemon, workers
 
-from tmb.proxy.spans import Outcome
 from tmb.serve import CTX_KEY
+from tmb.spans import Outcome
 
 __all__ = ["engine", "workers"]
 W = dict[str, tuple[WorkerState, int]]

@@ -22,7 +22,7 @@ from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, s
 from tmb.config import ProxyConfig, load_config
 from tmb.errors import ConfigError
 from tmb.proxy.fast import connection_cap
-from tmb.proxy.spans import Outcome
+from tmb.spans import Outcome
 
 __all__ = ["engine", "workers"]
 W = dict[str, tuple[WorkerState, int]]

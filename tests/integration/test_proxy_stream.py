@@ -16,7 +16,7 @@ import pytest
 from test_proxy_support import Daemon, WorkerState, engine, make_config, start_daemon, workers
 from yarl import URL
 
-from tmb.proxy.spans import Outcome
+from tmb.spans import Outcome
 
 __all__ = ["engine", "workers"]
 

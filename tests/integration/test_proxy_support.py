@@ -25,8 +25,8 @@ import pytest
 from aiohttp import web
 
 from tmb.config import Config, ProxyConfig, ServerConfig, StoreConfig, VerdictsConfig, WorkerConfig
-from tmb.proxy.spans import Span
 from tmb.serve import PIPELINE_KEY, EngineFactory, build_app
+from tmb.spans import Span
 
 HOST = "127.0.0.1"
 

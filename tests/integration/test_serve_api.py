@@ -18,8 +18,8 @@ from aiohttp import web
 from test_proxy_support import Daemon, WorkerState, make_config, start_daemon, workers
 
 from tmb.config import AdminConfig
-from tmb.proxy.spans import Span
 from tmb.serve import DaemonContext, VerdictEngine
+from tmb.spans import Span
 from tmb.verdict.model import Decision, Reason, Verdict, Window
 from tmb.verdict.store import EvidenceRef
 

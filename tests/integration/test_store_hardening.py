@@ -31,8 +31,8 @@ from test_proxy_support import WorkerState, make_config, start, start_daemon, wo
 import tmb.serve as serve_module
 import tmb.verdict.store as store_module
 from tmb.config import StoreConfig
-from tmb.proxy.spans import Outcome, Span
 from tmb.serve import DaemonContext, VerdictEngine, attach_engine_and_ingest, build_app, resume_pending
+from tmb.spans import Outcome, Span
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Verdict, Window
 from tmb.verdict.signing import KeyFileError, Signer, load_or_create_key, load_public_keys, verify_verdict

@@ -20,7 +20,7 @@ from pg import PgServer
 
 import tmb.verdict.store as store_module
 import tmb.verdict.store_pg as store_pg_module
-from tmb.proxy.spans import Outcome, Span
+from tmb.spans import Outcome, Span
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Verdict, Window
 from tmb.verdict.signing import Signer, load_or_create_key

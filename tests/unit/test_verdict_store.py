@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tmb.proxy.spans import Outcome, Span
+from tmb.spans import Outcome, Span
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Verdict, Window
 from tmb.verdict.signing import load_or_create_key

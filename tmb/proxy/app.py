@@ -39,8 +39,9 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.streams import StreamReader
 
 from tmb.config import ProxyConfig
-from tmb.proxy.spans import Outcome, Span, SseTokenCounter, model_from_json, usage_from_json
+from tmb.proxy.inspect import SseTokenCounter, model_from_json, usage_from_json
 from tmb.proxy.upstream import Worker, WorkerPool
+from tmb.spans import Outcome, Span
 
 log = logging.getLogger("tmb.proxy")
 

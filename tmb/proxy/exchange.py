@@ -25,7 +25,8 @@ import httptools
 
 from tmb.proxy.app import _new_request_id, _Rec
 from tmb.proxy.fast_upstream import FastUpstream, connect, take_idle
-from tmb.proxy.spans import Outcome, SseTokenCounter, model_from_json, usage_from_json
+from tmb.proxy.inspect import SseTokenCounter, model_from_json, usage_from_json
+from tmb.spans import Outcome
 
 if TYPE_CHECKING:
     from tmb.proxy.fast import FastConnection

@@ -37,7 +37,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from tmb.config import ProxyConfig
 from tmb.proxy.exchange import Exchange
-from tmb.proxy.spans import Outcome
+from tmb.spans import Outcome
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import AbstractResource

@@ -37,8 +37,8 @@ from prometheus_client.registry import Collector
 from tmb.config import WORKER_NAME_PATTERN, WORKER_URL_PATTERN, Config, WorkerConfig, _build, _validate
 from tmb.errors import ConfigError, TmbError
 from tmb.proxy.health import health_report
-from tmb.proxy.spans import Span
 from tmb.proxy.upstream import WorkerPool
+from tmb.spans import Span
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision
 from tmb.verdict.signing import PublicKey, Signer

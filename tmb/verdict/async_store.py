@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from tmb.proxy.spans import Span
+from tmb.spans import Span
 from tmb.verdict.model import Verdict
 from tmb.verdict.store import Cursor, EvidenceRef, KnownKey, Store, VerdictRecord, Write
 

@@ -42,7 +42,7 @@ from tmb.errors import Finding, Severity
 from tmb.fingerprint.judge import Judge, Judgement
 from tmb.fingerprint.loadprofile import LoadProfile
 from tmb.fingerprint.summary import summarise
-from tmb.proxy.spans import Span
+from tmb.spans import Span
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Reason, Verdict, Window

@@ -52,7 +52,7 @@ from time import time_ns
 from typing import Any, TypeVar
 
 from tmb.errors import TmbError
-from tmb.proxy.spans import Span
+from tmb.spans import Span
 from tmb.verdict.model import Verdict
 
 T = TypeVar("T")

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
-from tmb.proxy.spans import Span
+from tmb.spans import Span
 from tmb.verdict.model import Verdict
 from tmb.verdict.store import (
     SCHEMA_VERSION,

@@ -7,7 +7,8 @@ import json
 from multidict import CIMultiDict
 
 from tmb.proxy.app import _HOP_BY_HOP, strip_hop_by_hop
-from tmb.proxy.spans import Outcome, Span, SseTokenCounter, model_from_json, usage_from_json
+from tmb.proxy.inspect import SseTokenCounter, model_from_json, usage_from_json
+from tmb.spans import Outcome, Span
 
 
 def sse(*docs: object) -> bytes:
