@@ -552,3 +552,13 @@ def to_toml(data: Mapping[str, Any]) -> str:
         lines.extend(f"{k} = {value(v)}" for k, v in worker.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def parse_worker(raw: Mapping[str, Any], origin: str) -> WorkerConfig:
+    """One ``[[workers]]`` entry from a mapping (e.g. a JSON body), checked as the config file's are.
+
+    Raises :class:`ConfigError` naming ``origin`` for an unknown key, a wrong type or an invalid value.
+    """
+    worker: WorkerConfig = _build(WorkerConfig, raw, "workers[new]", origin, set())
+    _validate(Config(workers=(worker,), source=origin))
+    return worker

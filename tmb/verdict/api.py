@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tmb.config import WORKER_NAME_PATTERN, WORKER_URL_PATTERN, Config, WorkerConfig, _build, _validate
+from tmb.config import WORKER_NAME_PATTERN, WORKER_URL_PATTERN, Config, parse_worker
 from tmb.errors import ConfigError, TmbError
 from tmb.proxy.health import health_report
 from tmb.proxy.upstream import WorkerPool
@@ -258,8 +258,7 @@ class DaemonApi:
         if not isinstance(raw, dict):
             return _error(400, "bad_json", "the body must be a JSON object")
         try:
-            worker: WorkerConfig = _build(WorkerConfig, raw, "workers[new]", "admin API", set())
-            _validate(Config(workers=(worker,), source="admin API"))
+            worker = parse_worker(raw, "admin API")
         except ConfigError as exc:
             return _error(400, "bad_worker", exc.diagnostics())
         try:
