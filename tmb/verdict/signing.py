@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tmb.errors import InputError, Report, TmbError
+from tmb.verdict.merkle import leaf_hash, merkle_tree, root_from_path
 from tmb.verdict.model import BatchProof, Verdict, canonical_bytes
 
 
@@ -168,58 +169,6 @@ class BatchSigner:
 
 
 BATCH_DOMAIN = b"tmb-verdict-batch/1"
-
-
-def leaf_hash(signing_bytes: bytes) -> bytes:
-    """RFC 9162 leaf hash of a verdict: SHA-256(0x00 || its canonical bytes without signature and batch)."""
-    return hashlib.sha256(b"\x00" + signing_bytes).digest()
-
-
-def _node(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
-
-
-def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
-    """The RFC 9162 Merkle tree hash of ``leaves`` and every leaf's inclusion path (leaf level first)."""
-    if not leaves:
-        raise ValueError("a batch needs at least one verdict")
-    paths: list[list[bytes]] = [[] for _ in leaves]
-    return _subtree(leaves, paths, 0, len(leaves)), paths
-
-
-def _subtree(leaves: Sequence[bytes], paths: list[list[bytes]], lo: int, hi: int) -> bytes:
-    """MTH of ``leaves[lo:hi]``; appends each leaf's sibling at this level to its path. (A module
-    function, not a closure: a recursive closure is a reference cycle left to the cyclic GC.)"""
-    n = hi - lo
-    if n == 1:
-        return leaves[lo]
-    k = 1 << ((n - 1).bit_length() - 1)  # the largest power of two below n
-    left, right = _subtree(leaves, paths, lo, lo + k), _subtree(leaves, paths, lo + k, hi)
-    for i in range(lo, lo + k):
-        paths[i].append(right)
-    for i in range(lo + k, hi):
-        paths[i].append(left)
-    return _node(left, right)
-
-
-def root_from_path(leaf: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes | None:
-    """RFC 9162 section 2.1.3.2: the root an inclusion path leads to, or None when the path cannot fit."""
-    if not 0 <= index < size:
-        return None
-    fn, sn, r = index, size - 1, leaf
-    for p in path:
-        if sn == 0:
-            return None
-        if fn & 1 or fn == sn:
-            r = _node(p, r)
-            while not fn & 1 and fn != 0:
-                fn >>= 1
-                sn >>= 1
-        else:
-            r = _node(r, p)
-        fn >>= 1
-        sn >>= 1
-    return r if sn == 0 else None
 
 
 def batch_message(root: bytes, size: int) -> bytes:
