@@ -1,0 +1,166 @@
+"""The daemon's own HTTP API, served beside the proxy under ``server.api_prefix`` (default: none).
+
+=====================================  ==============================================================
+``GET /v1/verdicts/{id}[?wait=S]``     200 signed verdict (canonical JSON), 202 pending (``Retry-After``),
+                                       404 unknown or never served, 400 malformed id or wait
+``GET /v1/keys``                       the verdict public keys ``{"keys": [{key_id, algorithm, ...}]}``
+``GET /v1/evidence/{id}``              200 the evidence references the final verdict rests on, 202, 404
+``GET /metrics``                       Prometheus text format; 404 with ``[metrics] enabled = false``,
+                                       401 without the bearer token when ``[metrics]`` has one
+``GET /healthz``                       200 when a worker is healthy, else 503; ``{"status"}`` only, the
+                                       per-worker detail with the metrics or admin bearer token
+``GET /openapi.json``                  OpenAPI 3.0 description of all of the above
+``GET|POST /admin/workers``            list / register workers (bearer token; see AdminConfig)
+``POST /admin/prune``                  apply the retention setting now
+``POST /admin/profiles``               install an enrolled fingerprint profile (``tmb enroll`` JSON)
+=====================================  ==============================================================
+
+These paths are reserved: any other method on them gets 405, never the proxy. Errors are the envelope of
+:mod:`tmb.envelope`, ``{"error": {"type", "message"}}``. The public read routes live here; the others in
+:mod:`tmb.daemon.metrics`, :mod:`tmb.daemon.admin` and :mod:`tmb.daemon.openapi`. Every handler takes the
+:class:`DaemonApi` and the request; :func:`add_api_routes` binds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from tmb.config import Config
+from tmb.daemon import admin
+from tmb.daemon.admin import ApiHandler
+from tmb.daemon.metrics import Metrics, healthz, metrics_page
+from tmb.daemon.openapi import openapi
+from tmb.envelope import error_response
+from tmb.proxy.upstream import WorkerPool
+from tmb.verdict.async_store import AsyncStore
+from tmb.verdict.signing import PublicKey, Signer
+
+__all__ = ["DaemonApi", "Metrics", "add_api_routes"]
+
+log = logging.getLogger("tmb.serve")
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class DaemonApi:
+    """What the API's handlers read: the config, the verdict store and signer, the workers, the metrics."""
+
+    config: Config
+    store: AsyncStore
+    signer: Signer
+    pool: WorkerPool
+    metrics: Metrics
+    # Installs an uploaded fingerprint profile (JSON bytes) and returns its key; set by the engine's hook.
+    profile_sink: Callable[[bytes], Awaitable[str]] | None = None
+
+
+def _bad_id() -> web.Response:
+    return error_response(400, "bad_request_id", "a tmb request id is 32 lowercase hex digits")
+
+
+def _pending(rid: str) -> web.Response:
+    return web.json_response(
+        {"request_id": rid, "state": "pending"}, status=202, headers={"Retry-After": "1"}
+    )
+
+
+async def verdict(api: DaemonApi, request: web.Request) -> web.StreamResponse:
+    """``GET /v1/verdicts/{id}[?wait=S]``."""
+    rid = request.match_info["id"]
+    if not _ID_RE.match(rid):
+        return _bad_id()
+    wait = request.query.get("wait")
+    timeout = 0.0
+    max_wait_s = api.config.verdicts.max_wait_s
+    if wait is not None:
+        try:
+            timeout = float(wait)
+        except ValueError:
+            timeout = -1.0
+        if not 0.0 <= timeout <= max_wait_s:
+            return error_response(400, "bad_wait", f"wait must be a number of seconds, 0..{max_wait_s}")
+    rec = await (api.store.wait(rid, timeout) if timeout > 0 else api.store.lookup(rid))
+    if rec.state == "final" and rec.doc is not None:
+        return web.Response(body=rec.doc, content_type="application/json")
+    if rec.state == "pending":
+        return _pending(rid)
+    if rec.span is not None:
+        return error_response(
+            404, "not_served", f"request {rid} was not served by a worker ({rec.span.outcome.value})"
+        )
+    return error_response(404, "unknown_request", f"no request {rid} is known here")
+
+
+async def keys(api: DaemonApi, request: web.Request) -> web.StreamResponse:
+    """``GET /v1/keys``: the signing key first, then every earlier one the store recorded."""
+    current = api.signer.public
+    older = [  # old verdicts keep verifying
+        PublicKey(k.public_key)
+        for k in await api.store.known_keys()
+        if k.key_id != current.key_id and len(k.public_key) == 32
+    ]
+    return web.json_response({"keys": [current.to_dict(), *(k.to_dict() for k in older)]})
+
+
+async def evidence(api: DaemonApi, request: web.Request) -> web.StreamResponse:
+    """``GET /v1/evidence/{id}``: the evidence references a final verdict rests on."""
+    rid = request.match_info["id"]
+    if not _ID_RE.match(rid):
+        return _bad_id()
+    rec = await api.store.lookup(rid)
+    if rec.state == "pending":
+        return _pending(rid)
+    if rec.state != "final":
+        return error_response(404, "unknown_request", f"no verdict for request {rid}")
+    refs = await api.store.evidence(rid)
+    return web.json_response({"request_id": rid, "state": "final", "evidence": [r.to_dict() for r in refs]})
+
+
+# The route table: (method, path under server.api_prefix, handler).
+ROUTES: tuple[tuple[str, str, ApiHandler], ...] = (
+    ("GET", "/v1/verdicts/{id:.+}", verdict),
+    ("GET", "/v1/keys", keys),
+    ("GET", "/v1/evidence/{id:.+}", evidence),
+    ("GET", "/metrics", metrics_page),
+    ("GET", "/healthz", healthz),
+    ("GET", "/openapi.json", openapi),
+    ("GET", "/admin/workers", admin.list_workers),
+    ("POST", "/admin/workers", admin.add_worker),
+    ("POST", "/admin/prune", admin.prune),
+    ("POST", "/admin/profiles", admin.upload_profile),
+)
+
+
+def _bind(api: DaemonApi, handler: ApiHandler) -> Handler:
+    async def bound(request: web.Request) -> web.StreamResponse:
+        return await handler(api, request)
+
+    return bound
+
+
+def _not_allowed(allowed: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        msg = f"{request.method} is not allowed on {request.path}"
+        return error_response(405, "method_not_allowed", msg, headers={"Allow": allowed})
+
+    return handler
+
+
+def add_api_routes(app: web.Application, api: DaemonApi) -> None:
+    """Register the daemon's routes (before the proxy's catch-all); log whether admin is on, and why not."""
+    served, why = api.config.admin_status()
+    if not served:
+        (log.warning if api.config.admin.token else log.info)("admin endpoints are off: %s", why)
+    p = api.config.server.api_prefix
+    methods: dict[str, set[str]] = {}
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, p + path, _bind(api, handler))
+        methods.setdefault(path, set()).add(method)
+    for path, allowed in methods.items():
+        app.router.add_route("*", p + path, _not_allowed(", ".join(sorted(allowed))))

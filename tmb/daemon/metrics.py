@@ -1,0 +1,122 @@
+"""What the daemon tells an operator: the Prometheus registry, ``GET /metrics`` and ``GET /healthz``.
+
+Both pages follow one rule for who sees per-worker detail: the ``[metrics]`` bearer token, or the ``[admin]``
+one while admin is on (:func:`sees_worker_detail`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tmb.config import Config
+from tmb.envelope import bearer_matches, error_response
+from tmb.proxy.health import health_report
+from tmb.proxy.upstream import WorkerPool
+from tmb.spans import Span
+
+if TYPE_CHECKING:
+    from tmb.daemon.api import DaemonApi
+
+
+class _PoolCollector(Collector):
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Any:
+        healthy = GaugeMetricFamily(
+            "tmb_worker_healthy", "1 when the worker passed its last check", labels=["worker"]
+        )
+        inflight = GaugeMetricFamily(
+            "tmb_worker_inflight", "requests in flight to the worker", labels=["worker"]
+        )
+        for w in self.pool.workers:
+            healthy.add_metric([w.name], 1.0 if w.healthy else 0.0)
+            inflight.add_metric([w.name], float(w.inflight))
+        yield healthy
+        yield inflight
+
+
+class Metrics:
+    """Per-daemon Prometheus registry. Spans are observed off the hot path (by the span pipeline)."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tmb_requests",
+            "requests through the proxy",
+            ["worker", "outcome", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "tmb_request_duration_seconds",
+            "request duration, start to end",
+            ["worker"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "tmb_generated_tokens", "generated tokens counted", ["worker"], registry=self.registry
+        )
+        self.verdicts = Counter(
+            "tmb_verdicts", "final verdicts published", ["decision"], registry=self.registry
+        )
+        self.store_errors = Counter("tmb_store_errors", "failed store writes", registry=self.registry)
+        self.registry.register(_PoolCollector(pool))
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+
+    def observe(self, span: Span) -> None:
+        key = (span.worker or "-", span.outcome.value, span.status)
+        children = self._children.get(key)
+        if children is None:
+            worker = key[0]
+            children = self._children[key] = (
+                self.requests.labels(worker, key[1], str(key[2])),
+                self.duration.labels(worker),
+                self.tokens.labels(worker),
+            )
+        children[0].inc()
+        children[1].observe((span.end_ns - span.start_ns) / 1e9)
+        if span.tokens:
+            children[2].inc(span.tokens)
+
+
+def metrics_mode(config: Config) -> str:
+    """``off``, ``token`` or ``public``: how ``GET /metrics`` is served."""
+    if not config.metrics.enabled:
+        return "off"
+    return "token" if config.metrics.token else "public"
+
+
+def sees_worker_detail(config: Config, request: web.Request) -> bool:
+    """The metrics token, or the admin token while admin is on, shows per-worker detail."""
+    admin = config.admin.token if config.admin_enabled() else ""
+    return bearer_matches(request, config.metrics.token) or bearer_matches(request, admin)
+
+
+async def metrics_page(api: DaemonApi, request: web.Request) -> web.StreamResponse:
+    """``GET /metrics``: 404 with ``[metrics] enabled = false``, 401 without a token when one is set."""
+    config = api.config
+    if not config.metrics.enabled:
+        return error_response(404, "metrics_disabled", "metrics are off (see [metrics] in docs/config.md)")
+    if config.metrics.token and not sees_worker_detail(config, request):
+        return error_response(
+            401,
+            "unauthorized",
+            "/metrics needs 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    resp = web.Response(body=generate_latest(api.metrics.registry))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def healthz(api: DaemonApi, request: web.Request) -> web.StreamResponse:
+    """``GET /healthz``: 200 when a worker is healthy, else 503; anonymous callers get the status alone."""
+    status, body = health_report(api.pool)
+    if not sees_worker_detail(api.config, request):  # anonymous: the overall status, no worker names
+        body = {"status": body["status"]}
+    return web.json_response(body, status=status)

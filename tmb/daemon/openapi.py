@@ -1,0 +1,271 @@
+"""The OpenAPI 3.0 document of the daemon's API, served at ``GET /openapi.json``.
+
+It describes what this daemon serves: ``/metrics`` as configured, the admin routes only while admin is on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from tmb.config import WORKER_NAME_PATTERN, WORKER_URL_PATTERN
+from tmb.daemon.metrics import metrics_mode
+from tmb.verdict.model import Decision
+
+if TYPE_CHECKING:
+    from tmb.daemon.api import DaemonApi
+
+
+async def openapi(api: DaemonApi, request: web.Request) -> web.StreamResponse:
+    """``GET /openapi.json``."""
+    config = api.config
+    return web.json_response(
+        openapi_document(
+            config.server.api_prefix,
+            config.admin_enabled(),
+            config.verdicts.max_wait_s,
+            metrics=metrics_mode(config),
+        )
+    )
+
+
+def _resp(
+    description: str, schema: dict[str, Any] | None = None, ctype: str = "application/json"
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {ctype: {"schema": schema}}
+    return out
+
+
+def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str = "public") -> dict[str, Any]:
+    """The document served at ``/openapi.json``; ``metrics`` is :func:`~tmb.daemon.metrics.metrics_mode`."""
+    ref = {
+        k: {"$ref": f"#/components/schemas/{k}"}
+        for k in ("Error", "Pending", "Verdict", "Keys", "Evidence", "Health")
+    }
+    err = _resp("error", ref["Error"])
+    rid = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "description": "tmb request id (X-TMB-Request-Id)",
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    }
+    retry = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
+    pending = _resp("verdict pending", ref["Pending"]) | {"headers": retry}
+    wait = {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "description": "long-poll up to this many seconds",
+        "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s},
+    }
+    paths: dict[str, Any] = {
+        "/v1/verdicts/{id}": {
+            "get": {
+                "summary": "the signed verdict for a request",
+                "parameters": [rid, wait],
+                "responses": {
+                    "200": _resp("signed verdict (canonical JSON)", ref["Verdict"]),
+                    "202": pending,
+                    "400": err,
+                    "404": err,
+                },
+            }
+        },
+        "/v1/keys": {
+            "get": {"summary": "verdict public keys", "responses": {"200": _resp("keys", ref["Keys"])}}
+        },
+        "/v1/evidence/{id}": {
+            "get": {
+                "summary": "evidence references of a final verdict",
+                "parameters": [rid],
+                "responses": {
+                    "200": _resp("evidence", ref["Evidence"]),
+                    "202": pending,
+                    "400": err,
+                    "404": err,
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": _resp("metrics", {"type": "string"}, "text/plain")},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "daemon health (per-worker detail with the metrics or admin bearer token)",
+                "responses": {
+                    "200": _resp("a worker is healthy", ref["Health"]),
+                    "503": _resp("no worker healthy", ref["Health"]),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "this document", "responses": {"200": _resp("OpenAPI", {"type": "object"})}}
+        },
+    }
+    if metrics == "off":
+        del paths["/metrics"]
+    elif metrics == "token":
+        paths["/metrics"]["get"]["security"] = [{"bearer": []}]
+        paths["/metrics"]["get"]["responses"]["401"] = err
+    if admin:
+        sec: list[dict[str, list[str]]] = [{"bearer": []}]
+        admin_err = {"401": err, "404": err}
+        worker = {
+            "type": "object",
+            "required": ["name", "url", "node"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "pattern": WORKER_NAME_PATTERN},
+                "url": {"type": "string", "pattern": WORKER_URL_PATTERN},
+                "node": {"type": "string", "minLength": 1},
+                "gpus": {"type": "array", "items": {"type": "string"}},
+                "model": {"type": "string"},
+                "max_concurrency": {"type": "integer", "minimum": 1},
+            },
+        }
+        paths["/admin/workers"] = {
+            "get": {
+                "summary": "workers",
+                "security": sec,
+                "responses": {"200": _resp("workers", {"type": "object"}), **admin_err},
+            },
+            "post": {
+                "summary": "register a worker",
+                "security": sec,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": worker}}},
+                "responses": {
+                    "201": _resp("registered", {"type": "object"}),
+                    "400": err,
+                    "409": err,
+                    **admin_err,
+                },
+            },
+        }
+        paths["/admin/profiles"] = {
+            "post": {
+                "summary": "install an enrolled fingerprint profile (tmb enroll output)",
+                "security": sec,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "201": _resp("installed", {"type": "object"}),
+                    "400": err,
+                    "409": err,
+                    **admin_err,
+                },
+            }
+        }
+        paths["/admin/prune"] = {
+            "post": {
+                "summary": "apply retention now",
+                "security": sec,
+                "responses": {"200": _resp("pruned", {"type": "object"}), **admin_err},
+            }
+        }
+    nullable_str = {"type": "string", "nullable": True}
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["type", "message"],
+                    "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                }
+            },
+        },
+        "Pending": {
+            "type": "object",
+            "required": ["request_id", "state"],
+            "properties": {
+                "request_id": {"type": "string"},
+                "state": {"type": "string", "enum": ["pending"]},
+            },
+        },
+        "Verdict": {
+            "type": "object",
+            "required": ["format", "request_id", "decision", "window", "key_id", "signature"],
+            "properties": {
+                "format": {"type": "string"},
+                "request_id": {"type": "string"},
+                "correlation_id": nullable_str,
+                "worker": {"type": "string"},
+                "node": {"type": "string"},
+                "gpus": {"type": "array", "items": {"type": "string"}},
+                "claimed_model": nullable_str,
+                "requested_model": nullable_str,
+                "window": {"type": "object"},
+                "attestation": {"type": "object"},
+                "fingerprint": {"type": "object"},
+                "decision": {"type": "string", "enum": [d.value for d in Decision]},
+                "reasons": {"type": "array", "items": {"type": "object"}},
+                "telemetry_source": {"type": "string"},
+                "issued_ns": {"type": "integer"},
+                "key_id": {"type": "string"},
+                "signature": {"type": "string"},
+                "signature_batch": {
+                    "type": "object",
+                    "description": "present when the signature covers a batch root (docs/verdict.md)",
+                    "required": ["index", "size", "path"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "size": {"type": "integer"},
+                        "path": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
+        },
+        "Keys": {
+            "type": "object",
+            "required": ["keys"],
+            "properties": {
+                "keys": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["key_id", "algorithm", "public_key_hex", "pem"],
+                        "properties": {
+                            "key_id": {"type": "string"},
+                            "algorithm": {"type": "string"},
+                            "public_key_hex": {"type": "string"},
+                            "pem": {"type": "string"},
+                        },
+                    },
+                }
+            },
+        },
+        "Evidence": {
+            "type": "object",
+            "required": ["request_id", "state", "evidence"],
+            "properties": {
+                "request_id": {"type": "string"},
+                "state": {"type": "string"},
+                "evidence": {"type": "array", "items": {"type": "object", "required": ["kind", "digest"]}},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}, "workers": {"type": "object"}},
+        },
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "tmb daemon API", "version": "1"},
+        "servers": [{"url": prefix or "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
