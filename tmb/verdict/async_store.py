@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tmb.spans import Span
+from tmb.verdict import tlog
 from tmb.verdict.model import Verdict
 from tmb.verdict.store import Cursor, EvidenceRef, KnownKey, Store, VerdictRecord, Write
 
@@ -38,6 +39,13 @@ class Backend(Protocol):
     def counts(self) -> dict[str, int]: ...
     def prune(self, before_ns: int) -> int: ...
     def close(self) -> None: ...
+    def log_size(self) -> int: ...
+    def log_root(self, size: int) -> bytes: ...
+    def log_inclusion(self, index: int, size: int) -> list[bytes]: ...
+    def log_consistency(self, old: int, new: int) -> list[bytes]: ...
+    def add_checkpoint(self, size: int, root: bytes, note: str, now_ns: int | None = None) -> None: ...
+    def latest_checkpoint(self) -> tlog.StoredCheckpoint | None: ...
+    def log_proof(self, request_id: str) -> tuple[tlog.LogEntry | None, tlog.LogProof | None]: ...
 
 
 class AsyncStore:
@@ -265,6 +273,39 @@ class AsyncStore:
             if n < PRUNE_SLICE:
                 return total
             await asyncio.sleep(0)
+
+    # -- the verdict transparency log ----------------------------------------------------------------
+
+    async def log_head(self) -> tuple[int, bytes]:
+        """The log's size and root now."""
+
+        def read() -> tuple[int, bytes]:
+            size = self.store.log_size()
+            return size, self.store.log_root(size)
+
+        head: tuple[int, bytes] = await self._run(read)
+        return head
+
+    async def log_inclusion(self, index: int, size: int) -> list[bytes]:
+        proof: list[bytes] = await self._run(self.store.log_inclusion, index, size)
+        return proof
+
+    async def log_consistency(self, old: int, new: int) -> list[bytes]:
+        proof: list[bytes] = await self._run(self.store.log_consistency, old, new)
+        return proof
+
+    async def add_checkpoint(self, size: int, root: bytes, note: str) -> None:
+        await self._run(self.store.add_checkpoint, size, root, note)
+
+    async def latest_checkpoint(self) -> tlog.StoredCheckpoint | None:
+        checkpoint: tlog.StoredCheckpoint | None = await self._run(self.store.latest_checkpoint)
+        return checkpoint
+
+    async def log_proof(self, request_id: str) -> tuple[tlog.LogEntry | None, tlog.LogProof | None]:
+        found: tuple[tlog.LogEntry | None, tlog.LogProof | None] = await self._run(
+            self.store.log_proof, request_id
+        )
+        return found
 
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = await self._run(self.store.counts)

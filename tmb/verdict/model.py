@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tmb.errors import InputError
+from tmb.verdict.merkle import leaf_hash
 
 VERDICT_FORMAT = "tmb-verdict/1"
 
@@ -134,6 +135,7 @@ class Verdict:
         new = object.__new__(Verdict)
         state = self.__dict__.copy()
         state.pop("_encoded", None)
+        state.pop("_leaf", None)
         state.update(changes)
         new.__dict__.update(state)  # frozen blocks __setattr__, not the instance dict
         return new
@@ -159,6 +161,7 @@ class Verdict:
                 batch.size,
             )
         object.__setattr__(signed, "_encoded", signing_bytes[:at] + extra + signing_bytes[at:])
+        object.__setattr__(signed, "_leaf", leaf_hash(signing_bytes))  # its leaf in the transparency log
         return signed
 
     @classmethod

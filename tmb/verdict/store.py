@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 from tmb.errors import TmbError
 from tmb.spans import Span
+from tmb.verdict import tlog
 from tmb.verdict.model import Verdict
 
 T = TypeVar("T")
@@ -199,6 +200,7 @@ class Store:
             if version == 1:
                 self._migrate_v1()
             self.db.executescript(_SCHEMA)
+            self.db.executescript(tlog.SQLITE_SCHEMA)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             self.db.close()
@@ -272,6 +274,9 @@ class Store:
                     finals.append(final)
             self._insert_verdicts(db, finals, now)
             self._touch_keys(db, writes, now)
+            logged = [final[0] for _, final in writes if final is not None]
+            if logged:
+                tlog.append_verdicts(_Sql(db), logged, now)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -324,6 +329,38 @@ class Store:
         ids = {final[0].key_id for _, final in writes if final is not None}
         if ids:
             db.executemany("UPDATE verdict_keys SET last_ns = ? WHERE key_id = ?", [(now, k) for k in ids])
+
+    # -- the verdict transparency log (tmb/verdict/tlog.py) ------------------------------------------
+
+    def log_size(self) -> int:
+        return tlog.log_size(_Sql(self.db))
+
+    def log_entry(self, request_id: str) -> tlog.LogEntry | None:
+        return tlog.log_entry(_Sql(self.db), request_id)
+
+    def log_root(self, size: int) -> bytes:
+        return tlog.log_root(_Sql(self.db), size)
+
+    def log_inclusion(self, index: int, size: int) -> list[bytes]:
+        return tlog.log_inclusion(_Sql(self.db), index, size)
+
+    def log_consistency(self, old: int, new: int) -> list[bytes]:
+        return tlog.log_consistency(_Sql(self.db), old, new)
+
+    def add_checkpoint(self, size: int, root: bytes, note: str, now_ns: int | None = None) -> None:
+        db = self._tx()
+        try:
+            tlog.add_checkpoint(_Sql(db), size, root, note, time_ns() if now_ns is None else now_ns)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def latest_checkpoint(self) -> tlog.StoredCheckpoint | None:
+        return tlog.latest_checkpoint(_Sql(self.db))
+
+    def log_proof(self, request_id: str) -> tuple[tlog.LogEntry | None, tlog.LogProof | None]:
+        return tlog.log_proof(_Sql(self.db), request_id)
 
     def get_span(self, request_id: str) -> Span | None:
         row = self.db.execute("SELECT doc FROM spans WHERE id=?", (request_id,)).fetchone()
@@ -424,6 +461,19 @@ class Store:
             db.execute("ROLLBACK")
             raise
         return n
+
+
+class _Sql:
+    """A connection as the log's :class:`tmb.verdict.tlog.Sql`."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._db.execute(sql, params).fetchall()
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
 
 
 def _refuse_empty(path: Path) -> None:

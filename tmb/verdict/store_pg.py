@@ -26,6 +26,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
 from tmb.spans import Span
+from tmb.verdict import tlog
 from tmb.verdict.model import Verdict
 from tmb.verdict.store import (
     SCHEMA_VERSION,
@@ -47,6 +48,7 @@ _Cursor = psycopg.Cursor[tuple[Any, ...]]
 _CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout: an unreachable host must not hang startup
 _ATTEMPTS = 5  # a transaction chosen as a deadlock victim (daemons sharing rows) is run again, this often
 _SCHEMA_LOCK = 0x746D62_0001  # pg_advisory_xact_lock key: daemons starting together create the schema once
+_LOG_LOCK = 0x746D62_0002  # taken by every transaction that appends to the verdict log (one log, in order)
 _META = """
 CREATE TABLE IF NOT EXISTS tmb_meta(
     one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), version INTEGER NOT NULL)
@@ -158,6 +160,8 @@ class PgStore:
                         hint="a newer tmb wrote this database; run that version, or point tmb at another",
                     )
                 cur.execute(_KEYS)
+                for statement in tlog.PG_SCHEMA:
+                    cur.execute(statement)
         except psycopg.Error as exc:
             raise self._error("cannot open store", exc) from None
 
@@ -222,6 +226,10 @@ class PgStore:
                     _insert_spans(cur, spans)
                 if final is not None:
                     _insert_verdict(cur, final[0], final[1], now)
+            logged = [final[0] for _, final in writes if final is not None]
+            if logged:  # one log across daemons: appends take turns
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOG_LOCK,))
+                tlog.append_verdicts(_Sql(cur), logged, now)
             key_ids = sorted({final[0].key_id for _, final in writes if final is not None})
             if key_ids:  # the keys that signed these verdicts were last used now
                 cur.execute(
@@ -248,6 +256,36 @@ class PgStore:
         return self._run("cannot prune store", apply)
 
     # -- reads ---------------------------------------------------------------------------------------
+
+    # -- the verdict transparency log (tmb/verdict/tlog.py) ------------------------------------------
+
+    def _log(self, what: str, fn: Callable[[tlog.Sql], T]) -> T:
+        return self._run(what, lambda cur: fn(_Sql(cur)))
+
+    def log_size(self) -> int:
+        return self._log("cannot read the log", tlog.log_size)
+
+    def log_entry(self, request_id: str) -> tlog.LogEntry | None:
+        return self._log("cannot read the log", lambda sql: tlog.log_entry(sql, request_id))
+
+    def log_root(self, size: int) -> bytes:
+        return self._log("cannot read the log", lambda sql: tlog.log_root(sql, size))
+
+    def log_inclusion(self, index: int, size: int) -> list[bytes]:
+        return self._log("cannot read the log", lambda sql: tlog.log_inclusion(sql, index, size))
+
+    def log_consistency(self, old: int, new: int) -> list[bytes]:
+        return self._log("cannot read the log", lambda sql: tlog.log_consistency(sql, old, new))
+
+    def add_checkpoint(self, size: int, root: bytes, note: str, now_ns: int | None = None) -> None:
+        now = time_ns() if now_ns is None else now_ns
+        self._log("cannot write to the log", lambda sql: tlog.add_checkpoint(sql, size, root, note, now))
+
+    def latest_checkpoint(self) -> tlog.StoredCheckpoint | None:
+        return self._log("cannot read the log", tlog.latest_checkpoint)
+
+    def log_proof(self, request_id: str) -> tuple[tlog.LogEntry | None, tlog.LogProof | None]:
+        return self._log("cannot read the log", lambda sql: tlog.log_proof(sql, request_id))
 
     def get_span(self, request_id: str) -> Span | None:
         def read(cur: _Cursor) -> Span | None:
@@ -377,6 +415,19 @@ def _insert_spans(cur: _Cursor, spans: Sequence[Span]) -> None:
             for s in ordered
         ],
     )
+
+
+class _Sql:
+    """A cursor as the log's :class:`tmb.verdict.tlog.Sql` (``?`` placeholders become ``%s``)."""
+
+    def __init__(self, cur: _Cursor) -> None:
+        self._cur = cur
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._cur.execute(sql.replace("?", "%s"), tuple(params)).fetchall()
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._cur.executemany(sql.replace("?", "%s"), [tuple(r) for r in rows])
 
 
 def _insert_verdict(cur: _Cursor, verdict: Verdict, evidence: Sequence[EvidenceRef], now: int) -> None:
