@@ -16,6 +16,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from tmb.extras import require
+
+    require("probe", "the demo (its probes quote with a swtpm)", modules=("tpm2_pytss",))
+    require("report", "the demo (its HTML audit report)")
     from sample_infra.demo import main
 
     return main(args.out.resolve())

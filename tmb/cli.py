@@ -15,17 +15,35 @@ from collections.abc import Callable, Sequence
 from tmb import __version__
 from tmb.errors import TmbError
 
-# Modules that add subcommands, in the order they appear in ``tmb --help``, with the commands each adds.
-# ``tmb CMD`` imports only CMD's module (the scientific stack takes most of a second to import).
-SUBCOMMANDS: dict[str, tuple[str, ...]] = {
-    "tmb.attest.cli": ("ima", "audit"),
-    "tmb.attest.quote_cli": ("quote",),
-    "tmb.attest.boot_cli": ("boot",),
-    "tmb.telemetry.cli": ("telemetry",),
-    "tmb.fingerprint.cli": ("enroll", "fingerprint"),
-    "tmb.verity.cli": ("verity", "commit"),
-    "tmb.verdict.cli": ("serve", "verify-verdict", "config"),
-    "sample_infra.cli": ("demo",),
+# Modules that add subcommands, in the order they appear in ``tmb --help``, with the commands each adds and
+# their one-line help. ``tmb CMD`` imports only CMD's module; ``tmb --help`` (or a mistyped command) imports
+# none of them and lists the commands from here (tests/unit/test_cli.py keeps these lines equal to the
+# modules' own), so it starts without the scientific stack, aiohttp or cryptography.
+SUBCOMMANDS: dict[str, dict[str, str]] = {
+    "tmb.attest.cli": {
+        "ima": "IMA measurement lists: replay and policy checks",
+        "audit": "re-check an evidence bundle offline (quotes, IMA log, policy, verity)",
+    },
+    "tmb.attest.quote_cli": {"quote": "TPM 2.0 quotes"},
+    "tmb.attest.boot_cli": {"boot": "measured boot: UEFI/TCG event logs (replay, decode)"},
+    "tmb.telemetry.cli": {"telemetry": "record and inspect GPU telemetry traces"},
+    "tmb.fingerprint.cli": {
+        "enroll": "fit a load-aware fingerprint profile from telemetry traces (runs)",
+        "fingerprint": "score telemetry against enrolled profiles",
+    },
+    "tmb.verity.cli": {
+        "verity": "dm-verity hash trees (veritysetup-compatible) and image checks",
+        "commit": "model directory -> reproducible EROFS image, hash tree and commitment",
+    },
+    "tmb.verdict.cli": {
+        "serve": "run the daemon: reverse proxy, verdict API, metrics",
+        "verify-verdict": "check a verdict's signature and decision",
+        "config": "configuration tools",
+    },
+    "sample_infra.cli": {
+        "demo": "run the end-to-end demo on 127.0.0.1 "
+        "(workers, probes, swtpm quotes, daemon, verdicts, audit)",
+    },
 }
 SUBCOMMAND_MODULES: tuple[str, ...] = tuple(SUBCOMMANDS)
 
@@ -33,7 +51,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``argv`` naming a known command, only that command's module is imported."""
+    """The parser for ``argv``: with a known command, only that command's module is imported; with none
+    (``tmb --help``) or an unknown one, no module is (the commands are listed from :data:`SUBCOMMANDS`).
+    Without ``argv``, every module is imported and registered: the complete parser."""
     parser = argparse.ArgumentParser(
         prog="tmb",
         description="Runtime telemetry attestation for AI inference providers.",
@@ -41,12 +61,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tmb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    first = next((a for a in argv or () if not a.startswith("-")), None)
-    wanted = [m for m, cmds in SUBCOMMANDS.items() if first in cmds] or list(SUBCOMMANDS)
-    if first is None and "--version" in (argv or ()):
-        wanted = []  # argparse prints the version and exits before a command is needed
-    for name in wanted:
-        importlib.import_module(name).register(sub)
+    if argv is None:
+        wanted = list(SUBCOMMANDS)
+    else:
+        first = next((a for a in argv if not a.startswith("-")), None)
+        wanted = [m for m, cmds in SUBCOMMANDS.items() if first in cmds]
+    if wanted:
+        for name in wanted:
+            importlib.import_module(name).register(sub)
+    else:  # only listed: argparse prints help or rejects the command before any would run
+        for cmds in SUBCOMMANDS.values():
+            for command, text in cmds.items():
+                sub.add_parser(command, help=text, add_help=False)
     return parser
 
 

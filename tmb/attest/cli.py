@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tmb.attest.pcr import BANK_SIZES, MODES, ReplayState, replay_file
-from tmb.attest.policy import PolicyChecker, load_policy
 from tmb.errors import InputError, Report, Severity
+from tmb.extras import require
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,6 +113,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from tmb.attest.policy import PolicyChecker, load_policy
+
     policy = load_policy(args.policy)
     report = Report()
     checker = PolicyChecker(policy, report)
@@ -135,12 +137,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from tmb.attest.evidence import audit_bundle, load_bundle, render_text
 
+    bundle = load_bundle(args.bundle)
+    if bundle.telemetry is not None:  # optional request context (docs/evidence-bundle.md)
+        require("report", "the telemetry section of an audit (its plots)")  # before the audit, not after
     result = audit_bundle(args.bundle, policy_path=args.policy)
     telemetry = None
-    if load_bundle(args.bundle).telemetry is not None:  # optional request context (docs/evidence-bundle.md)
+    if bundle.telemetry is not None:
         from tmb.report.telemetry import telemetry_section
 
-        telemetry = telemetry_section(load_bundle(args.bundle))
+        telemetry = telemetry_section(bundle)
     if args.html:
         from tmb.report import render_html
 

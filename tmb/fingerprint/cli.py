@@ -9,15 +9,17 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tmb.errors import InputError
-from tmb.fingerprint.corpus import load_runs
-from tmb.fingerprint.judge import Judge, Judgement
-from tmb.fingerprint.loadprofile import MIN_RUNS, LoadProfile, load_profile
-from tmb.fingerprint.summary import window_summaries
-from tmb.telemetry.load import LoadSeries, load_from_meta
-from tmb.telemetry.replay import read_trace
+from tmb.extras import require
+
+if TYPE_CHECKING:
+    from tmb.fingerprint.judge import Judgement
+    from tmb.fingerprint.loadprofile import LoadProfile
+
+# The handlers import the fingerprint itself (numpy, scipy: most of a second), so `tmb enroll --help` and
+# the parser do not.
 
 #: Exit status of ``fingerprint score`` when no window could be decided either way.
 EXIT_INCONCLUSIVE = 3
@@ -76,6 +78,9 @@ def _progress(i: int, n: int, what: str) -> None:
 
 
 def _enroll(args: argparse.Namespace) -> int:
+    from tmb.fingerprint.corpus import enroll_identity, load_runs
+    from tmb.fingerprint.loadprofile import MIN_RUNS
+
     _check(args.far, args.window)
     runs, notes = load_runs(args.traces, args.window, progress=_progress)
     unlabelled = [r.path for r in runs if not r.load_labelled]
@@ -97,8 +102,6 @@ def _enroll(args: argparse.Namespace) -> int:
     ident = (args.model, pick(1, args.precision, "precision"), pick(2, args.engine, "engine"))
     ident4 = (*ident, pick(3, args.gpu, "gpu"))
     runs = [dataclasses.replace(r, identity=ident4) for r in runs]
-    from tmb.fingerprint.corpus import enroll_identity
-
     profile = enroll_identity(runs, args.window, args.far, args.regime)
     for n in notes:
         print(str(n))
@@ -119,6 +122,8 @@ def _enroll(args: argparse.Namespace) -> int:
 
 def load_profiles(specs: Sequence[str]) -> list[LoadProfile]:
     """Profiles from files and from every ``*.json`` in directories."""
+    from tmb.fingerprint.loadprofile import load_profile
+
     paths: list[Path] = []
     for spec in specs:
         p = Path(spec)
@@ -150,6 +155,11 @@ def overall(judgements: Sequence[Judgement]) -> str:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from tmb.fingerprint.judge import Judge
+    from tmb.fingerprint.summary import window_summaries
+    from tmb.telemetry.load import LoadSeries, load_from_meta
+    from tmb.telemetry.replay import read_trace
+
     _check(1e-3, args.window)
     judge = Judge(load_profiles(args.profiles))
     trace = read_trace(args.trace)
@@ -182,6 +192,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from tmb.fingerprint.loadprofile import MIN_RUNS, load_profile
+
     p = load_profile(args.profile)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, sort_keys=True))
@@ -211,8 +223,11 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from tmb.fingerprint.corpus import load_runs
     from tmb.fingerprint.evaluate import confusion_png, evaluate, write_json
 
+    if args.png:  # before the evaluation, which takes a while
+        require("report", "the confusion-matrix picture (--png)")
     enrol_window = args.enrol_window or args.window / 2
     _check(args.far, args.window, args.step, enrol_window)
     runs, notes = load_runs(

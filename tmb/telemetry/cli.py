@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from tmb.errors import InputError
+from tmb.extras import require
 from tmb.telemetry.load import load_from_meta, run_from_meta
 from tmb.telemetry.replay import read_trace, write_trace
 from tmb.telemetry.synthetic import MODELS, REGIMES, simulate
@@ -112,6 +113,7 @@ def _record(args: argparse.Namespace) -> int:
         write_trace(args.out, run.batch, meta)
         batch = run.batch
     else:
+        require("probe", "recording from NVML (--source nvml)", modules=("pynvml",))
         from tmb.telemetry.nvml import NvmlSource
         from tmb.telemetry.record import record
 

@@ -1,7 +1,30 @@
-"""Signed per-request verdicts: the record (:mod:`.model`), the key (:mod:`.signing`), store, API."""
+"""Signed per-request verdicts: the record (:mod:`.model`), the key (:mod:`.signing`), store, API.
 
-from tmb.verdict.model import VERDICT_FORMAT, Decision, Reason, Verdict, Window, canonical_bytes
-from tmb.verdict.signing import PublicKey, Signer, load_or_create_key, verify_verdict
+The names below are loaded on first use (PEP 562), so importing a submodule (``tmb.verdict.cli``) does not
+load Ed25519 and the rest of :mod:`.signing` with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tmb.verdict.model import VERDICT_FORMAT, Decision, Reason, Verdict, Window, canonical_bytes
+    from tmb.verdict.signing import PublicKey, Signer, load_or_create_key, verify_verdict
+
+_WHERE = {
+    "VERDICT_FORMAT": "tmb.verdict.model",
+    "Decision": "tmb.verdict.model",
+    "Reason": "tmb.verdict.model",
+    "Verdict": "tmb.verdict.model",
+    "Window": "tmb.verdict.model",
+    "canonical_bytes": "tmb.verdict.model",
+    "PublicKey": "tmb.verdict.signing",
+    "Signer": "tmb.verdict.signing",
+    "load_or_create_key": "tmb.verdict.signing",
+    "verify_verdict": "tmb.verdict.signing",
+}
 
 __all__ = [
     "VERDICT_FORMAT",
@@ -15,3 +38,16 @@ __all__ = [
     "load_or_create_key",
     "verify_verdict",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

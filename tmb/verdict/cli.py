@@ -12,20 +12,19 @@ the signature fails or the decision is anything else, 2 when the input (verdict 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
-import logging
-import signal
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tmb.errors import InputError
-from tmb.verdict.model import Decision
-from tmb.verdict.signing import PublicKey, load_public_keys, verify_verdict
+from tmb.extras import require
+
+if TYPE_CHECKING:
+    from tmb.verdict.signing import PublicKey
+
+# Each command imports what it needs in its handler: `tmb verify-verdict` loads the verdict model and
+# Ed25519 (not the server, aiohttp or numpy), `tmb config show` only the config module.
 
 
 def register(sub: Any) -> None:
@@ -64,16 +63,26 @@ def register(sub: Any) -> None:
 def _config_show(args: argparse.Namespace) -> int:
     from tmb.config import load_config, to_toml
 
-    data = load_config(args.config).redacted()
+    config = load_config(args.config)
+    if config.store.url:  # redacting its password parses the URL with psycopg's conninfo
+        require("pg", "a PostgreSQL store ([store] url)")
+    data = config.redacted()
     print(json.dumps(data, indent=2) if args.json else to_toml(data), end="\n" if args.json else "")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+    import logging
+    import signal
+
     from tmb.config import load_config
     from tmb.serve import install_uvloop, serve
 
     config = load_config(args.config)
+    if config.store.url:
+        require("pg", "a PostgreSQL store ([store] url)")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uv = install_uvloop()
 
@@ -94,12 +103,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _load_keys(args: argparse.Namespace) -> list[PublicKey]:
+    from tmb.verdict.signing import load_public_keys
+
     if args.key is not None:
         try:
             data = args.key.read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read public key: {exc.strerror}", path=str(args.key)) from exc
         return load_public_keys(data, str(args.key))
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(args.keys_url, timeout=10) as resp:
             data = resp.read(1 << 20)
@@ -109,6 +123,9 @@ def _load_keys(args: argparse.Namespace) -> list[PublicKey]:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from tmb.verdict.model import Decision
+    from tmb.verdict.signing import verify_verdict
+
     try:
         doc = json.loads(args.verdict.read_bytes())
     except OSError as exc:
