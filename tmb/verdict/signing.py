@@ -289,6 +289,9 @@ def load_public_keys(data: bytes, origin: str) -> list[PublicKey]:
     return keys
 
 
+UNSIGNED_MEMBERS = ("signature", "signature_batch", "log")
+
+
 def verify_verdict(doc: Mapping[str, Any], keys: Sequence[PublicKey]) -> Report:
     """Check a verdict document's signature against ``keys`` (matched by key id). Findings:
 
@@ -298,7 +301,9 @@ def verify_verdict(doc: Mapping[str, Any], keys: Sequence[PublicKey]) -> Report:
     try:
         verdict = Verdict.from_dict(doc)
         signature = bytes.fromhex(verdict.signature)
-        message = canonical_bytes({k: v for k, v in doc.items() if k not in ("signature", "signature_batch")})
+        # what the signature covers: the document without its unsigned members (signature, batch proof,
+        # log inclusion proof)
+        message = canonical_bytes({k: v for k, v in doc.items() if k not in UNSIGNED_MEMBERS})
         if verdict.batch is not None:
             b = verdict.batch
             root = root_from_path(leaf_hash(message), b.index, b.size, [bytes.fromhex(h) for h in b.path])
