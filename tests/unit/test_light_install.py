@@ -135,6 +135,29 @@ def test_verify_verdict_runs_without_the_extras(signed_verdict: tuple[Path, Path
     assert _light("verify-verdict", tampered, "--key", key).returncode == 1
 
 
+def test_serve_with_sqlite_starts_without_the_extras(tmp_path: Path) -> None:
+    config = tmp_path / "tmb.toml"
+    config.write_text(
+        f'[server]\nport = 0\n[store]\npath = "{tmp_path / "tmb.sqlite3"}"\n'
+        f'[verdicts]\nkey_file = "{tmp_path / "key.pem"}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOOTSTRAP, ",".join(BLOCKED), "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the daemon prints its address once it listens
+        assert line.startswith("tmb serve: listening on http://127.0.0.1:"), line or proc.stderr.read()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
 def _fails_naming(proc: subprocess.CompletedProcess[str], extra: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert f"pip install 'tmb[{extra}]'" in proc.stderr
