@@ -1,7 +1,7 @@
 """Daemon ingest throughput: how many nodes at 20 Hz (one 20-sample batch a second, a quote every 5 s) one
 daemon core verifies.
 
-Calls :class:`tmb.attest.ingest.Ingest` directly (digest, canonical decode, chain checks, SQLite commit per
+Calls :class:`tmb.ingest.service.Ingest` directly (digest, canonical decode, chain checks, SQLite commit per
 request; quote: signature, nonce, qualifying data, PCR digest, incremental IMA replay, policy, verity) with
 one swtpm-made quote per node re-used (its nonce re-issued before each use). HTTP parsing is not included.
 Prints batches/s and quotes/s per CPU second (medians of repeats), then the ratio against the arrival rate of
@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from probes.chain import Chain, TelemetryBatch
+from probes.chain import Chain
 from probes.tpm import AK_HANDLE
 from sample_infra.swtpm import Swtpm
 from tmb.attest.ima_build import LogBuilder
-from tmb.attest.ingest import Ingest
 from tmb.attest.policy import policy_from_dict
+from tmb.ingest.service import Ingest
+from tmb.ingest.wire import TelemetryBatch
 from tmb.telemetry.synthetic import SyntheticSource
 
 ROOT, SALT = "ab" * 32, "cd" * 32
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace, tmp: Path, sw: Swtpm) -> None:
     import base64
     import hashlib
 
-    from probes.chain import qualifying_data
+    from tmb.ingest.wire import qualifying_data
 
     with sw.client() as tpm:
         ak = tpm.create_or_load_ak(AK_HANDLE)

@@ -70,7 +70,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "tmb.attest.ingest_app", "--db", str(tmp / "d.db"), "--port", str(port)]
+        cmd = [sys.executable, "-m", "tmb.ingest", "--db", str(tmp / "d.db"), "--port", str(port)]
         cmd += ["--policy", str(tmp / "policy.toml"), "--node", f"bench={tmp / 'ak'}"]
         daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         try:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from sample_infra.demo_setup import demo_trace, enrol_profiles
-from tmb.attest.ingest import AttestationSummary
 from tmb.fingerprint import Judge, load_profile, summarise
+from tmb.ingest.results import AttestationSummary
 from tmb.spans import Outcome, Span
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.engine import Engine, EngineSettings, widen

@@ -57,12 +57,13 @@ import aiohttp
 
 from probes.bindings import bind_all
 from probes.buffer import DiskBuffer, Item
-from probes.chain import ZERO, Chain, qualifying_data
+from probes.chain import Chain
 from probes.config import ProbeConfig
 from probes.eventlog_reader import read_eventlog
 from probes.ima_reader import ImaReader
 from probes.tpm import Quote, TpmClient
 from tmb.errors import Finding, Severity, TmbError, TpmError, finding
+from tmb.ingest.wire import ZERO, qualifying_data
 from tmb.telemetry.source import TelemetrySource, open_source
 
 __all__ = ["Probe", "ProbeStats"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tmb.attest.ingest_boot import MAX_EVENTLOG_BYTES
 from tmb.errors import Finding, Severity, finding
+from tmb.ingest.wire import MAX_EVENTLOG_BYTES
 
 __all__ = ["MAX_EVENTLOG_BYTES", "read_eventlog"]
 

@@ -81,7 +81,6 @@ class Settings:
     token_delay_s: float = 0.025  # 200 tokens: ~5 s of generation per request
     batch_interval_s: float = 0.5
     quote_period_s: float = 1.0
-    settle_ms: int = 1000
     wait_s: float = 20.0
     ready_timeout_s: float = 45.0
     kill_after_s: float = 2.0  # into round 2, node-1's probe is killed ...
@@ -228,7 +227,7 @@ class Demo:
             f'[store]\npath = "{d / "tmb.sqlite3"}"\n',
             '[proxy]\nhealth_interval_s = 1.0\nhealth_path = "/health"\n',
             f'[attestation]\npolicy = "{self.out / "policy.toml"}"\ndb = "{d / "ingest.sqlite3"}"',
-            f"wait_s = {s.wait_s}\nsettle_ms = {s.settle_ms}",
+            f"wait_s = {s.wait_s}",
             "nodes = [" + ", ".join(f'"{n}={b.ak_path}"' for n, b in self.nodes.items()) + "]\n",
             f'[fingerprint]\nprofiles = ["{self.out / "profiles"}"]\n',
         ]

@@ -11,7 +11,7 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [store]     path, retention_days, ack, sync, url
     [admin]     enabled, token, token_file
     [metrics]   enabled, token, token_file
-    [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, settle_ms
+    [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, require_eventlog
     [fingerprint] profiles, target_far
 
 Environment overrides follow keylime's single rule: ``TMB_<SECTION>_<KEY>`` (upper case), e.g.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -42,6 +43,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tmb.errors import ConfigError
+
+log = logging.getLogger("tmb.config")
 
 ENV_PREFIX = "TMB_"
 REDACTED = "<redacted>"
@@ -100,7 +103,6 @@ class AttestationConfig:
     nonce_ttl_s: float = 120.0  # a quote nonce expires after this
     pcr_bank: str = "sha256"  # bank whose PCR 10 the IMA log is replayed against
     wait_s: float = 20.0  # how long a verdict waits for telemetry and a quote covering its window
-    settle_ms: int = 1500  # wait at least this long after a request ends (the probe seals 1 s batches)
     require_eventlog: bool = False  # true: a node without a firmware event log is unattested (boot chain)
 
 
@@ -329,11 +331,21 @@ def _coerce(value: Any, kind: Any, where: dict[str, str], from_env: bool) -> Any
     )
 
 
+_DEPRECATED = {  # (section, key) -> why it is ignored; still accepted so existing configs load
+    ("attestation", "settle_ms"): "the ingest wakes the verdict engine when a quote attests new telemetry",
+}
+
+
 def _build(cls: type[Any], raw: Mapping[str, Any], section: str, origin: str, env_keys: set[str]) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         where = {"file": origin, "section": section, "key": key}
+        if (section, key) in _DEPRECATED:
+            log.warning(
+                "%s.%s is deprecated and ignored: %s (%s)", section, key, _DEPRECATED[section, key], origin
+            )
+            continue
         if key not in known:
             raise ConfigError(f"unknown key {section}.{key}", hint=f"known keys: {', '.join(known)}", **where)
         from_env = key in env_keys
@@ -514,7 +526,7 @@ def _validate(config: Config) -> None:
         node, sep, ak = entry.partition("=")
         if not sep or not _NAME_RE.match(node) or not ak:
             fail("attestation.nodes entries are 'node-id=/path/to/ak'", "attestation", "nodes", entry)
-    if a.nonce_ttl_s <= 0 or a.wait_s < 0 or a.settle_ms < 0:
+    if a.nonce_ttl_s <= 0 or a.wait_s < 0:
         fail("attestation durations must be positive", "attestation", "wait_s", a.wait_s)
     if a.nodes and not a.policy:
         fail("attestation.nodes needs attestation.policy (the runtime policy)", "attestation", "policy", "")

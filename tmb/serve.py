@@ -88,9 +88,9 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
     is no ingest and every verdict says ``unattested``. Verdicts left pending by a previous run are
     decided again at start-up.
     """
-    from tmb.attest.ingest import Ingest
-    from tmb.attest.ingest_app import add_ingest_routes
     from tmb.attest.policy import load_policy
+    from tmb.ingest.routes import add_ingest_routes
+    from tmb.ingest.service import Ingest
     from tmb.verdict.engine import Engine, EngineSettings
 
     cfg = ctx.config
@@ -110,7 +110,6 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
         add_ingest_routes(app, ingest, admin_token=cfg.admin.token if cfg.admin_enabled() else None)
     settings = EngineSettings(
         wait_s=a.wait_s,
-        settle_s=a.settle_ms / 1000,
         min_window_s=cfg.verdicts.min_window_ms / 1000,
         demo=cfg.verdicts.demo,
         target_far=cfg.fingerprint.target_far or None,
@@ -128,7 +127,7 @@ def attach_engine_and_ingest(app: web.Application, ctx: DaemonContext) -> Verdic
     if upload_dir is not None and API_KEY in app:
         app[API_KEY].profile_sink = lambda body: install_profile(engine, upload_dir, body)
 
-    grace_s = a.wait_s + a.settle_ms / 1000 + RESUME_GRACE_S
+    grace_s = a.wait_s + RESUME_GRACE_S
     app[RESUMED_KEY] = set()
     app.on_startup.append(functools.partial(_start_resuming, engine=engine, grace_s=grace_s))
     app.on_shutdown.append(_stop_resuming)

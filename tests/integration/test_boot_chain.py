@@ -33,8 +33,9 @@ from tmb.attest.eventlog import check_pcrs, read_eventlog, replay
 from tmb.attest.eventlog_build import EventLogBuilder, make_certificate, standard_boot
 from tmb.attest.eventlog_events import summarize
 from tmb.attest.ima_build import LogBuilder
-from tmb.attest.ingest import AttestationSummary, Ingest
 from tmb.errors import Finding, Report, Severity
+from tmb.ingest.results import AttestationSummary
+from tmb.ingest.service import Ingest
 from tmb.spans import Outcome, Span
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.async_store import AsyncStore
@@ -116,8 +117,8 @@ async def run_probe(
         await task
     rows = [r for r in ingest.store.batches_overlapping(NODE, 0, 1 << 62) if r.quote_id is not None]
     t0, t1 = min(r.t0_ns for r in rows if r.t0_ns), max(r.t1_ns for r in rows if r.t1_ns) + 1
-    _, summary, findings = ingest.attested_window(NODE, t0, t1)
-    return probe, summary, findings
+    window = ingest.attested_window(NODE, t0, t1)
+    return probe, window.summary, list(window.findings)
 
 
 def decide(tmp_path: Path, summary: AttestationSummary, findings: list[Finding]) -> Verdict:

@@ -10,8 +10,11 @@ import pytest
 from swtpm import SwtpmFactory
 from test_probe_support import ENGINE_EXE, NODE, NodeEnv, make_node
 
-from probes.chain import Chain, TelemetryBatch
-from tmb.attest.ingest import Ingest, Outcome
+from probes.chain import Chain
+from tmb.ingest.results import IngestResult
+from tmb.ingest.routes import status_of
+from tmb.ingest.service import Ingest
+from tmb.ingest.wire import TelemetryBatch
 from tmb.telemetry.sample import SampleBatch
 
 
@@ -22,12 +25,17 @@ def payload(k: int) -> bytes:
     ).encode()
 
 
-def post(ingest: Ingest, *batches: TelemetryBatch) -> Outcome:
+def post(ingest: Ingest, *batches: TelemetryBatch) -> IngestResult:
     return ingest.add_batches(NODE, {"batches": [b.to_wire() for b in batches]})
 
 
-def ids(outcome: Outcome) -> list[str]:
+def ids(outcome: IngestResult) -> list[str]:
     return [f.id for f in outcome.findings]
+
+
+def status(outcome: IngestResult) -> int:
+    """The HTTP status the routes answer with (200 when taken, else the refusing finding's)."""
+    return 200 if outcome.refusal is None else status_of(outcome.refusal.id)
 
 
 @pytest.fixture
@@ -42,28 +50,28 @@ def sealed(n: int) -> tuple[Chain, list[TelemetryBatch]]:
     return chain, [chain.genesis("synthetic")] + [chain.seal(payload(k)) for k in range(1, n + 1)]
 
 
-def quote(env: NodeEnv, ingest: Ingest, head: Any, ima: bool = True) -> Outcome:
+def quote(env: NodeEnv, ingest: Ingest, head: Any, ima: bool = True) -> IngestResult:
     if ima:
-        assert ingest.add_ima(NODE, env.ima_doc()).status == 200
-    nonce = bytes.fromhex(ingest.nonce(NODE).body["nonce"])
+        assert status(ingest.add_ima(NODE, env.ima_doc())) == 200
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
     return ingest.add_quote(NODE, env.quote_doc(nonce, head))
 
 
 def test_honest_stream_is_attested_and_survives_restart(node: NodeEnv) -> None:
     ingest = node.ingest()
     _, bs = sealed(3)
-    assert post(ingest, *bs).status == 200
+    assert status(post(ingest, *bs)) == 200
     out = quote(node, ingest, bs[-1].head)
-    assert out.status == 200 and out.body["ok"] and out.body["attested"] == 4, out.body
+    assert status(out) == 200 and out.data["ok"] and out.data["attested"] == 4, out.data
     ingest.close()
     again = Ingest(node.tmp / "ingest.db", policy=node.policy)  # daemon restart: state from SQLite
     dup = post(again, *bs)
-    assert dup.status == 200 and dup.body["duplicates"] == 4 and dup.body["accepted"] == []
+    assert status(dup) == 200 and dup.data["duplicates"] == 4 and dup.data["accepted"] == []
     assert again.store.count_batches(NODE) == 4
     assert again.store.node(NODE).ima_data == b""  # verified IMA bytes are not kept, never re-read
     node.measure("/usr/bin/late-tool", b"x")
     out = quote(node, again, bs[-1].head)
-    assert "policy.path_not_allowed" in ids(out) and not out.body["summary"]["policy_ok"]
+    assert "policy.path_not_allowed" in ids(out) and not out.data["summary"]["policy_ok"]
 
 
 def test_batch_edited_after_sealing(node: NodeEnv) -> None:
@@ -72,36 +80,36 @@ def test_batch_edited_after_sealing(node: NodeEnv) -> None:
     doc = bs[2].to_wire()
     doc["payload"] = bs[1].to_wire()["payload"]
     out = ingest.add_batches(NODE, {"batches": [bs[0].to_wire(), bs[1].to_wire(), doc]})
-    assert out.status == 409 and "chain.digest_mismatch" in ids(out)
-    assert out.body["accepted"] == [0, 1]
+    assert status(out) == 409 and "chain.digest_mismatch" in ids(out)
+    assert out.data["accepted"] == [0, 1]
 
 
 def test_batch_dropped(node: NodeEnv) -> None:
     ingest = node.ingest()
     _, bs = sealed(3)
     out = post(ingest, bs[0], bs[1], bs[3])
-    assert out.status == 409 and ids(out) == ["chain.gap"]
+    assert status(out) == 409 and ids(out) == ["chain.gap"]
 
 
 def test_batches_reordered(node: NodeEnv) -> None:
     ingest = node.ingest()
     _, bs = sealed(3)
     out = post(ingest, bs[0], bs[2], bs[1])
-    assert out.status == 409 and ids(out) == ["chain.reorder"]
+    assert status(out) == 409 and ids(out) == ["chain.reorder"]
 
 
 def test_chain_forked(node: NodeEnv) -> None:
     ingest = node.ingest()
     chain, bs = sealed(2)
-    assert post(ingest, *bs).status == 200
+    assert status(post(ingest, *bs)) == 200
     other = Chain(NODE, segment=chain.segment)
     fork = [other.genesis("synthetic"), other.seal(payload(9))]
     out = post(ingest, fork[1])
-    assert out.status == 409 and ids(out) == ["chain.fork"]
+    assert status(out) == 409 and ids(out) == ["chain.fork"]
     side = Chain(NODE, segment=chain.segment, previous_head=bs[1].digest)
     side._next_seq = 3  # a batch 3 that does not follow the held batch 2
     out = post(ingest, side.seal(payload(7)))
-    assert out.status == 409 and ids(out) == ["chain.fork"]
+    assert status(out) == 409 and ids(out) == ["chain.fork"]
 
 
 def test_quote_replayed(node: NodeEnv) -> None:
@@ -109,14 +117,14 @@ def test_quote_replayed(node: NodeEnv) -> None:
     _, bs = sealed(1)
     post(ingest, *bs)
     ingest.add_ima(NODE, node.ima_doc())
-    nonce = bytes.fromhex(ingest.nonce(NODE).body["nonce"])
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
     doc = node.quote_doc(nonce, bs[-1].head)
-    assert ingest.add_quote(NODE, doc).status == 200
+    assert status(ingest.add_quote(NODE, doc)) == 200
     again = ingest.add_quote(NODE, doc)
-    assert again.status == 409 and ids(again) == ["ingest.nonce_reused"]
-    fresh = dict(doc, nonce=ingest.nonce(NODE).body["nonce"])  # old quote, new nonce
+    assert status(again) == 409 and ids(again) == ["ingest.nonce_reused"]
+    fresh = dict(doc, nonce=ingest.nonce(NODE).data["nonce"])  # old quote, new nonce
     out = ingest.add_quote(NODE, fresh)
-    assert out.status == 422 and "quote.nonce_mismatch" in ids(out)
+    assert status(out) == 422 and "quote.nonce_mismatch" in ids(out)
     unknown = dict(doc, nonce="11" * 32)
     assert ids(ingest.add_quote(NODE, unknown)) == ["ingest.nonce_unknown"]
 
@@ -126,8 +134,8 @@ def test_quote_over_unknown_head_and_unregistered_ak(node: NodeEnv) -> None:
     _, bs = sealed(1)
     post(ingest, bs[0])
     out = quote(node, ingest, bs[1].head)
-    assert out.status == 409 and ids(out) == ["ingest.quote_head_unknown"]
-    nonce = bytes.fromhex(ingest.nonce(NODE).body["nonce"])
+    assert status(out) == 409 and ids(out) == ["ingest.quote_head_unknown"]
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
     doc = dict(node.quote_doc(nonce, bs[0].head), ak_name="000b" + "00" * 32)
     assert ids(ingest.add_quote(NODE, doc)) == ["ingest.ak_unregistered"]
 
@@ -143,9 +151,9 @@ def test_probe_measurement_missing_or_not_allowlisted(
     _, bs = sealed(1)
     post(ingest, *bs)
     out = quote(env, ingest, bs[-1].head)
-    assert out.status == 200 and finding in ids(out)
-    assert out.body["summary"]["pcr_matched"] and not out.body["summary"]["policy_ok"] and not out.body["ok"]
-    _, summary, _ = ingest.attested_window(NODE, 0, 1 << 62)
+    assert status(out) == 200 and finding in ids(out)
+    assert out.data["summary"]["pcr_matched"] and not out.data["summary"]["policy_ok"] and not out.data["ok"]
+    summary = ingest.attested_window(NODE, 0, 1 << 62).summary
     assert summary is not None and not summary.ok
     env.close()
 
@@ -153,28 +161,28 @@ def test_probe_measurement_missing_or_not_allowlisted(
 def test_ima_log_rewritten_or_short(node: NodeEnv) -> None:
     ingest = node.ingest()
     doc = node.ima_doc()
-    assert ingest.add_ima(NODE, doc).status == 200
+    assert status(ingest.add_ima(NODE, doc)) == 200
     raw = bytearray(node.log_path.read_bytes())
     raw[40] ^= 1
     import base64
 
     out = ingest.add_ima(NODE, {"offset": 0, "data": base64.b64encode(bytes(raw)).decode()})
-    assert out.status == 409 and ids(out) == ["ima.delta_conflict"]
+    assert status(out) == 409 and ids(out) == ["ima.delta_conflict"]
     out = ingest.add_ima(NODE, {"offset": len(raw) + 10, "data": ""})
-    assert out.status == 409 and ids(out) == ["ima.delta_gap"] and out.body["ima_offset"] == len(raw)
+    assert status(out) == 409 and ids(out) == ["ima.delta_gap"] and out.data["ima_offset"] == len(raw)
     # a PCR extended with something the log does not show: the quote cannot be matched
     node.tpm.pcr_extend(10, {"sha256": b"\x01" * 32, "sha1": b"\x01" * 20})
     _, bs = sealed(0)
     post(ingest, *bs)
     out = quote(node, ingest, bs[0].head, ima=False)
-    assert out.status == 200 and "pcr.mismatch" in ids(out) and not out.body["summary"]["pcr_matched"]
+    assert status(out) == 200 and "pcr.mismatch" in ids(out) and not out.data["summary"]["pcr_matched"]
 
 
 def _bind(ingest: Ingest, exe: str, maps: list[dict[str, str]]) -> list[str]:
     out = ingest.add_bindings(
         NODE, {"t_ns": 1, "processes": [{"pid": 42, "exe": exe, "maps": maps, "error": None}]}
     )
-    assert out.status == 200
+    assert status(out) == 200
     return ids(out)
 
 
@@ -182,7 +190,7 @@ def test_gpu_process_bindings(node: NodeEnv) -> None:
     ingest = node.ingest()
     _, bs = sealed(1)
     post(ingest, *bs)
-    assert quote(node, ingest, bs[-1].head).body["ok"]
+    assert quote(node, ingest, bs[-1].head).data["ok"]
     model = "/models/llama/model.safetensors"
     assert (
         _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "253:0"}, {"path": "/usr/lib/x.so", "dev": "8:1"}])
@@ -198,4 +206,4 @@ def test_gpu_process_bindings(node: NodeEnv) -> None:
     ]
     ingest.policy = node.policy
     out = quote(node, ingest, bs[-1].head)
-    assert "binding.model_bypasses_verity" in ids(out) and not out.body["ok"]
+    assert "binding.model_bypasses_verity" in ids(out) and not out.ok

@@ -39,7 +39,10 @@ async def test_probe_batches_become_attested(tmp_path: Path, swtpm_factory: Swtp
     assert last["pcr10"] == env.tpm.pcr_read([10]).get("sha256", 10).hex()
     rows = [r for r in ingest.store.batches_overlapping(NODE, 0, 1 << 62) if r.quote_id is not None]
     t0, t1 = min(r.t0_ns for r in rows if r.t0_ns), max(r.t1_ns for r in rows if r.t1_ns) + 1
-    samples, summary, findings = ingest.attested_window(NODE, t0, t1)
+    window = ingest.attested_window(NODE, t0, t1)
+    samples, summary, findings = window.samples, window.summary, window.findings
+    assert window.quote_id == summary.quote_id if summary else False
+    assert {(b.segment, b.seq) for b in window.batches} >= {(r.segment, r.seq) for r in rows if r.t0_ns}
     assert summary is not None and summary.ok and summary.verity_ok and summary.policy_ok, findings
     assert summary.verity == {"model@1": ROOT}  # the commitment satisfied, with the root the node mounted
     assert 0 < summary.quote_time_ns <= time.time_ns()

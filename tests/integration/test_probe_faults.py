@@ -49,7 +49,7 @@ def _daemon(env: NodeEnv, port: int) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
         "-m",
-        "tmb.attest.ingest_app",
+        "tmb.ingest",
         "--db",
         str(env.tmp / "daemon.db"),
         "--policy",

@@ -1,6 +1,6 @@
 """Shared setup for the probe/ingest tests (no tests here): a node with a fresh swtpm, its AK, an IMA log
 file written like the kernel's while PCR 10 is extended with exactly the same digests, a runtime policy,
-an :class:`~tmb.attest.ingest.Ingest` on a SQLite file and an in-process daemon on 127.0.0.1."""
+an :class:`~tmb.ingest.service.Ingest` on a SQLite file and an in-process daemon on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from typing import Any, BinaryIO
 from aiohttp import web
 from swtpm import Swtpm, SwtpmFactory
 
-from probes.chain import Head, qualifying_data
 from probes.config import ProbeConfig
 from probes.tpm import AK_HANDLE, TpmClient
 from tmb.attest.ima_build import LogBuilder, dm_device_resume, dm_table_load_verity
-from tmb.attest.ingest import Ingest
-from tmb.attest.ingest_app import make_app
 from tmb.attest.policy import RuntimePolicy, policy_from_dict
 from tmb.attest.quote import AkPublic
+from tmb.ingest.routes import make_app
+from tmb.ingest.service import Ingest
+from tmb.ingest.wire import Head, qualifying_data
 
 PROBE_PATH = "/usr/bin/tmb-probe"
 PROBE_BYTES = b"tmb-probe binary v1"

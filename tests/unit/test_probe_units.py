@@ -12,11 +12,12 @@ import pytest
 
 from probes.bindings import bind
 from probes.buffer import DiskBuffer
-from probes.chain import DOMAIN, ZERO, Chain, Head, TelemetryBatch, batch_digest, qualifying_data
+from probes.chain import Chain
 from probes.config import load_config
 from probes.ima_reader import ImaReader
 from tmb.attest.ima_build import LogBuilder
 from tmb.errors import ConfigError, ParseError
+from tmb.ingest.wire import DOMAIN, ZERO, Head, TelemetryBatch, batch_digest, qualifying_data
 from tmb.telemetry.sample import SampleBatch
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from sample_infra.demo_setup import demo_trace, enrol_profiles
-from tmb.attest.ingest import AttestationSummary
 from tmb.errors import Finding
 from tmb.fingerprint import LoadProfile, load_profile
+from tmb.ingest.results import AttestationSummary
 from tmb.spans import Outcome, Span
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.async_store import AsyncStore

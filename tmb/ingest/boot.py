@@ -31,7 +31,6 @@ import hashlib
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from tmb.attest.bootagg import check_boot_aggregate
 from tmb.attest.bootpolicy import BootPolicy, check_boot
@@ -42,15 +41,11 @@ from tmb.errors import Report, Severity
 
 __all__ = [
     "BOOT_PCRS",
-    "MAX_EVENTLOG_BYTES",
     "ParsedLog",
     "check_boot_chain",
-    "entry_from_state",
-    "entry_to_state",
     "parse_eventlog",
 ]
 
-MAX_EVENTLOG_BYTES = 4 * 1024 * 1024  # real logs are 10-100 KiB; a dbx-heavy one a few hundred
 BOOT_PCRS = range(10)
 
 
@@ -74,29 +69,6 @@ def parse_eventlog(data: bytes, *, name: str) -> ParsedLog:
     log = read_eventlog(io.BytesIO(data), name=name)
     events = log.events
     return ParsedLog(hashlib.sha256(data).digest(), events, replay(events), summarize(events))
-
-
-def entry_to_state(entry: ImaEntry) -> list[Any]:
-    """The IMA log's first entry, JSON-able, for the node's state (the verified bytes are dropped)."""
-    return [
-        entry.num,
-        entry.offset,
-        entry.size,
-        entry.pcr,
-        entry.template_hash.hex(),
-        entry.template_name,
-        entry.data.hex(),
-        entry.hashed.hex(),
-    ]
-
-
-def entry_from_state(doc: Any) -> ImaEntry | None:
-    if not isinstance(doc, list) or len(doc) != 8:
-        return None
-    num, offset, size, pcr, th, template, data, hashed = doc
-    return ImaEntry(
-        num, offset, size, 0, pcr, bytes.fromhex(th), template, bytes.fromhex(data), bytes.fromhex(hashed)
-    )
 
 
 def check_boot_chain(

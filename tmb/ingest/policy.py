@@ -1,10 +1,8 @@
 """The ingest's incremental runtime checks: IMA entries newly covered by a quote against the runtime policy,
 the dm-verity devices they activate, and the probe's process bindings.
 
-State carried between quotes (JSON-able, kept in the node's row): ``measured`` (path -> true when measured
-with an allowed digest), ``dm`` (the dm ``ima-buf`` entries seen so far), ``sticky`` (policy errors: once a
-disallowed file ran, the node stays tainted until its PCRs reset) and ``verity`` (per satisfied rule, the
-dm device ``major:minor`` and its data device).
+State carried between quotes: ``measured``, ``dm``, ``sticky`` and ``verity`` of the node's
+:class:`~tmb.ingest.state.NodeState`.
 
 Binding findings:
 
@@ -30,6 +28,7 @@ from tmb.attest.dm import DM_EVENTS, check_verity, dm_events
 from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.policy import PolicyChecker, RuntimePolicy
 from tmb.errors import ParseError, Report, Severity
+from tmb.ingest.state import NodeState, VerityDevice
 
 __all__ = [
     "DEFAULT_MODEL_PATTERNS",
@@ -49,12 +48,10 @@ def _allowed(policy: RuntimePolicy, name: str, alg: str, digest: bytes) -> bool:
 
 
 def evaluate_entries(
-    policy: RuntimePolicy, state: dict[str, Any], entries: Iterable[ImaEntry], report: Report
+    policy: RuntimePolicy, state: NodeState, entries: Iterable[ImaEntry], report: Report
 ) -> None:
     """Run the policy over entries newly covered by a verified quote; update ``state`` in place."""
-    measured: dict[str, bool] = state.setdefault("measured", {})
-    dm: list[list[Any]] = state.setdefault("dm", [])
-    sticky: list[dict[str, Any]] = state.setdefault("sticky", [])
+    measured, dm, sticky = state.measured, state.dm, state.sticky
     local = Report()
     checker = PolicyChecker(policy, local)
     for entry in entries:
@@ -65,7 +62,7 @@ def evaluate_entries(
             continue
         if entry.template_name == "ima-buf" and fields.name in DM_EVENTS:
             dm.append(
-                [entry.num, entry.offset, entry.size, entry.pcr, entry.template_hash.hex(), entry.data.hex()]
+                (entry.num, entry.offset, entry.size, entry.pcr, entry.template_hash.hex(), entry.data.hex())
             )
             continue
         ok = not entry.is_violation and _allowed(policy, fields.name, fields.digest_alg, fields.digest)
@@ -73,13 +70,13 @@ def evaluate_entries(
     for f in local:
         report.findings.append(f)
         if f.severity is Severity.ERROR and len(sticky) < MAX_STICKY:
-            sticky.append(f.to_dict())
+            sticky.append(f)
 
 
-def required_missing(policy: RuntimePolicy, state: Mapping[str, Any], report: Report) -> None:
+def required_missing(policy: RuntimePolicy, state: NodeState, report: Report) -> None:
     """``policy.required_missing`` for required paths not yet measured with an allowed digest; fails
     closed on an empty policy (``policy.empty``)."""
-    measured = state.get("measured", {})
+    measured = state.measured
     if policy.empty:
         report.add(
             "policy.empty", "the policy allows and requires nothing: failing closed", source=policy.source
@@ -93,21 +90,21 @@ def required_missing(policy: RuntimePolicy, state: Mapping[str, Any], report: Re
             )
 
 
-def _dm_entries(state: Mapping[str, Any]) -> list[ImaEntry]:
+def _dm_entries(state: NodeState) -> list[ImaEntry]:
     out = []
-    for num, offset, size, pcr, th, data_hex in state.get("dm", []):
+    for num, offset, size, pcr, th, data_hex in state.dm:
         data = bytes.fromhex(data_hex)
         out.append(ImaEntry(num, offset, size, 0, pcr, bytes.fromhex(th), "ima-buf", data, data))
     return out
 
 
-def evaluate_verity(policy: RuntimePolicy, state: dict[str, Any], report: Report) -> bool:
+def evaluate_verity(policy: RuntimePolicy, state: NodeState, report: Report) -> bool:
     """Apply the verity rules to every dm event quoted so far; record the activated devices in
-    ``state["verity"]``. True when every required rule is satisfied (and at least one rule exists)."""
+    ``state.verity``. True when every required rule is satisfied (and at least one rule exists)."""
     local = Report()
     events = dm_events(_dm_entries(state), local)
     satisfied = check_verity(events, policy.verity, local)
-    devices: dict[str, dict[str, Any]] = {}
+    devices: dict[str, VerityDevice] = {}
     for rule, resume_at in satisfied.items():
         load = None
         for ev in events:
@@ -118,29 +115,28 @@ def evaluate_verity(policy: RuntimePolicy, state: dict[str, Any], report: Report
         if load is None:
             continue
         target = next((t for t in load.targets if t.get("target_name") == "verity"), {})
-        devices[rule] = {
-            "root": target.get("root_digest", ""),  # the rule's committed root, as the quoted log shows it
-            "dev": f"{load.device.get('major', '')}:{load.device.get('minor', '')}",
-            "data_dev": target.get("data_device_name", ""),
-            "entry": resume_at,
-        }
-    state["verity"] = devices
+        devices[rule] = VerityDevice(
+            target.get("root_digest", ""),  # the rule's committed root, as the quoted log shows it
+            f"{load.device.get('major', '')}:{load.device.get('minor', '')}",
+            target.get("data_device_name", ""),
+            resume_at,
+        )
+    state.verity = devices
     report.extend(local.findings)
     return bool(policy.verity) and local.ok and all(r.name in satisfied for r in policy.verity if r.required)
 
 
 def check_bindings(
     policy: RuntimePolicy,
-    state: Mapping[str, Any],
+    state: NodeState,
     processes: Sequence[Any],
     model_patterns: Sequence[str],
     report: Report,
 ) -> None:
     """Check each bound process (wire form of :class:`probes.bindings.ProcessBinding`)."""
-    measured = state.get("measured", {})
-    verity = state.get("verity", {})
-    devs = {v["dev"] for v in verity.values()}
-    data_devs = {v["data_dev"] for v in verity.values()}
+    measured = state.measured
+    devs = {v.dev for v in state.verity.values()}
+    data_devs = {v.data_dev for v in state.verity.values()}
     patterns = [re.compile(p) for p in model_patterns]
     for i, proc in enumerate(processes):
         if not isinstance(proc, Mapping) or not isinstance(proc.get("pid"), int):

@@ -1,4 +1,4 @@
-"""HTTP routes of the evidence ingest (aiohttp), and a standalone runner for tests and small deployments.
+"""HTTP routes of the evidence ingest (aiohttp).
 
 :func:`add_ingest_routes` mounts, on any :class:`aiohttp.web.Application` (``tmb serve`` mounts them too)::
 
@@ -12,46 +12,75 @@
     GET  /v1/ingest/admin/nodes/{node}         status: batches, attested, last quote     (bearer token)
     POST /v1/ingest/admin/nodes/{node}/quote   ask the node's probe for a quote now      (bearer token)
 
-Every answer is JSON; errors are 4xx with ``{"error", "findings": [{"id", ...}]}``. Bad JSON is a 400 with
-``ingest.malformed``; a missing or wrong admin token a 401 with ``ingest.unauthorized``.
-
-Standalone: ``python -m tmb.attest.ingest_app --db FILE --policy POLICY [--port P] [--admin-token T]
-[--node NODE=AKFILE]... [--require-eventlog]`` listens on 127.0.0.1 and prints
-``listening on http://127.0.0.1:P``.
+Every answer is JSON. Evidence taken: 200 with the result's data, ``findings`` and ``ok``. Refused: the
+daemon's error envelope (:mod:`tmb.envelope`): ``{"error": {"type": <finding id>, "message"}, "findings":
+[...]}`` plus the answer's data (``nonce``, ``ima_offset``, ... which the probe reads from refusals too),
+with the status :data:`STATUS` gives the refusing finding. Bad JSON is a 400 ``ingest.malformed``; a missing
+or wrong admin token a 401 ``ingest.unauthorized``.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import hmac
 import json
-import signal
-import sys
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from tmb.attest.ingest import Ingest, Outcome
-from tmb.attest.policy import load_policy
-from tmb.errors import TmbError
+from tmb.envelope import bearer_matches, error_body
+from tmb.errors import Finding, Severity, TmbError
+from tmb.ingest.results import IngestResult
+from tmb.ingest.service import Ingest
 
-__all__ = ["INGEST_KEY", "add_ingest_routes", "main"]
+__all__ = ["INGEST_KEY", "MAX_BODY", "STATUS", "add_ingest_routes", "make_app", "status_of"]
 
 INGEST_KEY = web.AppKey("tmb_ingest", Ingest)
 ADMIN_TOKEN_KEY = web.AppKey("tmb_ingest_admin_token", str)
 MAX_BODY = 16 * 1024 * 1024
 
+STATUS: Mapping[str, int] = {  # the refusing finding's id -> HTTP status ("family.*": every id of a family)
+    "ingest.malformed": 400,
+    "ingest.unauthorized": 401,
+    "ingest.ak_unregistered": 403,
+    "ingest.unknown_node": 404,
+    "ingest.nonce_unknown": 409,
+    "ingest.nonce_expired": 409,
+    "ingest.nonce_reused": 409,
+    "ingest.quote_head_unknown": 409,
+    "chain.*": 409,
+    "ima.delta_gap": 409,
+    "ima.delta_conflict": 409,
+    "ingest.too_large": 413,
+    "ima.pending_too_large": 413,
+    "eventlog.too_large": 413,
+    "eventlog.malformed": 422,
+    "eventlog.truncated": 422,
+    "quote.*": 422,
+}
 
-def _json(outcome: Outcome) -> web.Response:
-    return web.json_response(outcome.body, status=outcome.status)
+
+def status_of(fid: str) -> int:
+    """The HTTP status of a refusal for finding ``fid`` (400 for an id the table does not name)."""
+    return STATUS.get(fid) or STATUS.get(fid.split(".", 1)[0] + ".*", 400)
 
 
-def _error(status: int, fid: str, message: str, **context: Any) -> web.Response:
-    finding = {"id": fid, "severity": "error", "message": message, "context": context}
-    return web.json_response({"error": message, "findings": [finding]}, status=status)
+def _answer(result: IngestResult) -> web.Response:
+    findings = [f.to_dict() for f in result.findings]
+    if result.refusal is None:
+        body = {**result.data, "findings": findings, "ok": result.data.get("ok", result.ok)}
+        return web.json_response(body)
+    fid = result.refusal.id
+    body = {**result.data, **error_body(fid, result.message, findings=findings)}
+    return web.json_response(body, status=status_of(fid))
+
+
+def _error(fid: str, message: str, **context: Any) -> web.Response:
+    finding = Finding(fid, message, Severity.ERROR, context)
+    return _answer(IngestResult(False, (finding,), {}, finding, message))
+
+
+class _BadRequest(Exception):
+    pass
 
 
 async def _body(request: web.Request) -> Any:
@@ -61,52 +90,43 @@ async def _body(request: web.Request) -> Any:
         raise _BadRequest(f"the request body is not JSON: {exc}") from None
 
 
-class _BadRequest(Exception):
-    pass
+Method = Callable[[Ingest], Callable[[str, Any], IngestResult]]
 
 
-Handler = Callable[[Ingest, str, Any], Outcome]
-
-
-def _evidence(method: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _evidence(method: Method) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         ingest = request.app[INGEST_KEY]
         node = request.match_info["node"]
         try:
             doc = await _body(request)
-            return _json(method(ingest, node, doc))
+            return _answer(await ingest.submit(node, method(ingest), doc))
         except _BadRequest as exc:
-            return _error(400, "ingest.malformed", str(exc), node=node)
+            return _error("ingest.malformed", str(exc), node=node)
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, "ingest.too_large", "the request body is too large", limit=MAX_BODY)
+            return _error("ingest.too_large", "the request body is too large", limit=MAX_BODY)
         except TmbError as exc:
-            return _error(400, "ingest.malformed", exc.message, node=node, **exc.context)
+            return _error("ingest.malformed", exc.message, node=node, **exc.context)
 
     return handle
 
 
 async def _nonce(request: web.Request) -> web.StreamResponse:
-    return _json(request.app[INGEST_KEY].nonce(request.match_info["node"]))
-
-
-def _authorised(request: web.Request) -> bool:
-    token = request.app.get(ADMIN_TOKEN_KEY)
-    given = request.headers.get("Authorization", "")
-    return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    ingest = request.app[INGEST_KEY]
+    return _answer(await ingest.submit(request.match_info["node"], ingest.nonce))
 
 
 def _admin(
     fn: Callable[[web.Request, Ingest, str], Awaitable[web.StreamResponse]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        if not _authorised(request):
-            return _error(401, "ingest.unauthorized", "admin endpoints need 'Authorization: Bearer <token>'")
+        if not bearer_matches(request, request.app.get(ADMIN_TOKEN_KEY)):
+            return _error("ingest.unauthorized", "admin endpoints need 'Authorization: Bearer <token>'")
         try:
             return await fn(request, request.app[INGEST_KEY], request.match_info["node"])
         except _BadRequest as exc:
-            return _error(400, "ingest.malformed", str(exc))
+            return _error("ingest.malformed", str(exc))
         except TmbError as exc:
-            return _error(400, "ingest.malformed", exc.message, **exc.context)
+            return _error("ingest.malformed", exc.message, **exc.context)
 
     return handle
 
@@ -122,7 +142,7 @@ async def _register(request: web.Request, ingest: Ingest, node: str) -> web.Stre
             raise _BadRequest("ak_hex is not hex") from None
     else:
         raise _BadRequest('expected {"ak": "<PEM>"} or {"ak_hex": "<TPM2B_PUBLIC hex>"}')
-    key = ingest.register_node(node, ak)
+    key = await ingest.submit(node, ingest.register_node, ak)
     return web.json_response(
         {"node": node, "ak_name": key.name.hex() if key.name else None, "algorithm": key.algorithm},
         status=201,
@@ -130,96 +150,39 @@ async def _register(request: web.Request, ingest: Ingest, node: str) -> web.Stre
 
 
 async def _status(request: web.Request, ingest: Ingest, node: str) -> web.StreamResponse:
-    status = ingest.status(node)
+    status = await ingest.submit(node, ingest.status)
     if status is None:
-        return _error(404, "ingest.unknown_node", "this node is not registered", node=node)
+        return _error("ingest.unknown_node", "this node is not registered", node=node)
     return web.json_response(status)
 
 
 async def _demand(request: web.Request, ingest: Ingest, node: str) -> web.StreamResponse:
-    if ingest.status(node) is None:
-        return _error(404, "ingest.unknown_node", "this node is not registered", node=node)
+    if await ingest.submit(node, ingest.status) is None:
+        return _error("ingest.unknown_node", "this node is not registered", node=node)
     ingest.request_quote(node)
     return web.json_response({"node": node, "quote": True}, status=202)
 
 
 def add_ingest_routes(app: web.Application, ingest: Ingest, *, admin_token: str | None = None) -> None:
-    """Mount the ingest on ``app`` (state under :data:`INGEST_KEY`); admin routes need ``admin_token``."""
+    """Mount the ingest on ``app`` (state under :data:`INGEST_KEY`); the admin routes answer only requests
+    bearing ``admin_token`` (none without one: the caller decides whether its admin API is on)."""
     app[INGEST_KEY] = ingest
     if admin_token:
         app[ADMIN_TOKEN_KEY] = admin_token
     r = app.router
     r.add_get("/v1/ingest/{node}/nonce", _nonce)
-    r.add_post("/v1/ingest/{node}/batches", _evidence(Ingest.add_batches))
-    r.add_post("/v1/ingest/{node}/quotes", _evidence(Ingest.add_quote))
-    r.add_post("/v1/ingest/{node}/ima", _evidence(Ingest.add_ima))
-    r.add_post("/v1/ingest/{node}/eventlog", _evidence(Ingest.add_eventlog))
-    r.add_post("/v1/ingest/{node}/bindings", _evidence(Ingest.add_bindings))
+    r.add_post("/v1/ingest/{node}/batches", _evidence(lambda i: i.add_batches))
+    r.add_post("/v1/ingest/{node}/quotes", _evidence(lambda i: i.add_quote))
+    r.add_post("/v1/ingest/{node}/ima", _evidence(lambda i: i.add_ima))
+    r.add_post("/v1/ingest/{node}/eventlog", _evidence(lambda i: i.add_eventlog))
+    r.add_post("/v1/ingest/{node}/bindings", _evidence(lambda i: i.add_bindings))
     r.add_put("/v1/ingest/admin/nodes/{node}", _admin(_register))
     r.add_get("/v1/ingest/admin/nodes/{node}", _admin(_status))
     r.add_post("/v1/ingest/admin/nodes/{node}/quote", _admin(_demand))
 
 
 def make_app(ingest: Ingest, *, admin_token: str | None = None) -> web.Application:
+    """An application serving only the ingest (the standalone runner and tests)."""
     app = web.Application(client_max_size=MAX_BODY)
     add_ingest_routes(app, ingest, admin_token=admin_token)
     return app
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    ingest = Ingest(
-        args.db,
-        policy=load_policy(args.policy),
-        nonce_ttl_s=args.nonce_ttl,
-        require_eventlog=args.require_eventlog,
-    )
-    for spec in args.node:
-        node, _, path = spec.partition("=")
-        try:
-            ingest.register_node(node, Path(path).read_bytes())
-        except OSError as exc:
-            raise TmbError(f"cannot read AK file: {exc.strerror}", path=path) from None
-    runner = web.AppRunner(make_app(ingest, admin_token=args.admin_token), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
-    await site.start()
-    port = runner.addresses[0][1]
-    print(f"listening on http://{args.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        ingest.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tmb.attest.ingest_app", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--db", required=True, help="SQLite file")
-    parser.add_argument("--policy", required=True, help="runtime policy TOML")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--admin-token", default=None)
-    parser.add_argument("--nonce-ttl", type=float, default=120.0)
-    parser.add_argument("--node", action="append", default=[], metavar="NODE=AKFILE")
-    parser.add_argument(
-        "--require-eventlog",
-        action="store_true",
-        help="a node without a UEFI event log is not attested (boot.no_eventlog is an error)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        asyncio.run(_serve(args))
-    except TmbError as exc:
-        print(exc.diagnostics(), file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

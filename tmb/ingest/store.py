@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tmb.attest.pcr import ReplayState
 from tmb.errors import InputError
+from tmb.ingest.state import NodeState
 
 __all__ = ["BatchRow", "EventLogRow", "IngestStore", "NodeRow", "SegmentRow"]
 
@@ -93,9 +95,14 @@ class NodeRow:
     segment: bytes | None
     seq: int | None
     head: bytes | None
-    replay: dict[str, Any]
-    ima_data: bytes
-    state: dict[str, Any]
+    replay: ReplayState  # where the IMA replay stands (verified up to replay.offset)
+    ima_data: bytes  # the unverified IMA tail, from replay.offset
+    state: NodeState
+
+    @property
+    def ima_end(self) -> int:
+        """How many bytes of the node's IMA log the daemon holds (verified and not)."""
+        return self.replay.offset + len(self.ima_data)
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,17 @@ class IngestStore:
         ).fetchone()
         if row is None:
             return None
-        return NodeRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], json.loads(row[7]))
+        replay = json.loads(row[5])
+        return NodeRow(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            ReplayState.from_json(replay) if replay else ReplayState(),
+            row[6],
+            NodeState.from_json(row[7]),
+        )
 
     def set_head(self, node: str, segment: bytes, seq: int, head: bytes) -> None:
         self.conn.execute(
@@ -182,14 +199,14 @@ class IngestStore:
             (segment, seq, head, node),
         )
 
-    def set_ima(self, node: str, replay: dict[str, Any], data: bytes) -> None:
+    def set_ima(self, node: str, replay: ReplayState, data: bytes) -> None:
         self.conn.execute(
             "UPDATE ingest_nodes SET replay = ?, ima_data = ? WHERE node = ?",
-            (json.dumps(replay), data, node),
+            (json.dumps(replay.to_json()), data, node),
         )
 
-    def set_state(self, node: str, state: dict[str, Any]) -> None:
-        self.conn.execute("UPDATE ingest_nodes SET state = ? WHERE node = ?", (json.dumps(state), node))
+    def set_state(self, node: str, state: NodeState) -> None:
+        self.conn.execute("UPDATE ingest_nodes SET state = ? WHERE node = ?", (state.to_json(), node))
 
     # ------------------------------------------------------------------------------------------ chain
 
@@ -358,7 +375,7 @@ class IngestStore:
 
     # ------------------------------------------------------------------------------------------ findings
 
-    def add_findings(self, node: str, now_ns: int, findings: Sequence[dict[str, Any]]) -> None:
+    def add_findings(self, node: str, now_ns: int, findings: Sequence[Mapping[str, Any]]) -> None:
         self.conn.executemany(
             "INSERT INTO ingest_findings (node, received_ns, finding) VALUES (?, ?, ?)",
             [(node, now_ns, json.dumps(f)) for f in findings],

@@ -1,8 +1,9 @@
 """The verdict engine: a finished request span -> a signed verdict.
 
-For each span a worker served, the engine waits (bounded by ``[attestation] wait_s``) until the node's
-telemetry for the request window is in and covered by a verified quote (``Ingest.attested_window``), then
-decides:
+For each span a worker served, the engine waits (bounded by ``[attestation] wait_s`` from the window's end)
+until the node's telemetry for the request window is in and covered by a verified quote
+(``Ingest.attested_window``): it looks once, then sleeps until the ingest says a quote attested new batches
+of the node (``Ingest.wait_attested``) and looks again. Then it decides:
 
 ============================  =================================================================
 decision                      when
@@ -37,11 +38,12 @@ from dataclasses import dataclass
 from time import time_ns
 from typing import Any
 
-from tmb.attest.ingest import AttestationSummary, Ingest
 from tmb.errors import Finding, Severity
 from tmb.fingerprint.judge import Judge, Judgement
 from tmb.fingerprint.loadprofile import LoadProfile
 from tmb.fingerprint.summary import summarise
+from tmb.ingest.results import AttestationSummary, AttestedWindow
+from tmb.ingest.service import Ingest
 from tmb.spans import Span
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.async_store import AsyncStore
@@ -56,8 +58,6 @@ _NO_SAMPLES = SampleBatch.empty("nvml")  # immutable; built once (it costs tens 
 @dataclass(frozen=True)
 class EngineSettings:
     wait_s: float = 20.0  # longest wait for telemetry + quote after the window ends
-    settle_s: float = 1.5  # first look this long after the window ends
-    poll_s: float = 0.25
     min_window_s: float = 1.0
     demo: bool = False
     target_far: float | None = None
@@ -136,9 +136,9 @@ class Engine:
         decided: list[tuple[Verdict, list[EvidenceRef]]] = []
         for span in spans:
             window = widen(span, self.settings.min_window_s)
-            samples, summary, findings = await self._wait_for_evidence(node, window)
+            got = await self._wait_for_evidence(node, window)
             try:
-                decided.append(self.decide(span, window, samples, summary, findings))
+                decided.append(self.decide(span, window, got.samples, got.summary, got.findings))
             except Exception:  # one bad span must not cost the others their verdicts; this one stays pending
                 log.exception("cannot decide the verdict of span %s", span.id)
         try:
@@ -153,39 +153,26 @@ class Engine:
                     decided.remove((verdict, refs))
         await self.store.publish_many([(v, refs) for v, (_, refs) in zip(signed, decided, strict=True)])
 
-    async def _wait_for_evidence(
-        self, node: str, window: Window
-    ) -> tuple[SampleBatch, AttestationSummary | None, list[Finding]]:
+    async def _wait_for_evidence(self, node: str, window: Window) -> AttestedWindow:
         if self.ingest is None:
             missing = Finding("attestation.not_configured", "this daemon has no evidence ingest configured")
-            return _NO_SAMPLES, None, [missing]
+            return AttestedWindow(node, window.t0_ns, window.t1_ns, _NO_SAMPLES, None, (missing,))
         loop = asyncio.get_running_loop()
-        settle = window.t1_ns / 1e9 + self.settings.settle_s - time_ns() / 1e9
-        if settle > 0:
-            await asyncio.sleep(settle)
-        # The wait counts from the window's end (+ settle), not from now, so a restart's backlog of old
-        # spans is not waited for span by span; but never ends before wait_s after this engine started,
-        # the time probes get to re-send what they buffered while the daemon was down.
+        # The wait counts from the window's end, not from now, so a restart's backlog of old spans is not
+        # waited for span by span; but never ends before wait_s after this engine started, the time probes
+        # get to re-send what they buffered while the daemon was down.
         if self._started is None:
             self._started = loop.time()
+        since_end = time_ns() / 1e9 - window.t1_ns / 1e9
         deadline = max(
-            loop.time() + self.settings.wait_s + min(settle, 0.0), self._started + self.settings.wait_s
+            loop.time() + self.settings.wait_s - max(since_end, 0.0), self._started + self.settings.wait_s
         )
         while True:
-            # On the loop thread: the ingest's SQLite connection is used by its routes there too.
-            samples, summary, findings = self.ingest.attested_window(node, window.t0_ns, window.t1_ns)
-            covered = len(samples) > 0 and int(samples.t_ns[-1]) >= window.t1_ns - self._slack_ns(samples)
-            if (summary is not None and covered) or loop.time() >= deadline:
-                return samples, summary, findings
-            await asyncio.sleep(self.settings.poll_s)
-
-    @staticmethod
-    def _slack_ns(samples: SampleBatch) -> int:
-        """How close to the window's end the last sample must be: two sampling periods (or 1 s)."""
-        if len(samples) < 2:
-            return 1_000_000_000
-        period = int((int(samples.t_ns[-1]) - int(samples.t_ns[0])) / (len(samples) - 1))
-        return max(2 * period, 100_000_000)
+            since = self.ingest.attested_since(node)  # before looking: a quote landing meanwhile still wakes
+            got = await asyncio.to_thread(self.ingest.attested_window, node, window.t0_ns, window.t1_ns)
+            if got.covers_end() or loop.time() >= deadline:
+                return got
+            await self.ingest.wait_attested(node, since, deadline - loop.time())
 
     def decide(
         self,

@@ -1,0 +1,216 @@
+"""The ingest's checks of one quote whose nonce and chain head it already accepted: the signature and clock
+(:func:`tmb.attest.quote.verify_quote`), the incremental IMA replay to the quoted PCR 10, the boot chain
+(:mod:`tmb.ingest.boot`), the runtime policy and dm-verity rules (:mod:`tmb.ingest.policy`); then the quote
+row, its summary and the batches it attests, in the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from tmb.attest import tpm2
+from tmb.attest.ima import ImaEntry, Incomplete, parse_record
+from tmb.attest.pcr import ReplayState, replay
+from tmb.attest.policy import RuntimePolicy
+from tmb.attest.quote import AkPublic, verify_quote
+from tmb.attest.tpm2 import ClockInfo, PcrValues
+from tmb.errors import Finding, ParseError, Report, Severity
+from tmb.ingest.boot import ParsedLog, check_boot_chain
+from tmb.ingest.policy import evaluate_entries, evaluate_verity, required_missing
+from tmb.ingest.results import AttestationSummary
+from tmb.ingest.state import NodeState
+from tmb.ingest.store import IngestStore, NodeRow
+from tmb.ingest.wire import Head, qualifying_data
+
+__all__ = ["QuoteCheck", "QuoteChecked", "check_quote"]
+
+
+@dataclass(frozen=True)
+class QuoteCheck:
+    """What the checks of a node's quotes need besides the quote: the ingest's settings."""
+
+    policy: RuntimePolicy
+    pcr_bank: str
+    require_eventlog: bool
+
+
+@dataclass(frozen=True)
+class QuoteChecked:
+    """``verified``: the quote's signature, nonce and clock held (else ``findings`` say why and nothing is
+    attested); ``summary``: what it attests; ``attested``: how many batches became attested."""
+
+    verified: bool
+    summary: AttestationSummary
+    findings: tuple[Finding, ...]
+    attested: int = 0
+
+
+def check_quote(
+    cfg: QuoteCheck,
+    store: IngestStore,
+    row: NodeRow,
+    ak: AkPublic,
+    eventlog: ParsedLog | None,
+    message: bytes,
+    signature: bytes,
+    pcrs: PcrValues,
+    nonce: bytes,
+    head: Head,
+    now: int,
+) -> QuoteChecked:
+    """Check one quote and record it (:class:`~tmb.errors.ParseError` when its structures do not parse)."""
+    state = row.state
+    qr = verify_quote(
+        ak,
+        message,
+        signature,
+        nonce=qualifying_data(nonce, head.digest),
+        pcrs=pcrs,
+        require_pcrs=[10],
+        previous=state.clock,
+    )
+    ci = qr.attest.clock_info
+    pcr10 = pcrs.get(cfg.pcr_bank, 10)
+    selected = qr.attest.quote.selected() if qr.attest.quote else []
+    bank_id = tpm2.hash_id(cfg.pcr_bank)
+    bank_selected = any(a == bank_id and i == 10 for a, i in selected)
+    quoted = {  # the other PCRs the signature covers, in the bank the IMA log is checked in
+        i: v for a, i in selected if a == bank_id and i != 10 and (v := pcrs.get(a, i)) is not None
+    }
+    report = Report(list(qr.report.findings))
+    if qr.ok and (pcr10 is None or not bank_selected):
+        report.add(
+            "quote.pcr_missing",
+            f"PCR 10 of the {cfg.pcr_bank} bank is not quoted",
+            pcr=10,
+            bank=cfg.pcr_bank,
+        )
+    position = (head.segment, head.seq, head.digest)
+    if not report.ok:
+        summary = _summary(cfg, row.node, 0, ci, pcr10, False, False, False, report.findings)
+        store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
+        store.add_findings(row.node, now, [f.to_dict() for f in report.errors])
+        return QuoteChecked(False, summary, tuple(report.findings))
+    assert pcr10 is not None
+    matched = _replay(cfg, store, row, pcr10, report)
+    boot_ok = _boot(cfg, eventlog, quoted, matched, state, report)
+    required_missing(cfg.policy, state, report)
+    verity_ok = evaluate_verity(cfg.policy, state, report)
+    sticky, binding = list(state.sticky), list(state.bindings)
+    policy_ok = (
+        matched
+        and not sticky
+        and not any(f.severity is Severity.ERROR and f.id.startswith(("policy.", "ima.")) for f in report)
+    )
+    all_findings = _dedup(list(report.findings) + sticky + binding)
+    state.clock = ClockInfo(ci.clock, ci.reset_count, ci.restart_count, ci.safe)
+    quote_id = store.add_quote(row.node, now, True, position, {}, message, signature)
+    summary = _summary(cfg, row.node, quote_id, ci, pcr10, matched, policy_ok, verity_ok, all_findings)
+    signed = {  # the values the signature covers (an auditor recomputes pcrDigest from them)
+        tpm2.alg_name(a): {str(i): v.hex() for a2, i in selected if a2 == a and (v := pcrs.get(a, i))}
+        for a in dict.fromkeys(a for a, _ in selected)
+    }
+    verity = {rule: dev.root for rule, dev in state.verity.items()}
+    summary = replace(summary, quote_time_ns=now, verity=verity, boot_ok=boot_ok, pcrs=signed)
+    store.set_quote_summary(quote_id, summary.to_dict())
+    attested = store.attest(row.node, head.segment, head.seq, quote_id)
+    store.set_state(row.node, state)
+    return QuoteChecked(True, summary, tuple(all_findings), attested)
+
+
+def _summary(
+    cfg: QuoteCheck,
+    node: str,
+    quote_id: int,
+    ci: ClockInfo,
+    pcr10: bytes | None,
+    matched: bool,
+    policy_ok: bool,
+    verity_ok: bool,
+    findings: Sequence[Finding],
+) -> AttestationSummary:
+    return AttestationSummary(
+        node,
+        quote_id,
+        ci.clock,
+        ci.reset_count,
+        ci.restart_count,
+        pcr10.hex() if pcr10 else "",
+        cfg.pcr_bank,
+        matched,
+        policy_ok,
+        verity_ok,
+        tuple(findings),
+    )
+
+
+def _replay(cfg: QuoteCheck, store: IngestStore, row: NodeRow, pcr10: bytes, report: Report) -> bool:
+    """Replay the unverified IMA tail to the quoted PCR 10; on a match advance the persisted replay state,
+    drop the verified bytes and run the policy over the newly covered entries."""
+    start, state, data = row.replay, row.state, row.ima_data
+    entries: list[ImaEntry] = []
+    pos, names, index = 0, {}, start.index  # type: int, dict[bytes, str], int
+    while pos < len(data):
+        try:
+            entry, pos = parse_record(data, pos, start.offset, index, names)
+        except Incomplete:
+            break
+        except ParseError as exc:
+            report.add("ima.malformed_record", exc.message, **exc.context)
+            break
+        entries.append(entry)
+        index += 1
+    local = Report()
+    result = replay(
+        entries, banks=("sha1", cfg.pcr_bank), state=start, expected={cfg.pcr_bank: pcr10}, report=local
+    )
+    report.extend(f for f in local if f.id != "pcr.mode_detected")
+    if result.matched is None:
+        return False
+    matched: ReplayState = result.matched
+    newly = [e for e in entries if e.num < matched.index]
+    if newly and newly[0].num == 0:
+        state.ima_first = newly[0]  # boot_aggregate, checked on every quote
+    state.ima_entries = matched.index
+    evaluate_entries(cfg.policy, state, newly, report)
+    store.set_ima(row.node, matched, data[matched.offset - start.offset :])
+    return True
+
+
+def _boot(
+    cfg: QuoteCheck,
+    eventlog: ParsedLog | None,
+    quoted: Mapping[int, bytes],
+    matched: bool,
+    state: NodeState,
+    report: Report,
+) -> bool | None:
+    """The boot chain of a verified quote (:func:`~tmb.ingest.boot.check_boot_chain`)."""
+    first, replayed = state.ima_first, state.ima_entries
+    if matched and first is None and replayed > 0:
+        report.add(
+            "boot.aggregate_unchecked",
+            "the IMA log's first entry was verified before the daemon kept it: boot_aggregate unchecked",
+            severity=Severity.WARNING,
+        )
+    return check_boot_chain(
+        eventlog,
+        quoted,
+        cfg.pcr_bank,
+        first,
+        ima_checked=matched and (first is not None or replayed == 0),
+        required=cfg.require_eventlog or cfg.policy.boot is not None,
+        boot_policy=cfg.policy.boot,
+        report=report,
+    )
+
+
+def _dedup(findings: Sequence[Finding]) -> list[Finding]:
+    seen: set[str] = set()
+    out = []
+    for f in findings:
+        key = f"{f.id}|{sorted(f.context.items(), key=str)}"
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out

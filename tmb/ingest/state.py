@@ -1,0 +1,200 @@
+"""What the ingest keeps about a node between requests: the persisted :class:`NodeState` and the in-memory
+quote nonces (:class:`Nonces`).
+
+:class:`NodeState` is stored as JSON in ``ingest_nodes.state`` (:mod:`tmb.ingest.store`); its keys are the
+ones the ingest has always written, so databases written before the state was typed load unchanged:
+
+==============  ============================================================================================
+``holes``       batch ranges the probe evicted unsent (``probe.buffer_evicted``): the chain may skip them
+``measured``    path -> true when a quoted IMA entry measured it with an allowed digest
+``dm``          the dm ``ima-buf`` entries quoted so far (num, offset, size, pcr, template hash, data)
+``sticky``      policy errors: once a disallowed file ran, the node stays tainted until its PCRs reset
+``verity``      per satisfied verity rule, the activated device (root, ``major:minor``, data device, entry)
+``bindings``    the error findings of the last process bindings
+``clock``       the TPM clock of the last verified quote (a later quote must not go back)
+``ima_first``   IMA's first entry (``boot_aggregate``) once a verified quote covered it
+``ima_entries`` how many IMA entries verified quotes have covered
+==============  ============================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tmb.attest.ima import ImaEntry
+from tmb.attest.tpm2 import ClockInfo
+from tmb.errors import Finding, Severity
+
+__all__ = ["DmRecord", "Hole", "NodeState", "Nonces", "VerityDevice", "finding_from_dict"]
+
+DmRecord = tuple[int, int, int, int, str, str]  # num, offset, size, pcr, template hash hex, data hex
+
+
+def finding_from_dict(doc: Mapping[str, Any]) -> Finding:
+    """A finding from its ``to_dict`` form (stored rows, the probe's findings)."""
+    return Finding(
+        str(doc["id"]),
+        str(doc.get("message", "")),
+        Severity(doc.get("severity", "error")),
+        dict(doc.get("context", {})),
+    )
+
+
+@dataclass(frozen=True)
+class Hole:
+    """Batches ``first_seq..last_seq`` of ``segment`` (hex) the probe evicted: the chain may resume after."""
+
+    segment: str
+    first_seq: int
+    last_seq: int
+
+    def covers(self, segment: bytes, expected: int, seq: int) -> bool:
+        """Whether a batch at ``seq`` may follow the node's head when ``expected`` was due."""
+        return self.segment == segment.hex() and self.first_seq <= expected and self.last_seq == seq - 1
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Hole | None:
+        """From the probe's ``probe.buffer_evicted`` context (None when it is not a range)."""
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("segment"), str):
+            return None
+        first, last = doc.get("first_seq", -1), doc.get("last_seq")
+        if not isinstance(first, int) or not isinstance(last, int):
+            return None
+        return cls(doc["segment"], first, last)
+
+
+@dataclass(frozen=True)
+class VerityDevice:
+    """The dm-verity device a satisfied verity rule activated, as the quoted IMA log shows it."""
+
+    root: str  # the rule's committed root digest
+    dev: str  # "major:minor" of the verity device
+    data_dev: str  # its underlying data device (reads from there bypass dm-verity)
+    entry: int  # IMA entry of the dm_device_resume that activated it
+
+
+@dataclass
+class NodeState:
+    """A node's evidence state carried from one request to the next (mutated in place by the checks)."""
+
+    holes: list[Hole] = field(default_factory=list)
+    measured: dict[str, bool] = field(default_factory=dict)
+    dm: list[DmRecord] = field(default_factory=list)
+    sticky: list[Finding] = field(default_factory=list)
+    verity: dict[str, VerityDevice] = field(default_factory=dict)
+    bindings: list[Finding] = field(default_factory=list)
+    clock: ClockInfo | None = None
+    ima_first: ImaEntry | None = None
+    ima_entries: int = 0
+
+    def hole_before(self, segment: bytes, expected: int, seq: int) -> bool:
+        return any(h.covers(segment, expected, seq) for h in self.holes)
+
+    def to_json(self) -> str:
+        doc: dict[str, object] = {
+            "holes": [
+                {"segment": h.segment, "first_seq": h.first_seq, "last_seq": h.last_seq} for h in self.holes
+            ],
+            "measured": self.measured,
+            "dm": [list(d) for d in self.dm],
+            "sticky": [f.to_dict() for f in self.sticky],
+            "verity": {
+                rule: {"root": v.root, "dev": v.dev, "data_dev": v.data_dev, "entry": v.entry}
+                for rule, v in self.verity.items()
+            },
+            "bindings": [f.to_dict() for f in self.bindings],
+            "ima_entries": self.ima_entries,
+        }
+        if self.clock is not None:
+            c = self.clock
+            doc["clock"] = {
+                "clock": c.clock,
+                "reset_count": c.reset_count,
+                "restart_count": c.restart_count,
+                "safe": c.safe,
+            }
+        if self.ima_first is not None:
+            e = self.ima_first
+            doc["ima_first"] = [
+                e.num,
+                e.offset,
+                e.size,
+                e.pcr,
+                e.template_hash.hex(),
+                e.template_name,
+                e.data.hex(),
+                e.hashed.hex(),
+            ]
+        return json.dumps(doc)
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeState:
+        doc = json.loads(text)
+        clock = doc.get("clock")
+        return cls(
+            holes=[h for h in map(Hole.from_wire, doc.get("holes", [])) if h is not None],
+            measured={str(k): bool(v) for k, v in doc.get("measured", {}).items()},
+            dm=[(int(a), int(b), int(c), int(d), str(e), str(f)) for a, b, c, d, e, f in doc.get("dm", [])],
+            sticky=[finding_from_dict(f) for f in doc.get("sticky", [])],
+            verity={
+                str(rule): VerityDevice(
+                    str(v.get("root", "")), str(v["dev"]), str(v["data_dev"]), int(v.get("entry", 0))
+                )
+                for rule, v in doc.get("verity", {}).items()
+            },
+            bindings=[finding_from_dict(f) for f in doc.get("bindings", [])],
+            clock=ClockInfo(**clock) if isinstance(clock, dict) else None,
+            ima_first=_entry(doc.get("ima_first")),
+            ima_entries=int(doc.get("ima_entries", 0)),
+        )
+
+
+def _entry(doc: Any) -> ImaEntry | None:
+    if not isinstance(doc, list) or len(doc) != 8:
+        return None
+    num, offset, size, pcr, th, template, data, hashed = doc
+    return ImaEntry(
+        num, offset, size, 0, pcr, bytes.fromhex(th), template, bytes.fromhex(data), bytes.fromhex(hashed)
+    )
+
+
+class Nonces:
+    """Daemon-issued nonces, in memory: random 32 bytes, single use, valid ``ttl_s``; a few outstanding per
+    node, the newest handed out until it is half-way to expiry. A restart forgets them (quotes in flight are
+    then refused with ``ingest.nonce_unknown`` and the probe quotes again with a fresh one)."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+        self.ttl_s, self.clock = ttl_s, clock
+        self.issued: dict[str, dict[bytes, float]] = {}
+        self.used: dict[str, deque[bytes]] = {}
+
+    def current(self, node: str) -> bytes:
+        now = self.clock()
+        issued = self.issued.setdefault(node, {})
+        for nonce, t in list(issued.items()):
+            if now - t > self.ttl_s:
+                del issued[nonce]
+        if issued:
+            newest, t = max(issued.items(), key=lambda kv: kv[1])
+            if now - t < self.ttl_s / 2:
+                return newest
+        nonce = os.urandom(32)
+        issued[nonce] = now
+        while len(issued) > 4:
+            del issued[min(issued, key=lambda k: issued[k])]
+        return nonce
+
+    def consume(self, node: str, nonce: bytes) -> str | None:
+        """None when ``nonce`` was valid (it is now used up), else the finding id."""
+        issued = self.issued.setdefault(node, {})
+        used = self.used.setdefault(node, deque(maxlen=256))
+        t = issued.pop(nonce, None)
+        if t is None:
+            return "ingest.nonce_reused" if nonce in used else "ingest.nonce_unknown"
+        used.append(nonce)
+        return "ingest.nonce_expired" if self.clock() - t > self.ttl_s else None
