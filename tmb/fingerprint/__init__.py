@@ -12,11 +12,38 @@ Stable surface:
 A fingerprint outcome is statistical evidence with a calibrated false-alarm rate, never a proof.
 """
 
-from tmb.fingerprint.beta import BetaFit, FitError, fit_beta
-from tmb.fingerprint.judge import Judge, Judgement
-from tmb.fingerprint.loadprofile import FORMAT, VERSION, LoadProfile, enroll_runs, load_profile
-from tmb.fingerprint.mixture import BetaMixture, GaussMixture, fit_beta_mixture, fit_gauss_mixture
-from tmb.fingerprint.summary import WindowSummary, summarise, window_summaries
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tmb.lazy import lazy_names
+
+if TYPE_CHECKING:
+    from tmb.fingerprint.beta import BetaFit, FitError, fit_beta
+    from tmb.fingerprint.judge import Judge, Judgement
+    from tmb.fingerprint.loadprofile import FORMAT, VERSION, LoadProfile, enroll_runs, load_profile
+    from tmb.fingerprint.mixture import BetaMixture, GaussMixture, fit_beta_mixture, fit_gauss_mixture
+    from tmb.fingerprint.summary import WindowSummary, summarise, window_summaries
+
+_WHERE = {
+    "BetaFit": "tmb.fingerprint.beta",
+    "FitError": "tmb.fingerprint.beta",
+    "fit_beta": "tmb.fingerprint.beta",
+    "Judge": "tmb.fingerprint.judge",
+    "Judgement": "tmb.fingerprint.judge",
+    "FORMAT": "tmb.fingerprint.loadprofile",
+    "VERSION": "tmb.fingerprint.loadprofile",
+    "LoadProfile": "tmb.fingerprint.loadprofile",
+    "enroll_runs": "tmb.fingerprint.loadprofile",
+    "load_profile": "tmb.fingerprint.loadprofile",
+    "BetaMixture": "tmb.fingerprint.mixture",
+    "GaussMixture": "tmb.fingerprint.mixture",
+    "fit_beta_mixture": "tmb.fingerprint.mixture",
+    "fit_gauss_mixture": "tmb.fingerprint.mixture",
+    "WindowSummary": "tmb.fingerprint.summary",
+    "summarise": "tmb.fingerprint.summary",
+    "window_summaries": "tmb.fingerprint.summary",
+}
 
 __all__ = [
     "FORMAT",
@@ -37,3 +64,5 @@ __all__ = [
     "summarise",
     "window_summaries",
 ]
+
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
