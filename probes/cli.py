@@ -12,10 +12,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from probes.agent import Probe
 from probes.config import load_config
-from probes.tpm import AK_HANDLE, TpmClient
 from tmb.errors import TmbError
+from tmb.extras import require
+
+# The TPM and NVML bindings (the [probe] extra) load in the commands, after require() has checked them:
+# without the extra, tmb-probe says which pip install to run instead of an ImportError traceback.
 
 __all__ = ["main"]
 
@@ -26,6 +28,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2, default=list))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    require("probe", "tmb-probe run", modules=("tpm2_pytss",))
+    from probes.agent import Probe
 
     async def go() -> None:
         stop = asyncio.Event()
@@ -39,7 +43,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    handle = int(args.handle, 0)
+    require("probe", "tmb-probe enroll", modules=("tpm2_pytss",))
+    from probes.tpm import AK_HANDLE, TpmClient
+
+    handle = int(args.handle, 0) if args.handle else AK_HANDLE
     with TpmClient(args.tcti) as tpm:
         ak = tpm.create_or_load_ak(handle, args.alg)
         ek = tpm.ek_public("rsa")
@@ -77,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     enroll = sub.add_parser("enroll", help="create or load the AK and print what to register with the daemon")
     enroll.add_argument("--tcti", default="device:/dev/tpmrm0")
-    enroll.add_argument(
-        "--handle", default=f"0x{AK_HANDLE:08x}", help="persistent AK handle (default %(default)s)"
-    )
+    enroll.add_argument("--handle", default=None, help="persistent AK handle (default: the probe's own)")
     enroll.add_argument("--alg", choices=("rsa", "ecc"), default="rsa")
     enroll.add_argument("--json", action="store_true")
     enroll.set_defaults(func=_enroll)

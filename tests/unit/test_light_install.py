@@ -231,3 +231,23 @@ def test_extras_in_pyproject_match_the_table() -> None:
         assert not names & {re.split(r"[\[<>=;! ]", r, maxsplit=1)[0] for r in project["dependencies"]}
     assert set(EXTRAS) == set(distributions)
     assert optional["all"] == ["tmb[probe,pg,report]"]
+
+
+def test_the_probe_names_the_probe_extra(tmp_path: Path) -> None:
+    bootstrap = BOOTSTRAP.replace("from tmb.cli import main", "from probes.cli import main")
+    proc = subprocess.run(
+        [sys.executable, "-c", bootstrap, ",".join(BLOCKED), "enroll", "--tcti", "swtpm:port=1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    _fails_naming(proc, "probe")
+    help_proc = subprocess.run(
+        [sys.executable, "-c", bootstrap, ",".join(BLOCKED), "enroll", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert help_proc.returncode == 0 and "--handle" in help_proc.stdout
