@@ -11,7 +11,7 @@ extra      packages (import names)               used by
 ``probe``  tpm2-pytss, nvidia-ml-py              ``tmb-probe``, ``tmb telemetry record`` (NVML),
            (``tpm2_pytss``, ``pynvml``)          ``tmb demo``
 ``pg``     psycopg (``psycopg``)                 ``[store] url`` (verdicts in PostgreSQL)
-``report`` matplotlib (``matplotlib``)           ``tmb audit --html`` and a bundle's telemetry
+``report`` matplotlib (``matplotlib``)           ``tmb audit --html`` (a bundle's telemetry
                                                  section, ``tmb fingerprint evaluate --png``
 ``all``    all of the above                      what ``make venv`` installs (with ``dev``)
 ========== ===================================== =============================================

@@ -178,11 +178,12 @@ def test_a_postgresql_store_names_the_pg_extra(tmp_path: Path) -> None:
     assert "secret" not in proc.stderr + proc.stdout
 
 
-def test_an_audit_with_telemetry_names_the_report_extra(tmp_path: Path) -> None:
+def test_an_html_audit_with_telemetry_names_the_report_extra(tmp_path: Path) -> None:
     bundle = write_bundle(
         tmp_path / "bundle", node="n1", ak=b"x", ima_log=b"", quotes=[], telemetry=b"x", claimed="m"
     )
-    _fails_naming(_light("audit", bundle), "report")
+    _fails_naming(_light("audit", bundle, "--html", tmp_path / "report.html"), "report")
+    assert not (tmp_path / "report.html").exists()
 
 
 def test_the_demo_names_the_probe_extra(tmp_path: Path) -> None:

@@ -115,6 +115,14 @@ def test_honest_window_is_consistent_with_plots(tmp_path: Path, profiles: dict[s
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
+def test_text_audits_judge_the_same_without_plots(tmp_path: Path, profiles: dict[str, bytes]) -> None:
+    root = _bundle(tmp_path / "b", profiles)
+    full, bare = telemetry_section(load_bundle(root)), telemetry_section(load_bundle(root), plots=False)
+    assert full is not None and bare is not None
+    assert bare.plots == () and full.plots
+    assert (bare.summary, bare.ok, bare.decision) == (full.summary, full.ok, full.decision)
+
+
 def test_substituted_window_is_inconsistent(tmp_path: Path, profiles: dict[str, bytes]) -> None:
     section = _section(_bundle(tmp_path / "b", profiles, SUBSTITUTE))
     assert not section.ok

@@ -138,14 +138,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from tmb.attest.evidence import audit_bundle, load_bundle, render_text
 
     bundle = load_bundle(args.bundle)
-    if bundle.telemetry is not None:  # optional request context (docs/evidence-bundle.md)
-        require("report", "the telemetry section of an audit (its plots)")  # before the audit, not after
+    if bundle.telemetry is not None and args.html:  # the pictures of the telemetry section
+        require("report", "the telemetry plots of an HTML audit (--html)")  # before the audit, not after
     result = audit_bundle(args.bundle, policy_path=args.policy)
     telemetry = None
     if bundle.telemetry is not None:
         from tmb.report.telemetry import telemetry_section
 
-        telemetry = telemetry_section(bundle)
+        telemetry = telemetry_section(bundle, plots=bool(args.html))
     if args.html:
         from tmb.report import render_html
 

@@ -123,8 +123,10 @@ def _read_profiles(paths: Sequence[Path]) -> list[LoadProfile]:
     return out
 
 
-def telemetry_section(bundle: Bundle) -> TelemetrySection | None:
-    """The section for a bundle with a telemetry window, else None. InputError for anything unreadable."""
+def telemetry_section(bundle: Bundle, *, plots: bool = True) -> TelemetrySection | None:
+    """The section for a bundle with a telemetry window, else None. InputError for anything unreadable.
+
+    ``plots=False`` leaves the pictures out (text and JSON audits): no matplotlib, no [report] extra."""
     if bundle.telemetry is None:
         return None
     from tmb.fingerprint import Judge, summarise
@@ -156,13 +158,13 @@ def telemetry_section(bundle: Bundle) -> TelemetrySection | None:
     alt = _alternative(profiles, judgement)
     if judgement is not None:
         text = _summary(judgement, load, alt)
-    plots = _plots(batch, summary, judgement, own, alt)
+    pictures = _plots(batch, summary, judgement, own, alt) if plots else []
     # As in a verdict: `inconsistent` fails; `inconclusive` leaves a chain that held standing (the section
     # says why the fingerprint could not decide); no judgement or no profile for the claim fails closed.
     unprofiled = judgement is not None and any(f.id == "fingerprint.no_profile" for f in judgement.findings)
     ok = judgement is not None and judgement.decision != "inconsistent" and not unprofiled
     decision = judgement.decision if judgement is not None else "not_judged"
-    return TelemetrySection(text, ok, tuple(plots), batch.synthetic, decision)
+    return TelemetrySection(text, ok, tuple(pictures), batch.synthetic, decision)
 
 
 # ---------------------------------------------------------------------------------------------- summary
