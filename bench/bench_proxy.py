@@ -122,15 +122,15 @@ sync = "{sync}"
 NO_VERDICTS = textwrap.dedent(
     """
     import asyncio, sys
-    from aiohttp import web
     from tmb.config import load_config
+    from tmb.proxy.site import ProxyRunner, ProxySite
     from tmb.serve import PendingEngine, build_app, freeze_startup_heap, install_uvloop
     async def main():
         config = load_config(sys.argv[1])
         app = await build_app(config, engine_factory=lambda app, ctx: PendingEngine())
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = ProxyRunner(app, handler_cancellation=True, access_log=None)  # as tmb serve does
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", config.server.port, backlog=1024).start()
+        await ProxySite(runner, "127.0.0.1", config.server.port, backlog=1024).start()
         freeze_startup_heap()  # as tmb serve does
         await asyncio.Event().wait()
     install_uvloop()

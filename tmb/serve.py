@@ -467,13 +467,15 @@ async def serve(
 ) -> None:
     """Run until cancelled. ``ready`` gets ``host:port`` once listening (port 0 = pick one); ``init`` and
     ``new_key`` as for :func:`build_app`."""
+    from tmb.proxy.site import ProxyRunner, ProxySite
+
     app = await build_app(config, init=init, new_key=new_key)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = ProxyRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+    site = ProxySite(runner, config.server.host, config.server.port, backlog=1024)
     await site.start()
     freeze_startup_heap()
-    addrs = runner.addresses
+    addrs = site.addresses
     host, port = addrs[0][0], addrs[0][1]
     log.info("tmb serving on %s:%s with %d workers", host, port, len(config.workers))
     if ready is not None:

@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, start_daemon, workers
 
-from tmb.serve import CTX_KEY
+from tmb.proxy.app import PROXY_KEY
+from tmb.proxy.contract import own_prefixes
+from tmb.serve import CTX_KEY, build_app
 
 __all__ = ["engine", "workers"]
 W = dict[str, tuple[WorkerState, int]]
@@ -165,21 +168,50 @@ async def test_a_proxied_request_leaves_no_reference_cycles(daemon: Daemon) -> N
     assert not {"Exchange", "HttpResponseParser", "_Rec", "Span", "Verdict", "Task"} & leaked, leaked
 
 
-async def test_without_aiohttps_private_hook_the_daemon_falls_back_to_the_aiohttp_engine(
-    tmp_path: Path, workers: W, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The fast engine wraps aiohttp's private ``Application._make_handler``; an aiohttp without it must
-    cost speed, not service."""
-    import tmb.proxy.fast
-
-    monkeypatch.setattr(tmb.proxy.fast, "_HOOK", "_make_handler_of_a_future_aiohttp")
-    runner, d = await start_daemon(make_config(tmp_path, [("a", workers["a"][1])], engine="fast"))
+async def test_on_a_plain_aiohttp_site_the_daemon_still_proxies(tmp_path: Path, workers: W) -> None:
+    """The fast engine and the connection gate come with :class:`ProxySite`; an application served on
+    aiohttp's own ``TCPSite`` goes through the aiohttp engine: it costs speed, not service."""
+    app = await build_app(make_config(tmp_path, [("a", workers["a"][1])], engine="fast"))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, 0).start()
     try:
-        assert "cannot hook this aiohttp version" in caplog.text
-        reader, writer = await connect(d)
+        reader, writer = await asyncio.open_connection(HOST, runner.addresses[0][1])
         writer.write(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
         status, headers, _ = await read_response(reader)
         assert status == 200 and len(headers["x-tmb-request-id"]) == 32
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and "x-tmb-request-id" not in headers
         writer.close()
+        assert not app[PROXY_KEY].gates
     finally:
         await runner.cleanup()
+
+
+async def test_the_fast_engine_hands_the_daemons_own_paths_to_aiohttp(daemon: Daemon) -> None:
+    """Paths under the daemon's own prefixes go to aiohttp's router (a route there answers; an unknown
+    path under them reaches the catch-all and is proxied, as before)."""
+    proxy = daemon.app[PROXY_KEY]
+    assert "/healthz" in proxy.own_prefixes and "/v1/verdicts" in proxy.own_prefixes
+    (gate,) = proxy.gates
+    assert not gate.proxied(b"/healthz") and not gate.proxied(b"/v1/verdicts/abc")
+    assert gate.proxied(b"/healthzz") and gate.proxied(b"/v1/chat/completions") and gate.proxied(b"/")
+    reader, writer = await connect(daemon)
+    writer.write(b"GET /v1/keys HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 200 and "x-tmb-request-id" not in headers and b"keys" in body
+    writer.close()
+
+
+def test_every_daemon_route_must_lie_under_the_declared_paths() -> None:
+    assert own_prefixes(["/v1/verdicts/{id}", "/tmb/metrics", "/v1/ingest/{node}/nonce", "/healthz"]) == (
+        "/v1/verdicts",
+        "/tmb/metrics",
+        "/v1/ingest",
+        "/healthz",
+    )
+    with pytest.raises(ValueError, match="DAEMON_PATHS"):
+        own_prefixes(["/v1/chat/completions"])
+    with pytest.raises(ValueError, match="DAEMON_PATHS"):
+        own_prefixes(["/healthzz"])

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from tmb.config import Config, ProxyConfig, ServerConfig, StoreConfig, VerdictsConfig, WorkerConfig
+from tmb.proxy.site import ProxyRunner, ProxySite
 from tmb.serve import PIPELINE_KEY, EngineFactory, build_app
 from tmb.spans import Span
 
@@ -166,12 +167,12 @@ def worker_app(state: WorkerState) -> web.Application:
 
 
 async def start(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    """Serve ``app`` on 127.0.0.1 as ``tmb serve`` does (an app without the proxy: a plain TCP site)."""
+    runner = ProxyRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, HOST, 0)
+    site = ProxySite(runner, HOST, 0)
     await site.start()
-    port: int = runner.addresses[0][1]
-    return runner, port
+    return runner, site.port
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 from multidict import CIMultiDict
 
-from tmb.proxy.app import _HOP_BY_HOP, strip_hop_by_hop
+from tmb.proxy.contract import HOP_BY_HOP, strip_hop_by_hop
 from tmb.proxy.inspect import SseTokenCounter, model_from_json, usage_from_json
 from tmb.spans import Outcome, Span
 
@@ -70,7 +70,7 @@ def test_hop_by_hop_fields_and_those_connection_names_are_dropped() -> None:
             ("Set-Cookie", "b=2"),
         ]
     )
-    assert strip_hop_by_hop(headers, _HOP_BY_HOP) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+    assert strip_hop_by_hop(headers, HOP_BY_HOP) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
 
 
 def test_span_round_trips_through_json() -> None:

@@ -8,8 +8,8 @@ marked down and the next one tried). The response head and body bytes are relaye
 write per read, no added delay); failover happens only before the response head and while the request body
 can still be sent again. The span is emitted when the response is complete and the byte that completes it
 (the last body piece, the chunked terminator, or for an empty body the head itself) is written only once
-the span callback's future resolved (store ack ``commit``). Error answers and span outcomes are those of
-:mod:`tmb.proxy.app`.
+the span callback's future resolved (store ack ``commit``). The contract (failover rule, failure table,
+request record, header rules) is :mod:`tmb.proxy.contract`; this module only does the I/O.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from tmb.proxy.app import _new_request_id, _Rec
+from tmb.proxy import contract
+from tmb.proxy.contract import BODY_LATE, UPSTREAM_TIMEOUT, Failure, RequestRecord
 from tmb.proxy.fast_upstream import FastUpstream, connect, take_idle
 from tmb.proxy.inspect import SseTokenCounter, model_from_json, usage_from_json
-from tmb.spans import Outcome
 
 if TYPE_CHECKING:
     from tmb.proxy.fast import FastConnection
@@ -36,19 +36,7 @@ log = logging.getLogger("tmb.proxy")
 
 _NONE, _WHOLE, _STREAM = 0, 1, 2  # request body: none (or complete), gathered whole, streamed
 _QUEUE_PAUSE = 1 << 18  # streamed body bytes held while connecting before reading from the client pauses
-_RESPONSE_DROP = frozenset(  # hop-by-hop fields, and a worker's own X-TMB-Request-Id (tmb's is the one)
-    [
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"x-tmb-request-id",
-    ]
-)
-_BUSY = "every worker serving this request is at its concurrency limit"
+_RESPONSE_DROP = frozenset(name.encode() for name in contract.RESPONSE_DROP)
 
 
 class Exchange:
@@ -75,7 +63,6 @@ class Exchange:
         "inspect_json",
         "interim",
         "json_parts",
-        "last_error",
         "last_io",
         "mode",
         "n",
@@ -99,7 +86,7 @@ class Exchange:
     def __init__(self, conn: FastConnection, method: str, target: str, corr: str | None, t0: int) -> None:
         self.conn = conn
         self.fp = conn.fp
-        self.rec = _Rec(_new_request_id(), corr, method, target, t0)
+        self.rec = RequestRecord(corr, method, target, t0)
         self.rid = self.rec.rid.encode("ascii")
         self.request_line = self.request_fields = b""
         self.close_after = False
@@ -114,7 +101,6 @@ class Exchange:
         self.up: FastUpstream | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.parser: httptools.HttpResponseParser | None = None
-        self.last_error = "no worker available"
         self.retried = False
         self.finished = False
         self.timer: asyncio.TimerHandle | None = None
@@ -185,13 +171,7 @@ class Exchange:
         pool = self.fp.pool
         self.cands = pool.candidates(model)
         if not self.cands:
-            rec = self.rec
-            rec.outcome = Outcome.REJECTED
-            if not pool.workers:
-                rec.outcome = Outcome.UPSTREAM_ERROR
-                self.error(502, "no_workers", "no worker is configured")
-            else:
-                self.error(503, "workers_busy", _BUSY)
+            self.refuse(contract.no_candidates(bool(pool.workers)))
             return
         self.try_next()
 
@@ -213,11 +193,7 @@ class Exchange:
         self.give_up()
 
     def give_up(self) -> None:
-        self.rec.outcome = Outcome.UPSTREAM_ERROR
-        if self.rec.failed:
-            self.error(502, "upstream_unavailable", self.last_error)
-        else:
-            self.error(503, "workers_busy", _BUSY)
+        self.refuse(contract.gave_up(self.rec))
 
     async def _connect(self, w: Worker) -> None:
         try:
@@ -227,9 +203,7 @@ class Exchange:
             if self.finished:
                 return
             kind = "ConnectionTimeoutError" if isinstance(exc, TimeoutError) else type(exc).__name__
-            message = f"{w.name}: {kind}: {exc or 'connection timed out'}"
-            w.mark_down(message)
-            self._worker_failed(message)
+            self._worker_failed(f"{kind}: {exc or 'connection timed out'}", connect=True)
             self.try_next()
             return
         self.connecting = None
@@ -238,13 +212,12 @@ class Exchange:
             return
         self.attach(conn)
 
-    def _worker_failed(self, message: str) -> None:
+    def _worker_failed(self, why: str, *, connect: bool = False) -> None:
         w = self.worker
         if w is not None:
-            self.rec.failed.append(w.name)
+            self.rec.attempt_failed(w, why, connect=connect)
             w.inflight -= 1
             self.worker = None
-        self.last_error = message
 
     def replayable(self) -> bool:
         return self.mode != _STREAM or not self.body_sent
@@ -281,10 +254,7 @@ class Exchange:
         self.timer = None
         if self.finished or self.up is not None or not self.body_left:
             return
-        self.rec.outcome = Outcome.REJECTED
-        self.close_after = True  # the rest of the body is not read
-        t = self.fp.config.header_timeout_s
-        self.error(408, "request_timeout", f"request body not received within {t:g} s")
+        self.refuse(BODY_LATE, contract.body_late(self.fp.config.header_timeout_s))
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -301,16 +271,15 @@ class Exchange:
             self.timer = loop.call_at(when, self._on_timer)
             return
         rec = self.rec
-        rec.outcome = Outcome.TIMEOUT
         if self.head_seen:
-            rec.error = "worker silent mid-response: read timeout"
+            rec.silent("read timeout")
             self.broken()
             return
         up, self.up = self.up, None
         up.abort()  # the worker sees its request cancelled
         rec.worker = self.worker
         name = self.worker.name if self.worker else "?"
-        self.error(504, "upstream_timeout", f"worker {name} sent no response in time")
+        self.refuse(UPSTREAM_TIMEOUT, contract.upstream_timeout(name))
 
     # -- response side: FastUpstream events and httptools callbacks ---------------------------------
     def up_data(self, data: bytes) -> None:
@@ -344,11 +313,8 @@ class Exchange:
         if self.close_delimited and exc is None:
             self.complete(False)
             return
-        rec = self.rec
-        rec.outcome = Outcome.WORKER_DIED_MID_STREAM
-        name = self.worker.name if self.worker else "?"
         kind = type(exc).__name__ if exc else "ServerDisconnectedError"
-        rec.error = f"worker {name} broke off: {kind}: {exc or 'connection closed mid-response'}"
+        self.rec.broke_off(f"{kind}: {exc or 'connection closed mid-response'}")
         self.broken()
 
     def _up_failed(self, why: str) -> None:
@@ -358,13 +324,11 @@ class Exchange:
             self.up = None
         self._stop_timer()
         if self.head_seen:
-            self.rec.outcome = Outcome.WORKER_DIED_MID_STREAM
-            self.rec.error = f"worker {self.worker.name if self.worker else '?'} broke off: {why}"
+            self.rec.broke_off(why)
             self.broken()
             return
-        name = self.worker.name if self.worker else "?"
-        self._worker_failed(f"{name}: {why}")
-        if self.replayable():
+        self._worker_failed(why)
+        if contract.may_try_next(head_seen=False, replayable=self.replayable()):
             self.try_next()
         else:
             self.give_up()
@@ -471,13 +435,14 @@ class Exchange:
             self.out = []
         self.respond(tail, False)
 
-    def error(self, status: int, kind: str, message: str) -> None:
-        """Answer with tmb's JSON error (sent whether or not the store acknowledged the span)."""
+    def refuse(self, failure: Failure, message: str = "") -> None:
+        """Answer ``failure`` in the error envelope (sent whether or not the store acknowledged the span)."""
         rec = self.rec
-        rec.status = status
-        rec.error = f"{kind}: {message}"
-        body = json.dumps({"error": {"type": kind, "message": message, "request_id": rec.rid}}).encode()
+        status = failure.status
+        body = json.dumps(rec.refuse(failure, message)).encode()
         rec.bytes_out = len(body)
+        if failure.close:
+            self.close_after = True  # the rest of the request is not read
         head = (
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n"
             % (
@@ -492,12 +457,7 @@ class Exchange:
     def respond(self, tail: bytes, always: bool) -> None:
         """Emit the span; write ``tail`` once acknowledged (on a failed ack: abort, unless ``always``)."""
         self.finished = True
-        rec = self.rec
-        callback = self.fp.proxy.on_span_end
-        waiter: Any = None
-        if callback is not None and not rec.emitted:
-            rec.emitted = True
-            waiter = callback(rec.span())
+        waiter: Any = self.rec.emit(self.fp.proxy.on_span_end)
         if waiter is None:
             self._send_tail(tail, True, always)
             return
@@ -539,7 +499,7 @@ class Exchange:
         if self.up is not None:
             self.up.abort()
             self.up = None
-        self._emit()
+        rec.emit(self.fp.proxy.on_span_end)
         if self.conn.transport is not None:
             self.conn.transport.abort()
         self.end(False)
@@ -551,23 +511,16 @@ class Exchange:
             self.connecting = None
         rec = self.rec
         if not rec.emitted:
-            rec.outcome = Outcome.CLIENT_DISCONNECT
-            rec.error = "client disconnected"
+            rec.client_gone()
             rec.bytes_out = self.n
             self._tokens(False)
-            self._emit()
+            rec.emit(self.fp.proxy.on_span_end)
         self.finished = True
         self._stop_timer()
         if self.up is not None:
             self.up.abort()
             self.up = None
         self.end(False)
-
-    def _emit(self) -> None:
-        callback = self.fp.proxy.on_span_end
-        if callback is not None and not self.rec.emitted:
-            self.rec.emitted = True
-            callback(self.rec.span())
 
     def end(self, keep_open: bool) -> None:
         w = self.worker

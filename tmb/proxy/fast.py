@@ -1,16 +1,18 @@
 """The fast engine (``[proxy] engine = "fast"``): an HTTP/1.1 relay written as asyncio protocols.
 
-Same contract as :mod:`tmb.proxy.app` (request ids, hop-by-hop headers, spans, failover, 413/502/503/504,
-store ack), at a fraction of the CPU: no task, coroutine, request or response object per request; request
-heads are parsed by hand, response heads and bodies by ``httptools`` (llhttp); body bytes are relayed as
-they arrive; workers are reached over keep-alive connections (:mod:`tmb.proxy.fast_upstream`).
+Same contract as the aiohttp engine (:mod:`tmb.proxy.contract`: request ids, hop-by-hop headers, spans,
+failover, the failure table, store ack), at a fraction of the CPU: no task, coroutine, request or response
+object per request; request heads are parsed by hand, response heads and bodies by ``httptools``
+(llhttp); body bytes are relayed as they arrive; workers are reached over keep-alive connections
+(:mod:`tmb.proxy.fast_upstream`).
 
-:func:`install` puts a dispatcher in front of the daemon's aiohttp server: every client connection starts
-in a :class:`FastConnection`. A request it does not handle itself is handed, with the connection and the
-bytes read so far, to aiohttp's own protocol, which then keeps the connection (daemon routes, so the API
-and metrics behave exactly as before, and whatever the fast path leaves to aiohttp: HTTP/1.0, ``HEAD``,
-``Transfer-Encoding`` (chunked uploads), ``Expect``, ``Upgrade``, bodies over ``max_body_bytes`` (413),
-percent-encoded paths, unusual heads, https workers).
+:class:`FastPath` is a dispatcher in front of the daemon's aiohttp server (``runner.server``), put there by
+:class:`tmb.proxy.site.ProxySite`: every client connection starts in a :class:`FastConnection`. A request
+it does not handle itself is handed, with the connection and the bytes read so far, to aiohttp's own
+protocol, which then keeps the connection: the daemon's own paths (:data:`tmb.proxy.contract.DAEMON_PATHS`,
+so the API and metrics behave exactly as before), and whatever the fast path leaves to aiohttp: HTTP/1.0,
+``HEAD``, ``Transfer-Encoding`` (chunked uploads), ``Expect``, ``Upgrade``, bodies over ``max_body_bytes``
+(413), percent-encoded paths, unusual heads, https workers.
 
 The dispatcher is also the connection gate, for both engines (with ``engine = "aiohttp"`` every complete
 head is handed to aiohttp): at most ``max_connections`` client connections (lowered to what the open-file
@@ -27,21 +29,19 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable
 from resource import RLIM_INFINITY, RLIMIT_NOFILE, getrlimit
 from time import time_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from tmb.config import ProxyConfig
+from tmb.envelope import error_body
+from tmb.proxy import contract
+from tmb.proxy.contract import BAD_REQUEST
 from tmb.proxy.exchange import Exchange
-from tmb.spans import Outcome
 
 if TYPE_CHECKING:
-    from aiohttp.web_urldispatcher import AbstractResource
-
     from tmb.proxy.app import Proxy
 
 log = logging.getLogger("tmb.proxy")
@@ -66,13 +66,9 @@ def connection_cap(config: ProxyConfig, upstream: int, nofile: int) -> int:
     return max(1, min(config.max_connections, nofile - upstream - _FD_RESERVE - _MAX_LINGER))
 
 
-def _error_body(kind: str, message: str) -> bytes:
-    return json.dumps({"error": {"type": kind, "message": message}}).encode()
-
-
 def _connection_error(status: bytes, kind: str, message: str, extra: bytes = b"") -> bytes:
-    """A whole response for a connection-level refusal (no request: the daemon API's envelope, no id)."""
-    body = _error_body(kind, message)
+    """A whole response for a connection-level refusal (no request: the envelope without a request id)."""
+    body = json.dumps(error_body(kind, message)).encode()
     return (
         b"HTTP/1.1 %s\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n"
         b"%sConnection: close\r\n\r\n%s" % (status, len(body), extra, body)
@@ -80,18 +76,19 @@ def _connection_error(status: bytes, kind: str, message: str, extra: bytes = b""
 
 
 class FastPath:
-    """Shared state of the fast engine: the proxy, aiohttp's server (for hand-offs), open connections."""
+    """Shared state of the fast engine on one listening socket: the proxy, aiohttp's server (for hand-offs),
+    open connections. :meth:`connection` is the socket's protocol factory."""
 
-    def __init__(self, proxy: Proxy, inner: web.Server, app: web.Application, own: AbstractResource) -> None:
+    def __init__(self, proxy: Proxy, inner: web.Server) -> None:
         self.proxy = proxy
         self.pool = proxy.pool
         self.config = proxy.config
         self.inner = inner
-        self.app = app
-        self.own = own  # the proxy's catch-all resource
         self.conns: set[FastConnection] = set()
         self.loop = asyncio.get_running_loop()
-        self._routes: dict[bytes, bool] = {}
+        own = proxy.own_prefixes  # the daemon's paths as mounted: aiohttp's
+        self._own = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in own) + rb")(?:/|\Z)")
+        self._any_own = bool(own)
         self.fast = self.config.engine == "fast"  # False: every head goes to aiohttp (the gate stays)
         self.header_timeout = self.config.header_timeout_s
         self.keepalive_timeout = self.config.keepalive_timeout_s
@@ -120,38 +117,32 @@ class FastPath:
             f"the request head did not arrive within {self.header_timeout:g} s",
         )
 
+    def connection(self) -> asyncio.Protocol:
+        return FastConnection(self)
+
     def open_connections(self) -> int:
         """Client connections held now: in the fast engine, and those handed to aiohttp."""
         return len(self.conns) + len(self.inner.connections)
 
     def proxied(self, path: bytes) -> bool:
-        """Whether ``path`` (no query, no percent escapes) reaches the proxy rather than a daemon route."""
-        hit = self._routes.get(path)
-        if hit is None:
-            hit = self._match(path.decode("ascii"))
-            if len(self._routes) >= 4096:
-                self._routes.clear()
-            self._routes[path] = hit
-        return hit
+        """Whether ``path`` (no query, no percent escapes) is relayed here rather than the daemon's own."""
+        return not (self._any_own and self._own.match(path))
 
-    def _match(self, path: str) -> bool:
-        for resource in self.app.router.resources():
-            if resource is self.own:
-                continue
-            info = resource.get_info()
-            if "path" in info:
-                if info["path"] == path:
-                    return False
-            elif "pattern" in info:
-                if info["pattern"].fullmatch(path):
-                    return False
-            elif "prefix" in info:
-                prefix = info["prefix"].rstrip("/")
-                if path == prefix or path.startswith(prefix + "/"):
-                    return False
-            else:
-                return False  # a kind of route we cannot read: let aiohttp decide
-        return True
+    def close_idle(self) -> None:
+        """Stop serving: idle connections close now, busy ones once their exchange ends."""
+        for conn in list(self.conns):
+            conn.close_idle()
+
+    def abort(self) -> None:
+        """After aiohttp's server shut down: cut what is left (its spans are emitted as disconnects)."""
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for refused in list(self.refused):
+            if refused.transport is not None:
+                refused.transport.abort()
+        for worker in self.pool.workers:
+            worker.close_idle()
 
 
 class FastConnection(asyncio.Protocol):
@@ -312,11 +303,9 @@ class FastConnection(asyncio.Protocol):
         method = parts[0][:32].decode("ascii")
         target = parts[1].decode("ascii") if len(parts) > 1 else ""
         ex = Exchange(self, method, target, None, time_ns())
-        ex.close_after = True
-        ex.rec.outcome = Outcome.REJECTED
         self.buf = b""
         self.ex = ex
-        ex.error(400, "bad_request", message)
+        ex.refuse(BAD_REQUEST, message)
 
     def start(self, buf: bytes, end: int) -> bool:
         """Parse the head ``buf[:end]``; start its exchange. False: aiohttp must take this request."""
@@ -472,95 +461,14 @@ class _Refused(asyncio.Protocol):
             self.timer = None
 
 
+# Request fields the head parser looks at: the contract's not-forwarded ones (hop-by-hop, Host, Expect,
+# X-Forwarded-For, a client's X-TMB-Request-Id), those it reads, and those left to aiohttp.
 _REQUEST_REFUSED = frozenset([b"transfer-encoding", b"upgrade", b"expect"])
 _REQUEST_SPECIAL = frozenset(
     [
+        *(name.encode() for name in contract.NOT_FORWARDED),
         b"content-length",
-        b"x-tmb-request-id",
-        b"connection",
-        b"x-forwarded-for",
         b"x-request-id",
         b"content-type",
-        b"host",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"proxy-connection",
-        *_REQUEST_REFUSED,
     ]
 )
-
-
-class _DispatchServer:
-    """Stands in for aiohttp's ``web.Server`` as the listening socket's protocol factory."""
-
-    def __init__(self, inner: web.Server, make_fp: Callable[[web.Server], FastPath]) -> None:
-        self._inner = inner
-        self.fp = make_fp(inner)
-
-    def __call__(self) -> asyncio.Protocol:
-        return FastConnection(self.fp)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def pre_shutdown(self) -> None:
-        self._inner.pre_shutdown()
-        for conn in list(self.fp.conns):
-            conn.close_idle()
-
-    async def shutdown(self, timeout: float | None = None) -> None:
-        await self._inner.shutdown(timeout)
-        for conn in list(self.fp.conns):
-            if conn.transport is not None:
-                conn.transport.abort()
-        for refused in list(self.fp.refused):
-            if refused.transport is not None:
-                refused.transport.abort()
-        for worker in self.fp.pool.workers:
-            worker.close_idle()
-
-
-class _ClientErrors(logging.Filter):
-    """aiohttp logs every request it cannot parse at ERROR with a traceback: that is the client's mistake
-    (answered 400), not the daemon's, so it becomes one INFO line without the traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg = f"{record.msg}: %s"
-            record.args = (*(record.args if isinstance(record.args, tuple) else ()), exc.message)
-        return True
-
-
-_server_log = logging.getLogger("tmb.proxy.http")
-_server_log.addFilter(_ClientErrors())
-
-
-def install(app: web.Application, proxy: Proxy, own: AbstractResource) -> bool:
-    """Serve ``app``'s connections through the fast engine's dispatcher (call before the app's runner is
-    set up): with ``engine = "fast"`` it relays what it can itself; with ``"aiohttp"`` it only gates the
-    connections (cap, timeouts, heads that are not HTTP/1.x) and hands every request to aiohttp.
-
-    aiohttp has no public hook for the connection protocol, so the application's ``_make_handler`` (which
-    the runner calls once, after start-up, to build its ``web.Server``) is wrapped for this instance.
-    False (and nothing changed) when this aiohttp has no such method: every request then goes through
-    aiohttp, slower but the same contract, with aiohttp's own keep-alive timeout and no connection cap.
-    """
-    make_handler = getattr(app, _HOOK, None)
-    if not callable(make_handler):
-        return False
-
-    def _make_handler(**kwargs: Any) -> web.Server:
-        kwargs.setdefault("keepalive_timeout", proxy.config.keepalive_timeout_s)
-        kwargs.setdefault("logger", _server_log)
-        inner = make_handler(**kwargs)
-        return _DispatchServer(inner, lambda s: FastPath(proxy, s, app, own))  # type: ignore[return-value]
-
-    object.__setattr__(app, _HOOK, _make_handler)
-    return True
-
-
-_HOOK = "_make_handler"  # aiohttp's private method the runner calls to build its web.Server
