@@ -16,6 +16,11 @@ Keys (all with empty authorisation, as usual for attestation keys):
   stored in NV), recreated on demand from the endorsement seed; its certificate is read from NV
   ``0x01c00002`` (RSA), ``0x01c0000a`` (ECC P-256) or ``0x01c00016`` (ECC P-384, which
   ``swtpm_setup --create-ek-cert`` writes besides the RSA one).
+
+Node identity (docs/probe.md, "Node identity"): the probe sends :meth:`TpmClient.ek_public` and
+:meth:`TpmClient.ek_certificates` with the AK's public area; the daemon checks them
+(:mod:`tmb.attest.ekcert`, :mod:`tmb.attest.akcheck`) and answers with a credential made for the AK's name
+(:mod:`tmb.attest.credential`), which only this TPM can open: :meth:`TpmClient.activate_credential`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_SE, TPM2_SU, TPMA_OBJECT
 from tpm2_pytss.types import (
     TPM2_HANDLE,
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
@@ -247,6 +254,46 @@ class TpmClient:
             raise TpmError(
                 f"unsupported EK algorithm {alg!r}", hint=f"use one of {', '.join(_EK_TYPES)}"
             ) from None
+
+    def ek_certificates(self) -> dict[str, bytes]:
+        """Every EK certificate the TPM has in NV, by EK algorithm (``rsa``, ``ecc``, ``ecc384``)."""
+        found = {alg: self.ek_certificate(alg) for alg in EK_CERT_NV_INDEX}
+        return {alg: cert for alg, cert in found.items() if cert is not None}
+
+    def activate_credential(
+        self, id_object: bytes, encrypted_secret: bytes, ak_handle: int = AK_HANDLE, ek_alg: str = "rsa"
+    ) -> bytes:
+        """TPM2_ActivateCredential: the credential the verifier made (TPM2_MakeCredential) for the AK at
+        ``ak_handle`` and the EK of ``ek_alg``, from its ``TPM2B_ID_OBJECT`` and ``TPM2B_ENCRYPTED_SECRET``.
+
+        The TPM opens it only if the EK is this TPM's and the AK loaded at ``ak_handle`` has the name the
+        credential was made for; anything else is a :class:`TpmError` (an integrity or value error). Only the
+        low-range EKs (``rsa``, ``ecc``: policy PolicySecret(endorsement) over SHA-256) are supported.
+        """
+        if ek_alg not in ("rsa", "ecc"):
+            raise TpmError(
+                f"ActivateCredential with the {ek_alg!r} EK is not supported",
+                hint="use the 'rsa' or 'ecc' EK",
+            )
+        try:
+            blob = TPM2B_ID_OBJECT.unmarshal(bytes(id_object))
+            secret = TPM2B_ENCRYPTED_SECRET.unmarshal(bytes(encrypted_secret))
+        except (TSS2_Exception, ValueError, TypeError) as exc:
+            raise TpmError(f"ActivateCredential: malformed credential: {exc}") from None
+        if blob[1] != len(id_object) or secret[1] != len(encrypted_secret):
+            raise TpmError("ActivateCredential: trailing bytes after the credential")
+        template = self._ek_template(ek_alg)
+        with self._op("ActivateCredential", ak=f"0x{ak_handle:08x}", ek=ek_alg) as ctx:
+            ek = ctx.create_primary(None, template, ESYS_TR.ENDORSEMENT)[0]
+            try:
+                ak = ctx.tr_from_tpmpublic(TPM2_HANDLE(ak_handle))
+                with self._ek_session(ctx) as session:
+                    cert_info = ctx.activate_credential(
+                        ak, ek, blob[0], secret[0], session1=ESYS_TR.PASSWORD, session2=session
+                    )
+            finally:
+                ctx.flush_context(ek)
+        return bytes(cert_info)
 
     # ----------------------------------------------------------------------------------------- PCRs
 
