@@ -41,6 +41,7 @@ from sample_infra.demo_setup import BootedNode
 from sample_infra.load_balancer import LoadBalancer
 from sample_infra.worker import WorkerConfig, WorkerNode
 from tmb.errors import TmbError
+from tmb.proxy.site import ProxyRunner, ProxySite
 
 CLAIM = "llama-1b/bf16/h100"
 IMPOSTOR = "llama-1b/int8/h100"
@@ -240,12 +241,12 @@ class Demo:
         path.write_text("\n".join(lines))
         self.config = load_config(path, env={})
         app: web.Application = await build_app(self.config)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = ProxyRunner(app, handler_cancellation=True, access_log=None)  # as tmb serve: the fast engine
         await runner.setup()
         self.stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = ProxySite(runner, "127.0.0.1", 0)
         await site.start()
-        self.daemon_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self.daemon_url = f"http://127.0.0.1:{site.addresses[0][1]}"
 
     def _start_probe(self, name: str) -> None:
         node, s = self.nodes[name], self.settings

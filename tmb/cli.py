@@ -40,6 +40,7 @@ SUBCOMMANDS: dict[str, dict[str, str]] = {
         "verify-verdict": "check a verdict's signature and decision",
         "config": "configuration tools",
     },
+    "tmb.verdict.log_cli": {"log": "the verdict transparency log: check saved checkpoints"},
     "sample_infra.cli": {
         "demo": "run the end-to-end demo on 127.0.0.1 "
         "(workers, probes, swtpm quotes, daemon, verdicts, audit)",

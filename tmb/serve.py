@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from tmb.config import Config
+from tmb.daemon.translog import sign_checkpoint
 from tmb.errors import ConfigError, InputError
 from tmb.proxy.app import Proxy, make_proxy_routes
 from tmb.proxy.upstream import WorkerPool
@@ -392,6 +393,8 @@ async def build_app(
             await retention
         await pool.close()
         await pipeline.close()
+        with contextlib.suppress(Exception):  # the verdicts decided last get a checkpoint (best effort)
+            await sign_checkpoint(api)
         await store.close()
 
     app.cleanup_ctx.append(lifecycle)  # type: ignore[arg-type]

@@ -3,6 +3,8 @@
 =====================================  ==============================================================
 ``GET /v1/verdicts/{id}[?wait=S]``     200 signed verdict (canonical JSON), 202 pending (``Retry-After``),
                                        404 unknown or never served, 400 malformed id or wait
+                                       (``Accept: application/eat+jwt``: the EAR JWT)
+``GET /v1/log/...``                    the verdict transparency log (:mod:`tmb.daemon.translog`)
 ``GET /v1/keys``                       the verdict public keys ``{"keys": [{key_id, algorithm, ...}]}``
 ``GET /v1/evidence/{id}``              200 the evidence references the final verdict rests on, 202, 404
 ``GET /metrics``                       Prometheus text format; 404 with ``[metrics] enabled = false``,
@@ -23,6 +25,7 @@ These paths are reserved: any other method on them gets 405, never the proxy. Er
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -31,13 +34,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from tmb.config import Config
-from tmb.daemon import admin
+from tmb.daemon import admin, translog
 from tmb.daemon.admin import ApiHandler
 from tmb.daemon.metrics import Metrics, healthz, metrics_page
 from tmb.daemon.openapi import openapi
 from tmb.envelope import error_response
 from tmb.proxy.upstream import WorkerPool
 from tmb.verdict.async_store import AsyncStore
+from tmb.verdict.ear import EAR_MEDIA_TYPE, ear_jwt
+from tmb.verdict.model import Verdict
 from tmb.verdict.signing import PublicKey, Signer
 
 __all__ = ["DaemonApi", "Metrics", "add_api_routes"]
@@ -87,7 +92,11 @@ async def verdict(api: DaemonApi, request: web.Request) -> web.StreamResponse:
             return error_response(400, "bad_wait", f"wait must be a number of seconds, 0..{max_wait_s}")
     rec = await (api.store.wait(rid, timeout) if timeout > 0 else api.store.lookup(rid))
     if rec.state == "final" and rec.doc is not None:
-        return web.Response(body=rec.doc, content_type="application/json")
+        if EAR_MEDIA_TYPE in request.headers.get("Accept", ""):
+            return _ear(api, rec.doc)
+        return web.Response(
+            body=await translog.attach_proof(api, rid, rec.doc), content_type="application/json"
+        )
     if rec.state == "pending":
         return _pending(rid)
     if rec.span is not None:
@@ -95,6 +104,12 @@ async def verdict(api: DaemonApi, request: web.Request) -> web.StreamResponse:
             404, "not_served", f"request {rid} was not served by a worker ({rec.span.outcome.value})"
         )
     return error_response(404, "unknown_request", f"no request {rid} is known here")
+
+
+def _ear(api: DaemonApi, doc: bytes) -> web.Response:
+    """The verdict as an EAR attestation result (a JWT signed with the current verdict key)."""
+    token = ear_jwt(Verdict.from_dict(json.loads(doc)), api.signer)
+    return web.Response(text=token, content_type=EAR_MEDIA_TYPE)
 
 
 async def keys(api: DaemonApi, request: web.Request) -> web.StreamResponse:
@@ -105,7 +120,8 @@ async def keys(api: DaemonApi, request: web.Request) -> web.StreamResponse:
         for k in await api.store.known_keys()
         if k.key_id != current.key_id and len(k.public_key) == 32
     ]
-    return web.json_response({"keys": [current.to_dict(), *(k.to_dict() for k in older)]})
+    log_key = {"origin": translog.log_origin(api), "verifier_key": translog.log_verifier_key(api)}
+    return web.json_response({"keys": [current.to_dict(), *(k.to_dict() for k in older)], "log": log_key})
 
 
 async def evidence(api: DaemonApi, request: web.Request) -> web.StreamResponse:
@@ -127,6 +143,10 @@ ROUTES: tuple[tuple[str, str, ApiHandler], ...] = (
     ("GET", "/v1/verdicts/{id:.+}", verdict),
     ("GET", "/v1/keys", keys),
     ("GET", "/v1/evidence/{id:.+}", evidence),
+    ("GET", "/v1/log/checkpoint", translog.checkpoint),
+    ("GET", "/v1/log/proof/inclusion", translog.inclusion),
+    ("GET", "/v1/log/proof/inclusion/{id:.+}", translog.inclusion_of),
+    ("GET", "/v1/log/proof/consistency", translog.consistency),
     ("GET", "/metrics", metrics_page),
     ("GET", "/healthz", healthz),
     ("GET", "/openapi.json", openapi),
@@ -164,3 +184,4 @@ def add_api_routes(app: web.Application, api: DaemonApi) -> None:
         methods.setdefault(path, set()).add(method)
     for path, allowed in methods.items():
         app.router.add_route("*", p + path, _not_allowed(", ".join(sorted(allowed))))
+    app.cleanup_ctx.append(translog.checkpoint_context(api, api.config.verdicts.checkpoint_s))

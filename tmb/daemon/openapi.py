@@ -43,7 +43,7 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
     """The document served at ``/openapi.json``; ``metrics`` is :func:`~tmb.daemon.metrics.metrics_mode`."""
     ref = {
         k: {"$ref": f"#/components/schemas/{k}"}
-        for k in ("Error", "Pending", "Verdict", "Keys", "Evidence", "Health")
+        for k in ("Error", "Pending", "Verdict", "Keys", "Evidence", "Health", "LogProof", "LogConsistency")
     }
     err = _resp("error", ref["Error"])
     rid = {
@@ -53,6 +53,7 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
         "description": "tmb request id (X-TMB-Request-Id)",
         "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
     }
+    size = {"type": "integer", "minimum": 0, "maximum": 2**62 - 1}
     retry = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
     pending = _resp("verdict pending", ref["Pending"]) | {"headers": retry}
     wait = {
@@ -68,7 +69,14 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                 "summary": "the signed verdict for a request",
                 "parameters": [rid, wait],
                 "responses": {
-                    "200": _resp("signed verdict (canonical JSON)", ref["Verdict"]),
+                    "200": {
+                        "description": "signed verdict (canonical JSON, with its unsigned log proof once a "
+                        "checkpoint covers it); Accept: application/eat+jwt gives the EAR JWT",
+                        "content": {
+                            "application/json": {"schema": ref["Verdict"]},
+                            "application/eat+jwt": {"schema": {"type": "string"}},
+                        },
+                    },
                     "202": pending,
                     "400": err,
                     "404": err,
@@ -85,6 +93,51 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                 "responses": {
                     "200": _resp("evidence", ref["Evidence"]),
                     "202": pending,
+                    "400": err,
+                    "404": err,
+                },
+            }
+        },
+        "/v1/log/checkpoint": {
+            "get": {
+                "summary": "the newest signed checkpoint of the verdict log (C2SP signed note)",
+                "responses": {
+                    "200": _resp("signed checkpoint", {"type": "string"}, "text/plain"),
+                    "404": err,
+                },
+            }
+        },
+        "/v1/log/proof/inclusion/{id}": {
+            "get": {
+                "summary": "a verdict's inclusion proof to the newest checkpoint covering it",
+                "parameters": [rid],
+                "responses": {
+                    "200": _resp("inclusion proof", ref["LogProof"]),
+                    "202": _resp("not covered by a checkpoint yet", {"type": "object"}) | {"headers": retry},
+                    "400": err,
+                    "404": err,
+                },
+            }
+        },
+        "/v1/log/proof/inclusion": {
+            "get": {
+                "summary": "the inclusion proof of a leaf in a tree size",
+                "parameters": [
+                    {"name": "index", "in": "query", "required": True, "schema": size},
+                    {"name": "tree_size", "in": "query", "required": True, "schema": size},
+                ],
+                "responses": {"200": _resp("inclusion proof", ref["LogProof"]), "400": err, "404": err},
+            }
+        },
+        "/v1/log/proof/consistency": {
+            "get": {
+                "summary": "the consistency proof between two tree sizes",
+                "parameters": [
+                    {"name": "first", "in": "query", "required": True, "schema": size},
+                    {"name": "second", "in": "query", "required": True, "schema": size},
+                ],
+                "responses": {
+                    "200": _resp("consistency proof", ref["LogConsistency"]),
                     "400": err,
                     "404": err,
                 },
@@ -213,6 +266,7 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                 "issued_ns": {"type": "integer"},
                 "key_id": {"type": "string"},
                 "signature": {"type": "string"},
+                "log": {"type": "object", "description": "unsigned: the verdict's place in the log"},
                 "signature_batch": {
                     "type": "object",
                     "description": "present when the signature covers a batch root (docs/verdict.md)",
@@ -229,6 +283,11 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
             "type": "object",
             "required": ["keys"],
             "properties": {
+                "log": {
+                    "type": "object",
+                    "description": "the verdict log's origin and checkpoint verifier key",
+                    "properties": {"origin": {"type": "string"}, "verifier_key": {"type": "string"}},
+                },
                 "keys": {
                     "type": "array",
                     "items": {
@@ -241,7 +300,7 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                             "pem": {"type": "string"},
                         },
                     },
-                }
+                },
             },
         },
         "Evidence": {
@@ -251,6 +310,27 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                 "request_id": {"type": "string"},
                 "state": {"type": "string"},
                 "evidence": {"type": "array", "items": {"type": "object", "required": ["kind", "digest"]}},
+            },
+        },
+        "LogProof": {
+            "type": "object",
+            "required": ["index", "tree_size", "proof"],
+            "properties": {
+                "request_id": {"type": "string"},
+                "index": {"type": "integer"},
+                "tree_size": {"type": "integer"},
+                "leaf": {"type": "string"},
+                "proof": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                "checkpoint": {"type": "string"},
+            },
+        },
+        "LogConsistency": {
+            "type": "object",
+            "required": ["first", "second", "proof"],
+            "properties": {
+                "first": {"type": "integer"},
+                "second": {"type": "integer"},
+                "proof": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
             },
         },
         "Health": {

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from tmb.spans import Span
 from tmb.verdict import tlog
 from tmb.verdict.model import Verdict
-from tmb.verdict.store import Cursor, EvidenceRef, KnownKey, Store, VerdictRecord, Write
+from tmb.verdict.store import Cursor, EvidenceRef, KnownKey, Store, StoreError, VerdictRecord, Write
 
 log = logging.getLogger("tmb.store")
 
@@ -87,6 +87,8 @@ class AsyncStore:
         self._thread.start()
 
     def _submit(self, kind: int, payload: Any, *, soon: bool = True) -> asyncio.Future[Any]:
+        if self._stop.is_set():  # the writer thread is gone: a queued call would wait forever
+            raise StoreError("the store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self.inline and kind == _WRITE:
@@ -111,6 +113,8 @@ class AsyncStore:
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` against the store: at once in inline mode, else on the store's thread."""
+        if self._stop.is_set():
+            raise StoreError("the store is closed")
         if self.inline:
             return fn(*args)
         return await self._submit(_CALL, (fn, args))
@@ -318,8 +322,8 @@ class AsyncStore:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush()
+        self._stop.set()
         if self._thread.is_alive():
-            self._stop.set()
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
         if self.inline:

@@ -49,6 +49,11 @@ def register(sub: Any) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--key", type=Path, help="public key: PEM, 64 hex digits, or a saved /v1/keys document")
     g.add_argument("--keys-url", help="URL of a daemon's /v1/keys")
+    p.add_argument(
+        "--log-key",
+        help="the verdict log's checkpoint verifier key (<origin>+<id>+<key>, as /v1/keys lists it, or a "
+        "file holding it): also check the verdict's inclusion proof (its 'log' member)",
+    )
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("config", help="configuration tools")
@@ -122,6 +127,33 @@ def _load_keys(args: argparse.Namespace) -> list[PublicKey]:
     return load_public_keys(data, args.keys_url)
 
 
+def read_log_key(value: str) -> list[Any]:
+    """The checkpoint verifier(s) from ``--log-key``: the key string itself or a file holding it."""
+    from tmb.verdict.checkpoint import parse_verifier_key
+
+    text = value
+    if "+" not in value or Path(value).is_file():
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the log key: {exc}", path=value) from None
+    return [parse_verifier_key(line) for line in text.splitlines() if line.strip()]
+
+
+def _check_log(doc: dict[str, Any], log_key: str) -> bool:
+    from tmb.verdict.logverify import check_inclusion
+
+    report, checkpoint = check_inclusion(doc, read_log_key(log_key))
+    for f in report:
+        print(f, file=sys.stderr)
+    if not report.ok or checkpoint is None:
+        print("FAIL: the verdict is not proven to be in the verdict log", file=sys.stderr)
+        return False
+    index = doc["log"]["index"]
+    print(f"in the verdict log {checkpoint.origin}: entry {index} of a checkpoint of {checkpoint.size}")
+    return True
+
+
 def _verify(args: argparse.Namespace) -> int:
     from tmb.verdict.model import Decision
     from tmb.verdict.signing import verify_verdict
@@ -145,6 +177,11 @@ def _verify(args: argparse.Namespace) -> int:
     print(
         f"signature OK (key {doc['key_id'][:16]}...), request {doc.get('request_id')}, decision: {decision}"
     )
+    if args.log_key:
+        if not _check_log(doc, args.log_key):
+            return 1
+    elif "log" in doc:
+        print("note: the verdict carries a log inclusion proof; give --log-key to check it")
     for reason in doc.get("reasons") or ():
         if isinstance(reason, dict):
             print(f"  reason {reason.get('id')}: {reason.get('message')}")
