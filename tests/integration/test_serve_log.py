@@ -230,3 +230,59 @@ async def test_ear_jwt_on_accept(daemon: Daemon) -> None:
     claims = jwt.decode(token, public, algorithms=["EdDSA"])
     assert claims["tmb.request-id"] == rid
     assert claims["submods"]["tmb-inference"]["ear.status"] == "warning"  # the gated engine decides `demo`
+
+
+async def test_key_rotation_keeps_old_verdicts_and_checkpoints_verifiable(
+    config: Config, tmp_path: Path
+) -> None:
+    runner, d, _ = await _daemon(config)
+    async with aiohttp.ClientSession() as s:
+        (rid,) = await _requests(s, d, 1)
+        old_doc = await _verdict_with_proof(s, d, rid)
+        async with s.get(f"{d.url}/v1/log/checkpoint") as r:
+            old_note = await r.text()
+    await runner.cleanup()
+    toml = tmp_path / "tmb.toml"
+    toml.write_text(
+        f'[verdicts]\nkey_file = "{config.verdicts.key_file}"\n[store]\npath = "{config.store.path}"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tmb",
+        "keys",
+        "rotate",
+        "--config",
+        str(toml),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"rotated:" in out and Path(config.verdicts.key_file).exists()
+    assert list(Path(config.verdicts.key_file).parent.glob("*.retired-*"))
+    runner, d, _ = await _daemon(config)
+    try:
+        async with aiohttp.ClientSession() as s:
+            (rid2,) = await _requests(s, d, 1)
+            new_doc = await _verdict_with_proof(s, d, rid2)
+            async with s.get(f"{d.url}/v1/keys") as r:
+                keys = await r.json()
+            async with s.get(f"{d.url}/v1/log/checkpoint") as r:
+                new_note = await r.text()
+            old_size, new_size = int(old_note.split("\n")[1]), int(new_note.split("\n")[1])
+            async with s.get(f"{d.url}/v1/log/proof/consistency?first={old_size}&second={new_size}") as r:
+                proof = (await r.json())["proof"]
+    finally:
+        await runner.cleanup()
+    current, retired = keys["keys"]
+    assert (current["status"], retired["status"]) == ("current", "retired")
+    assert old_doc["key_id"] == retired["key_id"] != new_doc["key_id"] == current["key_id"]
+    assert retired["first_ns"] <= retired["last_ns"] <= current["first_ns"]
+    verifiers = [parse_verifier_key(k) for k in keys["log"]["verifier_keys"]]
+    assert len(verifiers) == 2
+    assert check_inclusion(old_doc, verifiers)[0].ok and check_inclusion(new_doc, verifiers)[0].ok
+    report, _, _ = check_consistency(old_note, new_note, proof, verifiers)
+    assert report.ok, report.to_list()
+    # the current key alone does not vouch for the old checkpoint
+    assert check_inclusion(old_doc, verifiers[:1])[0].ids() == ["log.checkpoint_invalid"]

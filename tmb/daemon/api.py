@@ -41,6 +41,7 @@ from tmb.daemon.openapi import openapi
 from tmb.envelope import error_response
 from tmb.proxy.upstream import WorkerPool
 from tmb.verdict.async_store import AsyncStore
+from tmb.verdict.checkpoint import verifier_key
 from tmb.verdict.ear import EAR_MEDIA_TYPE, ear_jwt
 from tmb.verdict.model import Verdict
 from tmb.verdict.signing import PublicKey, Signer
@@ -113,15 +114,24 @@ def _ear(api: DaemonApi, doc: bytes) -> web.Response:
 
 
 async def keys(api: DaemonApi, request: web.Request) -> web.StreamResponse:
-    """``GET /v1/keys``: the signing key first, then every earlier one the store recorded."""
+    """``GET /v1/keys``: the signing key first, then every earlier one the store recorded, each with the
+    period it was used in; and the verdict log's checkpoint verifier keys (one per verdict key)."""
     current = api.signer.public
-    older = [  # old verdicts keep verifying
-        PublicKey(k.public_key)
-        for k in await api.store.known_keys()
-        if k.key_id != current.key_id and len(k.public_key) == 32
-    ]
-    log_key = {"origin": translog.log_origin(api), "verifier_key": translog.log_verifier_key(api)}
-    return web.json_response({"keys": [current.to_dict(), *(k.to_dict() for k in older)], "log": log_key})
+    known = {k.key_id: k for k in await api.store.known_keys() if len(k.public_key) == 32}
+    ordered = [current, *(PublicKey(k.public_key) for k in known.values() if k.key_id != current.key_id)]
+    entries = []
+    for key in ordered:
+        entry: dict[str, object] = {**key.to_dict(), "status": "current" if key is current else "retired"}
+        if key.key_id in known:
+            entry["first_ns"], entry["last_ns"] = known[key.key_id].first_ns, known[key.key_id].last_ns
+        entries.append(entry)
+    origin = translog.log_origin(api)
+    log_key = {
+        "origin": origin,
+        "verifier_key": translog.log_verifier_key(api),
+        "verifier_keys": [verifier_key(origin, key.raw) for key in ordered],
+    }
+    return web.json_response({"keys": entries, "log": log_key})
 
 
 async def evidence(api: DaemonApi, request: web.Request) -> web.StreamResponse:

@@ -286,7 +286,11 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                 "log": {
                     "type": "object",
                     "description": "the verdict log's origin and checkpoint verifier key",
-                    "properties": {"origin": {"type": "string"}, "verifier_key": {"type": "string"}},
+                    "properties": {
+                        "origin": {"type": "string"},
+                        "verifier_key": {"type": "string"},
+                        "verifier_keys": {"type": "array", "items": {"type": "string"}},
+                    },
                 },
                 "keys": {
                     "type": "array",
@@ -298,6 +302,9 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                             "algorithm": {"type": "string"},
                             "public_key_hex": {"type": "string"},
                             "pem": {"type": "string"},
+                            "status": {"type": "string", "enum": ["current", "retired"]},
+                            "first_ns": {"type": "integer"},
+                            "last_ns": {"type": "integer"},
                         },
                     },
                 },

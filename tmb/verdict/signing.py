@@ -261,6 +261,43 @@ def _create_key(path: Path) -> Ed25519PrivateKey | None:
     return private
 
 
+def rotate_key(path: str | Path) -> tuple[Signer, Signer, Path]:
+    """Replace the key at ``path`` with a new one; returns (old, new, where the old key was kept).
+
+    The old private key is kept beside it as ``<name>.retired-<key id prefix>`` (mode 0600: destroy it once
+    no daemon signs with it any more); the new key is swapped in with one rename, so a daemon starting
+    meanwhile reads either the old or the new key, never half of one."""
+    path = Path(path)
+    if not path.exists():
+        raise KeyFileError("there is no verdict key to rotate", path=str(path))
+    old = load_or_create_key(path)
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    retired = path.with_name(f"{path.name}.retired-{old.key_id[:16]}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if not retired.exists():
+            os.link(path, retired)
+        os.replace(tmp, path)
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot rotate the verdict key: {exc.strerror}", path=str(path)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return old, Signer(private), retired
+
+
 def load_public_keys(data: bytes, origin: str) -> list[PublicKey]:
     """Public keys from a PEM SubjectPublicKeyInfo, 64 hex digits, or a ``/v1/keys`` JSON document."""
     text = data.strip()
