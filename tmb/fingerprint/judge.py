@@ -87,11 +87,12 @@ def statistic(
     """``max |z|`` over ``names`` and the signed ``z`` per feature, under ``profile`` at the window's load."""
     zs: dict[str, float] = {}
     for name in names:
-        exp = profile.expected(name, window.load)
         fs = window.features.get(name)
-        if exp is None or fs is None:
+        if fs is None:
             continue
-        zs[name] = (fs.median - exp[0]) / profile.scale(name, window.load, fs.n)
+        exp, scale = profile.expected_scale(name, window.load, fs.n)
+        if exp is not None:
+            zs[name] = (fs.median - exp[0]) / scale
     return (max((abs(z) for z in zs.values()), default=math.nan), zs)
 
 
@@ -234,24 +235,20 @@ class Judge:
             common = [f for f in names if f in alt.features]
             if not common:
                 continue
-            sep = 0.0
+            sep, terms = 0.0, list[float]()
+            own_scale = alt.runs >= MIN_RUNS  # else the claimed profile's scale
             for name in common:
-                a, c, fs = (
-                    alt.expected(name, window.load),
-                    claim_p.expected(name, window.load),
-                    window.features[name],
-                )
-                if a is not None and c is not None:
-                    sep = max(sep, abs(a[0] - c[0]) / claim_p.scale(name, window.load, fs.n))
-            scale_p = alt if alt.runs >= MIN_RUNS else claim_p
-            stat = max(
-                (
-                    abs(window.features[f].median - e[0])
-                    / scale_p.scale(f, window.load, window.features[f].n)
-                    for f in common
-                    if (e := alt.expected(f, window.load)) is not None
-                ),
-                default=math.inf,
-            )
+                fs = window.features[name]
+                c, c_scale = claim_p.expected_scale(name, window.load, fs.n)
+                if own_scale:
+                    a, a_scale = alt.expected_scale(name, window.load, fs.n)
+                else:
+                    a, a_scale = alt.expected(name, window.load), c_scale
+                if a is None:
+                    continue
+                if c is not None:
+                    sep = max(sep, abs(a[0] - c[0]) / c_scale)
+                terms.append(abs(fs.median - a[0]) / a_scale)
+            stat = max(terms, default=math.inf)
             out.append((alt.key, stat, float(special.ndtr(sep - thr))))
         return out

@@ -114,24 +114,24 @@ class LoadProfile:
     target_far: float
     enrolment: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property  # the fields are frozen: computed once
     def key(self) -> str:
         parts = (self.model, self.precision, self.engine, self.gpu_type, self.regime)
         return "/".join(p or "-" for p in parts)
 
-    @property
+    @functools.cached_property  # the fields are frozen: computed once
     def identity(self) -> tuple[str, str, str]:
         return (self.model, self.precision, self.gpu_type)
 
-    @property
+    @functools.cached_property  # the fields are frozen: computed once
     def features(self) -> tuple[str, ...]:
         return tuple(f for f in SUMMARY_FEATURES if f in self.calibration)
 
-    @property
+    @functools.cached_property  # the fields are frozen: computed once
     def runs(self) -> int:
         return min((c.runs for c in self.calibration.values()), default=0)
 
-    @property
+    @functools.cached_property  # the fields are frozen: computed once
     def load_range(self) -> tuple[float, float]:
         return (self.knots[0].load, self.knots[-1].load) if self.knots else (math.nan, math.nan)
 
@@ -178,10 +178,14 @@ class LoadProfile:
 
     def scale(self, name: str, load: float, n: int) -> float:
         """Standard deviation of a genuine window's median around :meth:`expected` for ``n`` samples."""
+        return self.expected_scale(name, load, n)[1]
+
+    def expected_scale(self, name: str, load: float, n: int) -> tuple[tuple[float, float] | None, float]:
+        """:meth:`expected` and :meth:`scale` together (one interpolation)."""
         cal = self.calibration[name]
         exp = self.expected(name, load)
         sampling = exp[1] / max(n, 1) if exp is not None else 0.0
-        return math.sqrt(cal.shift_sd**2 + max(cal.window_sd**2, sampling) + cal.floor**2)
+        return exp, math.sqrt(cal.shift_sd**2 + max(cal.window_sd**2, sampling) + cal.floor**2)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -76,14 +76,8 @@ class WindowSummary:
         return max((f.n for f in self.features.values()), default=0)
 
 
-def _valid(x: FloatArray, upper: float | None) -> FloatArray | None:
-    """``x`` with invalid values as NaN (non-finite, negative, above ``upper``); None when none is valid."""
-    ok = np.isfinite(x) & (x >= 0)
-    if upper is not None:
-        ok &= x <= upper
-    if not bool(ok.any()):
-        return None
-    return x if bool(ok.all()) else np.where(ok, x, np.nan)
+#: Largest valid value of each :data:`SUMMARY_FEATURES` member (``power_frac``: any finite one).
+_UPPER: Final = np.array([np.finfo(np.float64).max, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 
 
 def _process_bytes(processes: Sequence[Sequence[tuple[int, int | None]]]) -> FloatArray:
@@ -100,29 +94,45 @@ def _process_bytes(processes: Sequence[Sequence[tuple[int, int | None]]]) -> Flo
     return out
 
 
+def _feature_matrix(batch: SampleBatch) -> tuple[tuple[str, ...], FloatArray]:
+    """The per-sample feature values as one samples x features matrix (the features with at least one
+    valid value, in :data:`SUMMARY_FEATURES` order; an invalid value is NaN): every feature is validated
+    in one pass over the matrix instead of a handful of array calls per feature."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        limit = batch.power_limit_w
+        total = batch.mem_total_bytes
+        denom = np.where(total > 0, total, np.nan)
+        cols = [
+            batch.power_w / np.where(limit > 0, limit, np.nan),
+            batch.gpu_util / 100.0,
+            batch.mem_util / 100.0,
+            batch.sm_active,
+            batch.tensor_active,
+            batch.mem_used_bytes / denom,
+        ]
+        if any(batch.processes):
+            cols.append(_process_bytes(batch.processes) / denom)
+        names: tuple[str, ...] = SUMMARY_FEATURES[: len(cols)]
+        x: FloatArray = np.column_stack(cols)
+        # non-finite, negative or above the feature's upper bound: invalid (NaN compares False)
+        ok = (x >= 0) & (x <= _UPPER[: len(cols)])
+    if not x.shape[0]:
+        return (), x[:, :0]
+    if bool(ok.all()):
+        return names, x
+    valid = ok.any(axis=0)
+    x = np.where(ok, x, np.nan)
+    if not bool(valid.all()):
+        keep = np.flatnonzero(valid)
+        names, x = tuple(names[j] for j in keep), x[:, keep]
+    return names, x
+
+
 def sample_features(batch: SampleBatch) -> dict[str, FloatArray]:
     """Per-sample values of every :data:`SUMMARY_FEATURES` member the batch has, aligned with the samples:
     an invalid or missing value is NaN (the validity rules of :mod:`tmb.telemetry.features`)."""
-    out: dict[str, FloatArray] = {}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        limit = batch.power_limit_w
-        cols: tuple[tuple[str, FloatArray, float | None], ...] = (
-            ("power_frac", batch.power_w / np.where(limit > 0, limit, np.nan), None),
-            ("gpu_util", batch.gpu_util / 100.0, 1.0),
-            ("mem_util", batch.mem_util / 100.0, 1.0),
-            ("sm_active", batch.sm_active, 1.0),
-            ("tensor_active", batch.tensor_active, 1.0),
-        )
-        total = batch.mem_total_bytes
-        denom = np.where(total > 0, total, np.nan)
-        cols += (("mem_used_frac", batch.mem_used_bytes / denom, 1.0),)
-        if any(batch.processes):
-            cols += (("proc_mem_frac", _process_bytes(batch.processes) / denom, 1.0),)
-        for name, x, upper in cols:
-            v = _valid(x, upper)
-            if v is not None:
-                out[name] = v
-    return out
+    names, x = _feature_matrix(batch)
+    return {name: x[:, j] for j, name in enumerate(names)}
 
 
 def _lag1(x: FloatArray) -> float:
@@ -133,25 +143,36 @@ def _lag1(x: FloatArray) -> float:
     return float(np.dot(d[1:], d[:-1]) / den) if den > 0 else 0.0
 
 
-def summarise_values(values: Mapping[str, FloatArray], load: float, t0_ns: int, t1_ns: int) -> WindowSummary:
-    """Summarise per-sample feature values (NaN ignored; features with fewer than :data:`MIN_SAMPLES`
-    valid values are left out)."""
-    names = [n for n in SUMMARY_FEATURES if n in values]
+def _column_medians(x: FloatArray) -> FloatArray:
+    """``np.median(x, axis=0)`` of a matrix without NaN, bit for bit (the middle order statistic, or the
+    mean of the two middle ones), without ``np.median``'s generic machinery (most of its cost here)."""
+    s = np.sort(x, axis=0)
+    half = x.shape[0] // 2
+    if x.shape[0] % 2:
+        mid: FloatArray = s[half]
+        return mid
+    out: FloatArray = s[half - 1] + s[half]
+    out /= 2.0
+    return out
+
+
+def _summarise_matrix(
+    names: Sequence[str], x: FloatArray, load: float, t0_ns: int, t1_ns: int
+) -> WindowSummary:
     out: dict[str, FeatureSummary] = {}
     if not names:
         return WindowSummary(int(t0_ns), int(t1_ns), float(load), out)
-    x = np.column_stack([np.asarray(values[n], dtype=np.float64) for n in names])
     if x.shape[0] >= MIN_SAMPLES and not bool(np.isnan(x).any()):
         # The common case, every feature valid in every sample: one pass over the matrix.
-        med = np.median(x, axis=0)
+        med = _column_medians(x)
         d = x - x.mean(axis=0)
         ss = np.einsum("ij,ij->j", d, d)
         lag = np.einsum("ij,ij->j", d[1:], d[:-1])
         rho = np.clip(np.divide(lag, ss, out=np.zeros_like(ss), where=ss > 0), 0.0, MAX_RHO)
         noise = (math.pi / 2.0) * (ss / x.shape[0]) * (1.0 + rho) / (1.0 - rho)
         n = int(x.shape[0])
-        for j, name in enumerate(names):
-            out[name] = FeatureSummary(float(med[j]), n, float(noise[j]))
+        for name, m, e in zip(names, med.tolist(), noise.tolist(), strict=True):
+            out[name] = FeatureSummary(m, n, e)
         return WindowSummary(int(t0_ns), int(t1_ns), float(load), out)
     for j, name in enumerate(names):
         col = x[:, j]
@@ -166,11 +187,24 @@ def summarise_values(values: Mapping[str, FloatArray], load: float, t0_ns: int, 
     return WindowSummary(int(t0_ns), int(t1_ns), float(load), out)
 
 
+def summarise_values(values: Mapping[str, FloatArray], load: float, t0_ns: int, t1_ns: int) -> WindowSummary:
+    """Summarise per-sample feature values (NaN ignored; features with fewer than :data:`MIN_SAMPLES`
+    valid values are left out)."""
+    names = [n for n in SUMMARY_FEATURES if n in values]
+    if not names:
+        return WindowSummary(int(t0_ns), int(t1_ns), float(load), {})
+    x = np.column_stack([np.asarray(values[n], dtype=np.float64) for n in names])
+    return _summarise_matrix(names, x, load, t0_ns, t1_ns)
+
+
 def summarise(batch: SampleBatch, load: float) -> WindowSummary:
     """Summarise a whole batch as one window whose load is ``load``."""
     t0 = int(batch.t_ns[0]) if len(batch) else 0
     t1 = int(batch.t_ns[-1]) if len(batch) else 0
-    return summarise_values(sample_features(batch), load, t0, t1)
+    if not len(batch):
+        return WindowSummary(t0, t1, float(load), {})
+    names, x = _feature_matrix(batch)
+    return _summarise_matrix(names, x, load, t0, t1)
 
 
 def _covered_until(t: npt.NDArray[np.int64]) -> int:

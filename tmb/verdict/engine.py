@@ -33,7 +33,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from time import time_ns
 from typing import Any
@@ -41,8 +42,8 @@ from typing import Any
 from tmb.errors import Finding, Severity
 from tmb.fingerprint.judge import Judge, Judgement
 from tmb.fingerprint.loadprofile import LoadProfile
-from tmb.fingerprint.summary import summarise
-from tmb.ingest.results import AttestationSummary, AttestedWindow
+from tmb.fingerprint.summary import WindowSummary, summarise
+from tmb.ingest.results import AttestationSummary, AttestedWindow, BatchRef
 from tmb.ingest.service import Ingest
 from tmb.spans import Span
 from tmb.telemetry.sample import SampleBatch
@@ -53,6 +54,7 @@ from tmb.verdict.store import EvidenceRef
 
 log = logging.getLogger("tmb.verdict.engine")
 _NO_SAMPLES = SampleBatch.empty("nvml")  # immutable; built once (it costs tens of microseconds)
+WINDOW_CACHE = 1024  # windows whose telemetry digest and summary are kept (see Engine._cached)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,10 @@ class Engine:
         self.settings = settings
         self.load_of = load_of
         self._started: float | None = None  # loop time of the first wait for evidence
+        # What a window's samples give (telemetry digest, summary), shared by the requests whose evidence
+        # coincides: the samples are a function of (node, window, the stored batches they are cut from)
+        self._windows: OrderedDict[Hashable, Any] = OrderedDict()
+        self._cut_from: tuple[SampleBatch | None, Sequence[BatchRef]] = (None, ())  # the window in decision
 
     def set_profiles(self, profiles: Sequence[LoadProfile]) -> None:
         """Score with these profiles from now on (an upload replaced or added one)."""
@@ -138,6 +144,7 @@ class Engine:
             window = widen(span, self.settings.min_window_s)
             got = await self._wait_for_evidence(node, window)
             try:
+                self._cut_from = (got.samples, got.batches)
                 decided.append(self.decide(span, window, got.samples, got.summary, got.findings))
             except Exception:  # one bad span must not cost the others their verdicts; this one stays pending
                 log.exception("cannot decide the verdict of span %s", span.id)
@@ -181,7 +188,14 @@ class Engine:
         samples: SampleBatch,
         summary: AttestationSummary | None,
         findings: Sequence[Finding],
+        batches: Sequence[BatchRef] = (),
     ) -> tuple[Verdict, list[EvidenceRef]]:
+        """The verdict of ``span`` over ``window`` and the evidence it rests on. ``batches`` names the stored
+        batches ``samples`` were cut from (``AttestedWindow.batches``): requests whose window and batches
+        coincide then share the window's telemetry digest and summary instead of recomputing them."""
+        if not batches and self._cut_from[0] is samples:  # from _decide_node: the window's batches
+            batches = self._cut_from[1]
+        key = (span.node, window.t0_ns, window.t1_ns, tuple(b.digest for b in batches)) if batches else None
         reasons: list[Reason] = []
         refs: list[EvidenceRef] = []
         if window.widened:
@@ -223,7 +237,7 @@ class Engine:
             refs.append(
                 EvidenceRef(
                     "telemetry_window",
-                    hashlib.sha256(samples.encode()).hexdigest(),
+                    self._cached(key, lambda: hashlib.sha256(samples.encode()).hexdigest()),
                     span.node,
                     int(samples.t_ns[0]),
                     detail={"samples": len(samples), "source": samples.source},
@@ -246,7 +260,7 @@ class Engine:
             decision = Decision.INSUFFICIENT_TELEMETRY
             reasons.append(Reason("telemetry.none", "no telemetry of the node covers the request window"))
         else:
-            score = self._score(claimed, samples, span, window)
+            score = self._score(claimed, samples, span, window, key)
             if score is None:
                 decision = Decision.INSUFFICIENT_TELEMETRY
                 reasons.append(Reason("fingerprint.no_profile", f"no enrolled profile for {claimed!r}"))
@@ -288,15 +302,41 @@ class Engine:
         load = self.load_of(span, window) if self.load_of is not None else None
         return load if load is not None and math.isfinite(load) else 1.0
 
+    def _cached(self, key: Hashable | None, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept under ``key`` (None: not kept) for the next request with the same key."""
+        if key is None:
+            return compute()
+        got = self._windows.get(key)
+        if got is None:
+            got = self._windows[key] = compute()
+            if len(self._windows) > WINDOW_CACHE:
+                self._windows.popitem(last=False)
+        else:
+            self._windows.move_to_end(key)
+        return got
+
     def _score(
-        self, claimed: str | None, samples: SampleBatch, span: Span, window: Window
+        self,
+        claimed: str | None,
+        samples: SampleBatch,
+        span: Span,
+        window: Window,
+        key: tuple[Any, ...] | None = None,
     ) -> Judgement | None:
         if self.judge is None or not claimed or not self.judge.covers(claimed):
             return None
-        mine = [samples.for_gpu(g) for g in span.gpus if g in samples.gpus]
-        if mine and len(mine) < len(samples.gpus):  # the node's other GPUs serve other workers
-            samples = SampleBatch.concat(mine) if len(mine) > 1 else mine[0]
-        return self.judge.judge(claimed, summarise(samples, self.window_load(span, window)))
+
+        def features() -> WindowSummary:  # the window's summary at load 0 (the load is the request's)
+            mine = [g for g in span.gpus if g in samples.gpus]
+            part = samples
+            if mine and len(mine) < len(samples.gpus):  # the node's other GPUs serve other workers
+                parts = [samples.for_gpu(g) for g in mine]
+                part = SampleBatch.concat(parts) if len(parts) > 1 else parts[0]
+            return summarise(part, 0.0)
+
+        shared: WindowSummary = self._cached(None if key is None else (*key, span.gpus), features)
+        load = float(self.window_load(span, window))
+        return self.judge.judge(claimed, WindowSummary(shared.t0_ns, shared.t1_ns, load, shared.features))
 
     def _from_score(self, score: Judgement, synthetic: bool) -> tuple[Decision, list[Reason]]:
         """``model_mismatch`` only from ``inconsistent``; an inconclusive fingerprint does not break a chain

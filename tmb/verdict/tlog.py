@@ -137,18 +137,27 @@ def log_size(sql: Sql) -> int:
     return int(sql.query("SELECT coalesce(max(idx) + 1, 0) FROM tlog_leaves")[0][0])
 
 
+_CHUNK = 400  # bound parameters per query (SQLite's historical limit is 999)
+
+
 def append_verdicts(sql: Sql, verdicts: Sequence[Verdict], now_ns: int) -> None:
-    """Append each verdict's leaf (in order) unless that very leaf is already logged for its request."""
-    fresh: list[tuple[str, bytes]] = []
-    seen: set[tuple[str, bytes]] = set()
-    for v in verdicts:
-        key = (v.request_id, verdict_leaf(v))
-        if key in seen or sql.query(
-            "SELECT 1 FROM tlog_leaves WHERE request_id = ? AND leaf = ?", (key[0], key[1])
-        ):
-            continue
-        seen.add(key)
-        fresh.append(key)
+    """Append each verdict's leaf (in order) unless that very leaf is already logged for its request.
+
+    The leaves already logged for the batch's requests are read in one query per few hundred requests
+    (none per verdict), the left siblings the append needs in one query per tree level."""
+    keys = list(dict.fromkeys((v.request_id, verdict_leaf(v)) for v in verdicts))
+    if not keys:
+        return
+    logged: set[tuple[str, bytes]] = set()
+    ids = list(dict.fromkeys(rid for rid, _ in keys))
+    for at in range(0, len(ids), _CHUNK):
+        part = ids[at : at + _CHUNK]
+        rows = sql.query(
+            f"SELECT request_id, leaf FROM tlog_leaves WHERE request_id IN ({', '.join('?' * len(part))})",
+            part,
+        )
+        logged.update((str(rid), bytes(leaf)) for rid, leaf in rows)
+    fresh = [key for key in keys if key not in logged]
     if not fresh:
         return
     size = log_size(sql)
@@ -161,12 +170,23 @@ def append_verdicts(sql: Sql, verdicts: Sequence[Verdict], now_ns: int) -> None:
 
 
 def fetch_nodes(sql: Sql, keys: Iterable[NodeKey]) -> dict[NodeKey, bytes]:
-    found: dict[NodeKey, bytes] = {}
+    """The stored nodes ``keys``: one query per level (a root or proof reads at most one node a level or
+    two, an append one left sibling a level)."""
+    by_level: dict[int, list[int]] = {}
     for level, index in keys:
-        rows = sql.query("SELECT hash FROM tlog_nodes WHERE level = ? AND idx = ?", (level, index))
-        if not rows:
-            raise LookupError(f"the log has no node ({level}, {index}): the store is damaged")
-        found[(level, index)] = bytes(rows[0][0])
+        by_level.setdefault(level, []).append(index)
+    found: dict[NodeKey, bytes] = {}
+    for level, indices in by_level.items():
+        for at in range(0, len(indices), _CHUNK):
+            part = indices[at : at + _CHUNK]
+            rows = sql.query(
+                f"SELECT idx, hash FROM tlog_nodes WHERE level = ? AND idx IN ({', '.join('?' * len(part))})",
+                [level, *part],
+            )
+            found.update(((level, int(index)), bytes(h)) for index, h in rows)
+        for index in indices:
+            if (level, index) not in found:
+                raise LookupError(f"the log has no node ({level}, {index}): the store is damaged")
     return found
 
 
