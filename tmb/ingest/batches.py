@@ -8,7 +8,7 @@ from typing import Any
 
 from tmb.errors import Finding, ParseError, Severity
 from tmb.ingest.state import Hole, NodeState, finding_from_dict
-from tmb.ingest.store import IngestStore
+from tmb.ingest.store import IngestBackend
 from tmb.ingest.wire import ZERO, TelemetryBatch
 
 __all__ = ["Position", "take_batches"]
@@ -17,7 +17,7 @@ Position = tuple[bytes | None, int | None, bytes | None]  # the node's head: seg
 
 
 def take_batches(
-    store: IngestStore,
+    store: IngestBackend,
     node: str,
     position: Position,
     state: NodeState,
@@ -62,7 +62,7 @@ def take_batches(
 
 
 def _one_batch(
-    store: IngestStore,
+    store: IngestBackend,
     node: str,
     b: TelemetryBatch,
     head: Position,

@@ -19,7 +19,7 @@ from tmb.ingest.boot import ParsedLog, check_boot_chain
 from tmb.ingest.policy import evaluate_entries, evaluate_verity, required_missing
 from tmb.ingest.results import AttestationSummary
 from tmb.ingest.state import NodeState
-from tmb.ingest.store import IngestStore, NodeRow
+from tmb.ingest.store import IngestBackend, NodeRow
 from tmb.ingest.wire import Head, qualifying_data
 
 __all__ = ["QuoteCheck", "QuoteChecked", "check_quote"]
@@ -47,7 +47,7 @@ class QuoteChecked:
 
 def check_quote(
     cfg: QuoteCheck,
-    store: IngestStore,
+    store: IngestBackend,
     row: NodeRow,
     ak: AkPublic,
     eventlog: ParsedLog | None,
@@ -144,7 +144,7 @@ def _summary(
     )
 
 
-def _replay(cfg: QuoteCheck, store: IngestStore, row: NodeRow, pcr10: bytes, report: Report) -> bool:
+def _replay(cfg: QuoteCheck, store: IngestBackend, row: NodeRow, pcr10: bytes, report: Report) -> bool:
     """Replay the unverified IMA tail to the quoted PCR 10; on a match advance the persisted replay state,
     drop the verified bytes and run the policy over the newly covered entries."""
     start, state, data = row.replay, row.state, row.ima_data

@@ -37,8 +37,11 @@ log). Only batches covered by a verified quote over a later chain head count as 
 (:meth:`Ingest.attested_window`); a quote with any error finding attests nothing (its summary is not ``ok``).
 
 Concurrency: the checks run in worker threads (:meth:`Ingest.submit`), one request of a node at a time in
-arrival order (a per-node :class:`asyncio.Lock`), the database behind one lock. A verified quote that
-attests batches wakes the node's waiters (:meth:`Ingest.wait_attested`).
+arrival order (a per-node :class:`asyncio.Lock`), the database behind one lock. A request that changes a
+node reads its row inside its transaction, locked (:mod:`tmb.ingest.store`), so several daemons on one
+PostgreSQL database take a node's evidence in turn. A verified quote that attests batches wakes the node's
+waiters (:meth:`Ingest.wait_attested`); on a shared store, so does another daemon's (``LISTEN``/``NOTIFY``),
+and waiters look again every :data:`RECHECK_S` in case a notification was lost.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from tmb.ingest.policy import DEFAULT_MODEL_PATTERNS, check_bindings
 from tmb.ingest.quotes import QuoteCheck, check_quote
 from tmb.ingest.results import AttestedWindow, IngestResult, refused, taken
 from tmb.ingest.state import Nonces
-from tmb.ingest.store import IngestStore, NodeRow
+from tmb.ingest.store import IngestBackend, IngestStore, NodeRow
 from tmb.ingest.wakeup import Wakeups
 from tmb.ingest.window import Windows
 from tmb.ingest.wire import MAX_EVENTLOG_BYTES, Head, TelemetryBatch
@@ -73,6 +76,7 @@ __all__ = ["Ingest"]
 
 MAX_IMA_PENDING = 64 * 1024 * 1024
 MAX_BATCHES_PER_REQUEST = 1024
+RECHECK_S = 2.0  # shared store: longest sleep of a waiter between looks (a lost NOTIFY only delays)
 
 T = TypeVar("T")
 
@@ -91,11 +95,13 @@ def _err(fid: str, message: str, **context: Any) -> Finding:
 
 
 class Ingest:
-    """Evidence ingest for any number of nodes over one SQLite database (path or shared connection)."""
+    """Evidence ingest for any number of nodes over one store: a SQLite database (path or shared
+    connection) or an open backend (:func:`tmb.ingest.store.open_ingest_store`, PostgreSQL for daemons
+    sharing evidence)."""
 
     def __init__(
         self,
-        db: str | Path | sqlite3.Connection,
+        db: str | Path | sqlite3.Connection | IngestBackend,
         *,
         policy: RuntimePolicy,
         nonce_ttl_s: float = 120.0,
@@ -105,7 +111,10 @@ class Ingest:
         synchronous: str = "NORMAL",
         require_eventlog: bool = False,
     ) -> None:
-        self.store = IngestStore(db, synchronous=synchronous)
+        if isinstance(db, str | Path | sqlite3.Connection):
+            self.store: IngestBackend = IngestStore(db, synchronous=synchronous)
+        else:
+            self.store = db
         self.policy = policy
         self.pcr_bank = pcr_bank
         self.require_eventlog = require_eventlog
@@ -113,14 +122,18 @@ class Ingest:
         self.model_patterns = tuple(model_patterns)
         self.clock_ns = clock_ns
         self.nonces = Nonces(nonce_ttl_s, time.monotonic)
-        self._aks: dict[str, AkPublic] = {}
+        self._aks: dict[str, tuple[bytes, AkPublic]] = {}  # by node: the stored AK bytes, parsed
         self._quote_wanted: set[str] = set()
         self._db = threading.RLock()  # one connection: one request's work at a time
         self._node_locks: dict[str, asyncio.Lock] = {}
         self.windows = Windows(self.store, self._db)
         self.wakeups = Wakeups()
+        # Another daemon's quotes wake this one's waiters too (None: only this daemon writes the store).
+        self._listener = self.store.listen(self.wakeups.notify, self.wakeups.notify_all)
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         with self._db:
             self.store.close()
 
@@ -138,7 +151,10 @@ class Ingest:
         return self.wakeups.generation(node)
 
     async def wait_attested(self, node: str, since: int, timeout_s: float) -> bool:
-        """Until a verified quote attests new batches of ``node`` after ``since`` (True), or ``timeout_s``."""
+        """Until a verified quote attests new batches of ``node`` after ``since`` (True), or ``timeout_s``;
+        on a shared store at most :data:`RECHECK_S` (False), so the caller looks again."""
+        if self.store.shared:
+            timeout_s = min(timeout_s, RECHECK_S)
         return await self.wakeups.wait(node, since, timeout_s)
 
     # ----------------------------------------------------------------------------------------- nodes
@@ -151,13 +167,16 @@ class Ingest:
             raise ParseError("node id must be 1..255 bytes")
         with self._db, self.store.transaction():
             self.store.upsert_node(node, raw, self.clock_ns())
-        self._aks[node] = key
+        self._aks[node] = (raw, key)
         return key
 
     def _ak(self, row: NodeRow) -> AkPublic:
-        key = self._aks.get(row.node)
-        if key is None:
-            key = self._aks[row.node] = load_ak(row.ak)
+        """The node's AK as stored now (another daemon may have re-keyed it)."""
+        cached = self._aks.get(row.node)
+        if cached is not None and cached[0] == row.ak:
+            return cached[1]
+        key = load_ak(row.ak)
+        self._aks[row.node] = (row.ak, key)
         return key
 
     def request_quote(self, node: str) -> None:
@@ -196,9 +215,10 @@ class Ingest:
     ) -> IngestResult:
         return refused(refusal, findings, {**data, **self._extra(node)})
 
-    def _known(self, node: str) -> NodeRow | IngestResult:
-        """The node's row, or the refusal of a node that is not registered."""
-        row = self.store.node(node)
+    def _known(self, node: str, *, lock: bool = False) -> NodeRow | IngestResult:
+        """The node's row, or the refusal of a node that is not registered (``lock``: inside a transaction,
+        the row stays locked until it ends, so no other daemon changes the node meanwhile)."""
+        row = self.store.node(node, lock=lock)
         if row is None:
             return refused(
                 _err("ingest.unknown_node", "this node is not registered with the daemon", node=node)
@@ -239,10 +259,10 @@ class Ingest:
                 row = self._known(node)
                 return row if isinstance(row, IngestResult) else self._malformed(node, exc)
         with self._db:
-            row = self._known(node)
-            if not isinstance(row, NodeRow):
-                return row
             with self.store.transaction():
+                row = self._known(node, lock=True)
+                if not isinstance(row, NodeRow):
+                    return row
                 position = (row.segment, row.seq, row.head)
                 findings, accepted, duplicates, refusal = take_batches(
                     self.store, node, position, row.state, batches, probe_findings, self.clock_ns()
@@ -256,8 +276,8 @@ class Ingest:
 
     def add_ima(self, node: str, doc: Any) -> IngestResult:
         """``{"offset": int, "data": base64}``: binary IMA records from byte ``offset`` of the node's log."""
-        with self._db:
-            row = self._known(node)
+        with self._db, self.store.transaction():
+            row = self._known(node, lock=True)
             if not isinstance(row, NodeRow):
                 return row
             try:
@@ -287,8 +307,7 @@ class Ingest:
                 f = _err("ima.pending_too_large", "too many unquoted IMA bytes", limit=MAX_IMA_PENDING)
                 return self._refused(node, f)
             if new:
-                with self.store.transaction():
-                    self.store.set_ima(node, row.replay, pending + new)
+                self.store.set_ima(node, row.replay, pending + new)
             return self._taken(node, [], appended=len(new))
 
     # ----------------------------------------------------------------------------------------- event log
@@ -373,13 +392,18 @@ class Ingest:
         """``{"message", "signature": base64, "pcrs": {bank: {idx: hex}}, "nonce": hex, "head": {...},
         "ak_name": hex (optional)}``."""
         with self._db:
-            result = self._add_quote(node, doc)
+            try:
+                with self.store.transaction():
+                    result = self._add_quote(node, doc)
+            except ParseError as exc:  # found by the quote's checks: nothing of it is kept
+                result = self._malformed(node, exc)
         if result.attested:
             self.wakeups.notify(node)
         return result
 
     def _add_quote(self, node: str, doc: Any) -> IngestResult:
-        row = self._known(node)
+        """In the caller's transaction, the node's row locked."""
+        row = self._known(node, lock=True)
         if not isinstance(row, NodeRow):
             return row
         try:
@@ -427,13 +451,9 @@ class Ingest:
             return self._refused(node, f)
         cfg = QuoteCheck(self.policy, self.pcr_bank, self.require_eventlog)
         eventlog = self._parsed_eventlog(node)
-        try:
-            with self.store.transaction():
-                checked = check_quote(
-                    cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, self.clock_ns()
-                )
-        except ParseError as exc:
-            return self._malformed(node, exc)
+        checked = check_quote(
+            cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, self.clock_ns()
+        )
         if not checked.verified:
             refusal = next(f for f in checked.findings if f.severity is Severity.ERROR)
             why = "the quote failed verification"
@@ -453,8 +473,8 @@ class Ingest:
 
     def add_bindings(self, node: str, doc: Any) -> IngestResult:
         """``{"t_ns": int, "processes": [binding...]}``: checked against the last verified quote's state."""
-        with self._db:
-            row = self._known(node)
+        with self._db, self.store.transaction():
+            row = self._known(node, lock=True)
             if not isinstance(row, NodeRow):
                 return row
             if not isinstance(doc, Mapping) or not isinstance(doc.get("processes"), list):
@@ -462,10 +482,9 @@ class Ingest:
             report = Report()
             check_bindings(self.policy, row.state, doc["processes"], self.model_patterns, report)
             row.state.bindings = report.errors
-            with self.store.transaction():
-                self.store.set_state(node, row.state)
-                if report.errors:
-                    self.store.add_findings(node, self.clock_ns(), [f.to_dict() for f in report.errors])
+            self.store.set_state(node, row.state)
+            if report.errors:
+                self.store.add_findings(node, self.clock_ns(), [f.to_dict() for f in report.errors])
             return self._taken(node, report.findings, processes=len(doc["processes"]))
 
     # ----------------------------------------------------------------------------------------- queries

@@ -1,29 +1,51 @@
-"""SQLite persistence of the daemon's evidence ingest (WAL; tables prefixed ``ingest_``).
+"""Persistence of the daemon's evidence ingest (tables prefixed ``ingest_``): the backend protocol
+(:class:`IngestBackend`), the SQLite backend (:class:`IngestStore`, WAL) and :func:`open_ingest_store`, which
+picks the backend the config names (:class:`tmb.ingest.store_pg.PgIngestStore` when ``[store] url`` is set,
+so daemons sharing verdicts share evidence too).
 
 One row per node (``ingest_nodes``: AK, chain head, IMA replay state and the unverified IMA tail, last quote
 clock, policy and binding state as JSON), its chain segments (anchor and link to the previous segment),
 every accepted batch (payload, time span, the id of the first verified quote covering it), every quote
 (verification summary, raw TPMS_ATTEST/TPMT_SIGNATURE), the findings recorded against the node and its
 UEFI event log (``ingest_eventlogs``: the newest one the probe sent, with its SHA-256).
-The caller gives a path or an open :class:`sqlite3.Connection` (so the daemon can share its database);
-every ingest request is one transaction, committed before the HTTP answer.
+The SQLite caller gives a path or an open :class:`sqlite3.Connection` (so the daemon can share its database);
+every ingest request is one transaction, committed before the HTTP answer. A request that changes a node's
+chain, IMA or state reads the node's row inside its transaction with ``lock=True`` (``BEGIN IMMEDIATE``
+on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), so two daemons take a node's evidence in turn and the
+second sees what the first committed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tmb.attest.pcr import ReplayState
-from tmb.errors import InputError
+from tmb.errors import InputError, TmbError
 from tmb.ingest.state import NodeState
 
-__all__ = ["BatchRow", "EventLogRow", "IngestStore", "NodeRow", "SegmentRow"]
+if TYPE_CHECKING:
+    from tmb.config import AttestationConfig, StoreConfig
+
+__all__ = [
+    "BatchRow",
+    "EventLogRow",
+    "EvidenceStoreError",
+    "IngestBackend",
+    "IngestStore",
+    "Listener",
+    "NodeRow",
+    "SegmentRow",
+    "open_ingest_store",
+]
+
+log = logging.getLogger("tmb.ingest")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ingest_nodes (
@@ -105,6 +127,24 @@ class NodeRow:
         return self.replay.offset + len(self.ima_data)
 
 
+NODE_COLUMNS = "node, ak, segment, seq, head, replay, ima_data, state"
+
+
+def node_row(row: Sequence[Any]) -> NodeRow:
+    """A :class:`NodeRow` from the ``NODE_COLUMNS`` of an ``ingest_nodes`` row (either backend)."""
+    replay = json.loads(row[5])
+    return NodeRow(
+        str(row[0]),
+        bytes(row[1]),
+        None if row[2] is None else bytes(row[2]),
+        row[3],
+        None if row[4] is None else bytes(row[4]),
+        ReplayState.from_json(replay) if replay else ReplayState(),
+        bytes(row[6]),
+        NodeState.from_json(row[7]),
+    )
+
+
 @dataclass(frozen=True)
 class SegmentRow:
     segment: bytes
@@ -131,8 +171,115 @@ class EventLogRow:
     data: bytes
 
 
+class EvidenceStoreError(TmbError):
+    """The evidence store cannot be opened, read or written (PostgreSQL: the URL named without password)."""
+
+
+class Listener(Protocol):
+    """A running subscription to another daemon's attestations (:meth:`IngestBackend.listen`)."""
+
+    def close(self) -> None: ...
+
+
+class IngestBackend(Protocol):
+    """What the ingest needs of its store: :class:`IngestStore` (SQLite) or
+    :class:`tmb.ingest.store_pg.PgIngestStore` (PostgreSQL). Not thread-safe: the ingest calls it under one
+    lock. Writes happen inside :meth:`transaction`; reads may happen outside one."""
+
+    shared: bool  # other daemons may write the same evidence (their wake-ups come through listen())
+
+    def close(self) -> None: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def listen(self, attested: Callable[[str], None], resync: Callable[[], None]) -> Listener | None:
+        """Call ``attested(node)`` when another daemon's quote attests batches of a node, ``resync()`` when
+        such calls may have been missed; None when no other daemon writes this store."""
+        ...
+
+    def upsert_node(self, node: str, ak: bytes, now_ns: int) -> None: ...
+    def node(self, node: str, *, lock: bool = False) -> NodeRow | None: ...
+    def set_head(self, node: str, segment: bytes, seq: int, head: bytes) -> None: ...
+    def set_ima(self, node: str, replay: ReplayState, data: bytes) -> None: ...
+    def set_state(self, node: str, state: NodeState) -> None: ...
+    def segment(self, node: str, segment: bytes) -> SegmentRow | None: ...
+    def add_segment(
+        self, node: str, segment: bytes, anchor: int, link: tuple[bytes, int] | None, now_ns: int
+    ) -> None: ...
+    def set_anchor(self, node: str, segment: bytes, anchor: int) -> None: ...
+    def batch(self, node: str, segment: bytes, seq: int) -> BatchRow | None: ...
+    def find_digest(self, node: str, digest: bytes) -> tuple[bytes, int] | None: ...
+    def add_batch(
+        self,
+        node: str,
+        segment: bytes,
+        seq: int,
+        digest: bytes,
+        prev: bytes,
+        payload: bytes,
+        span: tuple[int, int] | None,
+        now_ns: int,
+    ) -> None: ...
+    def attest(self, node: str, segment: bytes, seq: int, quote_id: int) -> int: ...
+    def batches_overlapping(self, node: str, t0_ns: int, t1_ns: int) -> list[BatchRow]: ...
+    def count_batches(self, node: str, *, attested: bool | None = None) -> int: ...
+    def add_quote(
+        self,
+        node: str,
+        now_ns: int,
+        ok: bool,
+        head: tuple[bytes, int, bytes] | None,
+        summary: dict[str, Any],
+        message: bytes,
+        signature: bytes,
+    ) -> int: ...
+    def set_quote_summary(self, quote_id: int, summary: dict[str, Any]) -> None: ...
+    def quote_summary(self, quote_id: int) -> dict[str, Any] | None: ...
+    def last_quote(self, node: str) -> dict[str, Any] | None: ...
+    def set_eventlog(self, node: str, now_ns: int, digest: bytes, data: bytes) -> None: ...
+    def eventlog(self, node: str) -> EventLogRow | None: ...
+    def eventlog_digest(self, node: str) -> bytes | None: ...
+    def add_findings(self, node: str, now_ns: int, findings: Sequence[Mapping[str, Any]]) -> None: ...
+    def findings(self, node: str, t0_ns: int = 0, t1_ns: int = 1 << 62) -> list[dict[str, Any]]: ...
+
+
+def covered_by(
+    store: IngestBackend, node: str, segment: bytes, seq: int, mark: Callable[[bytes, int, int], int]
+) -> int:
+    """The batches a quote over (segment, seq) covers, for either backend's :meth:`IngestBackend.attest`:
+    ``mark(segment, first_seq, last_seq)`` for that segment from its anchor up to ``seq``, then, while a
+    segment's genesis links to the head of the previous one and its anchor is 0, for the previous segment up
+    to the linked batch (unless that one is attested already). Returns the sum of what ``mark`` returned."""
+    count = 0
+    for _ in range(10_000):
+        seg = store.segment(node, segment)
+        if seg is None:
+            break
+        count += mark(segment, seg.anchor_seq, seq)
+        if seg.anchor_seq != 0 or seg.link_segment is None or seg.link_seq is None:
+            break
+        linked = store.batch(node, seg.link_segment, seg.link_seq)
+        if linked is None or linked.quote_id is not None:
+            break
+        segment, seq = seg.link_segment, seg.link_seq
+    return count
+
+
+def open_ingest_store(attestation: AttestationConfig, store: StoreConfig) -> IngestBackend:
+    """The evidence store the config names: PostgreSQL on ``[store] url`` when it is set (the database the
+    verdicts are in: every daemon on it sees every node's evidence), else the SQLite file
+    ``[attestation] db`` (default: the verdict store's file ``[store] path``)."""
+    if store.url:
+        from tmb.ingest.store_pg import PgIngestStore
+
+        if attestation.db:
+            log.warning("[attestation] db is ignored: evidence goes to the [store] url database")
+        return PgIngestStore(store.url)
+    return IngestStore(attestation.db or store.path)
+
+
 class IngestStore:
-    """Typed access to the ingest tables. Not thread-safe: one per event loop."""
+    """Typed access to the ingest tables on SQLite. Not thread-safe: one per event loop."""
+
+    shared = False  # one daemon's file
 
     def __init__(self, db: str | Path | sqlite3.Connection, *, synchronous: str = "NORMAL") -> None:
         if isinstance(db, sqlite3.Connection):
@@ -154,6 +301,9 @@ class IngestStore:
         if self._owned:
             self.conn.close()
 
+    def listen(self, attested: Callable[[str], None], resync: Callable[[], None]) -> Listener | None:
+        return None  # only this daemon writes the file: its own quotes wake its waiters
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any exception)."""
@@ -174,24 +324,13 @@ class IngestStore:
             (node, ak, now_ns),
         )
 
-    def node(self, node: str) -> NodeRow | None:
+    def node(self, node: str, *, lock: bool = False) -> NodeRow | None:
+        """The node's row (``lock``: the caller's ``BEGIN IMMEDIATE`` already holds the database)."""
         row = self.conn.execute(
-            "SELECT node, ak, segment, seq, head, replay, ima_data, state FROM ingest_nodes WHERE node = ?",
+            f"SELECT {NODE_COLUMNS} FROM ingest_nodes WHERE node = ?",
             (node,),
         ).fetchone()
-        if row is None:
-            return None
-        replay = json.loads(row[5])
-        return NodeRow(
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            ReplayState.from_json(replay) if replay else ReplayState(),
-            row[6],
-            NodeState.from_json(row[7]),
-        )
+        return node_row(row) if row is not None else None
 
     def set_head(self, node: str, segment: bytes, seq: int, head: bytes) -> None:
         self.conn.execute(
@@ -259,46 +398,26 @@ class IngestStore:
     ) -> None:
         self.conn.execute(
             "INSERT INTO ingest_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-            (
-                node,
-                segment,
-                seq,
-                digest,
-                prev,
-                payload,
-                span[0] if span else None,
-                span[1] if span else None,
-                now_ns,
-            ),
+            (node, segment, seq, digest, prev, payload, *(span or (None, None)), now_ns),
         )
 
     def attest(self, node: str, segment: bytes, seq: int, quote_id: int) -> int:
-        """Mark the batches covered by a quote over (segment, seq): that segment from its anchor up to
-        ``seq``, then, while a segment's genesis links to the head of the previous one and its anchor is 0,
-        the previous segment up to the linked batch. Returns how many batches became attested."""
-        count = 0
-        for _ in range(10_000):
-            seg = self.segment(node, segment)
-            if seg is None:
-                break
-            cur = self.conn.execute(
+        """Mark the batches a quote over (segment, seq) covers (:func:`covered_by`) with ``quote_id``;
+        returns how many batches became attested."""
+
+        def mark(segment: bytes, first: int, last: int) -> int:
+            return self.conn.execute(
                 "UPDATE ingest_batches SET quote_id = ? WHERE node = ? AND segment = ? AND seq >= ? "
                 "AND seq <= ? AND quote_id IS NULL",
-                (quote_id, node, segment, seg.anchor_seq, seq),
-            )
-            count += cur.rowcount
-            if seg.anchor_seq != 0 or seg.link_segment is None or seg.link_seq is None:
-                break
-            linked = self.batch(node, seg.link_segment, seg.link_seq)
-            if linked is None or linked.quote_id is not None:
-                break
-            segment, seq = seg.link_segment, seg.link_seq
-        return count
+                (quote_id, node, segment, first, last),
+            ).rowcount
+
+        return covered_by(self, node, segment, seq, mark)
 
     def batches_overlapping(self, node: str, t0_ns: int, t1_ns: int) -> list[BatchRow]:
         rows = self.conn.execute(
             "SELECT segment, seq, digest, payload, t0_ns, t1_ns, quote_id FROM ingest_batches "
-            "WHERE node = ? AND t1_ns >= ? AND t0_ns < ? ORDER BY t0_ns, received_ns",
+            "WHERE node = ? AND t1_ns >= ? AND t0_ns < ? ORDER BY t0_ns, received_ns, segment, seq",
             (node, t0_ns, t1_ns),
         ).fetchall()
         return [BatchRow(*r) for r in rows]
@@ -324,17 +443,7 @@ class IngestStore:
         cur = self.conn.execute(
             "INSERT INTO ingest_quotes (node, received_ns, ok, segment, seq, head, summary, message, "
             "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                node,
-                now_ns,
-                int(ok),
-                head[0] if head else None,
-                head[1] if head else None,
-                head[2] if head else None,
-                json.dumps(summary),
-                message,
-                signature,
-            ),
+            (node, now_ns, int(ok), *(head or (None, None, None)), json.dumps(summary), message, signature),
         )
         return int(cur.lastrowid or 0)
 

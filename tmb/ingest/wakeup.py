@@ -3,7 +3,8 @@
 
 A waiter reads :meth:`Wakeups.generation` *before* it looks at the evidence and passes it to
 :meth:`Wakeups.wait`, which returns at once when a notification came in between (none is lost).
-:meth:`Wakeups.notify` may be called from any thread (the ingest's checks run in worker threads).
+:meth:`Wakeups.notify` may be called from any thread (the ingest's checks run in worker threads, and
+another daemon's notifications arrive on the store's listening thread).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ class Wakeups:
         for loop, event in waiters:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(event.set)
+
+    def notify_all(self) -> None:
+        """Wake every waiter on every node (notifications may have been lost: everyone looks again)."""
+        with self._lock:
+            for node in self._waiters:
+                self._generation[node] = self._generation.get(node, 0) + 1
+            waiting, self._waiters = self._waiters, {}
+        for waiters in waiting.values():
+            for loop, event in waiters:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(event.set)
 
     async def wait(self, node: str, since: int, timeout_s: float) -> bool:
         """Until ``node`` is notified after generation ``since`` (True) or ``timeout_s`` passes (False)."""

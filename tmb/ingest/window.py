@@ -12,7 +12,7 @@ from typing import Any
 from tmb.errors import Finding, ParseError, Severity
 from tmb.ingest.results import AttestationSummary, AttestedWindow, BatchRef
 from tmb.ingest.state import finding_from_dict
-from tmb.ingest.store import IngestStore
+from tmb.ingest.store import IngestBackend
 from tmb.telemetry.sample import SampleBatch
 
 __all__ = ["DECODED_CACHE", "Windows"]
@@ -23,7 +23,7 @@ DECODED_CACHE = 4096  # decoded sample batches kept (by batch digest)
 class Windows:
     """Reads windows from ``store`` under ``db`` (the ingest's database lock); decodes outside it."""
 
-    def __init__(self, store: IngestStore, db: AbstractContextManager[Any]) -> None:
+    def __init__(self, store: IngestBackend, db: AbstractContextManager[Any]) -> None:
         self.store, self._db = store, db
         self._decoded: OrderedDict[bytes, SampleBatch] = OrderedDict()
         self._decoded_lock = threading.Lock()

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from time import time_ns
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
-from psycopg import errors as pg_errors
-from psycopg.conninfo import conninfo_to_dict
 
+from tmb.pgconn import PgConnection
+from tmb.pgurl import redact, scrub
 from tmb.spans import Span
 from tmb.verdict import tlog
 from tmb.verdict.model import Verdict
@@ -40,13 +38,13 @@ from tmb.verdict.store import (
     signer_of,
 )
 
+__all__ = ["PgStore", "redact", "scrub"]  # redact and scrub live in tmb.pgurl (kept importable here)
+
 T = TypeVar("T")
 log = logging.getLogger("tmb.store")
 _dumps = json.JSONEncoder(check_circular=False).encode  # the text json.dumps gives (as Store writes it)
 _Cursor = psycopg.Cursor[tuple[Any, ...]]
 
-_CONNECT_TIMEOUT_S = 10  # unless the URL sets connect_timeout: an unreachable host must not hang startup
-_ATTEMPTS = 5  # a transaction chosen as a deadlock victim (daemons sharing rows) is run again, this often
 _SCHEMA_LOCK = 0x746D62_0001  # pg_advisory_xact_lock key: daemons starting together create the schema once
 _LOG_LOCK = 0x746D62_0002  # taken by every transaction that appends to the verdict log (one log, in order)
 _META = """
@@ -87,7 +85,6 @@ _MIGRATE_V1 = (
     "ALTER INDEX verdicts_v2_pkey RENAME TO verdicts_pkey",
     *_INDEXES,
 )
-_HINT_CONNECT = "check that PostgreSQL is running and reachable, and the URL's host, port, user and database"
 
 
 class PgStore:
@@ -109,98 +106,45 @@ class PgStore:
     """
 
     def __init__(self, url: str) -> None:
-        self._conninfo = url
         self.url = redact(url)  # safe to print
-        self._closed = False
-        self._db = self._connect()
+        self._pg = PgConnection(url, error=StoreError, init=self._init_schema)
 
-    # -- connection ----------------------------------------------------------------------------------
-
-    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
-        try:
-            params = conninfo_to_dict(self._conninfo)
-            extra: dict[str, Any] = {}
-            if "connect_timeout" not in params:
-                extra["connect_timeout"] = _CONNECT_TIMEOUT_S
-            if "application_name" not in params:
-                extra["application_name"] = "tmb"
-            db = psycopg.connect(self._conninfo, autocommit=False, **extra)
-        except psycopg.Error as exc:
-            raise self._error("cannot open store", exc, hint=_HINT_CONNECT) from None
-        try:
-            self._init_schema(db)
-        except BaseException:
-            db.close()
-            raise
-        return db
+    # -- connection (tmb/pgconn.py: timeouts, reconnects, deadlock retries, passwords out of errors) ------
 
     def _init_schema(self, db: psycopg.Connection[tuple[Any, ...]]) -> None:
-        try:
-            with db.transaction(), db.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                cur.execute(_META)
-                row = cur.execute("SELECT version FROM tmb_meta").fetchone()
-                if row is None:
-                    for statement in _SCHEMA:
-                        cur.execute(statement)
-                    cur.execute("INSERT INTO tmb_meta(version) VALUES (%s)", (SCHEMA_VERSION,))
-                elif row[0] == SCHEMA_VERSION:
-                    pass
-                elif row[0] == _V1:
-                    log.info("migrating store %s from schema version 1 to %d", self.url, SCHEMA_VERSION)
-                    for statement in _MIGRATE_V1:
-                        cur.execute(statement)
-                    cur.execute("UPDATE tmb_meta SET version = %s", (SCHEMA_VERSION,))
-                else:
-                    raise StoreError(
-                        "store has an unknown schema version",
-                        url=self.url,
-                        got=row[0],
-                        expected=SCHEMA_VERSION,
-                        hint="a newer tmb wrote this database; run that version, or point tmb at another",
-                    )
-                cur.execute(_KEYS)
-                for statement in tlog.PG_SCHEMA:
+        with db.transaction(), db.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            cur.execute(_META)
+            row = cur.execute("SELECT version FROM tmb_meta").fetchone()
+            if row is None:
+                for statement in _SCHEMA:
                     cur.execute(statement)
-        except psycopg.Error as exc:
-            raise self._error("cannot open store", exc) from None
-
-    def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
-        if self._db.closed:
-            if self._closed:
-                raise StoreError("store is closed", url=self.url)
-            self._db = self._connect()  # the server restarted, or dropped us: start over
-        return self._db
-
-    def _error(self, what: str, exc: BaseException, *, hint: str | None = None) -> StoreError:
-        """A :class:`StoreError` for ``exc`` with the password taken out of everything it says."""
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        message = scrub("; ".join(lines) or type(exc).__name__, self._conninfo)
-        context: dict[str, Any] = {"url": self.url}
-        sqlstate = getattr(exc, "sqlstate", None)
-        if sqlstate:
-            context["sqlstate"] = sqlstate
-        return StoreError(f"{what}: {message}", hint=hint, **context)
+                cur.execute("INSERT INTO tmb_meta(version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif row[0] == SCHEMA_VERSION:
+                pass
+            elif row[0] == _V1:
+                log.info("migrating store %s from schema version 1 to %d", self.url, SCHEMA_VERSION)
+                for statement in _MIGRATE_V1:
+                    cur.execute(statement)
+                cur.execute("UPDATE tmb_meta SET version = %s", (SCHEMA_VERSION,))
+            else:
+                raise StoreError(
+                    "store has an unknown schema version",
+                    url=self.url,
+                    got=row[0],
+                    expected=SCHEMA_VERSION,
+                    hint="a newer tmb wrote this database; run that version, or point tmb at another",
+                )
+            cur.execute(_KEYS)
+            for statement in tlog.PG_SCHEMA:
+                cur.execute(statement)
 
     def _run(self, what: str, fn: Callable[[_Cursor], T]) -> T:
         """``fn(cursor)`` in one transaction: committed if it returns, rolled back if it raises."""
-        attempt = 0
-        while True:
-            attempt += 1
-            db = self._connection()
-            try:
-                with db.transaction(), db.cursor() as cur:
-                    return fn(cur)
-            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
-                if attempt >= _ATTEMPTS:
-                    raise self._error(what, exc) from None
-            except psycopg.Error as exc:
-                hint = _HINT_CONNECT if db.closed else None
-                raise self._error(what, exc, hint=hint) from None
+        return self._pg.run(what, fn)
 
     def close(self) -> None:
-        self._closed = True
-        self._db.close()
+        self._pg.close()
 
     # -- writes --------------------------------------------------------------------------------------
 
@@ -446,57 +390,3 @@ def _insert_verdict(cur: _Cursor, verdict: Verdict, evidence: Sequence[EvidenceR
             "evidence": _dumps([e.to_dict() for e in evidence]),
         },
     )
-
-
-# -- passwords out of what gets printed ------------------------------------------------------------------
-
-_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
-_MASK = "***"
-
-
-def redact(url: str) -> str:
-    """``url`` with its password (URL user info, ``password=`` parameter) replaced by ``***``."""
-    if not url.startswith(("postgresql://", "postgres://")):
-        return _KV_PASSWORD.sub(lambda m: m.group(1) + _MASK, url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.split("://", 1)[0] + "://" + _MASK
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hosts = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:{_MASK}@{hosts}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k == "password" for k, _ in pairs):
-            query = urlencode([(k, _MASK if k == "password" else v) for k, v in pairs], safe="/*")
-    return _KV_PASSWORD.sub(
-        lambda m: m.group(1) + _MASK, urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    )
-
-
-def _passwords(url: str) -> set[str]:
-    found: set[str] = set()
-    try:
-        pw = conninfo_to_dict(url).get("password")
-        if pw:
-            found.add(str(pw))
-    except psycopg.Error:
-        pass
-    if url.startswith(("postgresql://", "postgres://")):
-        netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
-        if "@" in netloc and ":" in netloc.rsplit("@", 1)[0]:
-            found.add(netloc.rsplit("@", 1)[0].split(":", 1)[1])
-        found.update(re.findall(r"[?&]password=([^&#]*)", url))
-    found.update(m.group(2).strip("'") for m in _KV_PASSWORD.finditer(url))
-    return {variant for pw in found if pw for variant in (pw, unquote(pw))}
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` (an error message) with ``url``'s password taken out wherever it appears."""
-    text = text.replace(url, redact(url))
-    for pw in sorted(_passwords(url), key=len, reverse=True):
-        text = text.replace(pw, _MASK)
-    return _KV_PASSWORD.sub(lambda m: m.group(1) + _MASK, text)

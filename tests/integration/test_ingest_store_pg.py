@@ -1,0 +1,395 @@
+"""The evidence store on both backends (SQLite and a real PostgreSQL), then two ingests sharing one
+PostgreSQL database: evidence taken by one daemon is the other's, its quote wakes the other's waiters
+(LISTEN/NOTIFY, with a bounded re-check), and a chain position is taken once (real swtpm quotes)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from swtpm import SwtpmFactory
+from test_probe_support import NODE, NodeEnv, make_node
+
+import tmb.ingest.service as service_module
+from probes.chain import Chain
+from tmb.attest.pcr import ReplayState
+from tmb.config import AttestationConfig, StoreConfig
+from tmb.ingest.service import Ingest
+from tmb.ingest.state import Hole, NodeState
+from tmb.ingest.store import EvidenceStoreError, IngestBackend, IngestStore, open_ingest_store
+from tmb.ingest.store_pg import AttestListener, PgIngestStore
+from tmb.ingest.wire import TelemetryBatch
+from tmb.telemetry.sample import SampleBatch
+from tmb.verdict.async_store import AsyncStore
+from tmb.verdict.engine import Engine, EngineSettings
+from tmb.verdict.model import Window
+from tmb.verdict.signing import load_or_create_key
+
+PASSWORD = "Pw-s3cret-7e2a"
+WAIT_S = 10.0  # bound on every wait for another thread or connection (never reached when all is well)
+SEG, SEG2 = b"\x01" * 16, b"\x02" * 16
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], IngestBackend]]:
+    """``open_store()`` opens (another) evidence store on the test's own database."""
+    opened: list[IngestBackend] = []
+    if request.param == "sqlite":
+
+        def make() -> IngestBackend:
+            opened.append(IngestStore(tmp_path / "ingest.db"))
+            return opened[-1]
+    else:
+        url: str = request.getfixturevalue("pg_url")
+
+        def make() -> IngestBackend:
+            opened.append(PgIngestStore(url))
+            return opened[-1]
+
+    try:
+        yield make
+    finally:
+        for s in opened:
+            s.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[[], IngestBackend]) -> IngestBackend:
+    return open_store()
+
+
+# -- the contract, on both backends -------------------------------------------------------------------------
+
+
+def test_nodes_round_trip(store: IngestBackend) -> None:
+    assert store.node("n") is None
+    with store.transaction():
+        store.upsert_node("n", b"ak-1", 5)
+        store.upsert_node("n", b"ak-2", 6)  # re-keyed
+    row = store.node("n")
+    assert row is not None and row.ak == b"ak-2" and row.segment is None and row.seq is None
+    assert row.replay == ReplayState() and row.ima_data == b"" and row.state == NodeState()
+    state = NodeState(holes=[Hole(SEG.hex(), 3, 4)], measured={"/x": True}, ima_entries=7)
+    replay = ReplayState(offset=12, index=2, pcrs={"10:sha256": b"\x0a" * 32})
+    with store.transaction():
+        store.set_head("n", SEG, 9, b"h" * 32)
+        store.set_ima("n", replay, b"\x00tail\xff")
+        store.set_state("n", state)
+    locked = None
+    with store.transaction():
+        locked = store.node("n", lock=True)
+    again = store.node("n")
+    assert again == locked and again is not None
+    assert (again.segment, again.seq, again.head) == (SEG, 9, b"h" * 32)
+    assert again.replay == replay and again.ima_data == b"\x00tail\xff" and again.ima_end == 18
+    assert again.state == state
+
+
+def test_a_failed_transaction_leaves_nothing(store: IngestBackend) -> None:
+    with store.transaction():
+        store.upsert_node("n", b"ak", 1)
+    with pytest.raises(RuntimeError), store.transaction():
+        store.set_head("n", SEG, 1, b"h")
+        store.add_findings("n", 1, [{"id": "x"}])
+        raise RuntimeError("the checks failed")
+    row = store.node("n")
+    assert row is not None and row.seq is None and store.findings("n") == []
+
+
+def _chain(store: IngestBackend) -> None:
+    """Segment SEG (batches 0..3) and SEG2 (batches 0..1) whose genesis links to SEG's batch 3."""
+    with store.transaction():
+        store.upsert_node("n", b"ak", 1)
+        store.add_segment("n", SEG, 0, None, 1)
+        for seq in range(4):
+            store.add_batch("n", SEG, seq, bytes([seq]) * 32, b"p", b"payload", (seq * 10, seq * 10 + 5), 1)
+        store.add_segment("n", SEG2, 0, (SEG, 3), 2)
+        for seq in range(2):
+            store.add_batch("n", SEG2, seq, bytes([9, seq]) * 16, b"p", b"x", (100 + seq, 101 + seq), 2)
+
+
+def test_chain_rows_and_attestation_across_linked_segments(store: IngestBackend) -> None:
+    _chain(store)
+    seg = store.segment("n", SEG2)
+    assert seg is not None and (seg.segment, seg.anchor_seq, seg.link_segment, seg.link_seq) == (
+        SEG2,
+        0,
+        SEG,
+        3,
+    )
+    assert store.segment("n", b"\x03" * 16) is None
+    got = store.batch("n", SEG, 2)
+    assert got is not None and (got.digest, got.payload, got.t0_ns, got.t1_ns, got.quote_id) == (
+        b"\x02" * 32,
+        b"payload",
+        20,
+        25,
+        None,
+    )
+    assert store.batch("n", SEG, 9) is None
+    assert store.find_digest("n", b"\x03" * 32) == (SEG, 3) and store.find_digest("n", b"?") is None
+    assert store.count_batches("n") == 6 and store.count_batches("n", attested=True) == 0
+    with store.transaction():
+        q1 = store.add_quote("n", 3, True, (SEG, 1, b"\x01" * 32), {"ok": True, "k": 1}, b"m", b"s")
+        assert store.attest("n", SEG, 1, q1) == 2
+        q2 = store.add_quote("n", 4, True, (SEG2, 1, b"h"), {}, b"m2", b"s2")
+        store.set_quote_summary(q2, {"ok": True, "k": 2})
+        assert store.attest("n", SEG2, 1, q2) == 4  # SEG2's two, then SEG's 2..3 through the link
+        store.set_anchor("n", SEG2, 1)
+    assert q2 > q1 and store.quote_summary(q1) == {"ok": True, "k": 1} and store.quote_summary(999) is None
+    assert store.last_quote("n") == {"ok": True, "k": 2} and store.last_quote("other") is None
+    assert store.count_batches("n", attested=True) == 6 and store.count_batches("n", attested=False) == 0
+    rows = store.batches_overlapping("n", 12, 101)
+    assert [(r.segment, r.seq, r.quote_id) for r in rows] == [
+        (SEG, 1, q1),
+        (SEG, 2, q2),
+        (SEG, 3, q2),
+        (SEG2, 0, q2),
+    ]
+    seg2 = store.segment("n", SEG2)
+    assert seg2 is not None and seg2.anchor_seq == 1
+
+
+def test_a_chain_position_is_taken_once(store: IngestBackend) -> None:
+    _chain(store)
+    with pytest.raises((sqlite3.IntegrityError, EvidenceStoreError)), store.transaction():
+        store.add_batch("n", SEG, 2, b"\x07" * 32, b"p", b"other", None, 3)
+    with pytest.raises((sqlite3.IntegrityError, EvidenceStoreError)), store.transaction():
+        store.add_segment("n", SEG, 0, None, 3)
+    got = store.batch("n", SEG, 2)
+    assert got is not None and got.payload == b"payload"
+
+
+def test_eventlogs_and_findings(store: IngestBackend) -> None:
+    with store.transaction():
+        store.upsert_node("n", b"ak", 1)
+    assert store.eventlog("n") is None and store.eventlog_digest("n") is None
+    store.set_eventlog("n", 5, b"d1", b"log-1")
+    store.set_eventlog("n", 6, b"d2", b"log-2\x00")  # replaces
+    log = store.eventlog("n")
+    assert log is not None and (log.received_ns, log.digest, log.data) == (6, b"d2", b"log-2\x00")
+    assert store.eventlog_digest("n") == b"d2"
+    store.add_findings("n", 10, [{"id": "a", "context": {"ü": 1}}, {"id": "b"}])
+    store.add_findings("n", 20, [{"id": "c"}])
+    store.add_findings("n", 30, [])
+    assert [f["id"] for f in store.findings("n")] == ["a", "b", "c"]
+    assert store.findings("n", 15, 25) == [{"id": "c"}] and store.findings("other") == []
+    assert store.findings("n")[0]["context"] == {"ü": 1}
+
+
+def test_a_second_store_sees_the_first_ones_writes(open_store: Callable[[], IngestBackend]) -> None:
+    one, two = open_store(), open_store()
+    _chain(one)
+    assert two.count_batches("n") == 6 and two.node("n") is not None
+
+
+def test_open_ingest_store_follows_the_config(tmp_path: Path, pg_url: str) -> None:
+    own = open_ingest_store(
+        AttestationConfig(db=str(tmp_path / "e.db")), StoreConfig(path=str(tmp_path / "s"))
+    )
+    shared = open_ingest_store(AttestationConfig(), StoreConfig(path=str(tmp_path / "s"), url=pg_url))
+    try:
+        assert isinstance(own, IngestStore) and not own.shared and (tmp_path / "e.db").exists()
+        assert isinstance(shared, PgIngestStore) and shared.shared
+        default = open_ingest_store(AttestationConfig(), StoreConfig(path=str(tmp_path / "s")))
+        assert isinstance(default, IngestStore) and (tmp_path / "s").exists()
+        default.close()
+    finally:
+        own.close()
+        shared.close()
+
+
+# -- PostgreSQL: errors -------------------------------------------------------------------------------------
+
+
+def test_unreachable_database_is_an_evidence_store_error_without_the_password() -> None:
+    with tempfile.TemporaryDirectory() as empty:
+        url = f"postgresql://postgres:{PASSWORD}@/tmb?host={empty}&port=5432"
+        with pytest.raises(EvidenceStoreError, match="cannot open store") as info:
+            PgIngestStore(url)
+    text = str(info.value) + info.value.diagnostics() + repr(info.value.context)
+    assert PASSWORD not in text and "***" in info.value.context["url"] and info.value.hint
+    assert info.value.__cause__ is None
+
+
+def test_lost_connection_reconnects(pg_url: str) -> None:
+    store = PgIngestStore(pg_url)
+    try:
+        with store.transaction():
+            store.upsert_node("n", b"ak", 1)
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'tmb'"
+            )
+        with pytest.raises(EvidenceStoreError):
+            store.node("n")
+        assert store.node("n") is not None  # the next call reconnects
+    finally:
+        store.close()
+
+
+def test_listener_reconnects_and_asks_for_a_recheck(pg_url: str) -> None:
+    heard: list[str] = []
+    resyncs: list[int] = []
+    listener = AttestListener(pg_url, heard.append, lambda: resyncs.append(1), poll_s=0.05, retry_s=0.05)
+    try:
+        assert listener.listening.wait(WAIT_S) and resyncs == [1]
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            other.execute("SELECT pg_notify('tmb_ingest_attested', 'node-a')")
+            _until(lambda: heard == ["node-a"])
+            other.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'tmb' AND query LIKE 'LISTEN%'"
+            )
+            _until(lambda: len(resyncs) == 2 and listener.listening.is_set())
+            other.execute("SELECT pg_notify('tmb_ingest_attested', 'node-b')")
+            _until(lambda: heard == ["node-a", "node-b"])
+    finally:
+        listener.close()
+
+
+def _until(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# -- two daemons on one PostgreSQL database -----------------------------------------------------------------
+
+
+@pytest.fixture
+def node(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Any:
+    env = make_node(tmp_path, swtpm_factory)
+    yield env
+    env.close()
+
+
+def _ingest(env: NodeEnv, url: str) -> Ingest:
+    ingest = Ingest(PgIngestStore(url), policy=env.policy)
+    assert env.ak.tpm2b_public is not None
+    ingest.register_node(NODE, env.ak.tpm2b_public)  # every daemon registers the configured nodes
+    return ingest
+
+
+def _batches(now: int, n: int = 3) -> tuple[Chain, list[TelemetryBatch]]:
+    chain = Chain(NODE)
+    out = [chain.genesis("synthetic")]
+    for k in range(n):
+        t = now - 3_000_000_000 + k * 1_000_000_000
+        samples = SampleBatch.from_columns(
+            [t, t + 500_000_000], ["GPU-x"], source="synthetic", power_w=[100.0, 101.0]
+        )
+        out.append(chain.seal(samples.encode()))
+    return chain, out
+
+
+async def test_evidence_taken_by_one_daemon_wakes_and_serves_the_other(
+    node: NodeEnv, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "RECHECK_S", 60.0)  # only the NOTIFY can wake B within the test
+    a, b = _ingest(node, pg_url), _ingest(node, pg_url)
+    assert a.store.shared and a._listener is not None and b._listener is not None
+    assert isinstance(b._listener, AttestListener) and b._listener.listening.wait(WAIT_S)
+    now = time.time_ns()
+    _, batches = _batches(now)
+    taken = await a.submit(NODE, a.add_batches, {"batches": [x.to_wire() for x in batches]})
+    assert taken.accepted and taken.data["accepted"] == [0, 1, 2, 3]
+    assert (await a.submit(NODE, a.add_ima, node.ima_doc())).accepted
+    status = b.status(NODE)
+    assert status is not None and status["batches"] == 4 and status["attested"] == 0
+    assert (
+        status["head"] == batches[-1].head.to_wire() and status["ima_offset"] == node.log_path.stat().st_size
+    )
+
+    store = AsyncStore(str(tmp_path / "verdicts.db"))
+    engine = Engine(store, load_or_create_key(tmp_path / "k.pem"), b, [], EngineSettings(wait_s=60.0))
+    window = Window(now - 2_900_000_000, now - 1_000_000_000, False)
+    waiting = asyncio.create_task(engine._wait_for_evidence(NODE, window))  # daemon B's engine
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    nonce = bytes.fromhex((await a.submit(NODE, a.nonce)).data["nonce"])
+    t = time.monotonic()
+    quoted = await a.submit(NODE, a.add_quote, node.quote_doc(nonce, batches[-1].head))
+    assert quoted.ok and quoted.attested == 4, quoted.findings
+    got = await asyncio.wait_for(waiting, WAIT_S)
+    assert time.monotonic() - t < WAIT_S
+    assert got.summary is not None and got.summary.ok and got.covers_end()
+    assert got.quote_id == quoted.data["quote_id"] and {x.seq for x in got.batches} == {1, 2}
+
+    # the probe resends to B what A took: duplicates, as one daemon would answer
+    more = await b.submit(NODE, b.add_batches, {"batches": [x.to_wire() for x in batches[-2:]]})
+    assert more.accepted and more.data["duplicates"] == 2 and more.data["accepted"] == []
+    assert a.store.count_batches(NODE) == 4
+    await store.close()
+    a.close()
+    b.close()
+
+
+async def test_a_lost_notification_only_delays(
+    node: NodeEnv, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "RECHECK_S", 0.2)
+    b = _ingest(node, pg_url)
+    assert b._listener is not None
+    b._listener.close()  # B hears nothing more: its waiters still look again every RECHECK_S
+    since = b.attested_since(NODE)
+    t = time.monotonic()
+    assert not await b.wait_attested(NODE, since, 60.0)
+    assert time.monotonic() - t < WAIT_S
+    b.close()
+
+
+def test_concurrent_duplicates_and_forks_are_refused_once(node: NodeEnv, pg_url: str) -> None:
+    a, b = _ingest(node, pg_url), _ingest(node, pg_url)
+    now = time.time_ns()
+    chain, batches = _batches(now, 5)
+    results: dict[str, Any] = {}
+    barrier = threading.Barrier(2)
+
+    def send(name: str, ingest: Ingest, doc: dict[str, Any]) -> None:
+        barrier.wait(WAIT_S)
+        results[name] = ingest.add_batches(NODE, doc)
+
+    doc = {"batches": [x.to_wire() for x in batches]}
+    threads = [threading.Thread(target=send, args=(n, i, doc)) for n, i in (("a", a), ("b", b))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(WAIT_S)
+    got = sorted((r.data["accepted"], r.data["duplicates"]) for r in results.values())
+    assert all(r.accepted for r in results.values())
+    assert got == [([], 6), ([0, 1, 2, 3, 4, 5], 0)]  # one daemon took them, the other saw duplicates
+    assert a.store.count_batches(NODE) == 6
+
+    # two different batches for the next position, at once: one is taken, the other is a fork
+    forks = [
+        copy.copy(chain).seal(
+            SampleBatch.from_columns([now + k], ["GPU-x"], source="synthetic", power_w=[float(k)]).encode()
+        )
+        for k in range(2)
+    ]
+    results.clear()
+    barrier = threading.Barrier(2)
+    threads = [
+        threading.Thread(target=send, args=(n, i, {"batches": [f.to_wire()]}))
+        for n, i, f in (("a", a, forks[0]), ("b", b, forks[1]))
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(WAIT_S)
+    outcomes = sorted("taken" if r.refusal is None else r.refusal.id for r in results.values())
+    assert outcomes == ["chain.fork", "taken"], [r.findings for r in results.values()]
+    assert a.store.count_batches(NODE) == 7
+    a.close()
+    b.close()
