@@ -101,6 +101,8 @@ TMB = """
 [server]
 host = "127.0.0.1"
 port = {port}
+[management]
+port = 0
 [[workers]]
 name = "w1"
 url = "http://127.0.0.1:{worker}"
@@ -124,10 +126,14 @@ NO_VERDICTS = textwrap.dedent(
     import asyncio, sys
     from tmb.config import load_config
     from tmb.proxy.site import ProxyRunner, ProxySite
-    from tmb.serve import PendingEngine, build_app, freeze_startup_heap, install_uvloop
+    from tmb.daemon.app import build_app
+    from tmb.daemon.serve import freeze_startup_heap, install_uvloop
+    class NoVerdicts:  # every verdict stays pending
+        async def on_spans(self, spans):
+            pass
     async def main():
         config = load_config(sys.argv[1])
-        app = await build_app(config, engine_factory=lambda app, ctx: PendingEngine())
+        app = await build_app(config, engine=NoVerdicts())
         runner = ProxyRunner(app, handler_cancellation=True, access_log=None)  # as tmb serve does
         await runner.setup()
         await ProxySite(runner, "127.0.0.1", config.server.port, backlog=1024).start()

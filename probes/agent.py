@@ -225,8 +225,12 @@ class Probe:
         await self._load_eventlog()
         self._seal(None)
         timeout = aiohttp.ClientTimeout(total=self.config.http_timeout_s)
+        tls = self.config.tls_context()  # https: the pinned daemon_ca (or the system's CAs), never none
         async with aiohttp.ClientSession(
-            timeout=timeout, auto_decompress=False, headers={"Accept-Encoding": "identity"}
+            timeout=timeout,
+            auto_decompress=False,
+            headers={"Accept-Encoding": "identity"},
+            connector=aiohttp.TCPConnector(ssl=tls if tls is not None else True),
         ) as http:
             tasks = [
                 asyncio.create_task(self._seal_loop(), name="probe-seal"),

@@ -3,7 +3,8 @@
 Keys (all top level; units in the names; defaults in :class:`ProbeConfig`)::
 
     node = "gpu-node-1"                 # node id the daemon registered (required)
-    daemon_url = "http://127.0.0.1:8443"
+    daemon_url = "http://127.0.0.1:8701"  # the daemon's management listener ([management] in its config)
+    daemon_ca = ""                      # PEM CA (or self-signed) certificate to pin for an https daemon_url
     tcti = "device:/dev/tpmrm0"         # swtpm:host=127.0.0.1,port=P in tests
     ak_handle = 0x81010002
     pcrs = [10]                         # quoted in pcr_bank; 0-10 are always added (boot chain, IMA)
@@ -30,6 +31,7 @@ Environment values are parsed as TOML values when they parse (``TMB_PROBE_PCRS="
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -49,7 +51,8 @@ ENV_PREFIX = "TMB_PROBE_"
 @dataclass(frozen=True)
 class ProbeConfig:
     node: str
-    daemon_url: str = "http://127.0.0.1:8443"
+    daemon_url: str = "http://127.0.0.1:8701"
+    daemon_ca: str = ""
     tcti: str = "device:/dev/tpmrm0"
     ak_handle: int = 0x81010002
     pcrs: tuple[int, ...] = (10,)
@@ -91,6 +94,33 @@ class ProbeConfig:
             raise ConfigError("pcrs must be PCR indices 0..23", key="pcrs")
         if not self.daemon_url.startswith(("http://", "https://")):
             raise ConfigError("daemon_url must be an http(s) URL", key="daemon_url")
+        if self.daemon_ca and not self.daemon_url.startswith("https://"):
+            raise ConfigError(
+                "daemon_ca pins the daemon's TLS certificate: daemon_url must be https", key="daemon_ca"
+            )
+        if self.daemon_ca:
+            self.tls_context()  # a daemon_ca that cannot be used is an error now, not at the first post
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """For an https ``daemon_url``: a context verifying the daemon's certificate and host name against
+        ``daemon_ca`` only (the pinned CA or self-signed certificate), or against the system's CAs when
+        none is pinned; never unverified. None for http. A ``daemon_ca`` that cannot be read or holds no
+        certificate is a ConfigError."""
+        if not self.daemon_url.startswith("https://"):
+            return None
+        if not self.daemon_ca:
+            return ssl.create_default_context()
+        try:
+            context = ssl.create_default_context(cafile=self.daemon_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load daemon_ca: {getattr(exc, 'strerror', None) or exc}",
+                key="daemon_ca",
+                path=self.daemon_ca,
+            ) from None
+        if not context.cert_store_stats()["x509"]:
+            raise ConfigError("daemon_ca holds no CA certificate", key="daemon_ca", path=self.daemon_ca)
+        return context
 
     @property
     def quoted_pcrs(self) -> dict[str, list[int]]:
@@ -110,6 +140,7 @@ class ProbeConfig:
 _TYPES: dict[str, type] = {
     "node": str,
     "daemon_url": str,
+    "daemon_ca": str,
     "tcti": str,
     "ak_handle": int,
     "pcrs": tuple,

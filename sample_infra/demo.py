@@ -2,8 +2,9 @@
 
 One process runs it all in one event loop, except the TPMs (one ``swtpm`` process per node)::
 
-    client ──> load balancer ──> tmb serve (proxy, ingest, verdict engine) ──> 5 sample workers
-                                        ^                                        │ SyntheticSource
+    client ──> load balancer ──> tmb serve proxy listener (verdict engine) ──> 5 sample workers
+                                 tmb serve management listener (TLS, ingest)       │ SyntheticSource
+                                        ^                                          │
                                         └──── probe per node (swtpm quotes, IMA log, telemetry chain)
 
 Nodes: ``node-1`` and ``node-2`` honest; ``node-3`` an impostor (claims llama-1b/bf16/h100, behaves as
@@ -162,7 +163,8 @@ class Demo:
         self.workers: dict[str, WorkerNode] = {}
         self.probes: dict[str, _ProbeRunner] = {}
         self.profiles: list[Path] = []
-        self.daemon_url = self.lb_url = ""
+        self.daemon_url = self.lb_url = ""  # the proxy listener (customers, verdicts) and the balancer
+        self.management_url = self.daemon_ca = ""  # where the probes send evidence, and the CA they pin
         self.client: Client | None = None
 
     async def start(self) -> None:
@@ -215,15 +217,19 @@ class Demo:
         self.say(f"  daemon {self.daemon_url}, load balancer {self.lb_url}, probes attested\n")
 
     async def _start_daemon(self) -> None:
+        from sample_infra.tls import make_server_cert
         from tmb.config import load_config
-        from tmb.serve import build_app
+        from tmb.daemon.app import DAEMON_KEY, build_app
 
         d = self.out / "daemon"
         d.mkdir(parents=True, exist_ok=True)
         s = self.settings
+        tls = make_server_cert(d / "tls")  # the management listener's certificate; the probes pin the CA
+        self.daemon_ca = str(tls.ca)
         lines = [
             "# tmb serve config written by the demo",
             '[server]\nhost = "127.0.0.1"\nport = 0\n',
+            f'[management]\nhost = "127.0.0.1"\nport = 0\ntls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n',
             f'[verdicts]\ndemo = true\nkey_file = "{d / "verdict-key.pem"}"\n',
             f'[store]\npath = "{d / "tmb.sqlite3"}"\n',
             '[proxy]\nhealth_interval_s = 1.0\nhealth_path = "/health"\n',
@@ -247,12 +253,14 @@ class Demo:
         site = ProxySite(runner, "127.0.0.1", 0)
         await site.start()
         self.daemon_url = f"http://127.0.0.1:{site.addresses[0][1]}"
+        self.management_url = app[DAEMON_KEY].management_url  # evidence ingest, over TLS
 
     def _start_probe(self, name: str) -> None:
         node, s = self.nodes[name], self.settings
         config = ProbeConfig(
             node=name,
-            daemon_url=self.daemon_url,
+            daemon_url=self.management_url,
+            daemon_ca=self.daemon_ca,
             tcti=node.swtpm.tcti,
             source="synthetic",
             batch_interval_s=s.batch_interval_s,

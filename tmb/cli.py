@@ -35,8 +35,8 @@ SUBCOMMANDS: dict[str, dict[str, str]] = {
         "verity": "dm-verity hash trees (veritysetup-compatible) and image checks",
         "commit": "model directory -> reproducible EROFS image, hash tree and commitment",
     },
+    "tmb.daemon.cli": {"serve": "run the daemon: reverse proxy, verdict API, metrics"},
     "tmb.verdict.cli": {
-        "serve": "run the daemon: reverse proxy, verdict API, metrics",
         "verify-verdict": "check a verdict's signature and decision",
         "config": "configuration tools",
     },

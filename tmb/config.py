@@ -2,7 +2,8 @@
 
 Sections (all optional; defaults and units are documented in docs/config.md)::
 
-    [server]    host, port, api_prefix
+    [server]    host, port, api_prefix, tls_cert, tls_key
+    [management] host, port, tls_cert, tls_key
     [[workers]] name, url, node, gpus, model, max_concurrency
     [proxy]     max_body_bytes, inspect_body_bytes, connect_timeout_s, read_timeout_s, total_timeout_s,
                 health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes, engine,
@@ -58,6 +59,19 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_prefix: str = ""  # prepended to the daemon's own routes (/v1/verdicts, /metrics, ...)
+    tls_cert: str = ""  # PEM certificate (chain) of the proxy listener; empty: plain HTTP
+    tls_key: str = ""  # PEM private key of tls_cert
+
+
+@dataclass(frozen=True)
+class ManagementConfig:
+    """The management listener: evidence ingest (/v1/ingest/...) and admin (/admin/...) are served only
+    here, beside the public reads; the proxy listener answers 404 for them."""
+
+    host: str = "127.0.0.1"  # loopback, or an address on a management network
+    port: int = 8701  # 0: a free port (tests)
+    tls_cert: str = ""  # PEM certificate (chain); empty: plain HTTP
+    tls_key: str = ""  # PEM private key of tls_cert
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    management: ManagementConfig = field(default_factory=ManagementConfig)
     workers: tuple[WorkerConfig, ...] = ()
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     verdicts: VerdictsConfig = field(default_factory=VerdictsConfig)
@@ -162,12 +177,13 @@ class Config:
             return False, "no admin token is set (admin.token or admin.token_file)"
         if self.admin.enabled == "true":
             return True, "admin.enabled = true"
-        if not _is_loopback(self.server.host):
+        m = self.management.host
+        if not _is_loopback(m):
             return False, (
-                f'admin.enabled = "auto" and server.host {self.server.host!r} is not a loopback address '
+                f'admin.enabled = "auto" and management.host {m!r} is not a loopback address '
                 "(set admin.enabled = true to serve the admin endpoints there)"
             )
-        return True, f'admin.enabled = "auto" with a token on the loopback address {self.server.host!r}'
+        return True, f'admin.enabled = "auto" with a token on the loopback address {m!r}'
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets replaced by ``<redacted>``."""
@@ -179,7 +195,7 @@ class Config:
             if data[name]["token"]:
                 data[name]["token"] = REDACTED
         if data["store"]["url"]:
-            from tmb.verdict.store_pg import redact
+            from tmb.pgurl import redact
 
             data["store"]["url"] = redact(data["store"]["url"])
         return data
@@ -187,6 +203,7 @@ class Config:
 
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
+    "management": ManagementConfig,
     "proxy": ProxyConfig,
     "verdicts": VerdictsConfig,
     "store": StoreConfig,
@@ -526,7 +543,18 @@ def _validate(config: Config) -> None:
         )
     if config.admin.enabled == "true" and not config.admin.token:
         fail("admin.enabled = true needs admin.token (or admin.token_file)", "admin", "token", "")
-    if not _is_loopback(s.host):  # inline tokens guarding endpoints others can reach must be strong
+    m = config.management
+    if not 0 <= m.port <= 65535:
+        fail("management.port must be 0..65535", "management", "port", m.port)
+    if m.port and m.port == s.port and m.host == s.host:
+        fail("management.port must differ from server.port on the same host", "management", "port", m.port)
+    for section, listener in (("server", s), ("management", m)):
+        if bool(listener.tls_cert) != bool(listener.tls_key):
+            missing = "tls_key" if listener.tls_cert else "tls_cert"
+            fail(f"{section}.tls_cert and {section}.tls_key go together", section, missing, "")
+    if not (_is_loopback(s.host) and _is_loopback(m.host)):
+        # inline tokens guarding endpoints others can reach must be strong (either token opens /metrics,
+        # served on both listeners)
         where = {"file": origin, "key": "token"}
         if config.admin.token and config.admin_enabled():
             _check_token(config.admin.token, "admin.token", {**where, "section": "admin"})

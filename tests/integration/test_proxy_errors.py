@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, start_daemon, workers
 
-from tmb.serve import CTX_KEY
 from tmb.spans import Outcome
 
 __all__ = ["engine", "workers"]
@@ -101,7 +100,7 @@ async def test_concurrency_limit_503(daemon_factory, workers: W) -> None:  # typ
         state.release.set()
         async with await first as r:
             assert r.status == 200 and await r.json() == {"worker": "a"}
-        pool = d.app[CTX_KEY].pool
+        pool = d.parts.pool
         await until(lambda: pool.workers[0].inflight == 0)
         async with s.get(f"{d.url}/hold") as r:  # the slot is free again
             assert r.status == 200

@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, start_daemon, workers
 
+from tmb.daemon.app import build_app
 from tmb.proxy.app import PROXY_KEY
 from tmb.proxy.contract import own_prefixes
-from tmb.serve import CTX_KEY, build_app
 
 __all__ = ["engine", "workers"]
 W = dict[str, tuple[WorkerState, int]]
@@ -134,7 +134,7 @@ async def test_a_stale_keep_alive_connection_is_retried_not_failed_over(tmp_path
         spans = [await d.span(r) for r in rids]
         assert all(s.failed_over_from == () and s.worker == "a" for s in spans)
         assert connections == 3
-        assert d.app[CTX_KEY].pool.workers[0].healthy
+        assert d.parts.pool.workers[0].healthy
     finally:
         await runner.cleanup()
         server.close()

@@ -24,9 +24,19 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tmb.config import Config, ProxyConfig, ServerConfig, StoreConfig, VerdictsConfig, WorkerConfig
+from tmb.config import (
+    Config,
+    ManagementConfig,
+    ProxyConfig,
+    ServerConfig,
+    StoreConfig,
+    VerdictsConfig,
+    WorkerConfig,
+)
+from tmb.daemon.app import DAEMON_KEY, build_app
+from tmb.daemon.app import Daemon as DaemonParts
+from tmb.daemon.pipeline import VerdictEngine
 from tmb.proxy.site import ProxyRunner, ProxySite
-from tmb.serve import PIPELINE_KEY, EngineFactory, build_app
 from tmb.spans import Span
 
 HOST = "127.0.0.1"
@@ -177,10 +187,20 @@ async def start(app: web.Application) -> tuple[web.AppRunner, int]:
 
 @dataclass
 class Daemon:
-    url: str
+    url: str  # the proxy listener
     app: web.Application
     config: Config
     spans: list[Span]
+
+    @property
+    def parts(self) -> DaemonParts:
+        """What build_app assembled (store, signer, pool, engine, ingest, pipeline, ...)."""
+        return self.app[DAEMON_KEY]
+
+    @property
+    def management_url(self) -> str:
+        """The management listener (evidence ingest, admin)."""
+        return self.parts.management_url
 
     async def span(self, rid: str, timeout: float = 10.0) -> Span:
         """The span with id ``rid`` once the pipeline saw it (bounded wait)."""
@@ -208,6 +228,7 @@ def make_config(tmp: Path, workers: list[tuple[str, int]], **proxy: Any) -> Conf
     )
     return Config(
         server=ServerConfig(host=HOST, port=0),
+        management=ManagementConfig(host=HOST, port=0),
         workers=wcfg,
         proxy=ProxyConfig(**({"health_interval_s": 0.2} | proxy)),
         verdicts=VerdictsConfig(key_file=str(tmp / "key.pem")),
@@ -215,20 +236,20 @@ def make_config(tmp: Path, workers: list[tuple[str, int]], **proxy: Any) -> Conf
     )
 
 
-async def start_daemon(
-    config: Config, engine_factory: EngineFactory | None = None
-) -> tuple[web.AppRunner, Daemon]:
-    app = await build_app(config, engine_factory=engine_factory)
-    runner, port = await start(app)
-    pipeline = app[PIPELINE_KEY]
+async def start_daemon(config: Config, engine: VerdictEngine | None = None) -> tuple[web.AppRunner, Daemon]:
+    """The daemon as `tmb serve` builds it (``engine``: instead of the one the config describes), its
+    proxy listener on a free port of 127.0.0.1 and its management listener as the config says."""
+    app = await build_app(config, engine=engine)
+    parts = app[DAEMON_KEY]
     spans: list[Span] = []
-    original = pipeline.ctx.metrics.observe
+    original = parts.metrics.observe
 
     def observe(span: Span) -> None:  # spy on what the pipeline stored
         spans.append(span)
         original(span)
 
-    pipeline.ctx.metrics.observe = observe  # type: ignore[method-assign]
+    parts.metrics.observe = observe  # type: ignore[method-assign]
+    runner, port = await start(app)
     return runner, Daemon(f"http://{HOST}:{port}", app, config, spans)
 
 

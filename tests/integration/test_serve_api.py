@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 from test_proxy_support import Daemon, WorkerState, make_config, start_daemon, workers
 
-from tmb.config import AdminConfig
-from tmb.serve import DaemonContext, VerdictEngine
+from tmb.config import AdminConfig, Config
+from tmb.daemon.app import Daemon as DaemonParts
 from tmb.spans import Span
 from tmb.verdict.model import Decision, Reason, Verdict, Window
 from tmb.verdict.store import EvidenceRef
@@ -29,11 +29,17 @@ VENV_BIN = Path(sys.executable).parent
 
 
 class GatedEngine:
-    """Publishes a signed `demo` verdict for a span once the test opens the gate."""
+    """Publishes a signed `demo` verdict for a span once the test opens the gate, with the store and
+    signer of the daemon it is given to (``parts``, set once the daemon is built)."""
 
-    def __init__(self, ctx: DaemonContext) -> None:
-        self.ctx = ctx
+    def __init__(self) -> None:
+        self.parts: DaemonParts | None = None
         self.gate = asyncio.Event()
+
+    async def start(self, config: Config) -> tuple[web.AppRunner, Daemon]:
+        runner, d = await start_daemon(config, self)
+        self.parts = d.parts
+        return runner, d
 
     async def on_spans(self, spans: Sequence[Span]) -> None:
         for span in spans:
@@ -64,24 +70,20 @@ class GatedEngine:
             EvidenceRef("quote", "ab" * 32, span.node, span.end_ns, None, {"pcr": 10}),
             EvidenceRef("telemetry_batch", "cd" * 32, span.node, None, None, {"seq": 3}),
         ]
-        await self.ctx.store.publish(self.ctx.signer.sign(verdict), refs)
+        assert self.parts is not None
+        await self.parts.store.publish(self.parts.signer.sign(verdict), refs)
 
 
 @pytest.fixture
 async def served(
     tmp_path: Path, workers: dict[str, tuple[WorkerState, int]]
 ) -> AsyncIterator[tuple[Daemon, GatedEngine]]:
-    engines: list[GatedEngine] = []
-
-    def factory(app: web.Application, ctx: DaemonContext) -> VerdictEngine:
-        engines.append(GatedEngine(ctx))
-        return engines[0]
-
+    engine = GatedEngine()
     config = make_config(tmp_path, [("a", workers["a"][1])], max_body_bytes=100_000)
     config = dataclasses.replace(config, admin=AdminConfig(token=TOKEN))
-    runner, d = await start_daemon(config, factory)
-    yield d, engines[0]
-    engines[0].gate.set()
+    runner, d = await engine.start(config)
+    yield d, engine
+    engine.gate.set()
     await runner.cleanup()
 
 
@@ -194,19 +196,21 @@ async def test_admin_needs_the_bearer_token(
     new = {"name": "b", "url": f"http://127.0.0.1:{workers['b'][1]}", "node": "node-b", "model": "mb"}
     async with aiohttp.ClientSession() as s:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
-            async with s.get(f"{d.url}/admin/workers", headers=headers) as r:
+            async with s.get(f"{d.management_url}/admin/workers", headers=headers) as r:
                 assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
-        async with s.post(f"{d.url}/admin/workers", json={**new, "url": "ftp://x"}, headers=auth) as r:
+        async with s.post(
+            f"{d.management_url}/admin/workers", json={**new, "url": "ftp://x"}, headers=auth
+        ) as r:
             assert r.status == 400 and "url" in (await r.json())["error"]["message"]
-        async with s.post(f"{d.url}/admin/workers", json=new, headers=auth) as r:
+        async with s.post(f"{d.management_url}/admin/workers", json=new, headers=auth) as r:
             assert r.status == 201
-        async with s.post(f"{d.url}/admin/workers", json=new, headers=auth) as r:
+        async with s.post(f"{d.management_url}/admin/workers", json=new, headers=auth) as r:
             assert r.status == 409
-        async with s.get(f"{d.url}/admin/workers", headers=auth) as r:
+        async with s.get(f"{d.management_url}/admin/workers", headers=auth) as r:
             assert set(await r.json()) == {"a", "b"}
         async with s.post(f"{d.url}/json", json={"model": "mb"}) as r:  # routed by model to the new worker
             assert r.headers["X-Worker"] == "b"
-        async with s.post(f"{d.url}/admin/prune", headers=auth) as r:
+        async with s.post(f"{d.management_url}/admin/prune", headers=auth) as r:
             assert (await r.json())["deleted"] == 0
 
 
@@ -248,17 +252,17 @@ async def test_serve_freezes_the_startup_heap_out_of_the_gc(
     """Full GC passes over the startup heap were most of the p99 latency under load (bench_proxy.py)."""
     import gc
 
-    from tmb.serve import serve
+    from tmb.daemon.serve import serve
 
     gc.unfreeze()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.ensure_future(
-        serve(make_config(tmp_path, [("a", workers["a"][1])]), ready=ready.set_result)
+        serve(make_config(tmp_path, [("a", workers["a"][1])]), ready=lambda url, _: ready.set_result(url))
     )
     try:
         address = await asyncio.wait_for(ready, 20)
         assert gc.get_freeze_count() > 1000  # modules, config, app: everything allocated before serving
-        async with aiohttp.ClientSession() as s, s.get(f"http://{address}/healthz") as r:
+        async with aiohttp.ClientSession() as s, s.get(f"{address}/healthz") as r:
             assert r.status == 200
     finally:
         task.cancel()

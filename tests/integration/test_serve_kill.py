@@ -18,6 +18,9 @@ CONFIG = """
 host = "127.0.0.1"
 port = 0
 
+[management]
+port = 0
+
 [[workers]]
 name = "w1"
 url = "http://127.0.0.1:{port}"

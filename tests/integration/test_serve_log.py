@@ -18,11 +18,10 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from test_proxy_support import Daemon, WorkerState, make_config, start_daemon, workers
+from test_proxy_support import Daemon, WorkerState, make_config, workers
 from test_serve_api import GatedEngine
 
 from tmb.config import Config
-from tmb.serve import DaemonContext, VerdictEngine
 from tmb.verdict.checkpoint import parse_verifier_key
 from tmb.verdict.logverify import check_consistency, check_inclusion
 
@@ -31,15 +30,10 @@ WAIT_S = 20.0  # bound on each wait for the checkpoint loop (met within a few pe
 
 
 async def _daemon(config: Config) -> tuple[web.AppRunner, Daemon, GatedEngine]:
-    engines: list[GatedEngine] = []
-
-    def factory(app: web.Application, ctx: DaemonContext) -> VerdictEngine:
-        engines.append(GatedEngine(ctx))
-        return engines[0]
-
-    runner, d = await start_daemon(config, factory)
-    engines[0].gate.set()
-    return runner, d, engines[0]
+    engine = GatedEngine()
+    runner, d = await engine.start(config)
+    engine.gate.set()
+    return runner, d, engine
 
 
 @pytest.fixture

@@ -8,12 +8,10 @@ import json
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
-from test_proxy_support import WorkerState, make_config, start_daemon, workers
+from test_proxy_support import WorkerState, make_config, workers
 from test_serve_api import GatedEngine
 
 from tmb.config import StoreConfig
-from tmb.serve import DaemonContext, VerdictEngine
 from tmb.verdict.signing import load_public_keys, verify_verdict
 
 __all__ = ["workers"]
@@ -22,16 +20,12 @@ __all__ = ["workers"]
 async def test_two_daemons_share_verdicts_through_postgresql(
     tmp_path: Path, workers: dict[str, tuple[WorkerState, int]], pg_url: str
 ) -> None:
-    engines: list[GatedEngine] = []
-
-    def factory(app: web.Application, ctx: DaemonContext) -> VerdictEngine:
-        engines.append(GatedEngine(ctx))
-        return engines[-1]
+    engines = [GatedEngine(), GatedEngine()]
 
     base = make_config(tmp_path, [("a", workers["a"][1])])
     config = dataclasses.replace(base, store=StoreConfig(path=str(tmp_path / "unused.sqlite3"), url=pg_url))
-    runner_a, a = await start_daemon(config, factory)
-    runner_b, b = await start_daemon(config, factory)  # same key file, same database
+    runner_a, a = await engines[0].start(config)
+    runner_b, b = await engines[1].start(config)  # same key file, same database
     try:
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{a.url}/json", json={"model": "m-a"}) as r:

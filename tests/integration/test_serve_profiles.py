@@ -13,7 +13,6 @@ from test_proxy_support import make_config, start_daemon
 from sample_infra.demo_setup import enrol_profiles
 from tmb.config import AdminConfig, FingerprintConfig
 from tmb.fingerprint import load_profile
-from tmb.serve import ENGINE_KEY
 from tmb.verdict.engine import Engine
 
 TOKEN = "admin-token-for-tests"
@@ -33,22 +32,26 @@ async def test_upload_installs_a_profile_the_engine_uses(tmp_path: Path) -> None
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
         async with aiohttp.ClientSession() as s:
-            async with s.post(f"{daemon.url}/admin/profiles", data=saved.read_bytes()) as r:
+            async with s.post(f"{daemon.management_url}/admin/profiles", data=saved.read_bytes()) as r:
                 assert r.status == 401  # no token
-            async with s.post(f"{daemon.url}/admin/profiles", data=b'{"version": 1}', headers=auth) as r:
+            async with s.post(
+                f"{daemon.management_url}/admin/profiles", data=b'{"version": 1}', headers=auth
+            ) as r:
                 assert r.status == 400
                 assert (await r.json())["error"]["type"] == "bad_profile"
             old = json.dumps({**profile.to_dict(), "version": 1}).encode()  # format 1: not load-aware
-            async with s.post(f"{daemon.url}/admin/profiles", data=old, headers=auth) as r:
+            async with s.post(f"{daemon.management_url}/admin/profiles", data=old, headers=auth) as r:
                 assert r.status == 400 and "re-enrol" in await r.text()
             assert list(profiles.iterdir()) == []  # nothing half-written is left behind
-            async with s.post(f"{daemon.url}/admin/profiles", data=saved.read_bytes(), headers=auth) as r:
+            async with s.post(
+                f"{daemon.management_url}/admin/profiles", data=saved.read_bytes(), headers=auth
+            ) as r:
                 assert r.status == 201, await r.text()
                 key = (await r.json())["profile"]
         assert key == profile.key
         stored = list(profiles.glob("*.json"))
         assert len(stored) == 1 and json.loads(stored[0].read_text())["model"] == "llama-1b"
-        engine = daemon.app[ENGINE_KEY]
+        engine = daemon.parts.engine
         assert isinstance(engine, Engine) and [p.key for p in engine.profiles] == [key]
         assert engine.judge is not None
     finally:

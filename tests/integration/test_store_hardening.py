@@ -25,13 +25,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from test_proxy_support import WorkerState, make_config, start, start_daemon, worker_app, workers
 
-import tmb.serve as serve_module
+import tmb.daemon.pipeline as pipeline_module
 import tmb.verdict.store as store_module
 from tmb.config import StoreConfig
-from tmb.serve import DaemonContext, VerdictEngine, attach_engine_and_ingest, build_app, resume_pending
+from tmb.daemon.app import DAEMON_KEY, build_app
+from tmb.daemon.pipeline import resume_pending
 from tmb.spans import Outcome, Span
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.model import Decision, Verdict, Window
@@ -45,6 +45,9 @@ WAIT_S = 60.0  # bound on every wait for a daemon (never reached when all is wel
 CONFIG = """
 [server]
 host = "127.0.0.1"
+port = 0
+
+[management]
 port = 0
 
 [[workers]]
@@ -242,30 +245,29 @@ async def test_daemon_resumes_120_pending_spans_in_pages_of_50(
 ) -> None:
     config = make_config(tmp_path, [("a", workers["a"][1])])
     ids = write_pending(Path(config.store.path), 120, ties=5)
-    monkeypatch.setattr(serve_module, "RESUME_PAGE", 50)
+    monkeypatch.setattr(pipeline_module, "RESUME_PAGE", 50)
     pages: list[int] = []
 
-    def factory(app: web.Application, ctx: DaemonContext) -> VerdictEngine:
-        engine = attach_engine_and_ingest(app, ctx)  # the daemon's own engine (no attestation: unattested)
-        original = engine.on_spans
+    app = await build_app(config)
+    engine = app[DAEMON_KEY].engine  # the daemon's own engine (no attestation: unattested)
+    original = engine.on_spans
 
-        async def on_spans(spans: Sequence[Span]) -> None:
-            pages.append(len(spans))
-            await original(spans)
+    async def on_spans(spans: Sequence[Span]) -> None:
+        pages.append(len(spans))
+        await original(spans)
 
-        engine.on_spans = on_spans  # type: ignore[method-assign]
-        return engine
-
-    runner, d = await start_daemon(config, factory)
+    engine.on_spans = on_spans  # type: ignore[method-assign]
+    runner, port = await start(app)
+    d_url = f"http://127.0.0.1:{port}"
     try:
         store = Path(config.store.path)
         await wait_until(lambda: pending_count(store) == 0, "every pending span decided")
         assert sorted(pages) == [20, 50, 50]
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"{d.url}/v1/keys") as r:
+            async with s.get(f"{d_url}/v1/keys") as r:
                 keys = load_public_keys(await r.read(), "/v1/keys")
             for rid in (ids[0], ids[49], ids[50], ids[100], ids[-1]):  # first, page edges, last
-                async with s.get(f"{d.url}/v1/verdicts/{rid}") as r:
+                async with s.get(f"{d_url}/v1/verdicts/{rid}") as r:
                     assert r.status == 200, rid
                     doc = await r.json()
                 assert doc["decision"] == "unattested" and verify_verdict(doc, keys).ok
@@ -276,7 +278,7 @@ async def test_daemon_resumes_120_pending_spans_in_pages_of_50(
 async def test_idle_daemon_resumes_spans_left_pending_but_not_fresh_ones(
     tmp_path: Path, workers: dict[str, tuple[WorkerState, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(serve_module, "RESUME_INTERVAL_S", 0.05)
+    monkeypatch.setattr(pipeline_module, "RESUME_INTERVAL_S", 0.05)
     config = make_config(tmp_path, [("a", workers["a"][1])])
     runner, _ = await start_daemon(config)
     try:

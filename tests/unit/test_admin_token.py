@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 
 from tmb.config import MIN_TOKEN_BITS, load_config, token_bits
+from tmb.daemon.app import build_app
 from tmb.errors import ConfigError
-from tmb.serve import build_app
 
 STRONG = secrets.token_hex(32)
 WORKER = "gpu-secret-worker-7"
@@ -58,7 +58,7 @@ def test_the_reported_case_world_readable_three_characters_on_all_addresses(tmp_
     naming the file, printed without a traceback, exit 2."""
     tok = token_file(tmp_path, "abc", 0o644)
     cfg = config_file(
-        tmp_path, f'[server]\nhost = "0.0.0.0"\n[admin]\nenabled = "auto"\ntoken_file = "{tok}"\n'
+        tmp_path, f'[management]\nhost = "0.0.0.0"\n[admin]\nenabled = "auto"\ntoken_file = "{tok}"\n'
     )
     out = subprocess.run(
         [sys.executable, "-m", "tmb", "config", "show", "--config", str(cfg)],
@@ -146,7 +146,7 @@ def test_metrics_token_files_are_checked_the_same(tmp_path: Path) -> None:
 
 
 def test_inline_tokens_must_be_strong_off_loopback(tmp_path: Path) -> None:
-    text = '[server]\nhost = "{host}"\n[admin]\nenabled = true\ntoken = "s3cret"\n'
+    text = '[management]\nhost = "{host}"\n[admin]\nenabled = true\ntoken = "s3cret"\n'
     error = refused(config_file(tmp_path, text.format(host="0.0.0.0")))
     assert error.message.startswith("admin.token is too weak") and error.context["key"] == "token"
     assert load_config(config_file(tmp_path, text.format(host="127.0.0.1")), env={}).admin_enabled()
@@ -159,15 +159,18 @@ def test_inline_tokens_must_be_strong_off_loopback(tmp_path: Path) -> None:
 
 async def test_auto_turning_admin_off_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tok = token_file(tmp_path, STRONG)
-    cfg = config_file(tmp_path, f'[server]\nhost = "0.0.0.0"\n[admin]\ntoken_file = "{tok}"\n')
+    cfg = config_file(
+        tmp_path,
+        f'[server]\nport = 0\n[management]\nhost = "0.0.0.0"\nport = 0\n[admin]\ntoken_file = "{tok}"\n',
+    )
     config = load_config(cfg, env={})
     assert config.admin_status() == (
         False,
-        "admin.enabled = \"auto\" and server.host '0.0.0.0' is not a loopback address "
+        "admin.enabled = \"auto\" and management.host '0.0.0.0' is not a loopback address "
         "(set admin.enabled = true to serve the admin endpoints there)",
     )
     caplog.set_level(logging.INFO, logger="tmb.serve")
-    runner = web.AppRunner(await build_app(config))  # the daemon as `tmb serve` builds it; never bound
+    runner = web.AppRunner(await build_app(config))  # as `tmb serve` builds it; only management listens
     await runner.setup()
     await runner.cleanup()
     (line,) = [r for r in caplog.records if "admin endpoints are off" in r.getMessage()]
@@ -182,7 +185,7 @@ def daemon(tmp_path: Path, text: str) -> Iterator[str]:
     """A real `tmb serve` on 127.0.0.1 (a free port) with one worker that is down; yields its URL."""
     cfg = config_file(
         tmp_path,
-        '[server]\nhost = "127.0.0.1"\nport = 0\n'
+        '[server]\nhost = "127.0.0.1"\nport = 0\n[management]\nport = 0\n'
         f'[[workers]]\nname = "{WORKER}"\nurl = "http://127.0.0.1:9"\nnode = "node-7"\n' + text,
     )
     proc = subprocess.Popen(

@@ -70,12 +70,14 @@ def test_environment_overrides_every_kind_of_key(tmp_path: Path) -> None:
         "TMB_WORKERS_1_URL": "http://127.0.0.1:8002",
         "TMB_WORKERS_1_NODE": "node-2",
         "TMB_SERVER_HOST": "0.0.0.0",
+        "TMB_MANAGEMENT_HOST": "0.0.0.0",
         "UNRELATED": "x",
     }
     config = load_config(write(tmp_path, GOOD), env=env)
     assert config.server.port == 9100 and config.verdicts.demo is True and config.proxy.read_timeout_s == 2.5
     assert config.workers[0].gpus == ("GPU-1", "GPU-2") and config.workers[1].name == "w2"
-    assert not config.admin_enabled()  # non-loopback address: admin is off unless enabled = true
+    assert config.management.host == "0.0.0.0"
+    assert not config.admin_enabled()  # non-loopback management: admin is off unless enabled = true
 
 
 @pytest.mark.parametrize(

@@ -216,7 +216,7 @@ def test_verify_verdict_imports_only_what_it_needs(signed_verdict: tuple[Path, P
     assert _heavy(modules) == []
     assert {"tmb.verdict.model", "tmb.verdict.signing"} <= modules
     assert not any(
-        m.startswith(("tmb.serve", "tmb.proxy", "tmb.verdict.store", "tmb.config")) for m in modules
+        m.startswith(("tmb.daemon", "tmb.proxy", "tmb.verdict.store", "tmb.config")) for m in modules
     )
 
 

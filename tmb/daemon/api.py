@@ -1,4 +1,4 @@
-"""The daemon's own HTTP API, served beside the proxy under ``server.api_prefix`` (default: none).
+"""The daemon's public reads, and the :class:`DaemonApi` every handler of the daemon's own routes takes.
 
 =====================================  ==============================================================
 ``GET /v1/verdicts/{id}[?wait=S]``     200 signed verdict (canonical JSON), 202 pending (``Retry-After``),
@@ -17,10 +17,11 @@
 ``POST /admin/profiles``               install an enrolled fingerprint profile (``tmb enroll`` JSON)
 =====================================  ==============================================================
 
-These paths are reserved: any other method on them gets 405, never the proxy. Errors are the envelope of
-:mod:`tmb.envelope`, ``{"error": {"type", "message"}}``. The public read routes live here; the others in
-:mod:`tmb.daemon.metrics`, :mod:`tmb.daemon.admin` and :mod:`tmb.daemon.openapi`. Every handler takes the
-:class:`DaemonApi` and the request; :func:`add_api_routes` binds them.
+The paths are under ``server.api_prefix`` (default: none). The route table, with the listener serving each
+route (the admin routes only on the management listener), is :data:`tmb.daemon.app.ROUTES`; any other method
+on these paths gets 405, never the proxy. Errors are the envelope of :mod:`tmb.envelope`, ``{"error":
+{"type", "message"}}``. The public read routes live here; the others in :mod:`tmb.daemon.metrics`,
+:mod:`tmb.daemon.admin`, :mod:`tmb.daemon.translog` and :mod:`tmb.daemon.openapi`.
 """
 
 from __future__ import annotations
@@ -34,10 +35,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from tmb.config import Config
-from tmb.daemon import admin, translog
-from tmb.daemon.admin import ApiHandler
-from tmb.daemon.metrics import Metrics, healthz, metrics_page
-from tmb.daemon.openapi import openapi
+from tmb.daemon import translog
+from tmb.daemon.metrics import Metrics
 from tmb.envelope import error_response
 from tmb.proxy.upstream import WorkerPool
 from tmb.verdict.async_store import AsyncStore
@@ -46,11 +45,10 @@ from tmb.verdict.ear import EAR_MEDIA_TYPE, ear_jwt
 from tmb.verdict.model import Verdict
 from tmb.verdict.signing import PublicKey, Signer
 
-__all__ = ["DaemonApi", "Metrics", "add_api_routes"]
+__all__ = ["DaemonApi", "evidence", "keys", "verdict"]
 
 log = logging.getLogger("tmb.serve")
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -62,7 +60,8 @@ class DaemonApi:
     signer: Signer
     pool: WorkerPool
     metrics: Metrics
-    # Installs an uploaded fingerprint profile (JSON bytes) and returns its key; set by the engine's hook.
+    # Installs an uploaded fingerprint profile (JSON bytes) and returns its key (POST /admin/profiles);
+    # None: uploads are refused (no [fingerprint] profiles directory, or an engine given by a test).
     profile_sink: Callable[[bytes], Awaitable[str]] | None = None
 
 
@@ -146,52 +145,3 @@ async def evidence(api: DaemonApi, request: web.Request) -> web.StreamResponse:
         return error_response(404, "unknown_request", f"no verdict for request {rid}")
     refs = await api.store.evidence(rid)
     return web.json_response({"request_id": rid, "state": "final", "evidence": [r.to_dict() for r in refs]})
-
-
-# The route table: (method, path under server.api_prefix, handler).
-ROUTES: tuple[tuple[str, str, ApiHandler], ...] = (
-    ("GET", "/v1/verdicts/{id:.+}", verdict),
-    ("GET", "/v1/keys", keys),
-    ("GET", "/v1/evidence/{id:.+}", evidence),
-    ("GET", "/v1/log/checkpoint", translog.checkpoint),
-    ("GET", "/v1/log/proof/inclusion", translog.inclusion),
-    ("GET", "/v1/log/proof/inclusion/{id:.+}", translog.inclusion_of),
-    ("GET", "/v1/log/proof/consistency", translog.consistency),
-    ("GET", "/metrics", metrics_page),
-    ("GET", "/healthz", healthz),
-    ("GET", "/openapi.json", openapi),
-    ("GET", "/admin/workers", admin.list_workers),
-    ("POST", "/admin/workers", admin.add_worker),
-    ("POST", "/admin/prune", admin.prune),
-    ("POST", "/admin/profiles", admin.upload_profile),
-)
-
-
-def _bind(api: DaemonApi, handler: ApiHandler) -> Handler:
-    async def bound(request: web.Request) -> web.StreamResponse:
-        return await handler(api, request)
-
-    return bound
-
-
-def _not_allowed(allowed: str) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        msg = f"{request.method} is not allowed on {request.path}"
-        return error_response(405, "method_not_allowed", msg, headers={"Allow": allowed})
-
-    return handler
-
-
-def add_api_routes(app: web.Application, api: DaemonApi) -> None:
-    """Register the daemon's routes (before the proxy's catch-all); log whether admin is on, and why not."""
-    served, why = api.config.admin_status()
-    if not served:
-        (log.warning if api.config.admin.token else log.info)("admin endpoints are off: %s", why)
-    p = api.config.server.api_prefix
-    methods: dict[str, set[str]] = {}
-    for method, path, handler in ROUTES:
-        app.router.add_route(method, p + path, _bind(api, handler))
-        methods.setdefault(path, set()).add(method)
-    for path, allowed in methods.items():
-        app.router.add_route("*", p + path, _not_allowed(", ".join(sorted(allowed))))
-    app.cleanup_ctx.append(translog.checkpoint_context(api, api.config.verdicts.checkpoint_s))

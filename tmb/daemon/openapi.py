@@ -1,6 +1,7 @@
 """The OpenAPI 3.0 document of the daemon's API, served at ``GET /openapi.json``.
 
-It describes what this daemon serves: ``/metrics`` as configured, the admin routes only while admin is on.
+It describes what the listener it is fetched from serves: ``/metrics`` as configured, the admin routes only
+while admin is on and only on the management listener.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ if TYPE_CHECKING:
     from tmb.daemon.api import DaemonApi
 
 
+# Whether the application's listener serves the admin routes (the proxy listener does not: they are on
+# the management listener only); absent: it does.
+ADMIN_SERVED = web.AppKey("tmb.openapi.admin_served", bool)
+
+
 async def openapi(api: DaemonApi, request: web.Request) -> web.StreamResponse:
     """``GET /openapi.json``."""
     config = api.config
     return web.json_response(
         openapi_document(
             config.server.api_prefix,
-            config.admin_enabled(),
+            config.admin_enabled() and request.app.get(ADMIN_SERVED, True),
             config.verdicts.max_wait_s,
             metrics=metrics_mode(config),
         )

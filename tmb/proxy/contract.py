@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from time import time_ns
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from tmb.envelope import error_body
 from tmb.spans import Outcome, Span
@@ -47,6 +48,7 @@ __all__ = [
     "DAEMON_PATHS",
     "FAILURES",
     "HOP_BY_HOP",
+    "MANAGEMENT_PATHS",
     "NOT_FORWARDED",
     "NO_WORKERS",
     "REQUEST_ID_HEADER",
@@ -63,6 +65,7 @@ __all__ = [
     "may_try_next",
     "new_request_id",
     "no_candidates",
+    "normal_form",
     "own_prefixes",
     "strip_hop_by_hop",
 ]
@@ -83,6 +86,10 @@ DAEMON_PATHS: tuple[str, ...] = (
     "/openapi.json",
     "/admin",
 )
+# Of those, served only on the daemon's management listener (``/admin`` under ``server.api_prefix``): the
+# proxy listener answers 404 for them in any spelling whose :func:`normal_form` lies under one, and never
+# relays them to a worker.
+MANAGEMENT_PATHS: tuple[str, ...] = ("/v1/ingest", "/admin")
 
 # -- headers (lower-case names) ------------------------------------------------------------------------
 HOP_BY_HOP = frozenset(
@@ -319,6 +326,26 @@ def _mounted(path: str) -> str | None:
                 return path[:end]
             i = path.find(own, i + 1)
     return None
+
+
+def normal_form(target: str) -> str:
+    """The path of ``target`` as the most lenient server would read it: query cut off, percent escapes
+    decoded once (``%2F`` too), repeated slashes merged, dot segments resolved, lower case. A request whose
+    normal form lies under a daemon path is the daemon's however it is spelled (``/v1/ingest/node%2D1``,
+    ``//v1/ingest``, ``/x/../v1/ingest``, ``/V1/Ingest``), so no spelling of one reaches a worker."""
+    path = target.partition("?")[0]
+    if "%" in path:
+        path = unquote(path, errors="replace")
+    if "//" in path or "/." in path:
+        segments: list[str] = []
+        for seg in path.split("/"):
+            if seg == "..":
+                if segments:
+                    segments.pop()
+            elif seg and seg != ".":
+                segments.append(seg)
+        path = "/" + "/".join(segments)
+    return path.lower()
 
 
 def under(path: str, prefixes: Iterable[str]) -> bool:

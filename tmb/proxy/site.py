@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from tmb.proxy.app import PROXY_KEY, Proxy
+from tmb.proxy.contract import normal_form, under
 
 if TYPE_CHECKING:
     from tmb.proxy.fast import FastPath
@@ -71,7 +73,17 @@ class ProxyRunner(web.AppRunner):
 class ProxySite(web.BaseSite):
     """A TCP site whose connections start in the fast engine's dispatcher (see the module docstring)."""
 
-    __slots__ = ("gate", "host", "listener", "port", "reuse_address", "reuse_port", "runner", "size")
+    __slots__ = (
+        "gate",
+        "host",
+        "listener",
+        "port",
+        "reuse_address",
+        "reuse_port",
+        "runner",
+        "size",
+        "ssl_context",
+    )
 
     def __init__(
         self,
@@ -82,20 +94,23 @@ class ProxySite(web.BaseSite):
         backlog: int = 128,
         reuse_address: bool | None = None,
         reuse_port: bool | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(runner, backlog=backlog)
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self.runner = runner
         self.host = host
         self.port = port  # the bound port once started (port 0: one the system picked)
         self.size = backlog
         self.reuse_address = reuse_address
         self.reuse_port = reuse_port
+        self.ssl_context = ssl_context  # TLS: the fast engine and aiohttp both read the decrypted stream
         self.listener: asyncio.Server | None = None
         self.gate: FastPath | None = None
 
     @property
     def name(self) -> str:
-        return f"http://{self.host or '*'}:{self.port}"  # '*': every interface
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host or '*'}:{self.port}"  # '*': every interface
 
     @property
     def addresses(self) -> list[Any]:
@@ -118,6 +133,7 @@ class ProxySite(web.BaseSite):
             backlog=self.size,
             reuse_address=self.reuse_address,
             reuse_port=self.reuse_port,
+            ssl=self.ssl_context,
         )
         if self.listener.sockets:
             self.port = self.listener.sockets[0].getsockname()[1]
@@ -129,6 +145,15 @@ class ProxySite(web.BaseSite):
             log.warning("proxy engine 'fast' unavailable (%s): using 'aiohttp' without a connection cap", exc)
             return None
         self.gate = FastPath(proxy, server)
+        relayed = self.gate.proxied
+        own = tuple(p.lower() for p in proxy.own_prefixes)
+
+        def proxied(path: bytes) -> bool:
+            """The fast engine relays no spelling of the daemon's own paths (``//v1/ingest``,
+            ``/V1/ingest``, dot segments): those go to aiohttp, whose routes decide."""
+            return relayed(path) and not under(normal_form(path.decode("latin-1")), own)
+
+        self.gate.proxied = proxied  # type: ignore[method-assign]
         proxy.gates.add(self.gate)
         return self.gate.connection
 

@@ -1,8 +1,4 @@
-"""``tmb serve``, ``tmb verify-verdict`` and ``tmb config show``.
-
-``tmb serve --config FILE [--init] [--new-key]``: ``--init`` lets the daemon make a store of an empty
-(0-byte) SQLite file, which is otherwise refused; ``--new-key`` lets it create a verdict key where the key
-file is missing although the store holds verdicts signed with the lost key (otherwise refused, exit 2).
+"""``tmb verify-verdict`` and ``tmb config show`` (``tmb serve`` is :mod:`tmb.daemon.cli`).
 
 ``tmb verify-verdict VERDICT.json [--key PUB | --keys-url URL]`` exits 0 only when the signature verifies
 and the decision is ``verified`` (or ``demo``, with a note that it rests on synthetic telemetry), 1 when
@@ -24,26 +20,10 @@ if TYPE_CHECKING:
     from tmb.verdict.signing import PublicKey
 
 # Each command imports what it needs in its handler: `tmb verify-verdict` loads the verdict model and
-# Ed25519 (not the server, aiohttp or numpy), `tmb config show` only the config module.
+# Ed25519 (not aiohttp or numpy), `tmb config show` only the config module.
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the daemon: reverse proxy, verdict API, metrics")
-    p.add_argument("--config", type=Path, help="TOML config file (docs/config.md); TMB_* variables override")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument(
-        "--init",
-        action="store_true",
-        help="accept an empty (0-byte) store file and create a new store in it (refused otherwise)",
-    )
-    p.add_argument(
-        "--new-key",
-        action="store_true",
-        help="create a new verdict key although the key file is missing and the store holds verdicts "
-        "(the old public keys stay published at /v1/keys)",
-    )
-    p.set_defaults(func=_serve)
-
     p = sub.add_parser("verify-verdict", help="check a verdict's signature and decision")
     p.add_argument("verdict", type=Path, help="verdict JSON (as served by GET /v1/verdicts/{id})")
     g = p.add_mutually_exclusive_group(required=True)
@@ -73,37 +53,6 @@ def _config_show(args: argparse.Namespace) -> int:
         require("pg", "a PostgreSQL store ([store] url)")
     data = config.redacted()
     print(json.dumps(data, indent=2) if args.json else to_toml(data), end="\n" if args.json else "")
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-    import contextlib
-    import logging
-    import signal
-
-    from tmb.config import load_config
-    from tmb.serve import install_uvloop, serve
-
-    config = load_config(args.config)
-    if config.store.url:
-        require("pg", "a PostgreSQL store ([store] url)")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uv = install_uvloop()
-
-    def ready(addr: str) -> None:
-        print(f"tmb serve: listening on http://{addr} (uvloop: {'yes' if uv else 'no'})", flush=True)
-
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(config, ready=ready, init=args.init, new_key=args.new_key)
-
-    asyncio.run(main())
     return 0
 
 
