@@ -231,33 +231,45 @@ def load_verdict_key(
     return load_or_create_key(path)
 
 
-def _create_key(path: Path) -> Ed25519PrivateKey | None:
-    """Write a new key to ``path`` atomically: a complete file appears there or none does, so a daemon
-    starting beside another never reads a half-written key. None when another process created it first."""
+def _new_key_file(path: Path) -> tuple[Ed25519PrivateKey, Path]:
+    """A new private key written and fsynced (mode 0600) to a temporary file beside ``path``."""
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return private, tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    dirfd = os.open(path.parent, os.O_RDONLY)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _create_key(path: Path) -> Ed25519PrivateKey | None:
+    """Write a new key to ``path`` atomically: a complete file appears there or none does, so a daemon
+    starting beside another never reads a half-written key. None when another process created it first."""
+    tmp: Path | None = None
+    try:
+        private, tmp = _new_key_file(path)
         try:
             os.link(tmp, path)  # atomic, and fails when the name exists: the first writer wins
         except FileExistsError:
             return None
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        _fsync_dir(path)
     except OSError as exc:
         raise KeyFileError(f"cannot create verdict key: {exc.strerror}", path=str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return private
 
 
@@ -271,30 +283,19 @@ def rotate_key(path: str | Path) -> tuple[Signer, Signer, Path]:
     if not path.exists():
         raise KeyFileError("there is no verdict key to rotate", path=str(path))
     old = load_or_create_key(path)
-    private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     retired = path.with_name(f"{path.name}.retired-{old.key_id[:16]}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp: Path | None = None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
+        private, tmp = _new_key_file(path)
         if not retired.exists():
             os.link(path, retired)
         os.replace(tmp, path)
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        _fsync_dir(path)
     except OSError as exc:
         raise KeyFileError(f"cannot rotate the verdict key: {exc.strerror}", path=str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return old, Signer(private), retired
 
 
