@@ -173,9 +173,17 @@ def test_nvml_recording_names_the_probe_extra(tmp_path: Path) -> None:
 def test_a_postgresql_store_names_the_pg_extra(tmp_path: Path) -> None:
     config = tmp_path / "tmb.toml"
     config.write_text('[store]\nurl = "postgresql://tmb:secret@127.0.0.1/tmb"\n')
-    proc = _light("config", "show", "--config", config)
+    proc = _light("keys", "list", "--config", config)  # opens the store
     _fails_naming(proc, "pg")
     assert "secret" not in proc.stderr + proc.stdout
+
+
+def test_config_show_redacts_a_postgresql_password_without_psycopg(tmp_path: Path) -> None:
+    config = tmp_path / "tmb.toml"
+    config.write_text('[store]\nurl = "postgresql://tmb:secret@127.0.0.1/tmb"\n')
+    proc = _light("config", "show", "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "secret" not in proc.stderr + proc.stdout and "postgresql://tmb:" in proc.stdout
 
 
 def test_an_html_audit_with_telemetry_names_the_report_extra(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tmb.errors import InputError
-from tmb.extras import require
 
 if TYPE_CHECKING:
     from tmb.verdict.signing import PublicKey
@@ -49,8 +48,6 @@ def _config_show(args: argparse.Namespace) -> int:
     from tmb.config import load_config, to_toml
 
     config = load_config(args.config)
-    if config.store.url:  # redacting its password parses the URL with psycopg's conninfo
-        require("pg", "a PostgreSQL store ([store] url)")
     data = config.redacted()
     print(json.dumps(data, indent=2) if args.json else to_toml(data), end="\n" if args.json else "")
     return 0

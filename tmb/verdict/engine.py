@@ -85,7 +85,7 @@ def widen(span: Span, min_window_s: float) -> Window:
 
 
 class Engine:
-    """Implements ``tmb.serve.VerdictEngine``."""
+    """Implements :class:`tmb.daemon.pipeline.VerdictEngine` structurally (this room does not import it)."""
 
     def __init__(
         self,
