@@ -288,7 +288,7 @@ class Probe:
             log.warning("%s", problem)
             self.buffer.findings.append(problem)
             return
-        assert data is not None
+        assert data is not None  # noqa: S101
         self._eventlog, self._eventlog_digest = data, hashlib.sha256(data).hexdigest()
 
     def _offer_eventlog(self, route: str, held: Any) -> None:
@@ -340,7 +340,7 @@ class Probe:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._nonce_event.wait(), wait)
             nonce, head = self._nonce, self.chain.head
-            assert nonce is not None and head is not None
+            assert nonce is not None and head is not None  # noqa: S101
             qdata = qualifying_data(nonce, head.digest)
             try:
                 if self._ak_name is None:

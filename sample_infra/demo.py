@@ -322,7 +322,7 @@ class Demo:
             await asyncio.sleep(s.down_s)
             probe = runner.start()
             deadline = time.monotonic() + s.ready_timeout_s
-            while probe.stats.quotes_acked < 1 and time.monotonic() < deadline:
+            while probe.stats.quotes_acked < 1 and time.monotonic() < deadline:  # noqa: ASYNC110 (stats of a child)
                 await asyncio.sleep(0.05)
             return {
                 "node": name,

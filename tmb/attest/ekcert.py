@@ -541,7 +541,7 @@ def _chain(
 
 def _ek_attributes(ek: AkPublic, report: Report) -> None:
     pub = ek.public
-    assert pub is not None
+    assert pub is not None  # noqa: S101 (parsed EKs have a public area)
     missing, extra = attribute_problems(pub.object_attributes, EK_REQUIRED, EK_FORBIDDEN)
     no_aes = pub.symmetric[0] != tpm2.ALG_AES or pub.symmetric[2] != tpm2.ALG_CFB
     if missing or extra or no_aes:

@@ -199,7 +199,7 @@ def write_bundle(
     for i, q in enumerate(quotes):
         for part, ext in (("message", "attest"), ("signature", "sig"), ("pcrs", "pcrs")):
             value = q[part]
-            assert isinstance(value, bytes)
+            assert isinstance(value, bytes)  # noqa: S101
             (root / "quotes" / f"{i}.{ext}").write_bytes(value)
         nonce = q.get("nonce")
         entries.append(

@@ -516,4 +516,4 @@ def sniff_format(stream: BinaryIO) -> str | None:
 
 
 def template_hash_ok(entry: ImaEntry) -> bool:
-    return entry.is_violation or hashlib.sha1(entry.hashed).digest() == entry.template_hash
+    return entry.is_violation or hashlib.sha1(entry.hashed).digest() == entry.template_hash  # noqa: S324

@@ -147,7 +147,7 @@ def _verify_signer(si: _SignerInfo, alg: str, digest: bytes, keyring: Keyring) -
     if si.skid is not None:
         keys = keyring.by_skid(si.skid)
     else:
-        assert si.issuer is not None and si.serial is not None
+        assert si.issuer is not None and si.serial is not None  # noqa: S101 (no skid: the parser set both)
         keys = keyring.by_issuer_serial(si.issuer, si.serial)
     if not keys:
         return SigResult(UNKNOWN_KEY, kind, "the signer is not in the keyring", kid)

@@ -132,7 +132,7 @@ async def build_app(
         pool = WorkerPool(config.workers, config.proxy)
         if engine is None:
             own = _engine(config, store, signer, ingest, pool)
-            upload_dir = next((Path(p) for p in config.fingerprint.profiles if Path(p).is_dir()), None)
+            upload_dir = next((Path(p) for p in config.fingerprint.profiles if Path(p).is_dir()), None)  # noqa: ASYNC240
             if upload_dir is not None:
                 profile_sink = _profile_sink(own, upload_dir)
             engine = own
@@ -321,7 +321,7 @@ async def load_key(config: Config, store: AsyncStore, *, new_key: bool = False) 
     """The verdict key, never created silently over the store's verdicts (:func:`load_verdict_key`);
     its public key is recorded in the store, so ``/v1/keys`` keeps publishing it after a key change."""
     path = Path(config.verdicts.key_file)
-    signed_by = [] if os.path.lexists(path) else await store.verdict_signers()
+    signed_by = [] if os.path.lexists(path) else await store.verdict_signers()  # noqa: ASYNC240 (startup)
     label = str(store.store.path) if isinstance(store.store, Store) else str(getattr(store.store, "url", ""))
     signer = load_verdict_key(path, signed_by=signed_by, store=label, new_key=new_key)
     if signed_by and signer.key_id not in signed_by:

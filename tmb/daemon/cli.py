@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         task = asyncio.current_task()
-        assert task is not None
+        assert task is not None  # noqa: S101 (inside asyncio.run)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)

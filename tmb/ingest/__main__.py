@@ -34,7 +34,7 @@ async def _serve(args: argparse.Namespace) -> None:
     for spec in args.node:
         node, _, path = spec.partition("=")
         try:
-            ingest.register_node(node, Path(path).read_bytes())
+            ingest.register_node(node, Path(path).read_bytes())  # noqa: ASYNC240 (startup)
         except OSError as exc:
             raise TmbError(f"cannot read AK file: {exc.strerror}", path=path) from None
     runner = web.AppRunner(make_app(ingest, admin_token=args.admin_token), access_log=None)

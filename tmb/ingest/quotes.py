@@ -91,7 +91,7 @@ def check_quote(
         store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
         store.add_findings(row.node, now, [f.to_dict() for f in report.errors])
         return QuoteChecked(False, summary, tuple(report.findings))
-    assert pcr10 is not None
+    assert pcr10 is not None  # noqa: S101 (report.ok: PCR 10 was read)
     matched = _replay(cfg, store, row, pcr10, report)
     boot_ok = _boot(cfg, eventlog, quoted, matched, state, report)
     required_missing(cfg.policy, state, report)

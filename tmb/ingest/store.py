@@ -327,7 +327,7 @@ class IngestStore:
     def node(self, node: str, *, lock: bool = False) -> NodeRow | None:
         """The node's row (``lock``: the caller's ``BEGIN IMMEDIATE`` already holds the database)."""
         row = self.conn.execute(
-            f"SELECT {NODE_COLUMNS} FROM ingest_nodes WHERE node = ?",
+            f"SELECT {NODE_COLUMNS} FROM ingest_nodes WHERE node = ?",  # noqa: S608 (constant columns)
             (node,),
         ).fetchone()
         return node_row(row) if row is not None else None

@@ -149,7 +149,7 @@ class PgIngestStore:
 
     def node(self, node: str, *, lock: bool = False) -> NodeRow | None:
         """The node's row; ``lock`` (inside :meth:`transaction`): held until it ends (``FOR UPDATE``)."""
-        sql = f"SELECT {NODE_COLUMNS} FROM ingest_nodes WHERE node = %s"
+        sql = f"SELECT {NODE_COLUMNS} FROM ingest_nodes WHERE node = %s"  # noqa: S608 (constant columns)
         row = self._one(sql + (" FOR UPDATE" if lock else ""), (node,))
         return node_row(row) if row is not None else None
 

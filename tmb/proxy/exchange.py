@@ -224,7 +224,7 @@ class Exchange:
 
     def attach(self, conn: FastUpstream) -> None:
         """Send the request on ``conn`` (the worker's head, and the body read so far)."""
-        assert self.worker is not None and conn.transport is not None
+        assert self.worker is not None and conn.transport is not None  # noqa: S101
         self.up = conn
         conn.owner = self
         self.parser = httptools.HttpResponseParser(self)
@@ -284,7 +284,7 @@ class Exchange:
     # -- response side: FastUpstream events and httptools callbacks ---------------------------------
     def up_data(self, data: bytes) -> None:
         self.last_io = self.fp.loop.time()
-        assert self.parser is not None
+        assert self.parser is not None  # noqa: S101
         try:
             self.parser.feed_data(data)
             if self.out:
@@ -342,7 +342,7 @@ class Exchange:
     def on_headers_complete(self) -> None:
         if self.finished:
             return
-        assert self.parser is not None
+        assert self.parser is not None  # noqa: S101
         status = self.parser.get_status_code()
         if status < 200:  # interim (100, 103): not relayed
             self.interim = True
@@ -411,7 +411,7 @@ class Exchange:
             return
         if self.finished:
             return
-        assert self.parser is not None
+        assert self.parser is not None  # noqa: S101
         self.complete(self.parser.should_keep_alive())
 
     # -- endings ------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class ProxySite(web.BaseSite):
     async def start(self) -> None:
         await super().start()  # registers the site with its runner
         server = self.runner.server
-        assert server is not None, "call runner.setup() first"
+        assert server is not None, "call runner.setup() first"  # noqa: S101
         factory: Callable[[], asyncio.BaseProtocol] = server
         proxy = self.runner.app.get(PROXY_KEY) if isinstance(self.runner, web.AppRunner) else None
         if proxy is not None:

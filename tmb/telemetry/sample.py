@@ -86,7 +86,7 @@ class Sample:
         return self.gpu == other.gpu and self.values() == other.values() and self.processes == other.processes
 
 
-assert tuple(f.name for f in fields(Sample))[2:-1] == FLOAT_FIELDS
+assert tuple(f.name for f in fields(Sample))[2:-1] == FLOAT_FIELDS  # noqa: S101 (import-time layout check)
 
 
 def _readonly_float(values: Any, n: int, name: str) -> FloatArray:

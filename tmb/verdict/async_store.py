@@ -150,7 +150,7 @@ class AsyncStore:
 
     def _checkpointer(self) -> None:
         """Inline mode: copy the WAL into the database file every second (the fsyncs happen here)."""
-        assert isinstance(self.store, Store)
+        assert isinstance(self.store, Store)  # noqa: S101 (SQLite-only path)
         try:
             db = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error:
@@ -175,7 +175,7 @@ class AsyncStore:
         future, which resolves once that write committed (or fails for all of them)."""
         if self._spans is not None:
             self._spans.append(span)
-            assert self._spans_future is not None
+            assert self._spans_future is not None  # noqa: S101
             return self._spans_future
         spans = [span]
         self._spans = spans
@@ -269,7 +269,7 @@ class AsyncStore:
         if not self.inline:
             n: int = await self._run(self.store.prune, before_ns)
             return n
-        assert isinstance(self.store, Store)
+        assert isinstance(self.store, Store)  # noqa: S101 (SQLite-only path)
         total = 0
         while True:  # in slices, so the loop (and the proxy on it) never stalls for a big purge
             n = self.store.prune(before_ns, limit=PRUNE_SLICE)
@@ -327,7 +327,7 @@ class AsyncStore:
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
         if self.inline:
-            assert isinstance(self.store, Store)
+            assert isinstance(self.store, Store)  # noqa: S101 (SQLite-only path)
             with contextlib.suppress(sqlite3.Error):
                 self.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.store.close()

@@ -62,15 +62,9 @@ def _load_keys(args: argparse.Namespace) -> list[PublicKey]:
         except OSError as exc:
             raise InputError(f"cannot read public key: {exc.strerror}", path=str(args.key)) from exc
         return load_public_keys(data, str(args.key))
-    import urllib.error
-    import urllib.request
+    from tmb.fetch import fetch
 
-    try:
-        with urllib.request.urlopen(args.keys_url, timeout=10) as resp:
-            data = resp.read(1 << 20)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise InputError(f"cannot fetch keys: {exc}", url=args.keys_url) from exc
-    return load_public_keys(data, args.keys_url)
+    return load_public_keys(fetch(args.keys_url, "keys"), args.keys_url)
 
 
 def read_log_key(value: str) -> list[Any]:

@@ -56,15 +56,14 @@ def _size(note: str) -> int:
 
 
 def _fetch_proof(url: str, first: int, second: int) -> Any:
-    import urllib.error
-    import urllib.request
+    from tmb.fetch import fetch
 
     full = f"{url.rstrip('/')}/v1/log/proof/consistency?first={first}&second={second}"
+    data = fetch(full, "the consistency proof", limit=MAX_BYTES)
     try:
-        with urllib.request.urlopen(full, timeout=10) as resp:
-            return json.loads(resp.read(MAX_BYTES))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise InputError(f"cannot fetch the consistency proof: {exc}", url=full) from None
+        return json.loads(data)
+    except ValueError as exc:
+        raise InputError(f"the consistency proof is not JSON: {exc}", url=full) from None
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -252,7 +252,7 @@ def stage_tree(
                 os.chmod(dst, DIR_MODE)
                 entries[s.rel] = FileEntry(s.rel, "dir", DIR_MODE)
             elif s.type == "symlink":
-                assert s.target is not None
+                assert s.target is not None  # noqa: S101 (symlink sources carry a target)
                 os.symlink(s.target, dst)
                 entries[s.rel] = FileEntry(s.rel, "symlink", 0o777, target=s.target)
         files = [s for s in sources if s.type == "file"]
@@ -291,7 +291,7 @@ def mkfs_erofs_version(binary: str | None = None) -> str:
     """The erofs-utils version, e.g. ``1.5`` (1.5 has no --version but prints it after its usage text)."""
     binary = binary or find_mkfs_erofs()
     try:
-        proc = subprocess.run(
+        proc = subprocess.run(  # noqa: S603 (argv list, no shell)
             [binary, "--version"], capture_output=True, text=True, timeout=30, env=_tool_env(0), check=False
         )
     except OSError as exc:
@@ -326,7 +326,7 @@ def run_mkfs_erofs(tree: str, image: str, *, uuid: str, timestamp: int, binary: 
     binary = binary or find_mkfs_erofs()
     cmd = [binary, *mkfs_args(uuid, timestamp), image, tree]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_tool_env(timestamp), check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_tool_env(timestamp), check=False)  # noqa: S603 (argv list, no shell)
     except OSError as exc:
         raise ToolError(f"cannot run mkfs.erofs: {exc.strerror}", path=binary) from exc
     if proc.returncode != 0:

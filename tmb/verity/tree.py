@@ -461,7 +461,7 @@ def format_tree(
         result_path = os.fspath(hash_path)
         header = b""
         if superblock:
-            assert uuid_str is not None
+            assert uuid_str is not None  # noqa: S101 (set with superblock)
             header = Superblock(
                 uuid=uuid_str,
                 algorithm=name,
