@@ -33,8 +33,10 @@ from tmb.daemon.notify import (
     NotificationError,
     Notifier,
     keys_from_document,
+    signed_request,
     verify_notification,
 )
+from tmb.daemon.outbox import Delivery
 from tmb.events import Event
 from tmb.verdict.signing import Signer, load_or_create_key
 
@@ -544,3 +546,56 @@ async def test_the_daemon_delivers_across_a_restart_and_counts_in_metrics(
     assert doc["event"]["subject"] == "node-3" and doc["attempt"] >= 2  # one failure recorded at least
     assert doc["id"] == receiver.docs()[0]["id"]  # the same notification as before the restart
     assert "tmb_notify_delivered_total 1.0" in text and 'tmb_notify_outbox{state="pending"} 0.0' in text
+
+
+async def test_the_documented_receiver_accepts_dedupes_and_refuses(tmp_path: Path, signer: Signer) -> None:
+    """docs/verdict.md's receiver (cryptography alone), run as written against real deliveries."""
+    import aiohttp
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "verdict.md").read_text(encoding="utf-8")
+    code = doc.split("<!-- receiver-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    space: dict[str, Any] = {}
+    exec(compile(code, "docs/verdict.md", "exec"), space)  # our own documentation, as written
+    handled: list[dict[str, Any]] = []
+    port = free_port()
+    url = f"http://{HOST}:{port}/tmb"
+    keys = keys_from_document({"keys": [signer.public.to_dict()]})
+    runner = web.AppRunner(space["receiver"](keys, url, handled.append), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, port).start()
+    n, metrics = make(tmp_path, signer, [url])
+    await n.start()
+    try:
+        n.emit(stale(1))
+        await until(lambda: value(metrics, "tmb_notify_delivered_total") == 1, what="delivery")
+        assert [e["subject"] for e in handled] == ["node-1"]
+        assert n.outbox is not None
+        # what an attacker could send: a replay of a signed request, a tampered one, one for elsewhere
+        sent = Delivery(9, "cd" * 16, url, json.dumps(stale(2).to_dict()), time_ns(), 0)
+        body, headers = signed_request(signer, "tmb-test/daemon", sent, time_ns())
+        async with aiohttp.ClientSession() as s:
+
+            async def post(b: bytes, h: dict[str, str]) -> int:
+                async with s.post(url, data=b, headers=h) as r:
+                    return r.status
+
+            assert await post(body, headers) == 204 and len(handled) == 2
+            assert await post(body, headers) == 204 and len(handled) == 2  # a duplicate: not handled again
+            assert await post(body.replace(b"node-2", b"node-9"), headers) == 400
+            elsewhere = dataclasses.replace(sent, id="ef" * 16, url="http://10.0.0.1/tmb")
+            b2, h2 = signed_request(signer, "tmb-test/daemon", elsewhere, time_ns())
+            assert await post(b2, h2) == 400  # signed, but for another receiver
+            old, h3 = signed_request(
+                signer, "tmb-test/daemon", dataclasses.replace(sent, id="aa" * 16), time_ns() - 10**12
+            )
+            assert await post(old, h3) == 400  # signed 1000 s ago
+            forger = Signer(Ed25519PrivateKey.generate())
+            b4, h4 = signed_request(
+                forger, "tmb-test/daemon", dataclasses.replace(sent, id="bb" * 16), time_ns()
+            )
+            assert await post(b4, {**h4, "Tmb-Key-Id": signer.key_id}) == 400
+        assert [e["subject"] for e in handled] == ["node-1", "node-2"]
+    finally:
+        await n.stop()
+        n.close()
+        await runner.cleanup()
