@@ -216,6 +216,7 @@ class Config:
             from tmb.pgurl import redact
 
             data["store"]["url"] = redact(data["store"]["url"])
+        data["notify"]["urls"] = [notify_url_label(u) for u in self.notify.urls]
         return data
 
 
@@ -620,6 +621,17 @@ def notify_url_problem(url: str) -> str | None:
     if parts.fragment or url.endswith("#"):
         return "no #fragment"
     return None
+
+
+def notify_url_label(url: str) -> str:
+    """A receiver URL as logs and ``tmb config show`` print it: scheme, host and port, the rest (where
+    webhook URLs often carry a secret) redacted."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    rest = url[len(f"{parts.scheme}://{parts.netloc}") :]
+    return f"{parts.scheme}://{parts.netloc}" + ("/" + REDACTED if rest not in ("", "/") else rest)
 
 
 def _validate_notify(n: NotifyConfig, fail: Any) -> None:

@@ -65,7 +65,12 @@ class Receiver:
     """A webhook receiver: answers the statuses of ``script`` in turn, then ``then``; keeps every request
     and checks every signature with the daemon's public key."""
 
-    def __init__(self, public: Ed25519PublicKey, script: list[int] | None = None, then: int = 200) -> None:
+    def __init__(
+        self,
+        public: Ed25519PublicKey,
+        script: list[int | tuple[int, dict[str, str]]] | None = None,
+        then: int = 200,
+    ) -> None:
         self.public = public
         self.script = list(script or [])
         self.then = then
@@ -81,9 +86,10 @@ class Receiver:
         except Exception as exc:  # the notifier retries a 500; the fixture fails the test
             self.bad.append(repr(exc))
             return web.Response(status=500)
-        status = self.script.pop(0) if self.script else self.then
+        step = self.script.pop(0) if self.script else self.then
+        status, reply = step if isinstance(step, tuple) else (step, {})
         self.got.append((body, headers, status))
-        return web.Response(status=status)
+        return web.Response(status=status, headers=reply)
 
     async def start(self, port: int = 0) -> str:
         app = web.Application()
@@ -294,7 +300,10 @@ async def test_after_max_attempts_the_delivery_is_dead_and_counted(
         await n.stop()
         n.close()
     assert [s for _, _, s in receiver.got] == [502, 502, 502]
-    assert any("is dead after 3 attempts (attempts)" in r.getMessage() for r in caplog.records)
+    [said] = [
+        r.getMessage() for r in caplog.records if "is dead after 3 attempts (attempts)" in r.getMessage()
+    ]
+    assert "/<redacted>" in said and "/hook" not in said  # the URL's path may hold a secret: not logged
     assert 'tmb_notify_dead_total{reason="attempts"} 1.0' in text
     assert 'tmb_notify_outbox{state="dead"} 1.0' in text
 
@@ -599,3 +608,20 @@ async def test_the_documented_receiver_accepts_dedupes_and_refuses(tmp_path: Pat
         await n.stop()
         n.close()
         await runner.cleanup()
+
+
+async def test_a_receivers_retry_after_is_honoured(
+    tmp_path: Path, signer: Signer, receiver: Receiver
+) -> None:
+    receiver.script = [(429, {"Retry-After": "1"})]
+    url = await receiver.start()
+    n, metrics = make(tmp_path, signer, [url], max_backoff_s=5.0)  # backoff alone: 10 ms
+    await n.start()
+    try:
+        n.emit(stale())
+        await until(lambda: value(metrics, "tmb_notify_delivered_total") == 1, what="delivery")
+    finally:
+        await n.stop()
+        n.close()
+    first, second = receiver.docs()
+    assert second["sent_ns"] - first["sent_ns"] >= 10**9  # waited as asked, not the 10 ms backoff

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tmb.config import load_config
-from tmb.daemon.notify import backoff_s, classify, notify_db_path
+from tmb.daemon.notify import backoff_s, classify, notify_db_path, retry_after_s
 from tmb.errors import ConfigError
 
 
@@ -34,6 +34,18 @@ def test_values_defaults_and_environment(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, '[notify]\ndb = "/x/outbox.db"\n'), env={})
     assert notify_db_path(cfg) == Path("/x/outbox.db")
     assert load_config(None, env={}).notify.urls == ()  # off by default
+
+
+def test_config_show_hides_what_follows_the_host(tmp_path: Path) -> None:
+    """Webhook URLs often carry a secret in their path or query: shown (and logged) without it."""
+    urls = '["https://hooks.example.com/services/T0/B0/secret", "http://10.0.0.9:9000/", "http://h:1?k=s"]'
+    cfg = load_config(write(tmp_path, f"[notify]\nurls = {urls}\n"), env={})
+    assert cfg.redacted()["notify"]["urls"] == [
+        "https://hooks.example.com/<redacted>",
+        "http://10.0.0.9:9000/",
+        "http://h:1/<redacted>",
+    ]
+    assert cfg.notify.urls[0].endswith("/secret")  # the daemon itself uses the whole URL
 
 
 @pytest.mark.parametrize(
@@ -86,3 +98,10 @@ def test_what_is_retried() -> None:
     assert [classify(s) for s in (200, 202, 204)] == ["delivered"] * 3
     assert [classify(s) for s in (400, 401, 403, 404, 410, 413, 422)] == ["rejected"] * 7
     assert [classify(s) for s in (408, 429, 301, 500, 502, 503, 504, 100)] == ["retry"] * 8
+
+
+def test_retry_after_delta_seconds_only() -> None:
+    assert [retry_after_s(v) for v in ("0", " 7 ", "120")] == [0.0, 7.0, 120.0]
+    assert [retry_after_s(v) for v in ("", "-1", "1.5", "Wed, 21 Oct 2015 07:28:00 GMT", "9" * 12)] == [
+        None
+    ] * 5

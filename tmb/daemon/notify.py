@@ -46,7 +46,7 @@ import aiohttp
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tmb.config import Config, NotifyConfig
+from tmb.config import Config, NotifyConfig, notify_url_label
 from tmb.daemon.metrics import NotifyMetrics
 from tmb.daemon.outbox import Delivery, Outbox
 from tmb.errors import TmbError
@@ -89,6 +89,14 @@ def backoff_s(settings: NotifyConfig, attempts: int, jitter: float) -> float:
     (``jitter`` in [0, 1): the receivers a crowd of daemons retries against are not hit in step)."""
     base = settings.backoff_s * 2.0 ** min(attempts - 1, 60)
     return min(settings.max_backoff_s, base) * (0.5 + 0.5 * jitter)
+
+
+def retry_after_s(value: str) -> float | None:
+    """A ``Retry-After`` header's delay in seconds (delta-seconds only; an HTTP date or junk: None)."""
+    value = value.strip()
+    if not value.isdigit() or len(value) > 9:
+        return None
+    return float(int(value))
 
 
 def classify(status: int) -> str:
@@ -328,26 +336,33 @@ class Notifier:
     async def _attempt(self, d: Delivery) -> None:
         assert self.outbox is not None and self._session is not None
         attempts = d.attempts + 1
+        asked: float | None = None  # the receiver's Retry-After (429, 503), in seconds
         try:
             body, headers = signed_request(self.signer, self.origin, d, time_ns())
             async with self._session.post(d.url, data=body, headers=headers, allow_redirects=False) as r:
                 outcome, error = classify(r.status), f"HTTP {r.status}"
+                if r.status in (429, 503):
+                    asked = retry_after_s(r.headers.get("Retry-After", ""))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             outcome, error = "retry", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except Exception as exc:  # a bug: keep the delivery, retry later
-            log.exception("notification %d to %s failed", d.seq, d.url)
+            log.exception("notification %d to %s failed", d.seq, notify_url_label(d.url))
             outcome, error = "retry", f"{type(exc).__name__}"
         try:
-            await self._record(d, attempts, outcome, error)
+            await self._record(d, attempts, outcome, error, asked)
         except Exception:
-            log.exception("cannot record the outcome of notification %d to %s", d.seq, d.url)
+            log.exception(
+                "cannot record the outcome of notification %d to %s", d.seq, notify_url_label(d.url)
+            )
 
-    async def _record(self, d: Delivery, attempts: int, outcome: str, error: str) -> None:
+    async def _record(
+        self, d: Delivery, attempts: int, outcome: str, error: str, asked: float | None = None
+    ) -> None:
         assert self.outbox is not None
         m = self.metrics
         if outcome == "delivered":
             await asyncio.to_thread(self.outbox.delivered, d.seq, d.url)
-            log.debug("notification %d delivered to %s", d.seq, d.url)
+            log.debug("notification %d delivered to %s", d.seq, notify_url_label(d.url))
             if m is not None:
                 m.delivered.inc()
             return
@@ -365,7 +380,7 @@ class Notifier:
                 "notification %d (%s) to %s is dead after %d attempts (%s): %s",
                 d.seq,
                 d.id,
-                d.url,
+                notify_url_label(d.url),
                 attempts,
                 reason,
                 error,
@@ -374,11 +389,13 @@ class Notifier:
                 m.dead.labels(reason).inc()
             return
         delay = backoff_s(self.settings, attempts, self.rng())
+        if asked is not None:  # a receiver's Retry-After is honoured, within max_backoff_s
+            delay = max(delay, min(asked, self.settings.max_backoff_s))
         await asyncio.to_thread(self.outbox.retry, d.seq, d.url, attempts, now + int(delay * 1e9), error)
         log.info(
             "notification %d to %s failed (%s); attempt %d in %.1f s",
             d.seq,
-            d.url,
+            notify_url_label(d.url),
             error,
             attempts + 1,
             delay,
