@@ -625,3 +625,69 @@ async def test_a_receivers_retry_after_is_honoured(
         n.close()
     first, second = receiver.docs()
     assert second["sent_ns"] - first["sent_ns"] >= 10**9  # waited as asked, not the 10 ms backoff
+
+
+async def test_tmb_notify_verify_checks_a_received_notification(
+    tmp_path: Path, signer: Signer, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tmb.cli import main
+
+    url = await receiver.start()
+    n, metrics = make(tmp_path, signer, [url])
+    await n.start()
+    try:
+        n.emit(stale(4))
+        await until(lambda: value(metrics, "tmb_notify_delivered_total") == 1, what="delivery")
+    finally:
+        await n.stop()
+        n.close()
+    body, headers, _ = receiver.got[0]
+    (tmp_path / "body.json").write_bytes(body)
+    (tmp_path / "headers.json").write_text(json.dumps(headers))
+    (tmp_path / "headers.txt").write_text(
+        "HTTP/1.1 POST\n" + "".join(f"{k}: {v}\n" for k, v in headers.items())
+    )
+    (tmp_path / "keys.json").write_text(json.dumps({"keys": [signer.public.to_dict()]}))
+    (tmp_path / "other.pem").write_text(Signer(Ed25519PrivateKey.generate()).public.to_dict()["pem"])
+    (tmp_path / "tampered.json").write_bytes(body.replace(b"node-4", b"node-5"))
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(["notify", "verify", *argv])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    keys = ["--key", str(tmp_path / "keys.json")]
+    code, out = run(
+        str(tmp_path / "body.json"), "--headers", str(tmp_path / "headers.json"), *keys, "--url", url
+    )
+    assert code == 0 and "node.stale node-4" in out and signer.key_id[:16] in out
+    code, out = run(str(tmp_path / "body.json"), "--headers", str(tmp_path / "headers.txt"), *keys)
+    assert code == 0
+    code, out = run(str(tmp_path / "tampered.json"), "--headers", str(tmp_path / "headers.json"), *keys)
+    assert code == 1 and out.startswith("FAIL notify.bad_signature")
+    code, out = run(
+        str(tmp_path / "body.json"),
+        "--headers",
+        str(tmp_path / "headers.json"),
+        "--key",
+        str(tmp_path / "other.pem"),
+    )
+    assert code == 1 and out.startswith("FAIL notify.unknown_key")
+    code, out = run(
+        str(tmp_path / "body.json"), "--headers", str(tmp_path / "headers.json"), *keys, "--url", "http://x/y"
+    )
+    assert code == 1 and out.startswith("FAIL notify.wrong_receiver")
+    old = Delivery(3, "ab" * 16, url, json.dumps(stale(9).to_dict()), 0, 0)
+    old_body, old_headers = signed_request(signer, "tmb-test/daemon", old, time_ns() - 86400 * 10**9)
+    (tmp_path / "old.json").write_bytes(old_body)
+    (tmp_path / "old-headers.json").write_text(json.dumps(old_headers))
+    code, out = run(str(tmp_path / "old.json"), "--headers", str(tmp_path / "old-headers.json"), *keys)
+    assert code == 1 and out.startswith("FAIL notify.stale")  # a day old
+    code, out = run(
+        str(tmp_path / "old.json"), "--headers", str(tmp_path / "old-headers.json"), *keys, "--any-time"
+    )
+    assert code == 0 and "node.stale node-9" in out  # checking a stored notification later
+    code, out = run(str(tmp_path / "missing"), "--headers", str(tmp_path / "headers.json"), *keys)
+    assert code == 2 and "cannot read the body" in out and "Traceback" not in out
+    code, out = run(str(tmp_path / "body.json"), "--headers", str(tmp_path / "body.json"), *keys)
+    assert code == 2 and "headers must be a JSON object of strings" in out
