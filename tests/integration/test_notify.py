@@ -691,3 +691,20 @@ async def test_tmb_notify_verify_checks_a_received_notification(
     assert code == 2 and "cannot read the body" in out and "Traceback" not in out
     code, out = run(str(tmp_path / "body.json"), "--headers", str(tmp_path / "body.json"), *keys)
     assert code == 2 and "headers must be a JSON object of strings" in out
+
+
+async def test_an_outbox_that_cannot_be_opened_stops_the_daemon_with_a_clear_error(tmp_path: Path) -> None:
+    from test_proxy_support import make_config
+
+    from tmb.daemon.app import build_app
+    from tmb.daemon.outbox import OutboxError
+
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"not a database" * 100)
+    for db, says in ((tmp_path / "missing" / "o.sqlite3", "unable to open"), (garbage, "not a database")):
+        notify = NotifyConfig(urls=("http://127.0.0.1:9/hook",), db=str(db))
+        config = dataclasses.replace(make_config(tmp_path, []), notify=notify)
+        with pytest.raises(OutboxError) as info:
+            await build_app(config)
+        assert "cannot open the notification outbox" in info.value.message and says in info.value.message
+        assert "Traceback" not in info.value.diagnostics()

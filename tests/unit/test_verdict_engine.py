@@ -281,3 +281,24 @@ async def test_a_model_mismatch_verdict_is_told_to_the_event_sink(
     assert verify_verdict(event.data["verdict"], [signer.public]).ok
     assert (await store.lookup(honest)).state == "final"
     await store.close()
+
+
+async def test_a_failing_event_sink_costs_no_verdict(tmp_path: Path, profiles: list[LoadProfile]) -> None:
+    from tmb.events import Event
+
+    def broken(_event: Event) -> None:
+        raise RuntimeError("sink down")
+
+    signer = load_or_create_key(str(tmp_path / "key.pem"))
+    store = AsyncStore(str(tmp_path / "store.db"))
+    engine = Engine(store, signer, None, profiles, EngineSettings(demo=True), events=broken)
+    decide = engine.decide
+
+    def impostor(span: Span, window: object, *_: object) -> tuple[Verdict, list[object]]:
+        return decide(span, window, _window("llama-1b/int8/h100"), _summary(), [])  # type: ignore[arg-type,return-value]
+
+    engine.decide = impostor  # type: ignore[assignment,method-assign]
+    await engine.on_spans([_span()])
+    rec = await store.lookup(_span().id)
+    assert rec.state == "final" and rec.doc is not None and b"model_mismatch" in rec.doc
+    await store.close()

@@ -161,10 +161,17 @@ class Engine:
                 except Exception:
                     log.exception("cannot sign the verdict of span %s", verdict.request_id)
                     decided.remove((verdict, refs))
-        for v in signed:  # recorded before publishing: a crash in between re-decides, notifies again
-            if v.decision is Decision.MODEL_MISMATCH:
-                self.events(Event("verdict.model_mismatch", v.request_id, time_ns(), mismatch_data(v)))
+        mismatches = [v for v in signed if v.decision is Decision.MODEL_MISMATCH]
+        if mismatches:  # recorded (off the event loop) before publishing: a crash in between notifies again
+            await asyncio.to_thread(self._tell, mismatches)
         await self.store.publish_many([(v, refs) for v, (_, refs) in zip(signed, decided, strict=True)])
+
+    def _tell(self, verdicts: Sequence[Verdict]) -> None:
+        for v in verdicts:
+            try:  # a sink must not raise; one that does costs no verdict
+                self.events(Event("verdict.model_mismatch", v.request_id, time_ns(), mismatch_data(v)))
+            except Exception:
+                log.exception("the event sink failed on the model_mismatch verdict of %s", v.request_id)
 
     async def _wait_for_evidence(self, node: str, window: Window) -> AttestedWindow:
         if self.ingest is None:
