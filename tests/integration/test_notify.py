@@ -419,6 +419,8 @@ async def test_emit_never_raises(tmp_path: Path, signer: Signer, caplog: pytest.
         n.emit(stale())  # the outbox is closed: logged and counted, not raised
     assert value(metrics, "tmb_notify_lost_total") == 1
     assert any("it is lost" in r.getMessage() for r in caplog.records)
+    n.emit("not an event")  # type: ignore[arg-type]  # a caller's bug: still logged, counted, not raised
+    assert value(metrics, "tmb_notify_lost_total") == 2
     inert = Notifier(NotifyConfig(), tmp_path / "none.sqlite3", signer, "x")
     inert.emit(stale())  # no receivers: nothing recorded, no file
     assert inert.outbox is None and not (tmp_path / "none.sqlite3").exists()

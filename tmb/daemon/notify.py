@@ -213,6 +213,8 @@ class Notifier:
 
     def set_metrics(self, metrics: NotifyMetrics) -> None:
         """Count in ``metrics`` (the daemon's registry) from now on, the outbox's sizes included."""
+        if metrics is self.metrics:
+            return
         self.metrics = metrics
         if self.outbox is not None:
             metrics.watch(self.outbox.counts)
@@ -221,14 +223,19 @@ class Notifier:
     def emit(self, event: Event) -> None:
         """Record ``event`` for every receiver (durable when this returns) and wake the delivery task.
         Never raises; an event of a kind ``[notify] kinds`` leaves out is not recorded."""
-        if self.outbox is None or (self.kinds and event.kind not in self.kinds):
+        if self.outbox is None:
             return
         try:
+            if self.kinds and event.kind not in self.kinds:
+                return
             added = self.outbox.add(encode_event(event), event.kind, self.urls, time_ns())
         except Exception:
             if self.metrics is not None:
                 self.metrics.lost.inc()
-            log.exception("cannot record the %s event about %r: it is lost", event.kind, event.subject)
+            what = getattr(event, "kind", type(event).__name__)
+            log.exception(
+                "cannot record the %s event about %r: it is lost", what, getattr(event, "subject", "")
+            )
             return
         if self.metrics is not None:
             self.metrics.recorded.labels(event.kind).inc()
