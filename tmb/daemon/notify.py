@@ -264,7 +264,11 @@ class Notifier:
         marked dead first."""
         if self.outbox is None or self._task is not None:
             return
-        abandoned = await asyncio.to_thread(self.outbox.abandon_other_urls, self.urls)
+        try:
+            abandoned = await asyncio.to_thread(self.outbox.abandon_other_urls, self.urls)
+        except Exception:  # the delivery task logs the outbox's trouble too; the daemon starts anyway
+            log.exception("cannot mark deliveries to removed URLs dead")
+            abandoned = 0
         if abandoned:
             log.warning("%d notification deliveries to URLs no longer in [notify] urls are dead", abandoned)
             if self.metrics is not None:
