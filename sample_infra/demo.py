@@ -40,6 +40,7 @@ from sample_infra import demo_setup
 from sample_infra.client import Client, Outcome
 from sample_infra.demo_setup import BootedNode
 from sample_infra.load_balancer import LoadBalancer
+from sample_infra.notify_receiver import NotifyReceiver
 from sample_infra.worker import WorkerConfig, WorkerNode
 from tmb.errors import TmbError
 from tmb.proxy.site import ProxyRunner, ProxySite
@@ -123,6 +124,8 @@ class DemoResult:
     restart: dict[str, Any] = field(default_factory=dict)
     offline_table: str = ""
     offline_ok: bool = True
+    notifications: list[dict[str, Any]] = field(default_factory=list)  # verified webhook events received
+    notifications_refused: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -166,6 +169,7 @@ class Demo:
         self.daemon_url = self.lb_url = ""  # the proxy listener (customers, verdicts) and the balancer
         self.management_url = self.daemon_ca = ""  # where the probes send evidence, and the CA they pin
         self.client: Client | None = None
+        self.notify = NotifyReceiver()  # the operator's webhook receiver: signed notifications
 
     async def start(self) -> None:
         out, s = self.out, self.settings
@@ -197,7 +201,10 @@ class Demo:
             f"  {len(NODES)} nodes booted: swtpm + AK + UEFI event log (PCRs 0-9 extended as firmware does)"
             " + IMA log (PCR 10 extended as the kernel does)"
         )
+        await self.notify.start()  # the operator's webhook receiver ([notify] urls)
+        self.stack.push_async_callback(self.notify.stop)
         await self._start_daemon()
+        await self.notify.fetch_keys(self.daemon_url + "/v1/keys")
         for spec in NODES:
             self._start_probe(spec.name)
         await self._wait_ready()
@@ -237,6 +244,7 @@ class Demo:
             f"wait_s = {s.wait_s}",
             "nodes = [" + ", ".join(f'"{n}={b.ak_path}"' for n, b in self.nodes.items()) + "]\n",
             f'[fingerprint]\nprofiles = ["{self.out / "profiles"}"]\n',
+            f'[notify]\nurls = ["{self.notify.url}"]\nbackoff_s = 0.2\nmax_backoff_s = 2.0\n',
         ]
         for name, w in self.workers.items():
             lines.append(
@@ -358,6 +366,10 @@ async def run_demo(
         result.rows += rows
         say("round 3: after the restart")
         result.rows += await demo.round("3", _after_restart)
+        mismatches = {r.outcome.request_id for r in result.rows if r.decision == "model_mismatch"}
+        await demo.notify.wait_for("verdict.model_mismatch", {m for m in mismatches if m}, 15.0)
+        result.notifications, result.notifications_refused = demo.notify.events, demo.notify.refused
+        say(f"webhook: {len(result.notifications)} signed notifications received and verified")
         say("")
     say("writing evidence bundles and HTML reports")
     write_bundles(demo, result)

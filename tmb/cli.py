@@ -42,6 +42,7 @@ SUBCOMMANDS: dict[str, dict[str, str]] = {
     },
     "tmb.verdict.log_cli": {"log": "the verdict transparency log: check saved checkpoints"},
     "tmb.verdict.keys_cli": {"keys": "verdict keys: list, rotate"},
+    "tmb.daemon.notify_cli": {"notify": "webhook notifications: check a received one"},
     "sample_infra.cli": {
         "demo": "run the end-to-end demo on 127.0.0.1 "
         "(workers, probes, swtpm quotes, daemon, verdicts, audit)",

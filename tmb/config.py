@@ -14,6 +14,7 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [metrics]   enabled, token, token_file
     [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, require_eventlog
     [fingerprint] profiles, target_far
+    [notify]    urls, kinds, db, timeout_s, max_attempts, max_age_s, backoff_s, max_backoff_s, max_queued
 
 Environment overrides follow keylime's single rule: ``TMB_<SECTION>_<KEY>`` (upper case), e.g.
 ``TMB_SERVER_PORT=9000`` or ``TMB_ADMIN_TOKEN=...``. For workers the index is part of the section:
@@ -44,6 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tmb.errors import ConfigError
+from tmb.events import KINDS
 
 log = logging.getLogger("tmb.config")
 
@@ -129,6 +131,21 @@ class FingerprintConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """Signed webhook notifications (tmb.daemon.notify; docs/verdict.md "Notifications")."""
+
+    urls: tuple[str, ...] = ()  # http(s)://host[:port]/path receivers; empty: no notifications
+    kinds: tuple[str, ...] = ()  # event kinds sent (tmb.events.KINDS); empty: all
+    db: str = ""  # the durable outbox (SQLite); empty: beside [store] path (<stem>.notify.sqlite3)
+    timeout_s: float = 10.0  # one POST, connect to response headers
+    max_attempts: int = 12  # then the delivery is dead
+    max_age_s: float = 86400.0  # a delivery not made this long after the event is dead
+    backoff_s: float = 1.0  # first retry delay; doubled each attempt, with jitter
+    max_backoff_s: float = 600.0  # longest retry delay
+    max_queued: int = 10000  # events held in the outbox; beyond it the oldest dead ones go first
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = "tmb.sqlite3"
     retention_days: int = 30  # spans/verdicts older than this are deleted; 0 keeps everything
@@ -163,6 +180,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     source: str = "<defaults>"  # the file it came from
 
     def admin_enabled(self) -> bool:
@@ -198,6 +216,7 @@ class Config:
             from tmb.pgurl import redact
 
             data["store"]["url"] = redact(data["store"]["url"])
+        data["notify"]["urls"] = [notify_url_label(u) for u in self.notify.urls]
         return data
 
 
@@ -211,6 +230,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "attestation": AttestationConfig,
     "fingerprint": FingerprintConfig,
+    "notify": NotifyConfig,
 }
 _CHOICES = {
     ("store", "ack"): ("commit", "async"),
@@ -576,6 +596,69 @@ def _validate(config: Config) -> None:
             "target_far",
             config.fingerprint.target_far,
         )
+    _validate_notify(config.notify, fail)
+
+
+MAX_NOTIFY_URLS = 16
+MAX_NOTIFY_URL_LEN = 2048
+
+
+def notify_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a webhook receiver (None when it can): http or https, a host, no user or
+    password (receivers authenticate the daemon by its signature; a secret in the URL would end up in logs),
+    no fragment, a valid port, printable ASCII."""
+    if len(url) > MAX_NOTIFY_URL_LEN or not all(33 <= ord(c) < 127 for c in url):
+        return f"a URL of at most {MAX_NOTIFY_URL_LEN} printable ASCII characters without spaces"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises for a port out of range)
+    except ValueError:
+        return "not a URL (or a port out of range)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "an http:// or https:// URL with a host"
+    if parts.username is not None or parts.password is not None:
+        return "no user or password in the URL (receivers check the daemon's signature instead)"
+    if parts.fragment or url.endswith("#"):
+        return "no #fragment"
+    return None
+
+
+def notify_url_label(url: str) -> str:
+    """A receiver URL as logs and ``tmb config show`` print it: scheme, host and port, the rest (where
+    webhook URLs often carry a secret) redacted."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    rest = url[len(f"{parts.scheme}://{parts.netloc}") :]
+    return f"{parts.scheme}://{parts.netloc}" + ("/" + REDACTED if rest not in ("", "/") else rest)
+
+
+def _validate_notify(n: NotifyConfig, fail: Any) -> None:
+    if len(n.urls) > MAX_NOTIFY_URLS:
+        fail(f"notify.urls holds at most {MAX_NOTIFY_URLS} URLs", "notify", "urls", len(n.urls))
+    if len(set(n.urls)) != len(n.urls):
+        fail("notify.urls has a duplicate", "notify", "urls", list(n.urls))
+    for url in n.urls:
+        if (problem := notify_url_problem(url)) is not None:
+            fail(f"notify.urls entries must be {problem}", "notify", "urls", url)
+    for kind in n.kinds:
+        if kind not in KINDS:
+            fail(f"notify.kinds: unknown kind (known: {', '.join(sorted(KINDS))})", "notify", "kinds", kind)
+    if not 0 < n.timeout_s <= 300:
+        fail("notify.timeout_s must be in (0, 300] seconds", "notify", "timeout_s", n.timeout_s)
+    if not 1 <= n.max_attempts <= 1000:
+        fail("notify.max_attempts must be 1..1000", "notify", "max_attempts", n.max_attempts)
+    if not 0 < n.max_age_s <= 30 * 86400:
+        fail("notify.max_age_s must be in (0, 30 days]", "notify", "max_age_s", n.max_age_s)
+    if not 0 < n.backoff_s <= n.max_backoff_s:
+        fail(
+            "notify.backoff_s must be positive and at most max_backoff_s", "notify", "backoff_s", n.backoff_s
+        )
+    if n.max_backoff_s > 86400:
+        fail("notify.max_backoff_s must be at most a day", "notify", "max_backoff_s", n.max_backoff_s)
+    if not 1 <= n.max_queued <= 10_000_000:
+        fail("notify.max_queued must be 1..10000000", "notify", "max_queued", n.max_queued)
 
 
 def to_toml(data: Mapping[str, Any]) -> str:

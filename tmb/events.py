@@ -5,6 +5,15 @@ The ingest (a node rebooted, was re-keyed, went stale or unattested) and the ver
 of how it travels. The daemon wires the sink to its notifier (signed, durable webhooks). A sink must not
 block or raise: it records the event and returns.
 
+The daemon's sink is ``app[DAEMON_KEY].notifier.emit`` (:class:`tmb.daemon.notify.Notifier`): it may be
+called from any thread (the ingest's workers included); it writes the event to a fsynced SQLite outbox (one
+local commit, a few milliseconds at most) and returns, so an event is durable once ``emit`` returned. Events
+of kinds ``[notify] kinds`` leaves out, and every event when ``[notify] urls`` is empty, are discarded.
+``data`` should be small JSON-able values (mappings, lists, strings, integers): sets become lists, bytes
+hex, other objects their ``str``, and data over 64 KiB is replaced by a note saying so. Receivers dedupe on
+the notification id, so an event raised twice (a retried request) is delivered twice: raise each
+transition once.
+
 Kinds (stable ids, documented with the webhooks in docs/verdict.md):
 
 =========================  ==========================================================================

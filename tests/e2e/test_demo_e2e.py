@@ -63,6 +63,23 @@ def test_model_substitution_is_a_mismatch(demo: DemoResult) -> None:
         assert "int8" in (v["fingerprint"]["best_alternative"] or "")
 
 
+def test_each_mismatch_was_notified_by_a_signed_webhook(demo: DemoResult) -> None:
+    """The operator's receiver got a ``verdict.model_mismatch`` notification for each of node-3's requests
+    (checked against the keys of ``GET /v1/keys``), carrying the signed verdict, and none for the others."""
+    assert demo.notifications_refused == []
+    told = {e["subject"]: e for e in demo.notifications if e["kind"] == "verdict.model_mismatch"}
+    mismatched = {r.outcome.request_id for r in rows(demo, "node-3")}
+    assert set(told) == mismatched
+    for rid in mismatched:
+        data = told[rid]["data"]
+        assert data["node"] == "node-3" and data["claimed_model"] == "llama-1b/bf16/h100"
+        served = next(r.outcome.verdict for r in demo.rows if r.outcome.request_id == rid)
+        assert served is not None
+        assert {k: v for k, v in data["verdict"].items() if k != "log"} == {
+            k: v for k, v in served.items() if k != "log"
+        }
+
+
 def test_tampered_ima_log_is_unattested_naming_the_entry(demo: DemoResult) -> None:
     for r in rows(demo, "node-4"):
         assert r.decision == "unattested"

@@ -249,3 +249,56 @@ def test_only_the_spans_gpus_are_scored(tmp_path: Path, profiles: list[LoadProfi
     assert v.decision is Decision.DEMO and v.fingerprint["decision"] == "consistent"
     v = _decide(engine, _span(gpus=("GPU-B",)), node, _summary())
     assert v.decision is Decision.MODEL_MISMATCH
+
+
+async def test_a_model_mismatch_verdict_is_told_to_the_event_sink(
+    tmp_path: Path, profiles: list[LoadProfile]
+) -> None:
+    """The engine raises ``verdict.model_mismatch`` for each mismatch it signs (with the signed verdict),
+    and nothing for the other decisions."""
+    import json
+
+    from tmb.events import Event
+
+    events: list[Event] = []
+    signer = load_or_create_key(str(tmp_path / "key.pem"))
+    store = AsyncStore(str(tmp_path / "store.db"))
+    engine = Engine(store, signer, None, profiles, EngineSettings(demo=True), events=events.append)
+    impostor, honest = "1" * 32, "2" * 32
+    decide = engine.decide
+
+    def with_evidence(span: Span, window: object, *_: object) -> tuple[Verdict, list[object]]:
+        served = "llama-1b/int8/h100" if span.id == impostor else "llama-1b/bf16/h100"
+        return decide(span, window, _window(served), _summary(), [])  # type: ignore[arg-type,return-value]
+
+    engine.decide = with_evidence  # type: ignore[assignment,method-assign]
+    await engine.on_spans([_span(id=impostor), _span(id=honest)])
+    [event] = events
+    assert event.kind == "verdict.model_mismatch" and event.subject == impostor
+    assert event.data["claimed_model"] == "llama-1b/bf16/h100" and event.data["node"] == "gpu-node-1"
+    rec = await store.lookup(impostor)
+    assert rec.doc is not None and json.loads(rec.doc) == event.data["verdict"]  # the published verdict
+    assert verify_verdict(event.data["verdict"], [signer.public]).ok
+    assert (await store.lookup(honest)).state == "final"
+    await store.close()
+
+
+async def test_a_failing_event_sink_costs_no_verdict(tmp_path: Path, profiles: list[LoadProfile]) -> None:
+    from tmb.events import Event
+
+    def broken(_event: Event) -> None:
+        raise RuntimeError("sink down")
+
+    signer = load_or_create_key(str(tmp_path / "key.pem"))
+    store = AsyncStore(str(tmp_path / "store.db"))
+    engine = Engine(store, signer, None, profiles, EngineSettings(demo=True), events=broken)
+    decide = engine.decide
+
+    def impostor(span: Span, window: object, *_: object) -> tuple[Verdict, list[object]]:
+        return decide(span, window, _window("llama-1b/int8/h100"), _summary(), [])  # type: ignore[arg-type,return-value]
+
+    engine.decide = impostor  # type: ignore[assignment,method-assign]
+    await engine.on_spans([_span()])
+    rec = await store.lookup(_span().id)
+    assert rec.state == "final" and rec.doc is not None and b"model_mismatch" in rec.doc
+    await store.close()

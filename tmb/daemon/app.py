@@ -30,7 +30,7 @@ import os
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from time import time_ns
 from typing import TYPE_CHECKING
@@ -42,6 +42,7 @@ from tmb.daemon import admin, translog
 from tmb.daemon.admin import ApiHandler
 from tmb.daemon.api import DaemonApi, evidence, keys, verdict
 from tmb.daemon.metrics import Metrics, healthz, metrics_page
+from tmb.daemon.notify import Notifier, notify_db_path
 from tmb.daemon.openapi import ADMIN_SERVED, openapi
 from tmb.daemon.pipeline import RESUME_GRACE_S, Resumer, SpanPipeline, VerdictEngine
 from tmb.daemon.tls import server_context
@@ -108,6 +109,7 @@ class Daemon:
     server_tls: ssl.SSLContext | None = None  # for the proxy listener's site (tmb.daemon.serve)
     management_tls: ssl.SSLContext | None = None
     management_url: str = ""  # "http(s)://host:port" once the management listener is up
+    notifier: Notifier = field(kw_only=True)  # the EventSink (notifier.emit) for the ingest and the engine
 
 
 DAEMON_KEY = web.AppKey("tmb.daemon", Daemon)
@@ -126,12 +128,14 @@ async def build_app(
     ingest: Ingest | None = None
     pool: WorkerPool | None = None
     profile_sink = None
+    notifier: Notifier | None = None
     try:
         signer = await load_key(config, store, new_key=new_key)
+        notifier = open_notifier(config, signer)
         ingest = open_ingest(config)
         pool = WorkerPool(config.workers, config.proxy)
         if engine is None:
-            own = _engine(config, store, signer, ingest, pool)
+            own = _engine(config, store, signer, ingest, pool, notifier)
             upload_dir = next((Path(p) for p in config.fingerprint.profiles if Path(p).is_dir()), None)  # noqa: ASYNC240
             if upload_dir is not None:
                 profile_sink = _profile_sink(own, upload_dir)
@@ -142,8 +146,11 @@ async def build_app(
         if ingest is not None:
             ingest.close()
         await store.close()
+        if notifier is not None:
+            notifier.close()
         raise
     metrics = Metrics(pool)
+    notifier.set_metrics(metrics.notify)
     api = DaemonApi(config, store, signer, pool, metrics, profile_sink=profile_sink)
     pipeline = SpanPipeline(store, metrics, engine, ack=config.store.ack == "commit")
     management = _management_app(config, api, ingest)
@@ -160,6 +167,7 @@ async def build_app(
         management,
         server_tls,
         management_tls,
+        notifier=notifier,
     )
 
     app = web.Application(client_max_size=config.proxy.max_body_bytes, middlewares=[management_only])
@@ -268,12 +276,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop.create_task(_retention_loop(d.store, d.config.store.retention_days)),
         loop.create_task(translog.checkpoint_loop(d.api, d.config.verdicts.checkpoint_s)),
     ]
+    await d.notifier.start()
     yield
     await runner.cleanup()  # the management listener stops: no evidence or admin request is in flight
     await resumer.stop()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await d.notifier.stop()  # what it had not delivered stays in its outbox for the next start
     await d.pool.close()
     await d.pipeline.close()
     with contextlib.suppress(Exception):  # the verdicts decided last get a checkpoint (best effort)
@@ -287,6 +297,7 @@ async def _close(d: Daemon) -> None:
     if d.ingest is not None:
         await asyncio.to_thread(d.ingest.close)
     await d.store.close()
+    d.notifier.close()
 
 
 def _host(host: str) -> str:
@@ -363,8 +374,18 @@ def open_ingest(config: Config) -> Ingest | None:
     return ingest
 
 
+def open_notifier(config: Config, signer: Signer) -> Notifier:
+    """The webhook notifier (``[notify]``; inert without urls), signing with the verdict key."""
+    return Notifier(config.notify, notify_db_path(config), signer, translog.origin_of(config))
+
+
 def _engine(
-    config: Config, store: AsyncStore, signer: Signer, ingest: Ingest | None, pool: WorkerPool
+    config: Config,
+    store: AsyncStore,
+    signer: Signer,
+    ingest: Ingest | None,
+    pool: WorkerPool,
+    notifier: Notifier,
 ) -> Engine:
     """The verdict engine the config describes, scoring with the enrolled profiles (``[fingerprint]``)."""
     from tmb.verdict.engine import Engine, EngineSettings
@@ -381,9 +402,8 @@ def _engine(
         worker = next((w for w in pool.workers if w.name == span.worker), None)
         return worker.load.mean(window.t0_ns, window.t1_ns) if worker is not None else None
 
-    return Engine(
-        store, signer, ingest, load_profiles(config.fingerprint.profiles), settings, load_of=load_of
-    )
+    profiles = load_profiles(config.fingerprint.profiles)
+    return Engine(store, signer, ingest, profiles, settings, load_of=load_of, events=notifier.emit)
 
 
 def _profile_sink(engine: Engine, directory: Path) -> Callable[[bytes], Awaitable[str]]:

@@ -6,6 +6,7 @@ one while admin is on (:func:`sees_worker_detail`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -65,6 +66,7 @@ class Metrics:
             "tmb_verdicts", "final verdicts published", ["decision"], registry=self.registry
         )
         self.store_errors = Counter("tmb_store_errors", "failed store writes", registry=self.registry)
+        self.notify = NotifyMetrics(self.registry)
         self.registry.register(_PoolCollector(pool))
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
 
@@ -82,6 +84,56 @@ class Metrics:
         children[1].observe((span.end_ns - span.start_ns) / 1e9)
         if span.tokens:
             children[2].inc(span.tokens)
+
+
+class _OutboxCollector(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Any:
+        counts = self.counts()
+        held = GaugeMetricFamily(
+            "tmb_notify_outbox",
+            "notification deliveries in the outbox, by state (pending: to be attempted; dead: given up)",
+            labels=["state"],
+        )
+        for state in ("pending", "dead"):
+            held.add_metric([state], float(counts.get(state, 0)))
+        yield held
+
+
+class NotifyMetrics:
+    """The webhook notifier's counters (``tmb.daemon.notify``), in the daemon's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.recorded = Counter(
+            "tmb_notify_events", "events recorded in the outbox", ["kind"], registry=registry
+        )
+        self.delivered = Counter(
+            "tmb_notify_delivered", "deliveries a receiver acknowledged (2xx)", registry=registry
+        )
+        self.retried = Counter(
+            "tmb_notify_retries", "failed attempts scheduled to be retried", registry=registry
+        )
+        self.dead = Counter(
+            "tmb_notify_dead",
+            "deliveries given up: rejected (a 4xx other than 408/429), attempts, age, url_removed",
+            ["reason"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "tmb_notify_dropped",
+            "undelivered events removed because the outbox was full ([notify] max_queued)",
+            registry=registry,
+        )
+        self.lost = Counter(
+            "tmb_notify_lost", "events that could not be recorded (the outbox failed)", registry=registry
+        )
+
+    def watch(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Publish the outbox's sizes (``tmb_notify_outbox``) from ``counts`` at each scrape."""
+        self.registry.register(_OutboxCollector(counts))
 
 
 def metrics_mode(config: Config) -> str:

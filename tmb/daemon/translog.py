@@ -34,6 +34,7 @@ from tmb.envelope import error_response
 from tmb.verdict.checkpoint import Checkpoint, verifier_key
 
 if TYPE_CHECKING:
+    from tmb.config import Config
     from tmb.daemon.api import DaemonApi
 
 log = logging.getLogger("tmb.serve")
@@ -43,7 +44,12 @@ MAX_SIZE = 1 << 62
 
 def log_origin(api: DaemonApi) -> str:
     """The log's origin line (and checkpoint key name): configured, else ``tmb-verdicts/<host name>``."""
-    return api.config.verdicts.log_origin or f"tmb-verdicts/{socket.gethostname() or 'localhost'}"
+    return origin_of(api.config)
+
+
+def origin_of(config: Config) -> str:
+    """:func:`log_origin` from the config alone (also the daemon's name in its notifications)."""
+    return config.verdicts.log_origin or f"tmb-verdicts/{socket.gethostname() or 'localhost'}"
 
 
 def log_verifier_key(api: DaemonApi) -> str:

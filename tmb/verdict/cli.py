@@ -53,7 +53,8 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_keys(args: argparse.Namespace) -> list[PublicKey]:
+def load_keys(args: argparse.Namespace) -> list[PublicKey]:
+    """The public keys ``--key FILE`` or ``--keys-url URL`` name (the verifying commands' shared options)."""
     from tmb.verdict.signing import load_public_keys
 
     if args.key is not None:
@@ -106,7 +107,7 @@ def _verify(args: argparse.Namespace) -> int:
         raise InputError(f"verdict is not JSON: {exc}", path=str(args.verdict)) from exc
     if not isinstance(doc, dict):
         raise InputError("verdict must be a JSON object", path=str(args.verdict))
-    keys = _load_keys(args)
+    keys = load_keys(args)
     report = verify_verdict(doc, keys)
     for f in report:
         print(f, file=sys.stderr)

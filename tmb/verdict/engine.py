@@ -40,6 +40,7 @@ from time import time_ns
 from typing import Any
 
 from tmb.errors import Finding, Severity
+from tmb.events import Event, EventSink, discard
 from tmb.fingerprint.judge import Judge, Judgement
 from tmb.fingerprint.loadprofile import LoadProfile
 from tmb.fingerprint.summary import WindowSummary, summarise
@@ -95,6 +96,7 @@ class Engine:
         profiles: Sequence[LoadProfile],
         settings: EngineSettings,
         load_of: Callable[[Span, Window], float | None] | None = None,
+        events: EventSink = discard,
     ) -> None:
         self.store = store
         self.signer = signer
@@ -104,6 +106,7 @@ class Engine:
         self.profiles = tuple(profiles)
         self.settings = settings
         self.load_of = load_of
+        self.events = events  # told of each model_mismatch verdict before it is published
         self._started: float | None = None  # loop time of the first wait for evidence
         # What a window's samples give (telemetry digest, summary), shared by the requests whose evidence
         # coincides: the samples are a function of (node, window, the stored batches they are cut from)
@@ -158,7 +161,17 @@ class Engine:
                 except Exception:
                     log.exception("cannot sign the verdict of span %s", verdict.request_id)
                     decided.remove((verdict, refs))
+        mismatches = [v for v in signed if v.decision is Decision.MODEL_MISMATCH]
+        if mismatches:  # recorded (off the event loop) before publishing: a crash in between notifies again
+            await asyncio.to_thread(self._tell, mismatches)
         await self.store.publish_many([(v, refs) for v, (_, refs) in zip(signed, decided, strict=True)])
+
+    def _tell(self, verdicts: Sequence[Verdict]) -> None:
+        for v in verdicts:
+            try:  # a sink must not raise; one that does costs no verdict
+                self.events(Event("verdict.model_mismatch", v.request_id, time_ns(), mismatch_data(v)))
+            except Exception:
+                log.exception("the event sink failed on the model_mismatch verdict of %s", v.request_id)
 
     async def _wait_for_evidence(self, node: str, window: Window) -> AttestedWindow:
         if self.ingest is None:
@@ -373,6 +386,18 @@ class Engine:
 
 
 _WHERE = ("entry", "path", "rule", "device", "pid", "exe")
+
+
+def mismatch_data(v: Verdict) -> dict[str, Any]:
+    """A ``verdict.model_mismatch`` event's data: who, what was claimed, and the signed verdict itself."""
+    return {
+        "request_id": v.request_id,
+        "worker": v.worker,
+        "node": v.node,
+        "claimed_model": v.claimed_model,
+        "decision": v.decision.value,
+        "verdict": v.to_dict(),
+    }
 
 
 def _located(f: Finding) -> str:
