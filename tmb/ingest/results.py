@@ -87,6 +87,7 @@ class AttestationSummary:
     pcrs: Mapping[str, Mapping[str, str]] = field(
         default_factory=dict
     )  # every quoted PCR: bank -> idx -> hex
+    quote_digest: str = ""  # SHA-256 (hex) of the quote's TPMS_ATTEST as signed (the evidence trail's key)
 
     @property
     def ok(self) -> bool:
@@ -116,6 +117,7 @@ class AttestationSummary:
             "verity": dict(self.verity),
             "boot_ok": self.boot_ok,
             "pcrs": {bank: dict(values) for bank, values in self.pcrs.items()},
+            "quote_digest": self.quote_digest,
         }
 
     @classmethod
@@ -136,6 +138,7 @@ class AttestationSummary:
             dict(doc.get("verity", {})),
             doc.get("boot_ok"),
             {str(b): dict(v) for b, v in doc.get("pcrs", {}).items()},
+            str(doc.get("quote_digest", "")),
         )
 
 

@@ -221,11 +221,15 @@ class Engine:
                 "quote_time_ns": summary.quote_time_ns,
                 "verity_roots": dict(summary.verity),  # model commitment (rule) -> dm-verity root mounted
             }
-            doc = json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+            # The quote's digest: SHA-256 of its TPMS_ATTEST as the TPM signed it, the key of the evidence
+            # trail (summaries stored before the trail existed: the digest of the summary).
+            digest = summary.quote_digest or hashlib.sha256(
+                json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+            ).hexdigest()
             refs.append(
                 EvidenceRef(
                     "quote",
-                    hashlib.sha256(doc).hexdigest(),
+                    digest,
                     span.node,
                     detail={"quote_id": summary.quote_id, "pcr10": summary.pcr10},
                 )
