@@ -92,7 +92,7 @@ def _hex(doc: Mapping[str, Any], key: str, size: int | None, where: str) -> byte
 
 def read_batches(data: bytes, where: str) -> list[ChainBatch]:
     """The batches of a JSON-lines batch file; InputError names the file and line."""
-    out = []
+    out: list[ChainBatch] = []
     for i, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
@@ -130,7 +130,7 @@ def check_chain(batches: Sequence[ChainBatch], node: str, where: str, report: Re
     good: set[bytes] = set()
     last: dict[bytes, ChainBatch] = {}
     for b in batches:
-        ctx = {"file": where, "line": b.line, "segment": b.segment.hex(), "seq": b.seq}
+        ctx: dict[str, Any] = {"file": where, "line": b.line, "segment": b.segment.hex(), "seq": b.seq}
         if b.node != node:
             report.add("chain.node_mismatch", "a batch sealed for another node", got=b.node, **ctx)
             continue
@@ -212,7 +212,7 @@ def check_nonce_log(
     ttl_ns = _ttl_ns(doc.get("ttl_s"))
     entries = {e.get("nonce"): e for e in _entries(doc)}
     for q in quotes:
-        ctx = {"quote": q.label, "nonce": q.daemon_nonce.hex(), "file": where}
+        ctx: dict[str, Any] = {"quote": q.label, "nonce": q.daemon_nonce.hex(), "file": where}
         entry = entries.get(q.daemon_nonce.hex())
         if entry is None:
             report.add("nonces.not_issued", "the quote's nonce is not in the daemon's nonce log", **ctx)

@@ -264,9 +264,7 @@ class Ingest:
         with self._db:
             row = self._known(node)
             return (
-                row
-                if isinstance(row, IngestResult)
-                else self._taken(node, [], expires_in_s=self.nonce_ttl_s)
+                row if isinstance(row, IngestResult) else self._taken(node, [], expires_in_s=self.nonce_ttl_s)
             )
 
     # ----------------------------------------------------------------------------------------- batches

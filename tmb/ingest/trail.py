@@ -156,6 +156,17 @@ class Trail:
         rows = self._rows(_RECORD + " WHERE kind = 'quote' AND ref = ? ORDER BY id LIMIT 1", (quote_id,))
         return _record(rows[0]) if rows else None
 
+    def batch_range(
+        self, node: str, segment: bytes, first: int, last: int, limit: int
+    ) -> list[tuple[int, bytes, bytes, bytes]]:
+        """(seq, prev, digest, payload) of the stored batches ``first..last`` of a segment, in order."""
+        rows = self._rows(
+            "SELECT seq, prev, digest, payload FROM ingest_batches WHERE node = ? AND segment = ? "
+            f"AND seq >= ? AND seq <= ? ORDER BY seq LIMIT {int(limit)}",
+            (node, segment, first, last),
+        )
+        return [(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+
     # ------------------------------------------------------------------------------------------ nonces
 
     def issue_nonce(self, node: str, nonce: bytes, now_ns: int) -> None:

@@ -223,9 +223,12 @@ class Engine:
             }
             # The quote's digest: SHA-256 of its TPMS_ATTEST as the TPM signed it, the key of the evidence
             # trail (summaries stored before the trail existed: the digest of the summary).
-            digest = summary.quote_digest or hashlib.sha256(
-                json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-            ).hexdigest()
+            digest = (
+                summary.quote_digest
+                or hashlib.sha256(
+                    json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+                ).hexdigest()
+            )
             refs.append(
                 EvidenceRef(
                     "quote",
