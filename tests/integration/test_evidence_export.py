@@ -96,7 +96,7 @@ def test_export_audits_offline_and_each_edit_is_named(node: NodeEnv, tmp_path: P
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert len(manifest["ima_segments"]) == 2 and manifest["window"] == [t0, t1]
     b = load_bundle(bundle)
-    assert b.telemetry is not None and len(SampleBatch.decode(b.telemetry.read_bytes())) == 7  # 2, 2.5, ... 5 s
+    assert b.telemetry is not None and len(SampleBatch.decode(b.telemetry.read_bytes())) == 7
     nonces = json.loads((bundle / "nonces.json").read_text())
     assert [e["quote"] for e in nonces["entries"]] == [q["sha256"] for q in manifest["quotes"]]
     # Unpinned: a warning says the nonce log's key was not checked against the daemon's.
