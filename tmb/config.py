@@ -12,7 +12,8 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [store]     path, retention_days, ack, sync, url
     [admin]     enabled, token, token_file
     [metrics]   enabled, token, token_file
-    [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, require_eventlog
+    [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, require_eventlog, commitments
+    [auditors]  tokens, max_bundle_bytes
     [fingerprint] profiles, target_far
 
 Environment overrides follow keylime's single rule: ``TMB_<SECTION>_<KEY>`` (upper case), e.g.
@@ -120,6 +121,7 @@ class AttestationConfig:
     pcr_bank: str = "sha256"  # bank whose PCR 10 the IMA log is replayed against
     wait_s: float = 20.0  # how long a verdict waits for telemetry and a quote covering its window
     require_eventlog: bool = False  # true: a node without a firmware event log is unattested (boot chain)
+    commitments: tuple[str, ...] = ()  # model commitment files (tmb commit) in force: exported in bundles
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,15 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class AuditorsConfig:
+    """Who may fetch evidence bundles (GET /v1/evidence/{id}/bundle, /v1/nodes/{node}/evidence) on the
+    management listener: a client with one of ``tokens`` (bearer); with none set, loopback clients only."""
+
+    tokens: tuple[str, ...] = ()  # auditor bearer tokens (secret), each at least 128 bits
+    max_bundle_bytes: int = 256 * 1024 * 1024  # a larger bundle is refused (413)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True  # false: GET /metrics answers 404
     token: str = ""  # when set, /metrics needs "Authorization: Bearer <token>" (secret)
@@ -163,6 +174,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
+    auditors: AuditorsConfig = field(default_factory=AuditorsConfig)
     source: str = "<defaults>"  # the file it came from
 
     def admin_enabled(self) -> bool:
@@ -194,6 +206,7 @@ class Config:
         for name in ("admin", "metrics"):
             if data[name]["token"]:
                 data[name]["token"] = REDACTED
+        data["auditors"]["tokens"] = [REDACTED for _ in data["auditors"]["tokens"]]
         if data["store"]["url"]:
             from tmb.pgurl import redact
 
@@ -211,6 +224,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "attestation": AttestationConfig,
     "fingerprint": FingerprintConfig,
+    "auditors": AuditorsConfig,
 }
 _CHOICES = {
     ("store", "ack"): ("commit", "async"),
@@ -540,6 +554,15 @@ def _validate(config: Config) -> None:
             "store",
             "retention_days",
             config.store.retention_days,
+        )
+    for i, token in enumerate(config.auditors.tokens):
+        _check_token(token, f"auditors.tokens[{i}]", {"file": origin, "section": "auditors", "key": "tokens"})
+    if config.auditors.max_bundle_bytes < 1024:
+        fail(
+            "auditors.max_bundle_bytes must be at least 1024",
+            "auditors",
+            "max_bundle_bytes",
+            config.auditors.max_bundle_bytes,
         )
     if config.admin.enabled == "true" and not config.admin.token:
         fail("admin.enabled = true needs admin.token (or admin.token_file)", "admin", "token", "")

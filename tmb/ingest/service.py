@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tmb.attest.policy import RuntimePolicy
 from tmb.attest.quote import AkPublic, load_ak
@@ -72,6 +72,9 @@ from tmb.ingest.store import IngestBackend, IngestStore, NodeRow
 from tmb.ingest.wakeup import Wakeups
 from tmb.ingest.window import Windows
 from tmb.ingest.wire import MAX_EVENTLOG_BYTES, Head, TelemetryBatch
+
+if TYPE_CHECKING:
+    from tmb.ingest.export import NonceSigner
 
 __all__ = ["Ingest"]
 
@@ -528,6 +531,26 @@ class Ingest:
             return self._taken(node, report.findings, processes=len(doc["processes"]))
 
     # ----------------------------------------------------------------------------------------- queries
+
+    def export(
+        self, out: str | Path, node: str, t0_ns: int, t1_ns: int, *, sign: NonceSigner, context: Any = None
+    ) -> Path:
+        """The bundle of ``node``'s evidence over ``[t0_ns, t1_ns)``
+        (:func:`~tmb.ingest.export.export_window`), read under the database lock; in a worker thread."""
+        from tmb.ingest.export import export_window
+
+        with self._db:
+            return export_window(
+                self.store,
+                out,
+                node,
+                t0_ns,
+                t1_ns,
+                sign=sign,
+                nonce_ttl_s=self.nonce_ttl_s,
+                pcr_bank=self.pcr_bank,
+                context=context,
+            )
 
     def attested_window(self, node: str, t0_ns: int, t1_ns: int) -> AttestedWindow:
         """The node's samples with ``t0_ns <= t < t1_ns``, the summary of the quote that covers all of them
