@@ -5,7 +5,9 @@ Telemetry is SYNTHETIC (no GPU), so an honest request's best verdict is ``demo``
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -124,6 +126,12 @@ def test_bundles_audit_with_telemetry_plots(demo: DemoResult, tmp_path: Path) ->
         assert "Synthetic telemetry" in text
     tampered = _audit(demo.bundles["tampered-log-node-4"], tmp_path / "t.html")
     assert tampered.returncode == 1 and "ima.template_hash_mismatch" in tampered.stdout
+    # The bundles are the daemon's export: each audit re-derives the daemon's decision from the bundle alone.
+    for audit, decision in ((honest, "demo"), (impostor, "model_mismatch"), (tampered, "unattested")):
+        assert f"decision re-derived from the bundle: {decision}; the daemon's verdict: {decision}" in (
+            audit.stdout
+        ), audit.stdout
+        assert "DECISION: the same" in audit.stdout
     assert set(demo.reports) == set(demo.bundles) and all(p.is_file() for p in demo.reports.values())
 
 
@@ -171,3 +179,58 @@ def test_cli_stops_everything_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 130, "".join(seen) + rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert _ours(str(out)) == []  # every swtpm it started is gone
+
+
+def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> None:
+    """One byte edited in each part of the daemon's export of an honest request fails `tmb audit`, naming
+    the part: the quote, an IMA segment, the nonce log, a telemetry batch, the commitment."""
+    bundle = demo.bundles["honest-node-1"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    key = tmp_path / "daemon.pub"
+    key.write_text(demo_key_hex(demo))
+    ok = subprocess.run(
+        [sys.executable, "-m", "tmb", "audit", str(bundle), "--daemon-key", str(key)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "nonces.key_unpinned" not in ok.stdout
+    commitment = manifest["commitments"][0]
+    root = json.loads((bundle / commitment).read_text())["verity"]["root_hash"]
+    cases = [
+        ("quotes/0.attest", -5, "quote.signature_invalid"),
+        (manifest["ima_segments"][-1]["file"], 40, "ima."),
+        ("nonces.json", -60, "nonces.signature_invalid"),
+        (manifest["batches"], -100, "chain.digest_mismatch"),
+        (commitment, None, "audit.commitment_not_in_verdict"),
+    ]
+    for rel, at, expected in cases:
+        copy = tmp_path / rel.replace("/", "_")
+        shutil.copytree(bundle, copy)
+        m = json.loads((copy / "manifest.json").read_text())
+        m["sha256"].pop(rel, None)  # a forger fixes the manifest: the cryptographic checks remain
+        (copy / "manifest.json").write_text(json.dumps(m))
+        data = bytearray((copy / rel).read_bytes())
+        if at is None:  # the commitment's root, one hex digit changed (still a valid commitment)
+            text = data.decode().replace(root, ("0" if root[0] != "0" else "1") + root[1:])
+            data = bytearray(text.encode())
+        else:
+            data[at] ^= 0x01
+        (copy / rel).write_bytes(bytes(data))
+        run = subprocess.run(
+            [sys.executable, "-m", "tmb", "audit", str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 1, (rel, run.stdout)
+        assert expected in run.stdout, (rel, expected, run.stdout)
+
+
+def demo_key_hex(demo: DemoResult) -> str:
+    from tmb.verdict.signing import load_or_create_key
+
+    return load_or_create_key(demo.out / "daemon" / "verdict-key.pem").public.raw.hex()

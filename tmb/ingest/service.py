@@ -176,8 +176,10 @@ class Ingest:
             raise ParseError("node id must be 1..255 bytes")
         with self._db, self.store.transaction():
             now = self.clock_ns()
+            held = self.store.node(node)
             self.store.upsert_node(node, raw, now)
-            self.store.keep(node, "ak", now, raw)
+            if held is None or held.ak != raw:  # the trail records each AK once, when it takes effect
+                self.store.keep(node, "ak", now, raw)
         self._aks[node] = (raw, key)
         return key
 
