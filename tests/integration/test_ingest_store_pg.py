@@ -5,7 +5,9 @@ PostgreSQL database: evidence taken by one daemon is the other's, its quote wake
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import json
 import sqlite3
 import tempfile
 import threading
@@ -21,6 +23,7 @@ from test_probe_support import NODE, NodeEnv, make_node
 
 import tmb.ingest.service as service_module
 from probes.chain import Chain
+from tmb.attest.evidence import audit_bundle
 from tmb.attest.pcr import ReplayState
 from tmb.config import AttestationConfig, StoreConfig
 from tmb.ingest.service import Ingest
@@ -393,3 +396,61 @@ def test_concurrent_duplicates_and_forks_are_refused_once(node: NodeEnv, pg_url:
     assert a.store.count_batches(NODE) == 7
     a.close()
     b.close()
+
+
+def test_two_daemons_share_the_nonce_log(node: NodeEnv, pg_url: str, tmp_path: Path) -> None:
+    """A nonce daemon A issued is accepted by daemon B and consumed once in all (the same quote sent to both
+    at once is taken once); a quote whose signature fails burns no nonce; B's export carries the nonce log
+    entries of quotes either daemon took, and the bundle audits offline."""
+    a, b = _ingest(node, pg_url), _ingest(node, pg_url)
+    now = time.time_ns()
+    _, batches = _batches(now)
+    assert a.add_batches(NODE, {"batches": [x.to_wire() for x in batches[:2]]}).accepted
+    assert a.add_ima(NODE, node.ima_doc()).accepted
+    nonce = bytes.fromhex(a.nonce(NODE).data["nonce"])
+    doc = node.quote_doc(nonce, batches[1].head)
+    results: dict[str, Any] = {}
+    barrier = threading.Barrier(2)
+
+    def send(name: str, ingest: Ingest) -> None:
+        barrier.wait(WAIT_S)
+        results[name] = ingest.add_quote(NODE, doc)
+
+    threads = [threading.Thread(target=send, args=(n, i)) for n, i in (("a", a), ("b", b))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(WAIT_S)
+    outcomes = sorted("taken" if r.refusal is None else r.refusal.id for r in results.values())
+    assert outcomes == ["ingest.nonce_reused", "taken"], [r.findings for r in results.values()]
+
+    assert b.add_batches(NODE, {"batches": [x.to_wire() for x in batches[2:]]}).accepted
+    fresh = bytes.fromhex(b.nonce(NODE).data["nonce"])  # issued by B ...
+    second = node.quote_doc(fresh, batches[-1].head)
+    garbage = dict(second, signature=base64.b64encode(b"\x00" * 10).decode())
+    assert not a.add_quote(NODE, garbage).accepted  # ... not burnt by a quote that fails ...
+    out = a.add_quote(NODE, second)  # ... and taken by A
+    assert out.accepted and out.data["ok"], out.findings
+
+    signer = load_or_create_key(tmp_path / "verdict.key")
+    bundle = b.export(
+        tmp_path / "bundle",
+        NODE,
+        now - 3_000_000_000,
+        now,
+        sign=lambda m: (signer.public.raw, signer.sign_bytes(m)),
+    )
+    entries = json.loads((bundle / "nonces.json").read_text())["entries"]
+    assert [e["nonce"] for e in entries] == [nonce.hex(), fresh.hex()]
+    result = audit_bundle(bundle, policy_path=_policy_file(node, tmp_path), daemon_keys=[signer.public.raw])
+    assert result.ok and len(result.quotes) == 2, [(f.id, f.context) for f in result.report.errors]
+    a.close()
+    b.close()
+
+
+def _policy_file(node: NodeEnv, tmp: Path) -> Path:
+    from test_evidence_export import policy_toml
+
+    path = tmp / "policy.toml"
+    path.write_text(policy_toml(node.policy_doc))
+    return path
