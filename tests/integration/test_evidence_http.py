@@ -128,3 +128,16 @@ async def test_loopback_only_without_tokens_and_the_size_bound(
         assert status == 413 and doc["error"]["type"] == "bundle_too_large"  # ... but over the bound
     finally:
         await runner.cleanup()
+
+
+async def test_openapi_documents_the_bundles_on_the_management_listener_only(
+    node: NodeEnv, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    runner, d, _ = await daemon(tmp_path, node, AuditorsConfig(tokens=(TOKEN,)))
+    try:
+        _, proxy_doc = await get(session, f"{d.url}/openapi.json")
+        _, mgmt_doc = await get(session, f"{d.management_url}/openapi.json")
+        bundles = {"/v1/evidence/{id}/bundle", "/v1/nodes/{node}/evidence"}
+        assert bundles <= set(mgmt_doc["paths"]) and not bundles & set(proxy_doc["paths"])
+    finally:
+        await runner.cleanup()
