@@ -230,6 +230,44 @@ def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> No
         assert expected in run.stdout, (rel, expected, run.stdout)
 
 
+def test_exported_telemetry_must_come_from_quoted_batches(demo: DemoResult, tmp_path: Path) -> None:
+    """The window's samples are cut from the sealed batches behind a verified quote's head: a shortened
+    telemetry.bin, or a forged chain of fake samples for the window (intact digests, but no quote covers
+    it), fails the audit naming it."""
+    from probes.chain import Chain
+
+    bundle = demo.bundles["honest-node-1"]
+    held = SampleBatch.decode((bundle / "telemetry.bin").read_bytes())
+
+    def audit(copy: Path) -> subprocess.CompletedProcess[str]:
+        m = json.loads((copy / "manifest.json").read_text())
+        m["sha256"] = {}
+        (copy / "manifest.json").write_text(json.dumps(m))
+        return subprocess.run(
+            [sys.executable, "-m", "tmb", "audit", str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    short = tmp_path / "short"
+    shutil.copytree(bundle, short)
+    (short / "telemetry.bin").write_bytes(held.slice_time(0, int(held.t_ns[-1])).encode())
+    run = audit(short)
+    assert run.returncode == 1 and "telemetry.window_mismatch" in run.stdout, run.stdout
+
+    forged = tmp_path / "forged"
+    shutil.copytree(bundle, forged)
+    chain = Chain("node-1")
+    fake = [chain.genesis(held.source), chain.seal(held.encode())]
+    with (forged / "telemetry" / "batches.jsonl").open("a") as fh:
+        for b in fake:
+            fh.write(json.dumps(b.to_wire(), sort_keys=True) + "\n")
+    run = audit(forged)
+    assert run.returncode == 1 and "chain.window_unattested" in run.stdout, run.stdout
+
+
 def demo_key_hex(demo: DemoResult) -> str:
     from tmb.verdict.signing import load_or_create_key
 

@@ -533,6 +533,14 @@ def _audit_export(bundle: Bundle, report: Report, daemon_keys: Sequence[bytes]) 
         rel = bundle.batches.name
         heads = check_chain(read_batches(bundle.batches.read_bytes(), rel), bundle.node, rel, report)
     for q in bundle.quotes:
+        if (bundle.batches is not None or bundle.nonce_log is not None) and (
+            q.head is None or q.daemon_nonce is None
+        ):
+            report.add(
+                "bundle.quote_unbound",
+                "the quote names no daemon nonce and chain head: its freshness and telemetry are unchecked",
+                quote=q.label,
+            )
         if heads is not None and q.head is not None and q.head not in heads:
             report.add(
                 "chain.head_missing",

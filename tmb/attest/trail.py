@@ -38,6 +38,7 @@ __all__ = [
     "batch_digest",
     "check_chain",
     "check_nonce_log",
+    "covered",
     "nonce_log_message",
     "qualifying_data",
     "read_batches",
@@ -152,6 +153,20 @@ def check_chain(batches: Sequence[ChainBatch], node: str, where: str, report: Re
         last[b.segment] = b
         good.add(b.digest)
     return good
+
+
+def covered(batches: Sequence[ChainBatch], heads: Sequence[bytes]) -> set[bytes]:
+    """The digests of the intact batches each head (a quoted chain head's digest) covers: the head and,
+    walking back through ``prev`` while the bundle holds the batch, every batch before it (a quote's
+    qualifying data covers its head, and the head's digest every batch before it)."""
+    by_digest = {b.digest: b for b in batches if b.intact()}
+    out: set[bytes] = set()
+    for head in heads:
+        d = head
+        while d in by_digest and d not in out and len(out) <= len(by_digest):
+            out.add(d)
+            d = by_digest[d].prev
+    return out
 
 
 def nonce_log_message(doc: Mapping[str, Any]) -> bytes:

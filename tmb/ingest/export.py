@@ -9,8 +9,9 @@ What a window's bundle holds, each part as the daemon received it:
   as received), each with its daemon nonce and chain head;
 * the IMA log from byte 0 up to the last of them, written as received: ``ima/<offset>.bin`` segments and
   their concatenation ``ima.log``;
-* the telemetry chain: every batch of the window's segments from the window's first batch up to each
-  quoted head (``telemetry/batches.jsonl``, wire form), and the window's samples (``telemetry.bin``);
+* the telemetry chain: every batch those quotes attested, from the batch after the previous quote's head
+  up to each quoted head (``telemetry/batches.jsonl``, wire form), and the window's samples
+  (``telemetry.bin``);
 * the node's AK, its firmware event log at the last quote, the nonce log entries those quotes consumed,
   signed by the daemon (``nonces.json``);
 * the request context when given: policy, commitments, profiles, claimed model, load, signed verdict.
@@ -100,7 +101,7 @@ def export_window(
     quotes = _quotes(store, node, quote_ids)
     last_ns = quotes[-1].received_ns if quotes else None
     ima = _ima(store, node, last_ns, budget)
-    chain = _chain(store, node, batches, quotes, budget)
+    chain = _chain(store, node, quotes, budget)
     telemetry = _window_samples(batches, t0_ns, t1_ns)
     eventlog = _latest(store, node, "eventlog", last_ns, budget)
     ak = _latest(store, node, "ak", last_ns, budget) or row.ak
@@ -245,27 +246,17 @@ def _latest(
     return _blob(store, rows[-1].digest, budget) if rows else None
 
 
-def _chain(
-    store: IngestBackend,
-    node: str,
-    batches: list[Any],
-    quotes: list[RecordRow],
-    budget: _Budget,
-) -> list[bytes]:
-    """JSON lines of the batches from the window's first batch of each segment up to the last one needed:
-    the window's own and each quoted head."""
-    wanted: dict[bytes, list[int]] = {}
-    for b in batches:
-        wanted.setdefault(b.segment, []).append(b.seq)
+def _chain(store: IngestBackend, node: str, quotes: list[RecordRow], budget: _Budget) -> list[bytes]:
+    """JSON lines of the batches each quote attested (from the batch after the previous quote's head up to
+    its own, across linked segments): every batch of the window is among them, and the auditor walks
+    back from each quoted head through ``prev`` to it."""
+    lines: list[bytes] = []
     for q in quotes:
-        head = q.meta["head"]
-        wanted.setdefault(bytes.fromhex(head["segment"]), []).append(int(head["seq"]))
-    lines = []
-    for segment, seqs in wanted.items():
-        rows = store.batch_range(node, segment, min(seqs), max(seqs), MAX_EXPORT_BATCHES + 1)
-        if len(rows) > MAX_EXPORT_BATCHES:
+        assert q.ref is not None
+        rows = store.batches_of_quote(node, q.ref, MAX_EXPORT_BATCHES + 1)
+        if len(lines) + len(rows) > MAX_EXPORT_BATCHES:
             raise ExportError("the chain holds too many telemetry batches", limit=MAX_EXPORT_BATCHES)
-        for seq, prev, digest, payload in rows:
+        for segment, seq, prev, digest, payload in rows:
             budget.take(len(payload))
             doc = {
                 "node": node,

@@ -156,16 +156,17 @@ class Trail:
         rows = self._rows(_RECORD + " WHERE kind = 'quote' AND ref = ? ORDER BY id LIMIT 1", (quote_id,))
         return _record(rows[0]) if rows else None
 
-    def batch_range(
-        self, node: str, segment: bytes, first: int, last: int, limit: int
-    ) -> list[tuple[int, bytes, bytes, bytes]]:
-        """(seq, prev, digest, payload) of the stored batches ``first..last`` of a segment, in order."""
+    def batches_of_quote(
+        self, node: str, quote_id: int, limit: int
+    ) -> list[tuple[bytes, int, bytes, bytes, bytes]]:
+        """(segment, seq, prev, digest, payload) of the batches a quote attested, by segment and seq: the
+        chain from the batch after the previous quote's head up to this quote's head."""
         rows = self._rows(
-            "SELECT seq, prev, digest, payload FROM ingest_batches WHERE node = ? AND segment = ? "
-            f"AND seq >= ? AND seq <= ? ORDER BY seq LIMIT {int(limit)}",
-            (node, segment, first, last),
+            "SELECT segment, seq, prev, digest, payload FROM ingest_batches WHERE node = ? AND quote_id = ? "
+            f"ORDER BY segment, seq LIMIT {int(limit)}",
+            (node, quote_id),
         )
-        return [(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+        return [(bytes(r[0]), int(r[1]), bytes(r[2]), bytes(r[3]), bytes(r[4])) for r in rows]
 
     # ------------------------------------------------------------------------------------------ nonces
 

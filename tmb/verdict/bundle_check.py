@@ -14,6 +14,7 @@ audit.quote_not_in_verdict    an attested verdict's quote reference names no quo
 audit.telemetry_not_in_verdict  the window's samples are not the ones the verdict was judged on
 audit.commitment_not_in_verdict  a bundled commitment's root is not a root the verdict saw mounted
 telemetry.window_mismatch     ``telemetry.bin`` is not the window cut from the sealed batches
+chain.window_unattested       a sealed batch with samples in the window is not behind a verified head
 ============================  ==========================================================================
 """
 
@@ -33,31 +34,38 @@ from tmb.verdict.signing import PublicKey, verify_verdict
 __all__ = ["check_bundle_verdict", "derive_decision", "window_from_batches"]
 
 
-def window_from_batches(bundle: Bundle) -> bytes | None:
-    """The window's samples (``SampleBatch.encode()``) cut from the bundle's intact sealed batches, as the
-    daemon's engine cuts them; None when the bundle has no batches or no window."""
+def window_from_batches(bundle: Bundle, heads: Sequence[bytes]) -> tuple[bytes | None, int]:
+    """The window's samples (``SampleBatch.encode()``) cut, as the daemon's engine cuts them, from the
+    bundle's sealed batches that ``heads`` (the verified quotes' chain heads) cover; and how many batches
+    with samples in the window no head covers. ``(None, 0)`` when the bundle has no batches or window."""
     if bundle.batches is None or bundle.window is None:
-        return None
-    from tmb.attest.trail import read_batches
+        return None, 0
+    from tmb.attest.trail import covered, read_batches
 
     t0, t1 = bundle.window
-    parts = []
-    for b in read_batches(bundle.batches.read_bytes(), bundle.batches.name):
+    batches = read_batches(bundle.batches.read_bytes(), bundle.batches.name)
+    attested = covered(batches, heads)
+    parts, uncovered = [], 0
+    for b in batches:
         if not b.intact() or not b.payload:
             continue
         try:
             part = SampleBatch.decode(b.payload).slice_time(t0, t1)
         except (TmbError, ValueError):
             continue
-        if len(part):
-            parts.append(part)
+        if not len(part):
+            continue
+        if b.digest not in attested:
+            uncovered += 1
+            continue
+        parts.append(part)
     if not parts:
-        return None
+        return None, uncovered
     parts.sort(key=lambda p: int(p.t_ns[0]))
     try:
-        return SampleBatch.concat(parts).encode()
+        return SampleBatch.concat(parts).encode(), uncovered
     except Exception:  # mixed sources: the engine keeps the first source's
-        return SampleBatch.concat([p for p in parts if p.source == parts[0].source]).encode()
+        return SampleBatch.concat([p for p in parts if p.source == parts[0].source]).encode(), uncovered
 
 
 def derive_decision(audit: AuditResult, telemetry: str | None, synthetic: bool, demo: bool) -> str:
@@ -120,7 +128,21 @@ def check_bundle_verdict(
                     file=path.name,
                     root=root,
                 )
-    cut = window_from_batches(bundle)
+    verified = {q.label for q in audit.quotes if q.ok}
+    heads = [q.head for q in bundle.quotes if q.head is not None and q.label in verified]
+    cut, uncovered = window_from_batches(bundle, heads)
+    if uncovered:
+        report.add(
+            "chain.window_unattested",
+            "telemetry batches in the window are not covered by any verified quote's chain head",
+            batches=uncovered,
+        )
+    if bundle.batches is not None and bundle.window is not None and cut is None and bundle.telemetry:
+        report.add(
+            "telemetry.window_mismatch",
+            "telemetry.bin holds samples no attested sealed batch of the bundle holds",
+            file=bundle.telemetry.name,
+        )
     if cut is not None and bundle.telemetry is not None:
         held = bundle.telemetry.read_bytes()
         if held != cut:
