@@ -165,3 +165,29 @@ def test_export_refuses_bad_requests(node: NodeEnv, tmp_path: Path) -> None:
     with pytest.raises(InputError):  # never writes into a directory that holds something
         export(node, ingest, signer, tmp_path / "z", T0, T0 + 1)
     assert (tmp_path / "z" / "keep").read_text() == "x"
+
+
+def test_the_policy_each_quote_was_checked_against_is_exported(node: NodeEnv, tmp_path: Path) -> None:
+    """The daemon records the policy and commitments in force (keep_policy, once per change); each quote
+    names the policy it was checked against, and a window's bundle carries the one of its last quote,
+    whatever the caller passes."""
+    ingest = node.ingest()
+    v1 = policy_toml(node.policy_doc)
+    v2 = v1 + "# edited after the first quote\n"
+    ref1 = ingest.keep_policy(v1.encode(), {"m.commitment.json": b'{"v": 1}'})
+    assert ingest.keep_policy(v1.encode(), {"m.commitment.json": b'{"v": 1}'}) == ref1
+    assert len(ingest.store.records("", "policy")) == 1  # unchanged: not recorded again
+    chain = Chain(NODE)
+    ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]})
+    attested(node, ingest, chain, 1, 2)
+    ingest.keep_policy(v2.encode(), {"m.commitment.json": b'{"v": 2}'})
+    attested(node, ingest, chain, 3, 4)
+    assert len(ingest.store.records("", "policy")) == 2
+    signer = signer_of(tmp_path)
+    early = export(node, ingest, signer, tmp_path / "early", T0, T0 + 10**9 * 2)
+    late = export(node, ingest, signer, tmp_path / "late", T0 + 10**9 * 3, T0 + 10**9 * 5)
+    assert (early / "policy.toml").read_text() == v1
+    assert (early / "m.commitment.json").read_bytes() == b'{"v": 1}'
+    assert (late / "policy.toml").read_text() == v2
+    assert (late / "m.commitment.json").read_bytes() == b'{"v": 2}'
+    assert audit_bundle(early, daemon_keys=[signer.public.raw]).quotes[0].ok

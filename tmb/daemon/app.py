@@ -358,6 +358,11 @@ def open_ingest(config: Config) -> Ingest | None:
         require_eventlog=a.require_eventlog,
     )
     try:
+        # the policy and commitments in force, in the evidence trail: every quote names the policy it was
+        # checked against, and bundles carry that one (tmb.ingest.export)
+        from tmb.daemon.evidence import read_commitments
+
+        ingest.keep_policy(Path(a.policy).read_bytes(), read_commitments(config))
         for entry in a.nodes:
             node, _, ak_path = entry.partition("=")
             ingest.register_node(node, _read_ak(ak_path, node))

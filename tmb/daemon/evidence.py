@@ -99,6 +99,11 @@ def _context_files(paths: tuple[str, ...], pattern: str) -> dict[str, bytes]:
     return out
 
 
+def read_commitments(config: Config) -> dict[str, bytes]:
+    """The ``[attestation] commitments`` files, by file name (InputError for one that cannot be read)."""
+    return _context_files(config.attestation.commitments, "*.json")
+
+
 def _context(config: Config, verdict: bytes | None, claimed: str | None) -> Any:
     from tmb.ingest.export import RequestContext
 

@@ -14,7 +14,9 @@ What a window's bundle holds, each part as the daemon received it:
   (``telemetry.bin``);
 * the node's AK, its firmware event log at the last quote, the nonce log entries those quotes consumed,
   signed by the daemon (``nonces.json``);
-* the request context when given: policy, commitments, profiles, claimed model, load, signed verdict.
+* the policy and commitments the last quote was checked against (as the daemon recorded them at start),
+  else the caller's;
+* the request context when given: profiles, claimed model, load, signed verdict.
 
 Every size is bounded (:data:`MAX_EXPORT_BYTES`, :data:`MAX_EXPORT_BATCHES`, :data:`MAX_EXPORT_QUOTES`);
 a larger export is an :class:`ExportError`, never a partial bundle.
@@ -105,6 +107,7 @@ def export_window(
     telemetry = _window_samples(batches, t0_ns, t1_ns)
     eventlog = _latest(store, node, "eventlog", last_ns, budget)
     ak = _latest(store, node, "ak", last_ns, budget) or row.ak
+    policy, commitments = _in_force(store, quotes[-1] if quotes else None, ctx, budget)
     quote_files = []
     for q in quotes:
         message = _blob(store, q.digest, budget)
@@ -142,8 +145,8 @@ def export_window(
             ima_log=b"".join(data for _, data in ima),
             quotes=quote_files,
             pcr_bank=pcr_bank,
-            policy_toml=ctx.policy_toml,
-            commitments=ctx.commitments,
+            policy_toml=policy,
+            commitments=commitments,
             telemetry=telemetry,
             profiles=ctx.profiles,
             claimed=ctx.claimed,
@@ -237,6 +240,27 @@ def _ima(store: IngestBackend, node: str, until_ns: int | None, budget: _Budget)
         out.append((end, data))
         end += len(data)
     return out
+
+
+def _in_force(
+    store: IngestBackend, quote: RecordRow | None, ctx: RequestContext, budget: _Budget
+) -> tuple[str | None, Mapping[str, bytes]]:
+    """The policy text and commitments the last quote was checked against, from the trail (the daemon
+    records them at start: ``Ingest.keep_policy``); the caller's when the quote names none."""
+    ref = quote.meta.get("policy") if quote is not None else None
+    if ref:
+        for r in reversed(store.records("", "policy")):
+            if r.digest.hex() == ref:
+                text = _blob(store, r.digest, budget)
+                commitments = {
+                    str(c["name"]): _blob(store, bytes.fromhex(c["sha256"]), budget)
+                    for c in r.meta.get("commitments", [])
+                }
+                try:
+                    return text.decode(), commitments
+                except UnicodeDecodeError:
+                    break
+    return ctx.policy_toml, ctx.commitments
 
 
 def _latest(

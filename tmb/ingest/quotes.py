@@ -32,6 +32,7 @@ class QuoteCheck:
     policy: RuntimePolicy
     pcr_bank: str
     require_eventlog: bool
+    policy_ref: str = ""  # SHA-256 (hex) of the policy text in the evidence trail ("": not recorded)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def check_quote(
     if not report.ok:
         summary = _summary(cfg, row.node, 0, ci, pcr10, False, False, False, report.findings)
         failed = store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
-        _keep(store, row.node, now, failed, False, message, signature, pcrs_raw, nonce, head)
+        _keep(store, cfg, row.node, now, failed, False, message, signature, pcrs_raw, nonce, head)
         store.add_findings(row.node, now, [f.to_dict() for f in report.errors])
         return QuoteChecked(False, summary, tuple(report.findings))
     assert pcr10 is not None
@@ -109,7 +110,7 @@ def check_quote(
     all_findings = _dedup(list(report.findings) + sticky + binding)
     state.clock = ClockInfo(ci.clock, ci.reset_count, ci.restart_count, ci.safe)
     quote_id = store.add_quote(row.node, now, True, position, {}, message, signature)
-    digest = _keep(store, row.node, now, quote_id, True, message, signature, pcrs_raw, nonce, head)
+    digest = _keep(store, cfg, row.node, now, quote_id, True, message, signature, pcrs_raw, nonce, head)
     summary = _summary(cfg, row.node, quote_id, ci, pcr10, matched, policy_ok, verity_ok, all_findings)
     signed = {  # the values the signature covers (an auditor recomputes pcrDigest from them)
         tpm2.alg_name(a): {str(i): v.hex() for a2, i in selected if a2 == a and (v := pcrs.get(a, i))}
@@ -127,6 +128,7 @@ def check_quote(
 
 def _keep(
     store: IngestBackend,
+    cfg: QuoteCheck,
     node: str,
     now: int,
     quote_id: int,
@@ -137,8 +139,8 @@ def _keep(
     nonce: bytes,
     head: Head,
 ) -> bytes:
-    """The quote as the TPM produced it, in the evidence trail; returns its digest (SHA-256 of the
-    TPMS_ATTEST, the bytes the signature covers)."""
+    """The quote as the TPM produced it, in the evidence trail, with the policy it was checked against;
+    returns its digest (SHA-256 of the TPMS_ATTEST, the bytes the signature covers)."""
     sig = store.put_blob("quote.signature", signature)
     pcrs = store.put_blob("quote.pcrs", pcrs_raw)
     return store.keep(
@@ -152,6 +154,7 @@ def _keep(
         pcrs=pcrs.hex(),
         nonce=nonce.hex(),
         head=head.to_wire(),
+        policy=cfg.policy_ref,
     )
 
 

@@ -131,6 +131,7 @@ class Ingest:
         self.model_patterns = tuple(model_patterns)
         self.clock_ns = clock_ns
         self.nonce_ttl_s = nonce_ttl_s
+        self.policy_ref = ""  # the policy text's digest in the evidence trail (keep_policy)
         self._aks: dict[str, tuple[bytes, AkPublic]] = {}  # by node: the stored AK bytes, parsed
         self._quote_wanted: set[str] = set()
         self._db = threading.RLock()  # one connection: one request's work at a time
@@ -182,6 +183,22 @@ class Ingest:
                 self.store.keep(node, "ak", now, raw)
         self._aks[node] = (raw, key)
         return key
+
+    def keep_policy(self, text: bytes, commitments: Mapping[str, bytes]) -> str:
+        """Record the policy (its TOML text) and the model commitments in force in the evidence trail (once
+        per change; daemon-wide records, node ``""``); every quote checked from now on names it. Returns the
+        policy's digest (hex)."""
+        with self._db, self.store.transaction():
+            names = [
+                {"name": name, "sha256": self.store.put_blob("commitment", data).hex()}
+                for name, data in sorted(commitments.items())
+            ]
+            digest = hashlib.sha256(text).digest()
+            last = self.store.records("", "policy")[-1:]
+            if not last or last[0].digest != digest or last[0].meta.get("commitments") != names:
+                self.store.keep("", "policy", self.clock_ns(), text, commitments=names)
+        self.policy_ref = digest.hex()
+        return self.policy_ref
 
     def _ak(self, row: NodeRow) -> AkPublic:
         """The node's AK as stored now (another daemon may have re-keyed it)."""
@@ -488,7 +505,7 @@ class Ingest:
                 **head.to_wire(),
             )
             return self._refused(node, f)
-        cfg = QuoteCheck(self.policy, self.pcr_bank, self.require_eventlog)
+        cfg = QuoteCheck(self.policy, self.pcr_bank, self.require_eventlog, self.policy_ref)
         eventlog = self._parsed_eventlog(node)
         now = self.clock_ns()
         pcrs_raw = json.dumps(doc.get("pcrs"), sort_keys=True, separators=(",", ":")).encode()
