@@ -272,3 +272,31 @@ def demo_key_hex(demo: DemoResult) -> str:
     from tmb.verdict.signing import load_or_create_key
 
     return load_or_create_key(demo.out / "daemon" / "verdict-key.pem").public.raw.hex()
+
+
+def test_evidence_export_cli_writes_the_same_bundle_from_the_stores(demo: DemoResult, tmp_path: Path) -> None:
+    """`tmb evidence export` against the stopped daemon's stores writes a request's bundle that audits to
+    the daemon's decision, as the one the running daemon served."""
+    row = next(r for r in demo.rows if r.round == "1" and r.outcome.node == "node-3")
+    out = tmp_path / "export"
+    cmd = [sys.executable, "-m", "tmb", "evidence", "export", "--config", str(demo.out / "tmb.toml")]
+    cmd += ["--request-id", str(row.outcome.request_id), "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    served = demo.bundles["impostor-node-3"]
+    for rel in ("verdict.json", "nonces.json", "telemetry.bin", "quotes/0.attest", "ima.log"):
+        assert (out / rel).read_bytes() == (served / rel).read_bytes(), rel  # Ed25519 is deterministic
+    audit = subprocess.run(
+        [sys.executable, "-m", "tmb", "audit", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert "decision re-derived from the bundle: model_mismatch; the daemon's verdict: model_mismatch" in (
+        audit.stdout
+    ), audit.stdout
+    missing = subprocess.run(
+        [*cmd[:-4], "--request-id", "0" * 32, "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert missing.returncode == 1 and not (tmp_path / "none").exists()
