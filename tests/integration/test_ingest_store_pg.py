@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import hashlib
 import json
 import sqlite3
 import tempfile
@@ -187,6 +188,40 @@ def test_eventlogs_and_findings(store: IngestBackend) -> None:
     assert [f["id"] for f in store.findings("n")] == ["a", "b", "c"]
     assert store.findings("n", 15, 25) == [{"id": "c"}] and store.findings("other") == []
     assert store.findings("n")[0]["context"] == {"ü": 1}
+
+
+def test_evidence_trail_and_nonce_log(store: IngestBackend) -> None:
+    """Blobs once per digest; records per node in order with the bounded reads the export uses (the IMA
+    segments of the current log after a reboot, quotes by id range, the newest record before a time);
+    a nonce consumed once."""
+    with store.transaction():
+        store.upsert_node("n", b"ak", 1)
+        assert store.put_blob("ima", b"abc") == store.put_blob("ima", b"abc")
+        for t, (offset, data) in enumerate([(0, b"boot1-"), (6, b"more"), (0, b"boot2-"), (6, b"x")]):
+            store.keep("n", "ima", 10 + t, data, offset, length=len(data))
+        for qid in (3, 4, 7):
+            store.keep("n", "quote", 20 + qid, f"quote {qid}".encode(), qid, ok=True)
+        store.keep("n", "eventlog", 30, b"log-1")
+        store.keep("n", "eventlog", 40, b"log-2")
+        store.keep("m", "eventlog", 50, b"other node")
+    assert store.blob(hashlib.sha256(b"abc").digest()) == b"abc"
+    assert [store.blob(r.digest) for r in store.ima_since_reset("n", 11, 10)] == [b"boot1-", b"more"]
+    assert [store.blob(r.digest) for r in store.ima_since_reset("n", 99, 10)] == [b"boot2-", b"x"]
+    assert [r.ref for r in store.quote_records("n", 4, 7, 10)] == [4, 7]
+    last = store.last_record("n", "eventlog", until_ns=39)
+    assert last is not None and store.blob(last.digest) == b"log-1"
+    newest = store.last_record("n", "eventlog")
+    assert newest is not None and store.blob(newest.digest) == b"log-2"
+    assert store.last_record("n", "ak") is None
+    with store.transaction():
+        store.issue_nonce("n", b"\x01" * 32, 100)
+        assert store.fresh_nonce("n", 100) == b"\x01" * 32 and store.fresh_nonce("n", 101) is None
+        assert store.consume_nonce("n", b"\x01" * 32, 105, b"q" * 32)
+        assert not store.consume_nonce("n", b"\x01" * 32, 106, b"r" * 32)
+        assert store.fresh_nonce("n", 0) is None
+    row = store.nonce_row("n", b"\x01" * 32)
+    assert row is not None and (row.issued_ns, row.consumed_ns, row.quote_digest) == (100, 105, b"q" * 32)
+    assert store.consumed_nonces("n", [b"q" * 32]) == [row]
 
 
 def test_a_second_store_sees_the_first_ones_writes(open_store: Callable[[], IngestBackend]) -> None:

@@ -53,6 +53,7 @@ __all__ = [
 MAX_EXPORT_BYTES = 256 * 1024 * 1024  # IMA log + batches + blobs of one bundle
 MAX_EXPORT_BATCHES = 100_000
 MAX_EXPORT_QUOTES = 1_000
+MAX_EXPORT_SEGMENTS = 100_000  # IMA segments of one log
 MAX_WINDOW_NS = 7 * 24 * 3600 * 10**9  # a node range export covers at most a week
 
 # sign(message) -> (Ed25519 public key raw, signature): the daemon's verdict key (tmb.verdict.signing).
@@ -207,12 +208,9 @@ def _quotes(store: IngestBackend, node: str, quote_ids: list[int]) -> list[Recor
     if not quote_ids:
         return []
     lo, hi = quote_ids[0], quote_ids[-1]
-    out = [
-        r
-        for r in store.records(node, "quote")
-        if r.meta.get("ok") and r.ref is not None and lo <= r.ref <= hi
-    ]
-    if len(out) > MAX_EXPORT_QUOTES:
+    rows = store.quote_records(node, lo, hi, 4 * MAX_EXPORT_QUOTES + 1)  # failed ones are among them
+    out = [r for r in rows if r.meta.get("ok")]
+    if len(out) > MAX_EXPORT_QUOTES or len(rows) > 4 * MAX_EXPORT_QUOTES:
         raise ExportError("the window rests on too many quotes", limit=MAX_EXPORT_QUOTES)
     if not out or out[-1].ref != hi:
         raise ExportError(
@@ -227,11 +225,9 @@ def _ima(store: IngestBackend, node: str, until_ns: int | None, budget: _Budget)
     """The IMA segments received up to ``until_ns``, of the node's current log (from its last offset 0)."""
     if until_ns is None:
         return []
-    segments: list[RecordRow] = []
-    for r in store.records(node, "ima", until_ns=until_ns):
-        if r.ref == 0:
-            segments = []  # a new log (a reboot): the quotes since replay from its first byte
-        segments.append(r)
+    segments = store.ima_since_reset(node, until_ns, MAX_EXPORT_SEGMENTS + 1)
+    if len(segments) > MAX_EXPORT_SEGMENTS:
+        raise ExportError("the IMA log is in too many segments", limit=MAX_EXPORT_SEGMENTS)
     out, end = [], 0
     for r in segments:
         if r.ref != end:
@@ -248,26 +244,25 @@ def _in_force(
     """The policy text and commitments the last quote was checked against, from the trail (the daemon
     records them at start: ``Ingest.keep_policy``); the caller's when the quote names none."""
     ref = quote.meta.get("policy") if quote is not None else None
-    if ref:
-        for r in reversed(store.records("", "policy")):
-            if r.digest.hex() == ref:
-                text = _blob(store, r.digest, budget)
-                commitments = {
-                    str(c["name"]): _blob(store, bytes.fromhex(c["sha256"]), budget)
-                    for c in r.meta.get("commitments", [])
-                }
-                try:
-                    return text.decode(), commitments
-                except UnicodeDecodeError:
-                    break
+    r = store.last_record("", "policy", digest=bytes.fromhex(ref)) if ref else None
+    if r is not None:
+        text = _blob(store, r.digest, budget)
+        commitments = {
+            str(c["name"]): _blob(store, bytes.fromhex(c["sha256"]), budget)
+            for c in r.meta.get("commitments", [])
+        }
+        try:
+            return text.decode(), commitments
+        except UnicodeDecodeError:
+            pass
     return ctx.policy_toml, ctx.commitments
 
 
 def _latest(
     store: IngestBackend, node: str, kind: str, until_ns: int | None, budget: _Budget
 ) -> bytes | None:
-    rows = store.records(node, kind, until_ns=until_ns)
-    return _blob(store, rows[-1].digest, budget) if rows else None
+    row = store.last_record(node, kind, until_ns=until_ns)
+    return _blob(store, row.digest, budget) if row is not None else None
 
 
 def _chain(store: IngestBackend, node: str, quotes: list[RecordRow], budget: _Budget) -> list[bytes]:

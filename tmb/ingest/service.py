@@ -194,8 +194,8 @@ class Ingest:
                 for name, data in sorted(commitments.items())
             ]
             digest = hashlib.sha256(text).digest()
-            last = self.store.records("", "policy")[-1:]
-            if not last or last[0].digest != digest or last[0].meta.get("commitments") != names:
+            last = self.store.last_record("", "policy")
+            if last is None or last.digest != digest or last.meta.get("commitments") != names:
                 self.store.keep("", "policy", self.clock_ns(), text, commitments=names)
         self.policy_ref = digest.hex()
         return self.policy_ref
