@@ -52,34 +52,44 @@ MAX_CONTEXT_FILE = 32 * 1024 * 1024
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
-def auditor_refusal(config: Config, request: web.Request) -> web.Response | None:
-    """None when the request is an auditor's, else the 401/403 answer."""
-    tokens = config.auditors.tokens
+def auditor_check(
+    tokens: tuple[str, ...], remote: str | None, authorization: str | None
+) -> tuple[int, str, str] | None:
+    """None when a client at ``remote`` sending ``authorization`` is an auditor, else (status, error type,
+    message): with ``tokens``, a bearer token that is one of them (401 without one, 403 another); without,
+    a loopback client (403 otherwise; an IPv4-mapped IPv6 loopback address counts as loopback)."""
     if not tokens:
         try:
-            loopback = ipaddress.ip_address(request.remote or "").is_loopback
+            ip = ipaddress.ip_address((remote or "").split("%")[0])
         except ValueError:
-            loopback = False
-        if loopback:
+            ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip is not None and ip.is_loopback:
             return None
-        return error_response(
+        return (
             403,
             "auditor_loopback_only",
             "evidence bundles are served to loopback clients only while no auditor token is configured "
             "([auditors] tokens)",
         )
-    header = request.headers.get("Authorization", "")
+    header = authorization or ""
     if not header.startswith("Bearer "):
-        return error_response(
-            401,
-            "auditor_token_required",
-            "evidence bundles need an auditor token: Authorization: Bearer <token>",
-            headers={"WWW-Authenticate": 'Bearer realm="tmb-auditor"'},
-        )
+        return 401, "auditor_token_required", "evidence bundles need an auditor token: Bearer <token>"
     given = header[len("Bearer ") :].encode()
     if not any(hmac.compare_digest(given, t.encode()) for t in tokens):
-        return error_response(403, "auditor_token_invalid", "the auditor token is not one configured")
+        return 403, "auditor_token_invalid", "the auditor token is not one configured"
     return None
+
+
+def auditor_refusal(config: Config, request: web.Request) -> web.Response | None:
+    """None when the request is an auditor's, else the 401/403 answer in the error envelope."""
+    got = auditor_check(config.auditors.tokens, request.remote, request.headers.get("Authorization"))
+    if got is None:
+        return None
+    status, kind, message = got
+    headers = {"WWW-Authenticate": 'Bearer realm="tmb-auditor"'} if status == 401 else None
+    return error_response(status, kind, message, headers=headers)
 
 
 def _context_files(paths: tuple[str, ...], pattern: str) -> dict[str, bytes]:
