@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import tarfile
 import time
 from collections.abc import AsyncIterator
@@ -141,3 +142,59 @@ async def test_openapi_documents_the_bundles_on_the_management_listener_only(
         assert bundles <= set(mgmt_doc["paths"]) and not bundles & set(proxy_doc["paths"])
     finally:
         await runner.cleanup()
+
+
+async def test_two_daemons_on_postgresql_share_the_nonce_log_over_http(
+    node: NodeEnv, tmp_path: Path, session: aiohttp.ClientSession, pg_url: str
+) -> None:
+    """Daemon A hands out a nonce on its management listener; the probe's quote over it is taken by daemon
+    B, and refused as a replay by A; either daemon's bundle carries the nonce log entry, signed with the
+    shared verdict key, and audits offline."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_toml(node.policy_doc))
+    base = make_config(tmp_path, [])
+    config = dataclasses.replace(
+        base,
+        attestation=AttestationConfig(policy=str(policy)),
+        auditors=AuditorsConfig(tokens=(TOKEN,)),
+        store=dataclasses.replace(base.store, url=pg_url),
+    )
+    runner_a, a = await start_daemon(config)
+    runner_b, b = await start_daemon(config)  # the same database and key file
+    try:
+        assert a.parts.ingest is not None and node.ak.tpm2b_public is not None
+        a.parts.ingest.register_node(NODE, node.ak.tpm2b_public)
+        chain = Chain(NODE)
+        now = time.time_ns()
+        batches = [chain.genesis("synthetic")]
+        for k in range(2):
+            t = now - 2_000_000_000 + k * 1_000_000_000
+            samples = SampleBatch.from_columns([t], ["GPU-x"], source="synthetic", power_w=[100.0])
+            batches.append(chain.seal(samples.encode()))
+
+        async def post(d: Daemon, what: str, doc: Any) -> tuple[int, Any]:
+            async with session.post(f"{d.management_url}/v1/ingest/{NODE}/{what}", json=doc) as resp:
+                return resp.status, await resp.json()
+
+        assert (await post(a, "batches", {"batches": [x.to_wire() for x in batches]}))[0] == 200
+        assert (await post(b, "ima", node.ima_doc()))[0] == 200
+        status, doc = await get(session, f"{a.management_url}/v1/ingest/{NODE}/nonce")
+        assert status == 200, doc
+        quote = node.quote_doc(bytes.fromhex(doc["nonce"]), batches[-1].head)
+        status, doc = await post(b, "quotes", quote)
+        assert status == 200 and doc["ok"], doc
+        status, doc = await post(a, "quotes", quote)
+        assert status == 409 and doc["error"]["type"] == "ingest.nonce_reused", doc
+
+        rng = f"/v1/nodes/{NODE}/evidence?from={now - 2_000_000_000}&to={now}"
+        for d, name in ((a, "from-a"), (b, "from-b")):
+            status, body = await get(session, d.management_url + rng, TOKEN)
+            assert status == 200, body
+            bundle = unpack(body, tmp_path / name)
+            entries = json.loads((bundle / "nonces.json").read_text())["entries"]
+            assert [e["nonce"] for e in entries] == [quote["nonce"]]
+            result = audit_bundle(bundle, daemon_keys=[a.parts.signer.public.raw])
+            assert result.ok, [(f.id, f.context) for f in result.report.errors]
+    finally:
+        await runner_a.cleanup()
+        await runner_b.cleanup()
