@@ -183,7 +183,7 @@ def test_cli_stops_everything_on_sigterm(tmp_path: Path) -> None:
 
 def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> None:
     """One byte edited in each part of the daemon's export of an honest request fails `tmb audit`, naming
-    the part: the quote, an IMA segment, the nonce log, a telemetry batch, the commitment."""
+    the part: the quote, an IMA segment, the nonce log, a telemetry batch, the commitment, the policy."""
     bundle = demo.bundles["honest-node-1"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     key = tmp_path / "daemon.pub"
@@ -205,6 +205,7 @@ def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> No
         ("nonces.json", -60, "nonces.signature_invalid"),
         (manifest["batches"], -100, "chain.digest_mismatch"),
         (commitment, None, "audit.commitment_not_in_verdict"),
+        ("policy.toml", 0, "audit.evidence_not_in_verdict"),  # a comment added: not the policy in force
     ]
     for rel, at, expected in cases:
         copy = tmp_path / rel.replace("/", "_")
@@ -216,6 +217,8 @@ def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> No
         if at is None:  # the commitment's root, one hex digit changed (still a valid commitment)
             text = data.decode().replace(root, ("0" if root[0] != "0" else "1") + root[1:])
             data = bytearray(text.encode())
+        elif rel == "policy.toml":
+            data += b"\n# edited after the daemon exported it\n"
         else:
             data[at] ^= 0x01
         (copy / rel).write_bytes(bytes(data))

@@ -5,6 +5,7 @@ row, its summary and the batches it attests, in the caller's transaction."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -118,7 +119,15 @@ def check_quote(
     }
     verity = {rule: dev.root for rule, dev in state.verity.items()}
     summary = replace(
-        summary, quote_time_ns=now, verity=verity, boot_ok=boot_ok, pcrs=signed, quote_digest=digest.hex()
+        summary,
+        quote_time_ns=now,
+        verity=verity,
+        boot_ok=boot_ok,
+        pcrs=signed,
+        quote_digest=digest.hex(),
+        ak_digest=hashlib.sha256(row.ak).hexdigest(),
+        eventlog_digest=eventlog.digest.hex() if eventlog is not None else "",
+        policy_digest=cfg.policy_ref,
     )
     store.set_quote_summary(quote_id, summary.to_dict())
     attested = store.attest(row.node, head.segment, head.seq, quote_id)

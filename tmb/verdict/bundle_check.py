@@ -13,6 +13,7 @@ audit.decision_differs        the decision re-derived from the bundle is not the
 audit.quote_not_in_verdict    an attested verdict's quote reference names no quote of the bundle
 audit.telemetry_not_in_verdict  the window's samples are not the ones the verdict was judged on
 audit.commitment_not_in_verdict  a bundled commitment's root is not a root the verdict saw mounted
+audit.evidence_not_in_verdict  the bundle's AK, event log or policy is not the one the verdict names
 telemetry.window_mismatch     ``telemetry.bin`` is not the window cut from the sealed batches
 chain.window_unattested       a sealed batch with samples in the window is not behind a verified head
 ============================  ==========================================================================
@@ -118,6 +119,27 @@ def check_bundle_verdict(
         digests = {hashlib.sha256(q.message).hexdigest() for q in bundle.quotes}
         if not refs & digests:
             report.add("audit.quote_not_in_verdict", "the verdict rests on a quote the bundle does not hold")
+        trail = {
+            "ak_digest": hashlib.sha256(bundle.ak).hexdigest(),
+            "eventlog_digest": (
+                hashlib.sha256(bundle.eventlog.read_bytes()).hexdigest() if bundle.eventlog else ""
+            ),
+            "policy_digest": (
+                hashlib.sha256(bundle.policy.read_bytes()).hexdigest()
+                if bundle.policy is not None and bundle.policy.is_file()
+                else ""
+            ),
+        }
+        for key, digest in trail.items():  # verdicts signed before these fields existed lack them
+            named = att.get(key)
+            if isinstance(named, str) and named and named != digest:
+                report.add(
+                    "audit.evidence_not_in_verdict",
+                    "the bundle holds another AK, event log or policy than the verdict names",
+                    field=key,
+                    verdict=named,
+                    bundle=digest or None,
+                )
         roots = set((att.get("verity_roots") or {}).values())
         for path in bundle.commitments:
             root = _root(path)
