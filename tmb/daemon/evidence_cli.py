@@ -33,9 +33,11 @@ def register(sub: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from tmb.attest.policy import load_policy
     from tmb.config import load_config
-    from tmb.daemon.app import open_ingest
     from tmb.daemon.evidence import export_request
+    from tmb.ingest.service import Ingest
+    from tmb.ingest.store import open_ingest_store
     from tmb.verdict.keys_cli import _open_store
     from tmb.verdict.signing import load_or_create_key
 
@@ -54,9 +56,16 @@ def _export(args: argparse.Namespace) -> int:
     if rec.state != "final" or rec.doc is None:
         print(f"no final verdict for request {rid} ({rec.state})")
         return 1
-    ingest = open_ingest(config)
-    if ingest is None:
+    a = config.attestation
+    if not a.policy:
         raise InputError("the config has no evidence ingest ([attestation] policy)")
+    # the evidence store as it is: no node registered, no policy recorded (an export writes nothing there)
+    ingest = Ingest(
+        open_ingest_store(a, config.store),
+        policy=load_policy(a.policy),
+        nonce_ttl_s=a.nonce_ttl_s,
+        pcr_bank=a.pcr_bank,
+    )
     try:
         out = export_request(config, ingest, load_or_create_key(key_file), rec.doc, args.out)
     finally:
