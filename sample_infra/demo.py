@@ -241,6 +241,7 @@ class Demo:
             f'[store]\npath = "{d / "tmb.sqlite3"}"\n',
             '[proxy]\nhealth_interval_s = 1.0\nhealth_path = "/health"\n',
             f'[attestation]\npolicy = "{self.out / "policy.toml"}"\ndb = "{d / "ingest.sqlite3"}"',
+            f'commitments = ["{self.commitment_path}"]',
             f"wait_s = {s.wait_s}",
             "nodes = [" + ", ".join(f'"{n}={b.ak_path}"' for n, b in self.nodes.items()) + "]\n",
             f'[fingerprint]\nprofiles = ["{self.out / "profiles"}"]\n',
@@ -370,9 +371,9 @@ async def run_demo(
         await demo.notify.wait_for("verdict.model_mismatch", {m for m in mismatches if m}, 15.0)
         result.notifications, result.notifications_refused = demo.notify.events, demo.notify.refused
         say(f"webhook: {len(result.notifications)} signed notifications received and verified")
+        say("writing evidence bundles (the daemon's export) and HTML reports")
+        await write_bundles(demo, result)
         say("")
-    say("writing evidence bundles and HTML reports")
-    write_bundles(demo, result)
     if s.offline:
         say("offline audit scenarios")
         offline_scenarios(out / "offline", result)

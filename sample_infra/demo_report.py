@@ -3,84 +3,43 @@ reports, the offline audit scenarios, and the printed table."""
 
 from __future__ import annotations
 
-import json
-import sqlite3
+import io
+import shutil
+import ssl
+import tarfile
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from tmb.attest.evidence import audit_bundle, load_bundle, write_bundle
-from tmb.attest.tpm2 import parse_attest
-from tmb.telemetry.sample import SampleBatch
+import aiohttp
+
+from tmb.attest.evidence import audit_bundle, load_bundle
 
 if TYPE_CHECKING:
-    from sample_infra.demo import Demo, DemoResult, Row
+    from sample_infra.demo import Demo, DemoResult
 
 LABELS = {"node-1": "honest", "node-2": "honest", "node-3": "impostor", "node-4": "tampered-log"}
 LABELS["node-5"] = "other-image"
 
 
-def _quote(db: sqlite3.Connection, node: str, quote_id: Any) -> tuple[bytes, bytes, dict[str, Any]] | None:
-    sql = "SELECT message, signature, summary FROM ingest_quotes WHERE node = ?"
-    args: tuple[Any, ...] = (node,)
-    if isinstance(quote_id, int):
-        sql, args = sql + " AND id = ?", (node, quote_id)
-    row = db.execute(sql + " ORDER BY id DESC LIMIT 1", args).fetchone()
-    return (bytes(row[0]), bytes(row[1]), json.loads(row[2])) if row else None
-
-
-def _window(db: sqlite3.Connection, node: str, t0: int, t1: int) -> bytes | None:
-    rows = db.execute(
-        "SELECT payload FROM ingest_batches WHERE node = ? AND t1_ns >= ? AND t0_ns < ? ORDER BY t0_ns",
-        (node, t0, t1),
-    ).fetchall()
-    parts = [p for p in (SampleBatch.decode(bytes(r[0])).slice_time(t0, t1) for r in rows) if len(p)]
-    return SampleBatch.concat(parts).encode() if parts else None
-
-
-def write_request_bundle(demo: Demo, row: Row, dest: Path) -> Path | None:
-    """A bundle for one request: the node's AK, IMA log, firmware event log and the quote the verdict rests
-    on, the policy, the commitment, the window's telemetry, the profiles, the claimed model and the signed
-    verdict."""
-    verdict = row.outcome.verdict
-    node_name = row.outcome.node
-    if verdict is None or node_name is None or node_name not in demo.nodes:
-        return None
-    node = demo.nodes[node_name]
-    db = sqlite3.connect(f"file:{demo.out / 'daemon' / 'ingest.sqlite3'}?mode=ro", uri=True)
-    try:
-        quote = _quote(db, node_name, verdict.get("attestation", {}).get("quote_id"))
-        window = verdict.get("window", {})
-        telemetry = _window(db, node_name, int(window.get("t0_ns", 0)), int(window.get("t1_ns", 0)))
-    finally:
-        db.close()
-    if quote is None:
-        return None
-    message, signature, summary = quote
-    # every PCR the quote covers (0-10 since the boot chain is checked); older summaries kept PCR 10 alone
-    signed = summary.get("pcrs") or {summary.get("pcr_bank", "sha256"): {"10": summary.get("pcr10", "")}}
-    pcrs = json.dumps(signed).encode()
-    return write_bundle(
-        dest,
-        node=node_name,
-        ak=node.ak_path.read_bytes(),
-        ima_log=node.ima_log.read_bytes(),
-        # the qualifying data the daemon checked: H(its nonce || the probe's chain head)
-        quotes=[
-            {
-                "message": message,
-                "signature": signature,
-                "pcrs": pcrs,
-                "nonce": parse_attest(message).extra_data,
-            }
-        ],
-        policy_toml=demo.policy,
-        commitments={"model.commitment.json": demo.commitment_path.read_bytes()},
-        telemetry=telemetry,
-        profiles={p.name: p.read_bytes() for p in demo.profiles},
-        claimed=verdict.get("claimed_model"),
-        verdict=json.dumps(verdict, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(),
-        eventlog=node.eventlog.read_bytes() if node.eventlog is not None else None,
-    )
+async def fetch_request_bundle(demo: Demo, request_id: str, dest: Path) -> Path | None:
+    """The daemon's own export of one request's bundle: ``GET /v1/evidence/{id}/bundle`` on its management
+    listener (TLS pinned to the demo's CA; a loopback client, so no auditor token is needed), a tar archive
+    unpacked into ``dest``. None when the daemon has no final verdict for it."""
+    context = ssl.create_default_context(cafile=demo.daemon_ca)
+    url = f"{demo.management_url}/v1/evidence/{request_id}/bundle"
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, ssl=context) as resp:
+        if resp.status != 200:
+            return None
+        data = await resp.read()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.rmtree(dest, ignore_errors=True)
+        (Path(tmp) / "bundle").rename(dest)
+    return dest
 
 
 def audit_to_html(bundle: Path, page: Path) -> bool:
@@ -95,12 +54,14 @@ def audit_to_html(bundle: Path, page: Path) -> bool:
     return result.ok and (telemetry is None or telemetry.ok)
 
 
-def write_bundles(demo: Demo, result: DemoResult) -> None:
-    """Bundles and HTML reports for round 1's requests (one per node)."""
+async def write_bundles(demo: Demo, result: DemoResult) -> None:
+    """Bundles (the daemon's export, while it runs) and HTML reports for round 1's requests (one per
+    node)."""
     for row in [r for r in result.rows if r.round == "1"]:
         node = row.outcome.node or ""
         label = f"{LABELS.get(node, node)}-{node}"
-        bundle = write_request_bundle(demo, row, demo.out / "bundles" / label)
+        rid = row.outcome.request_id
+        bundle = await fetch_request_bundle(demo, rid, demo.out / "bundles" / label) if rid else None
         if bundle is None:
             continue
         result.bundles[label] = bundle

@@ -36,6 +36,9 @@ SUBCOMMANDS: dict[str, dict[str, str]] = {
         "commit": "model directory -> reproducible EROFS image, hash tree and commitment",
     },
     "tmb.daemon.cli": {"serve": "run the daemon: reverse proxy, verdict API, metrics"},
+    "tmb.daemon.evidence_cli": {
+        "evidence": "evidence bundles for auditors: export from the daemon's stores",
+    },
     "tmb.verdict.cli": {
         "verify-verdict": "check a verdict's signature and decision",
         "config": "configuration tools",

@@ -12,7 +12,8 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [store]     path, retention_days, ack, sync, url
     [admin]     enabled, token, token_file
     [metrics]   enabled, token, token_file
-    [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, require_eventlog
+    [attestation] policy, nodes, db, nonce_ttl_s, pcr_bank, wait_s, require_eventlog, commitments
+    [auditors]  tokens, max_bundle_bytes
     [fingerprint] profiles, target_far
     [notify]    urls, kinds, db, timeout_s, max_attempts, max_age_s, backoff_s, max_backoff_s, max_queued
 
@@ -122,6 +123,7 @@ class AttestationConfig:
     pcr_bank: str = "sha256"  # bank whose PCR 10 the IMA log is replayed against
     wait_s: float = 20.0  # how long a verdict waits for telemetry and a quote covering its window
     require_eventlog: bool = False  # true: a node without a firmware event log is unattested (boot chain)
+    commitments: tuple[str, ...] = ()  # model commitment files (tmb commit) in force: exported in bundles
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,15 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class AuditorsConfig:
+    """Who may fetch evidence bundles (GET /v1/evidence/{id}/bundle, /v1/nodes/{node}/evidence) on the
+    management listener: a client with one of ``tokens`` (bearer); with none set, loopback clients only."""
+
+    tokens: tuple[str, ...] = ()  # auditor bearer tokens (secret), each at least 128 bits
+    max_bundle_bytes: int = 256 * 1024 * 1024  # a larger bundle is refused (413)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True  # false: GET /metrics answers 404
     token: str = ""  # when set, /metrics needs "Authorization: Bearer <token>" (secret)
@@ -181,6 +192,7 @@ class Config:
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    auditors: AuditorsConfig = field(default_factory=AuditorsConfig)
     source: str = "<defaults>"  # the file it came from
 
     def admin_enabled(self) -> bool:
@@ -212,6 +224,7 @@ class Config:
         for name in ("admin", "metrics"):
             if data[name]["token"]:
                 data[name]["token"] = REDACTED
+        data["auditors"]["tokens"] = [REDACTED for _ in data["auditors"]["tokens"]]
         if data["store"]["url"]:
             from tmb.pgurl import redact
 
@@ -231,6 +244,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "attestation": AttestationConfig,
     "fingerprint": FingerprintConfig,
     "notify": NotifyConfig,
+    "auditors": AuditorsConfig,
 }
 _CHOICES = {
     ("store", "ack"): ("commit", "async"),
@@ -560,6 +574,15 @@ def _validate(config: Config) -> None:
             "store",
             "retention_days",
             config.store.retention_days,
+        )
+    for i, token in enumerate(config.auditors.tokens):
+        _check_token(token, f"auditors.tokens[{i}]", {"file": origin, "section": "auditors", "key": "tokens"})
+    if config.auditors.max_bundle_bytes < 1024:
+        fail(
+            "auditors.max_bundle_bytes must be at least 1024",
+            "auditors",
+            "max_bundle_bytes",
+            config.auditors.max_bundle_bytes,
         )
     if config.admin.enabled == "true" and not config.admin.token:
         fail("admin.enabled = true needs admin.token (or admin.token_file)", "admin", "token", "")

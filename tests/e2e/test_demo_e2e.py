@@ -5,7 +5,9 @@ Telemetry is SYNTHETIC (no GPU), so an honest request's best verdict is ``demo``
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -141,6 +143,12 @@ def test_bundles_audit_with_telemetry_plots(demo: DemoResult, tmp_path: Path) ->
         assert "Synthetic telemetry" in text
     tampered = _audit(demo.bundles["tampered-log-node-4"], tmp_path / "t.html")
     assert tampered.returncode == 1 and "ima.template_hash_mismatch" in tampered.stdout
+    # The bundles are the daemon's export: each audit re-derives the daemon's decision from the bundle alone.
+    for audit, decision in ((honest, "demo"), (impostor, "model_mismatch"), (tampered, "unattested")):
+        assert f"decision re-derived from the bundle: {decision}; the daemon's verdict: {decision}" in (
+            audit.stdout
+        ), audit.stdout
+        assert "DECISION: the same" in audit.stdout
     assert set(demo.reports) == set(demo.bundles) and all(p.is_file() for p in demo.reports.values())
 
 
@@ -188,3 +196,127 @@ def test_cli_stops_everything_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 130, "".join(seen) + rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert _ours(str(out)) == []  # every swtpm it started is gone
+
+
+def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> None:
+    """One byte edited in each part of the daemon's export of an honest request fails `tmb audit`, naming
+    the part: the quote, an IMA segment, the nonce log, a telemetry batch, the commitment, the policy."""
+    bundle = demo.bundles["honest-node-1"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    key = tmp_path / "daemon.pub"
+    key.write_text(demo_key_hex(demo))
+    ok = subprocess.run(
+        [sys.executable, "-m", "tmb", "audit", str(bundle), "--daemon-key", str(key)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "nonces.key_unpinned" not in ok.stdout
+    commitment = manifest["commitments"][0]
+    root = json.loads((bundle / commitment).read_text())["verity"]["root_hash"]
+    cases = [
+        ("quotes/0.attest", -5, "quote.signature_invalid"),
+        (manifest["ima_segments"][-1]["file"], 40, "ima."),
+        ("nonces.json", -60, "nonces.signature_invalid"),
+        (manifest["batches"], -100, "chain.digest_mismatch"),
+        (commitment, None, "audit.commitment_not_in_verdict"),
+        ("policy.toml", 0, "audit.evidence_not_in_verdict"),  # a comment added: not the policy in force
+    ]
+    for rel, at, expected in cases:
+        copy = tmp_path / rel.replace("/", "_")
+        shutil.copytree(bundle, copy)
+        m = json.loads((copy / "manifest.json").read_text())
+        m["sha256"].pop(rel, None)  # a forger fixes the manifest: the cryptographic checks remain
+        (copy / "manifest.json").write_text(json.dumps(m))
+        data = bytearray((copy / rel).read_bytes())
+        if at is None:  # the commitment's root, one hex digit changed (still a valid commitment)
+            text = data.decode().replace(root, ("0" if root[0] != "0" else "1") + root[1:])
+            data = bytearray(text.encode())
+        elif rel == "policy.toml":
+            data += b"\n# edited after the daemon exported it\n"
+        else:
+            data[at] ^= 0x01
+        (copy / rel).write_bytes(bytes(data))
+        run = subprocess.run(
+            [sys.executable, "-m", "tmb", "audit", str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 1, (rel, run.stdout)
+        assert expected in run.stdout, (rel, expected, run.stdout)
+
+
+def test_exported_telemetry_must_come_from_quoted_batches(demo: DemoResult, tmp_path: Path) -> None:
+    """The window's samples are cut from the sealed batches behind a verified quote's head: a shortened
+    telemetry.bin, or a forged chain of fake samples for the window (intact digests, but no quote covers
+    it), fails the audit naming it."""
+    from probes.chain import Chain
+
+    bundle = demo.bundles["honest-node-1"]
+    held = SampleBatch.decode((bundle / "telemetry.bin").read_bytes())
+
+    def audit(copy: Path) -> subprocess.CompletedProcess[str]:
+        m = json.loads((copy / "manifest.json").read_text())
+        m["sha256"] = {}
+        (copy / "manifest.json").write_text(json.dumps(m))
+        return subprocess.run(
+            [sys.executable, "-m", "tmb", "audit", str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    short = tmp_path / "short"
+    shutil.copytree(bundle, short)
+    (short / "telemetry.bin").write_bytes(held.slice_time(0, int(held.t_ns[-1])).encode())
+    run = audit(short)
+    assert run.returncode == 1 and "telemetry.window_mismatch" in run.stdout, run.stdout
+
+    forged = tmp_path / "forged"
+    shutil.copytree(bundle, forged)
+    chain = Chain("node-1")
+    fake = [chain.genesis(held.source), chain.seal(held.encode())]
+    with (forged / "telemetry" / "batches.jsonl").open("a") as fh:
+        for b in fake:
+            fh.write(json.dumps(b.to_wire(), sort_keys=True) + "\n")
+    run = audit(forged)
+    assert run.returncode == 1 and "chain.window_unattested" in run.stdout, run.stdout
+
+
+def demo_key_hex(demo: DemoResult) -> str:
+    from tmb.verdict.signing import load_or_create_key
+
+    return load_or_create_key(demo.out / "daemon" / "verdict-key.pem").public.raw.hex()
+
+
+def test_evidence_export_cli_writes_the_same_bundle_from_the_stores(demo: DemoResult, tmp_path: Path) -> None:
+    """`tmb evidence export` against the stopped daemon's stores writes a request's bundle that audits to
+    the daemon's decision, as the one the running daemon served."""
+    row = next(r for r in demo.rows if r.round == "1" and r.outcome.node == "node-3")
+    out = tmp_path / "export"
+    cmd = [sys.executable, "-m", "tmb", "evidence", "export", "--config", str(demo.out / "tmb.toml")]
+    cmd += ["--request-id", str(row.outcome.request_id), "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    served = demo.bundles["impostor-node-3"]
+    for rel in ("verdict.json", "nonces.json", "telemetry.bin", "quotes/0.attest", "ima.log"):
+        assert (out / rel).read_bytes() == (served / rel).read_bytes(), rel  # Ed25519 is deterministic
+    audit = subprocess.run(
+        [sys.executable, "-m", "tmb", "audit", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert "decision re-derived from the bundle: model_mismatch; the daemon's verdict: model_mismatch" in (
+        audit.stdout
+    ), audit.stdout
+    missing = subprocess.run(
+        [*cmd[:-4], "--request-id", "0" * 32, "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert missing.returncode == 1 and not (tmp_path / "none").exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -207,3 +210,60 @@ def test_gpu_process_bindings(node: NodeEnv) -> None:
     ingest.policy = node.policy
     out = quote(node, ingest, bs[-1].head)
     assert "binding.model_bypasses_verity" in ids(out) and not out.ok
+
+
+def test_garbage_quote_does_not_burn_the_nonce(node: NodeEnv) -> None:
+    """A quote whose signature does not verify is refused without consuming its nonce: the honest quote
+    with the same nonce is still taken, and the nonce log names the quote that consumed it."""
+    ingest = node.ingest()
+    _, bs = sealed(1)
+    post(ingest, *bs)
+    ingest.add_ima(NODE, node.ima_doc())
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    doc = node.quote_doc(nonce, bs[-1].head)
+    sig = bytearray(base64.b64decode(doc["signature"]))
+    sig[-1] ^= 1
+    garbage = dict(doc, signature=base64.b64encode(bytes(sig)).decode())
+    out = ingest.add_quote(NODE, garbage)
+    assert status(out) == 422 and "quote.signature_invalid" in ids(out), ids(out)
+    row = ingest.store.nonce_row(NODE, nonce)
+    assert row is not None and row.consumed_ns is None
+    assert status(ingest.add_quote(NODE, doc)) == 200
+    row = ingest.store.nonce_row(NODE, nonce)
+    message = base64.b64decode(doc["message"])
+    assert row is not None and row.consumed_ns is not None
+    assert row.quote_digest == hashlib.sha256(message).digest()
+    assert row.issued_ns <= row.consumed_ns
+
+
+def test_nonce_survives_restart_and_evidence_is_kept_as_received(node: NodeEnv) -> None:
+    """A nonce issued before a restart is accepted after it (the nonce log is in the store); the AK, the
+    IMA bytes (append-only segments at their offsets) and the quote (TPMS_ATTEST, signature, PCR values as
+    received) are kept under their SHA-256, and the summary names the quote by that digest."""
+    ingest = node.ingest()
+    _, bs = sealed(1)
+    post(ingest, *bs)
+    ima = node.ima_doc()
+    data = base64.b64decode(ima["data"])
+    half = len(data) // 2
+    assert status(ingest.add_ima(NODE, {"offset": 0, "data": base64.b64encode(data[:half]).decode()})) == 200
+    assert status(ingest.add_ima(NODE, ima)) == 200  # overlaps: only the new bytes are a segment
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    ingest.close()
+    again = Ingest(node.tmp / "ingest.db", policy=node.policy)
+    doc = node.quote_doc(nonce, bs[-1].head)
+    out = again.add_quote(NODE, doc)
+    assert status(out) == 200 and out.data["ok"], ids(out)
+    store = again.store
+    segments = store.records(NODE, "ima")
+    assert [(r.ref, r.meta["length"]) for r in segments] == [(0, half), (half, len(data) - half)]
+    assert b"".join(store.blob(r.digest) or b"" for r in segments) == data
+    message = base64.b64decode(doc["message"])
+    digest = hashlib.sha256(message).digest()
+    assert out.data["summary"]["quote_digest"] == digest.hex()
+    (q,) = store.records(NODE, "quote")
+    assert q.digest == digest and store.blob(digest) == message
+    assert store.blob(bytes.fromhex(q.meta["signature"])) == base64.b64decode(doc["signature"])
+    assert json.loads(store.blob(bytes.fromhex(q.meta["pcrs"])) or b"") == doc["pcrs"]
+    (ak,) = store.records(NODE, "ak")
+    assert store.blob(ak.digest) == store.node(NODE).ak

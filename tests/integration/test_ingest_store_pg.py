@@ -5,7 +5,10 @@ PostgreSQL database: evidence taken by one daemon is the other's, its quote wake
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import hashlib
+import json
 import sqlite3
 import tempfile
 import threading
@@ -21,6 +24,7 @@ from test_probe_support import NODE, NodeEnv, make_node
 
 import tmb.ingest.service as service_module
 from probes.chain import Chain
+from tmb.attest.evidence import audit_bundle
 from tmb.attest.pcr import ReplayState
 from tmb.config import AttestationConfig, StoreConfig
 from tmb.ingest.service import Ingest
@@ -184,6 +188,40 @@ def test_eventlogs_and_findings(store: IngestBackend) -> None:
     assert [f["id"] for f in store.findings("n")] == ["a", "b", "c"]
     assert store.findings("n", 15, 25) == [{"id": "c"}] and store.findings("other") == []
     assert store.findings("n")[0]["context"] == {"ü": 1}
+
+
+def test_evidence_trail_and_nonce_log(store: IngestBackend) -> None:
+    """Blobs once per digest; records per node in order with the bounded reads the export uses (the IMA
+    segments of the current log after a reboot, quotes by id range, the newest record before a time);
+    a nonce consumed once."""
+    with store.transaction():
+        store.upsert_node("n", b"ak", 1)
+        assert store.put_blob("ima", b"abc") == store.put_blob("ima", b"abc")
+        for t, (offset, data) in enumerate([(0, b"boot1-"), (6, b"more"), (0, b"boot2-"), (6, b"x")]):
+            store.keep("n", "ima", 10 + t, data, offset, length=len(data))
+        for qid in (3, 4, 7):
+            store.keep("n", "quote", 20 + qid, f"quote {qid}".encode(), qid, ok=True)
+        store.keep("n", "eventlog", 30, b"log-1")
+        store.keep("n", "eventlog", 40, b"log-2")
+        store.keep("m", "eventlog", 50, b"other node")
+    assert store.blob(hashlib.sha256(b"abc").digest()) == b"abc"
+    assert [store.blob(r.digest) for r in store.ima_since_reset("n", 11, 10)] == [b"boot1-", b"more"]
+    assert [store.blob(r.digest) for r in store.ima_since_reset("n", 99, 10)] == [b"boot2-", b"x"]
+    assert [r.ref for r in store.quote_records("n", 4, 7, 10)] == [4, 7]
+    last = store.last_record("n", "eventlog", until_ns=39)
+    assert last is not None and store.blob(last.digest) == b"log-1"
+    newest = store.last_record("n", "eventlog")
+    assert newest is not None and store.blob(newest.digest) == b"log-2"
+    assert store.last_record("n", "ak") is None
+    with store.transaction():
+        store.issue_nonce("n", b"\x01" * 32, 100)
+        assert store.fresh_nonce("n", 100) == b"\x01" * 32 and store.fresh_nonce("n", 101) is None
+        assert store.consume_nonce("n", b"\x01" * 32, 105, b"q" * 32)
+        assert not store.consume_nonce("n", b"\x01" * 32, 106, b"r" * 32)
+        assert store.fresh_nonce("n", 0) is None
+    row = store.nonce_row("n", b"\x01" * 32)
+    assert row is not None and (row.issued_ns, row.consumed_ns, row.quote_digest) == (100, 105, b"q" * 32)
+    assert store.consumed_nonces("n", [b"q" * 32]) == [row]
 
 
 def test_a_second_store_sees_the_first_ones_writes(open_store: Callable[[], IngestBackend]) -> None:
@@ -393,3 +431,61 @@ def test_concurrent_duplicates_and_forks_are_refused_once(node: NodeEnv, pg_url:
     assert a.store.count_batches(NODE) == 7
     a.close()
     b.close()
+
+
+def test_two_daemons_share_the_nonce_log(node: NodeEnv, pg_url: str, tmp_path: Path) -> None:
+    """A nonce daemon A issued is accepted by daemon B and consumed once in all (the same quote sent to both
+    at once is taken once); a quote whose signature fails burns no nonce; B's export carries the nonce log
+    entries of quotes either daemon took, and the bundle audits offline."""
+    a, b = _ingest(node, pg_url), _ingest(node, pg_url)
+    now = time.time_ns()
+    _, batches = _batches(now)
+    assert a.add_batches(NODE, {"batches": [x.to_wire() for x in batches[:2]]}).accepted
+    assert a.add_ima(NODE, node.ima_doc()).accepted
+    nonce = bytes.fromhex(a.nonce(NODE).data["nonce"])
+    doc = node.quote_doc(nonce, batches[1].head)
+    results: dict[str, Any] = {}
+    barrier = threading.Barrier(2)
+
+    def send(name: str, ingest: Ingest) -> None:
+        barrier.wait(WAIT_S)
+        results[name] = ingest.add_quote(NODE, doc)
+
+    threads = [threading.Thread(target=send, args=(n, i)) for n, i in (("a", a), ("b", b))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(WAIT_S)
+    outcomes = sorted("taken" if r.refusal is None else r.refusal.id for r in results.values())
+    assert outcomes == ["ingest.nonce_reused", "taken"], [r.findings for r in results.values()]
+
+    assert b.add_batches(NODE, {"batches": [x.to_wire() for x in batches[2:]]}).accepted
+    fresh = bytes.fromhex(b.nonce(NODE).data["nonce"])  # issued by B ...
+    second = node.quote_doc(fresh, batches[-1].head)
+    garbage = dict(second, signature=base64.b64encode(b"\x00" * 10).decode())
+    assert not a.add_quote(NODE, garbage).accepted  # ... not burnt by a quote that fails ...
+    out = a.add_quote(NODE, second)  # ... and taken by A
+    assert out.accepted and out.data["ok"], out.findings
+
+    signer = load_or_create_key(tmp_path / "verdict.key")
+    bundle = b.export(
+        tmp_path / "bundle",
+        NODE,
+        now - 3_000_000_000,
+        now,
+        sign=lambda m: (signer.public.raw, signer.sign_bytes(m)),
+    )
+    entries = json.loads((bundle / "nonces.json").read_text())["entries"]
+    assert [e["nonce"] for e in entries] == [nonce.hex(), fresh.hex()]
+    result = audit_bundle(bundle, policy_path=_policy_file(node, tmp_path), daemon_keys=[signer.public.raw])
+    assert result.ok and len(result.quotes) == 2, [(f.id, f.context) for f in result.report.errors]
+    a.close()
+    b.close()
+
+
+def _policy_file(node: NodeEnv, tmp: Path) -> Path:
+    from test_evidence_export import policy_toml
+
+    path = tmp / "policy.toml"
+    path.write_text(policy_toml(node.policy_doc))
+    return path

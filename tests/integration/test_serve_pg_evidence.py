@@ -87,7 +87,7 @@ async def test_evidence_at_one_daemon_decides_a_request_through_the_other(
         assert attestation_doc["verified"] and attestation_doc["pcr_matched"], attestation_doc
         assert attestation_doc["policy_ok"] and attestation_doc["verity_ok"], attestation_doc
         assert doc["telemetry_source"] == "synthetic"  # the probe's synthetic source, labelled as such
-        assert kinds == ["quote", "telemetry_window"], kinds
+        assert kinds == ["quote", "ak", "policy", "telemetry_window"], kinds
         families = {r["id"].split(".")[0] for r in doc["reasons"]}
         assert not families & {"attestation", "quote", "ima", "chain"}, doc["reasons"]
         assert probe.stats.refused == [], probe.stats.refused

@@ -151,3 +151,18 @@ def test_config_show_cli(tmp_path: Path) -> None:
         and bad.stderr.startswith("error: cannot read config file")
         and "Traceback" not in bad.stderr
     )
+
+
+def test_auditor_tokens_are_strong_secrets_and_redacted(tmp_path: Path) -> None:
+    strong = ("5b0e8c1f7a2d4e6b9c3a1f0e8d7c6b5a", "c2e4a6b8d0f1e3a5c7b9d1f3e5a7c9b1")
+    path = tmp_path / "tmb.toml"
+    path.write_text(f"[auditors]\ntokens = {list(strong)!r}\n".replace("'", '"'))
+    config = load_config(path, env={})
+    assert config.auditors.tokens == strong
+    assert config.redacted()["auditors"]["tokens"] == [REDACTED, REDACTED]
+    assert strong[0] not in to_toml(config.redacted())
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env={"TMB_AUDITORS_TOKENS": f"{strong[0]},password1"})
+    assert exc.value.context["key"] == "tokens" and "auditors.tokens[1]" in exc.value.message
+    with pytest.raises(ConfigError):
+        load_config(path, env={"TMB_AUDITORS_MAX_BUNDLE_BYTES": "10"})

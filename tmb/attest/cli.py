@@ -57,6 +57,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     au.add_argument("--policy", type=Path, help="runtime policy TOML (default: the bundle's policy.toml)")
     au.add_argument("--json", action="store_true")
     au.add_argument("--html", type=Path, metavar="OUT", help="also write a self-contained HTML report to OUT")
+    au.add_argument(
+        "--daemon-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the daemon's verdict public key (PEM, 64 hex digits or a saved /v1/keys document): the "
+        "nonce log and the verdict must be signed by it (repeatable; default: the nonce log's own key, "
+        "with a warning)",
+    )
     au.set_defaults(func=_cmd_audit)
 
 
@@ -134,18 +144,42 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _daemon_keys(paths: list[Path]) -> list[bytes]:
+    """The raw Ed25519 keys in the files (PEM, hex, or a /v1/keys document)."""
+    from tmb.verdict.signing import load_public_keys
+
+    keys: list[bytes] = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read the daemon key: {exc.strerror}", path=str(path)) from None
+        keys += [k.raw for k in load_public_keys(data, str(path))]
+    return keys
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from tmb.attest.evidence import audit_bundle, load_bundle, render_text
 
     bundle = load_bundle(args.bundle)
     if bundle.telemetry is not None and args.html:  # the pictures of the telemetry section
         require("report", "the telemetry plots of an HTML audit (--html)")  # before the audit, not after
-    result = audit_bundle(args.bundle, policy_path=args.policy)
+    keys = _daemon_keys(args.daemon_key)
+    result = audit_bundle(args.bundle, policy_path=args.policy, daemon_keys=keys)
     telemetry = None
     if bundle.telemetry is not None:
         from tmb.report.telemetry import telemetry_section
 
         telemetry = telemetry_section(bundle, plots=bool(args.html))
+    decision: tuple[str, str | None] | None = None
+    if bundle.verdict is not None and bundle.nonce_log is not None:  # the daemon's export
+        from tmb.verdict.bundle_check import check_bundle_verdict
+
+        outcome = telemetry.decision if telemetry is not None else None
+        synthetic = telemetry.synthetic if telemetry is not None else False
+        derived, claimed, more = check_bundle_verdict(bundle, result, outcome, synthetic, keys)
+        result.report.extend(more)
+        decision = (derived, claimed)
     if args.html:
         from tmb.report import render_html
 
@@ -154,8 +188,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise InputError(f"cannot write the HTML report: {exc.strerror}", path=str(args.html)) from None
     ok = result.ok and (telemetry is None or telemetry.ok)
+    if decision is not None:  # and the verdict's checks (its signature, the decision re-derived, ...)
+        ok = ok and result.report.ok
     if args.json:
         doc = result.to_json()
+        if decision is not None:
+            doc["decision"] = {"derived": decision[0], "verdict": decision[1]}
+            doc["ok"] = ok
         if telemetry is not None:
             doc["telemetry"] = {
                 "summary": telemetry.summary,
@@ -169,4 +208,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if telemetry is not None:
             label = " (SYNTHETIC telemetry)" if telemetry.synthetic else ""
             print(f"telemetry fingerprint{label}: {telemetry.summary} -- statistical evidence, not proof")
+        if decision is not None:
+            same = "the same" if decision[0] == decision[1] else "DIFFERENT"
+            print(f"decision re-derived from the bundle: {decision[0]}; the daemon's verdict: {decision[1]}")
+            print(f"DECISION: {same}")
     return 0 if ok else 1

@@ -20,6 +20,7 @@ after it are reported as unattested, not evaluated as proof.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +35,7 @@ from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
 from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy
 from tmb.attest.quote import QuoteResult, load_ak, verify_quote
 from tmb.attest.tpm2 import load_pcr_values, parse_attest
+from tmb.attest.trail import QuoteNonce, check_chain, check_nonce_log, qualifying_data, read_batches
 from tmb.errors import Finding, InputError, ParseError, Report, Severity, TmbError
 from tmb.verity.commitment import load_commitment, policy_rule_from_commitment
 
@@ -45,8 +47,10 @@ class QuoteFiles:
     message: bytes
     signature: bytes
     pcrs: bytes
-    nonce: bytes | None
+    nonce: bytes | None  # the extraData the quote must carry
     label: str
+    daemon_nonce: bytes | None = None  # the daemon's nonce (nonce = H(daemon_nonce ‖ head digest))
+    head: bytes | None = None  # the digest of the telemetry chain head the quote names
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,13 @@ class Bundle:
     verdict: Path | None = None
     load: float | None = None
     eventlog: Path | None = None  # the firmware's TCG event log (binary_bios_measurements)
+    # The daemon's export (docs/evidence-bundle.md, "The daemon's export"): the telemetry chain as sealed,
+    # the signed nonce log, the IMA log's segments as received, the window, the files' SHA-256.
+    batches: Path | None = None
+    nonce_log: Path | None = None
+    ima_segments: tuple[tuple[int, Path], ...] = ()
+    window: tuple[int, int] | None = None
+    sha256: Mapping[str, str] = field(default_factory=dict)
 
 
 def _read(root: Path, rel: Any, what: str) -> bytes:
@@ -105,10 +116,18 @@ def load_bundle(root: str | Path) -> Bundle:
         if not isinstance(q, dict):
             raise InputError(f"manifest: quotes[{i}] must be an object", bundle=str(root))
         nonce = q.get("nonce")
+        head = q.get("head")
+        daemon_nonce = q.get("daemon_nonce")
         try:
             nonce_b = bytes.fromhex(nonce) if isinstance(nonce, str) else None
-        except ValueError:
-            raise InputError(f"manifest: quotes[{i}].nonce is not hex", bundle=str(root)) from None
+            dn = bytes.fromhex(daemon_nonce) if isinstance(daemon_nonce, str) else None
+            hd = bytes.fromhex(head["digest"]) if isinstance(head, dict) and "digest" in head else None
+        except (ValueError, TypeError):
+            raise InputError(
+                f"manifest: quotes[{i}] nonce, daemon_nonce or head.digest is not hex", bundle=str(root)
+            ) from None
+        if dn is not None and hd is not None:  # the audit derives the extraData itself
+            nonce_b = qualifying_data(dn, hd)
         quotes.append(
             QuoteFiles(
                 _read(root, q.get("message"), f"quotes[{i}].message"),
@@ -116,6 +135,8 @@ def load_bundle(root: str | Path) -> Bundle:
                 _read(root, q.get("pcrs"), f"quotes[{i}].pcrs"),
                 nonce_b,
                 str(q.get("label", i)),
+                dn,
+                hd,
             )
         )
     bank = doc.get("pcr_bank", "sha256")
@@ -128,7 +149,7 @@ def load_bundle(root: str | Path) -> Bundle:
     if not isinstance(commitments, list):
         raise InputError("manifest: 'commitments' must be a list", bundle=str(root))
     optional: dict[str, Path | None] = {}
-    for key in ("telemetry", "verdict", "eventlog"):
+    for key in ("telemetry", "verdict", "eventlog", "batches", "nonce_log"):
         rel = doc.get(key)
         if rel is not None:
             _read(root, rel, key)[:0]
@@ -151,6 +172,25 @@ def load_bundle(root: str | Path) -> Bundle:
             key="load",
             got=load,
         )
+    segments = []
+    for i, seg in enumerate(doc.get("ima_segments") or []):
+        if not isinstance(seg, dict) or isinstance(seg.get("offset"), bool):
+            raise InputError(f"manifest: ima_segments[{i}] must be {{offset, file}}", bundle=str(root))
+        offset = seg.get("offset")
+        if not isinstance(offset, int) or offset < 0:
+            raise InputError(f"manifest: ima_segments[{i}].offset must be >= 0", bundle=str(root))
+        _read(root, seg.get("file"), f"ima_segments[{i}]")[:0]
+        segments.append((offset, root / str(seg["file"])))
+    window = doc.get("window")
+    if window is not None and not (
+        isinstance(window, list)
+        and len(window) == 2
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in window)
+    ):
+        raise InputError("manifest: 'window' must be [t0_ns, t1_ns]", bundle=str(root), key="window")
+    digests = doc.get("sha256", {})
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise InputError("manifest: 'sha256' must map file names to hex digests", bundle=str(root))
     return Bundle(
         root=root,
         node=str(doc.get("node", "")),
@@ -167,6 +207,11 @@ def load_bundle(root: str | Path) -> Bundle:
         verdict=optional.get("verdict"),
         load=float(load) if load is not None else None,
         eventlog=optional.get("eventlog"),
+        batches=optional.get("batches"),
+        nonce_log=optional.get("nonce_log"),
+        ima_segments=tuple(segments),
+        window=(int(window[0]), int(window[1])) if window is not None else None,
+        sha256=dict(digests),
     )
 
 
@@ -335,11 +380,18 @@ def _verity_rules(bundle: Bundle, policy: RuntimePolicy) -> list[VerityRule]:
     return list(unique.values())
 
 
-def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> AuditResult:
-    """Re-check everything in a bundle; every finding lands in ``result.report``."""
+def audit_bundle(
+    root: str | Path,
+    *,
+    policy_path: str | Path | None = None,
+    daemon_keys: Sequence[bytes] = (),
+) -> AuditResult:
+    """Re-check everything in a bundle; every finding lands in ``result.report``. ``daemon_keys``: the
+    daemon's Ed25519 public keys (raw) the auditor trusts for the nonce log's signature."""
     bundle = load_bundle(root)
     result = AuditResult(str(bundle.root), bundle.node)
     report = result.report
+    _audit_export(bundle, report, daemon_keys)
     ak = load_ak(bundle.ak)
     ppath = Path(policy_path) if policy_path is not None else bundle.policy
     if ppath is None:
@@ -448,6 +500,66 @@ def audit_bundle(root: str | Path, *, policy_path: str | Path | None = None) -> 
         bundle.eventlog, boot_pcrs, first[0] if first else None, getattr(policy, "boot", None), report
     )
     return result
+
+
+def _audit_export(bundle: Bundle, report: Report, daemon_keys: Sequence[bytes]) -> None:
+    """The daemon export's members (docs/evidence-bundle.md): the files' SHA-256, the IMA segments against
+    the IMA log, the telemetry chain and each quote's head in it, the signed nonce log."""
+    root = bundle.root
+    for rel, want in sorted(bundle.sha256.items()):
+        try:
+            got = hashlib.sha256(_read(root, rel, rel)).hexdigest()
+        except InputError:
+            got = None
+        if got != want:
+            report.add(
+                "bundle.file_digest_mismatch",
+                "a file's SHA-256 is not the one the manifest names: edited or replaced",
+                file=rel,
+            )
+    if bundle.ima_segments:
+        log = bundle.ima_log.read_bytes()
+        for offset, path in bundle.ima_segments:
+            data = path.read_bytes()
+            if log[offset : offset + len(data)] != data:
+                report.add(
+                    "ima.segment_mismatch",
+                    "an IMA segment as the daemon received it differs from the IMA log",
+                    file=path.name,
+                    offset=offset,
+                )
+    heads: set[bytes] | None = None
+    if bundle.batches is not None:
+        rel = bundle.batches.name
+        heads = check_chain(read_batches(bundle.batches.read_bytes(), rel), bundle.node, rel, report)
+    for q in bundle.quotes:
+        if (bundle.batches is not None or bundle.nonce_log is not None) and (
+            q.head is None or q.daemon_nonce is None
+        ):
+            report.add(
+                "bundle.quote_unbound",
+                "the quote names no daemon nonce and chain head: its freshness and telemetry are unchecked",
+                quote=q.label,
+            )
+        if heads is not None and q.head is not None and q.head not in heads:
+            report.add(
+                "chain.head_missing",
+                "the quote names a chain head that is not an intact batch of the bundle",
+                quote=q.label,
+                head=q.head.hex(),
+            )
+    if bundle.nonce_log is not None:
+        rel = bundle.nonce_log.name
+        try:
+            doc = json.loads(bundle.nonce_log.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        quotes = [
+            QuoteNonce(q.label, q.daemon_nonce, hashlib.sha256(q.message).digest())
+            for q in bundle.quotes
+            if q.daemon_nonce is not None
+        ]
+        check_nonce_log(doc, quotes, rel, report, pinned=daemon_keys)
 
 
 def render_text(result: AuditResult) -> str:

@@ -7,6 +7,8 @@
 ``GET /v1/log/...``                    the verdict transparency log (:mod:`tmb.daemon.translog`)
 ``GET /v1/keys``                       the verdict public keys ``{"keys": [{key_id, algorithm, ...}]}``
 ``GET /v1/evidence/{id}``              200 the evidence references the final verdict rests on, 202, 404
+``GET /v1/evidence/{id}/bundle``       the bundle, for auditors (management listener: tmb.daemon.evidence)
+``GET /v1/nodes/{node}/evidence``      a node's evidence over a range, likewise
 ``GET /metrics``                       Prometheus text format; 404 with ``[metrics] enabled = false``,
                                        401 without the bearer token when ``[metrics]`` has one
 ``GET /healthz``                       200 when a worker is healthy, else 503; ``{"status"}`` only, the
@@ -31,6 +33,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -44,6 +47,9 @@ from tmb.verdict.checkpoint import verifier_key
 from tmb.verdict.ear import EAR_MEDIA_TYPE, ear_jwt
 from tmb.verdict.model import Verdict
 from tmb.verdict.signing import PublicKey, Signer
+
+if TYPE_CHECKING:
+    from tmb.ingest.service import Ingest
 
 __all__ = ["DaemonApi", "evidence", "keys", "verdict"]
 
@@ -63,6 +69,7 @@ class DaemonApi:
     # Installs an uploaded fingerprint profile (JSON bytes) and returns its key (POST /admin/profiles);
     # None: uploads are refused (no [fingerprint] profiles directory, or an engine given by a test).
     profile_sink: Callable[[bytes], Awaitable[str]] | None = None
+    ingest: Ingest | None = None  # the evidence ingest (bundles for auditors: tmb.daemon.evidence)
 
 
 def _bad_id() -> web.Response:

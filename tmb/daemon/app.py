@@ -39,6 +39,7 @@ from aiohttp import web
 
 from tmb.config import Config
 from tmb.daemon import admin, translog
+from tmb.daemon import evidence as evidence_bundles
 from tmb.daemon.admin import ApiHandler
 from tmb.daemon.api import DaemonApi, evidence, keys, verdict
 from tmb.daemon.metrics import Metrics, healthz, metrics_page
@@ -74,7 +75,9 @@ PROXY, MANAGEMENT, BOTH = "proxy", "management", "both"
 ROUTES: tuple[tuple[str, str, ApiHandler, str], ...] = (
     ("GET", "/v1/verdicts/{id:.+}", verdict, BOTH),
     ("GET", "/v1/keys", keys, BOTH),
+    ("GET", "/v1/evidence/{id:[^/]+}/bundle", evidence_bundles.request_bundle, BOTH),
     ("GET", "/v1/evidence/{id:.+}", evidence, BOTH),
+    ("GET", "/v1/nodes/{node}/evidence", evidence_bundles.node_evidence, MANAGEMENT),
     ("GET", "/v1/log/checkpoint", translog.checkpoint, BOTH),
     ("GET", "/v1/log/proof/inclusion", translog.inclusion, BOTH),
     ("GET", "/v1/log/proof/inclusion/{id:.+}", translog.inclusion_of, BOTH),
@@ -151,7 +154,7 @@ async def build_app(
         raise
     metrics = Metrics(pool)
     notifier.set_metrics(metrics.notify)
-    api = DaemonApi(config, store, signer, pool, metrics, profile_sink=profile_sink)
+    api = DaemonApi(config, store, signer, pool, metrics, profile_sink=profile_sink, ingest=ingest)
     pipeline = SpanPipeline(store, metrics, engine, ack=config.store.ack == "commit")
     management = _management_app(config, api, ingest)
     daemon = Daemon(
@@ -184,6 +187,7 @@ async def build_app(
 
 def _management_app(config: Config, api: DaemonApi, ingest: Ingest | None) -> web.Application:
     app = web.Application(client_max_size=max(MANAGEMENT_MAX_BODY, config.proxy.max_body_bytes))
+    app[evidence_bundles.ON_MANAGEMENT] = True  # evidence bundles are served here only
     _add_routes(app, api, MANAGEMENT)
     if ingest is not None:
         from tmb.ingest.routes import add_ingest_routes
@@ -365,6 +369,11 @@ def open_ingest(config: Config) -> Ingest | None:
         require_eventlog=a.require_eventlog,
     )
     try:
+        # the policy and commitments in force, in the evidence trail: every quote names the policy it was
+        # checked against, and bundles carry that one (tmb.ingest.export)
+        from tmb.daemon.evidence import read_commitments
+
+        ingest.keep_policy(Path(a.policy).read_bytes(), read_commitments(config))
         for entry in a.nodes:
             node, _, ak_path = entry.partition("=")
             ingest.register_node(node, _read_ak(ak_path, node))

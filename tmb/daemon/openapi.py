@@ -1,7 +1,7 @@
 """The OpenAPI 3.0 document of the daemon's API, served at ``GET /openapi.json``.
 
 It describes what the listener it is fetched from serves: ``/metrics`` as configured, the admin routes only
-while admin is on and only on the management listener.
+while admin is on and only on the management listener, the auditors' evidence bundles only there.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from tmb.config import WORKER_NAME_PATTERN, WORKER_URL_PATTERN
+from tmb.daemon.evidence import ON_MANAGEMENT
 from tmb.daemon.metrics import metrics_mode
 from tmb.verdict.model import Decision
 
@@ -32,6 +33,7 @@ async def openapi(api: DaemonApi, request: web.Request) -> web.StreamResponse:
             config.admin_enabled() and request.app.get(ADMIN_SERVED, True),
             config.verdicts.max_wait_s,
             metrics=metrics_mode(config),
+            auditors=request.app.get(ON_MANAGEMENT, False),
         )
     )
 
@@ -45,8 +47,11 @@ def _resp(
     return out
 
 
-def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str = "public") -> dict[str, Any]:
-    """The document served at ``/openapi.json``; ``metrics`` is :func:`~tmb.daemon.metrics.metrics_mode`."""
+def openapi_document(
+    prefix: str, admin: bool, max_wait_s: float, metrics: str = "public", auditors: bool = False
+) -> dict[str, Any]:
+    """The document served at ``/openapi.json``; ``metrics`` is :func:`~tmb.daemon.metrics.metrics_mode`;
+    ``auditors``: the listener serves evidence bundles (the management listener)."""
     ref = {
         k: {"$ref": f"#/components/schemas/{k}"}
         for k in ("Error", "Pending", "Verdict", "Keys", "Evidence", "Health", "LogProof", "LogConsistency")
@@ -228,6 +233,32 @@ def openapi_document(prefix: str, admin: bool, max_wait_s: float, metrics: str =
                 "summary": "apply retention now",
                 "security": sec,
                 "responses": {"200": _resp("pruned", {"type": "object"}), **admin_err},
+            }
+        }
+    if auditors:
+        tar = _resp(
+            "the bundle as a tar archive (docs/evidence-bundle.md)", {"type": "string"}, "application/x-tar"
+        )
+        audit_err = {"400": err, "401": err, "403": err, "404": err, "413": err}
+        paths["/v1/evidence/{id}/bundle"] = {
+            "get": {
+                "summary": "the evidence bundle of a request's verdict (auditors)",
+                "parameters": [rid],
+                "security": [{"bearer": []}],
+                "responses": {"200": tar, "202": pending, **audit_err},
+            }
+        }
+        ns = {"type": "integer", "minimum": 0}
+        paths["/v1/nodes/{node}/evidence"] = {
+            "get": {
+                "summary": "a node's evidence over [from, to) as a bundle (auditors)",
+                "parameters": [
+                    {"name": "node", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "from", "in": "query", "required": True, "schema": ns},
+                    {"name": "to", "in": "query", "required": True, "schema": ns},
+                ],
+                "security": [{"bearer": []}],
+                "responses": {"200": tar, **audit_err},
             }
         }
     nullable_str = {"type": "string", "nullable": True}

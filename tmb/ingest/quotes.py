@@ -5,6 +5,7 @@ row, its summary and the batches it attests, in the caller's transaction."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -32,6 +33,7 @@ class QuoteCheck:
     policy: RuntimePolicy
     pcr_bank: str
     require_eventlog: bool
+    policy_ref: str = ""  # SHA-256 (hex) of the policy text in the evidence trail ("": not recorded)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,11 @@ def check_quote(
     nonce: bytes,
     head: Head,
     now: int,
+    pcrs_raw: bytes = b"",
 ) -> QuoteChecked:
-    """Check one quote and record it (:class:`~tmb.errors.ParseError` when its structures do not parse)."""
+    """Check one quote and record it (:class:`~tmb.errors.ParseError` when its structures do not parse):
+    its row in ``ingest_quotes`` and, in the evidence trail (:mod:`tmb.ingest.trail`), the TPMS_ATTEST,
+    TPMT_SIGNATURE and PCR values (``pcrs_raw``, the JSON as received) as content-addressed blobs."""
     state = row.state
     qr = verify_quote(
         ak,
@@ -88,7 +93,8 @@ def check_quote(
     position = (head.segment, head.seq, head.digest)
     if not report.ok:
         summary = _summary(cfg, row.node, 0, ci, pcr10, False, False, False, report.findings)
-        store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
+        failed = store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
+        _keep(store, cfg, row.node, now, failed, False, message, signature, pcrs_raw, nonce, head)
         store.add_findings(row.node, now, [f.to_dict() for f in report.errors])
         return QuoteChecked(False, summary, tuple(report.findings))
     assert pcr10 is not None  # noqa: S101 (report.ok: PCR 10 was read)
@@ -105,17 +111,60 @@ def check_quote(
     all_findings = _dedup(list(report.findings) + sticky + binding)
     state.clock = ClockInfo(ci.clock, ci.reset_count, ci.restart_count, ci.safe)
     quote_id = store.add_quote(row.node, now, True, position, {}, message, signature)
+    digest = _keep(store, cfg, row.node, now, quote_id, True, message, signature, pcrs_raw, nonce, head)
     summary = _summary(cfg, row.node, quote_id, ci, pcr10, matched, policy_ok, verity_ok, all_findings)
     signed = {  # the values the signature covers (an auditor recomputes pcrDigest from them)
         tpm2.alg_name(a): {str(i): v.hex() for a2, i in selected if a2 == a and (v := pcrs.get(a, i))}
         for a in dict.fromkeys(a for a, _ in selected)
     }
     verity = {rule: dev.root for rule, dev in state.verity.items()}
-    summary = replace(summary, quote_time_ns=now, verity=verity, boot_ok=boot_ok, pcrs=signed)
+    summary = replace(
+        summary,
+        quote_time_ns=now,
+        verity=verity,
+        boot_ok=boot_ok,
+        pcrs=signed,
+        quote_digest=digest.hex(),
+        ak_digest=hashlib.sha256(row.ak).hexdigest(),
+        eventlog_digest=eventlog.digest.hex() if eventlog is not None else "",
+        policy_digest=cfg.policy_ref,
+    )
     store.set_quote_summary(quote_id, summary.to_dict())
     attested = store.attest(row.node, head.segment, head.seq, quote_id)
     store.set_state(row.node, state)
     return QuoteChecked(True, summary, tuple(all_findings), attested)
+
+
+def _keep(
+    store: IngestBackend,
+    cfg: QuoteCheck,
+    node: str,
+    now: int,
+    quote_id: int,
+    ok: bool,
+    message: bytes,
+    signature: bytes,
+    pcrs_raw: bytes,
+    nonce: bytes,
+    head: Head,
+) -> bytes:
+    """The quote as the TPM produced it, in the evidence trail, with the policy it was checked against;
+    returns its digest (SHA-256 of the TPMS_ATTEST, the bytes the signature covers)."""
+    sig = store.put_blob("quote.signature", signature)
+    pcrs = store.put_blob("quote.pcrs", pcrs_raw)
+    return store.keep(
+        node,
+        "quote",
+        now,
+        message,
+        quote_id,
+        ok=ok,
+        signature=sig.hex(),
+        pcrs=pcrs.hex(),
+        nonce=nonce.hex(),
+        head=head.to_wire(),
+        policy=cfg.policy_ref,
+    )
 
 
 def _summary(

@@ -87,6 +87,10 @@ class AttestationSummary:
     pcrs: Mapping[str, Mapping[str, str]] = field(
         default_factory=dict
     )  # every quoted PCR: bank -> idx -> hex
+    quote_digest: str = ""  # SHA-256 (hex) of the quote's TPMS_ATTEST as signed (the evidence trail's key)
+    ak_digest: str = ""  # SHA-256 (hex) of the AK as registered (the trail's blob)
+    eventlog_digest: str = ""  # SHA-256 (hex) of the event log the boot chain was checked against ("": none)
+    policy_digest: str = ""  # SHA-256 (hex) of the policy text the quote was checked against ("": unrecorded)
 
     @property
     def ok(self) -> bool:
@@ -116,6 +120,10 @@ class AttestationSummary:
             "verity": dict(self.verity),
             "boot_ok": self.boot_ok,
             "pcrs": {bank: dict(values) for bank, values in self.pcrs.items()},
+            "quote_digest": self.quote_digest,
+            "ak_digest": self.ak_digest,
+            "eventlog_digest": self.eventlog_digest,
+            "policy_digest": self.policy_digest,
         }
 
     @classmethod
@@ -136,6 +144,10 @@ class AttestationSummary:
             dict(doc.get("verity", {})),
             doc.get("boot_ok"),
             {str(b): dict(v) for b, v in doc.get("pcrs", {}).items()},
+            str(doc.get("quote_digest", "")),
+            str(doc.get("ak_digest", "")),
+            str(doc.get("eventlog_digest", "")),
+            str(doc.get("policy_digest", "")),
         )
 
 

@@ -10,9 +10,9 @@ id to one). Finding ids that refuse evidence:
 ingest.unknown_node         the node is not registered (``register_node``)
 ingest.ak_unregistered      the quote names an AK other than the node's registered one
 ingest.malformed            a document (or a batch's payload) does not follow the wire format
-ingest.nonce_unknown        the quote's nonce was never issued to this node (or the daemon restarted)
+ingest.nonce_unknown        the quote's nonce was never issued to this node (by any daemon on the store)
 ingest.nonce_expired        issued more than ``nonce_ttl_s`` ago
-ingest.nonce_reused         already consumed by an earlier quote: a replayed quote
+ingest.nonce_reused         already consumed by an earlier verified quote: a replayed quote
 ingest.quote_head_unknown   the quoted chain head is not a batch the daemon holds
 chain.node_mismatch         a batch sealed for another node
 chain.digest_mismatch       the digest is not the digest of the batch's fields: edited after sealing
@@ -50,12 +50,14 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tmb.attest.policy import RuntimePolicy
 from tmb.attest.quote import AkPublic, load_ak
@@ -66,11 +68,13 @@ from tmb.ingest.boot import ParsedLog, parse_eventlog
 from tmb.ingest.policy import DEFAULT_MODEL_PATTERNS, check_bindings
 from tmb.ingest.quotes import QuoteCheck, check_quote
 from tmb.ingest.results import AttestedWindow, IngestResult, refused, taken
-from tmb.ingest.state import Nonces
 from tmb.ingest.store import IngestBackend, IngestStore, NodeRow
 from tmb.ingest.wakeup import Wakeups
 from tmb.ingest.window import Windows
 from tmb.ingest.wire import MAX_EVENTLOG_BYTES, Head, TelemetryBatch
+
+if TYPE_CHECKING:
+    from tmb.ingest.export import NonceSigner
 
 __all__ = ["Ingest"]
 
@@ -88,6 +92,11 @@ def _b64(value: Any, name: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ParseError(f"{name} is not valid base64", field=name) from None
+
+
+class _NonceTaken(Exception):
+    """Another transaction consumed the nonce between the check and the consumption (never under the node's
+    row lock; kept as a guard)."""
 
 
 def _err(fid: str, message: str, **context: Any) -> Finding:
@@ -121,7 +130,8 @@ class Ingest:
         self._eventlogs: dict[str, ParsedLog] = {}  # parsed once per node and log
         self.model_patterns = tuple(model_patterns)
         self.clock_ns = clock_ns
-        self.nonces = Nonces(nonce_ttl_s, time.monotonic)
+        self.nonce_ttl_s = nonce_ttl_s
+        self.policy_ref = ""  # the policy text's digest in the evidence trail (keep_policy)
         self._aks: dict[str, tuple[bytes, AkPublic]] = {}  # by node: the stored AK bytes, parsed
         self._quote_wanted: set[str] = set()
         self._db = threading.RLock()  # one connection: one request's work at a time
@@ -166,9 +176,29 @@ class Ingest:
         if not node or len(node.encode()) > 255:
             raise ParseError("node id must be 1..255 bytes")
         with self._db, self.store.transaction():
-            self.store.upsert_node(node, raw, self.clock_ns())
+            now = self.clock_ns()
+            held = self.store.node(node)
+            self.store.upsert_node(node, raw, now)
+            if held is None or held.ak != raw:  # the trail records each AK once, when it takes effect
+                self.store.keep(node, "ak", now, raw)
         self._aks[node] = (raw, key)
         return key
+
+    def keep_policy(self, text: bytes, commitments: Mapping[str, bytes]) -> str:
+        """Record the policy (its TOML text) and the model commitments in force in the evidence trail (once
+        per change; daemon-wide records, node ``""``); every quote checked from now on names it. Returns the
+        policy's digest (hex)."""
+        with self._db, self.store.transaction():
+            names = [
+                {"name": name, "sha256": self.store.put_blob("commitment", data).hex()}
+                for name, data in sorted(commitments.items())
+            ]
+            digest = hashlib.sha256(text).digest()
+            last = self.store.last_record("", "policy")
+            if last is None or last.digest != digest or last.meta.get("commitments") != names:
+                self.store.keep("", "policy", self.clock_ns(), text, commitments=names)
+        self.policy_ref = digest.hex()
+        return self.policy_ref
 
     def _ak(self, row: NodeRow) -> AkPublic:
         """The node's AK as stored now (another daemon may have re-keyed it)."""
@@ -193,7 +223,7 @@ class Ingest:
             end = row.ima_end
             eventlog = self.store.eventlog_digest(node)
         return {
-            "nonce": self.nonces.current(node).hex(),
+            "nonce": self._nonce(node).hex(),
             "quote": node in self._quote_wanted,
             "ima_offset": end,
             "eventlog": eventlog.hex() if eventlog is not None else None,
@@ -206,6 +236,28 @@ class Ingest:
                 else None
             ),
         }
+
+    def _nonce(self, node: str) -> bytes:
+        """The nonce to hand out: the newest unused one issued (by any daemon on the store) less than half
+        its lifetime ago, else a new one, recorded in the nonce log (``ingest_nonces``)."""
+        now = self.clock_ns()
+        ttl_ns = int(self.nonce_ttl_s * 1e9)
+        nonce = self.store.fresh_nonce(node, now - ttl_ns // 2)
+        if nonce is None:
+            nonce = os.urandom(32)
+            self.store.issue_nonce(node, nonce, now)
+        return nonce
+
+    def _nonce_problem(self, node: str, nonce: bytes) -> str | None:
+        """Why ``nonce`` cannot be used by a quote now (a finding id), or None; nothing is consumed."""
+        row = self.store.nonce_row(node, nonce)
+        if row is None:
+            return "ingest.nonce_unknown"
+        if row.consumed_ns is not None:
+            return "ingest.nonce_reused"
+        if self.clock_ns() - row.issued_ns > int(self.nonce_ttl_s * 1e9):
+            return "ingest.nonce_expired"
+        return None
 
     def _taken(self, node: str, findings: Sequence[Finding], **data: Any) -> IngestResult:
         return taken(findings, {**data, **self._extra(node)})
@@ -234,9 +286,7 @@ class Ingest:
         with self._db:
             row = self._known(node)
             return (
-                row
-                if isinstance(row, IngestResult)
-                else self._taken(node, [], expires_in_s=self.nonces.ttl_s)
+                row if isinstance(row, IngestResult) else self._taken(node, [], expires_in_s=self.nonce_ttl_s)
             )
 
     # ----------------------------------------------------------------------------------------- batches
@@ -308,6 +358,8 @@ class Ingest:
                 return self._refused(node, f)
             if new:
                 self.store.set_ima(node, row.replay, pending + new)
+                # The bytes as received, an append-only segment of the node's log from byte ``end``.
+                self.store.keep(node, "ima", self.clock_ns(), new, end, length=len(new))
             return self._taken(node, [], appended=len(new))
 
     # ----------------------------------------------------------------------------------------- event log
@@ -358,6 +410,7 @@ class Ingest:
                 return refused(f, None, self._extra(node), message=message)
             with self.store.transaction():
                 self.store.set_eventlog(node, now, digest, data)
+                self.store.keep(node, "eventlog", now, data)
             self._eventlogs[node] = parsed
             return self._taken(
                 node,
@@ -397,6 +450,9 @@ class Ingest:
                     result = self._add_quote(node, doc)
             except ParseError as exc:  # found by the quote's checks: nothing of it is kept
                 result = self._malformed(node, exc)
+            except _NonceTaken:
+                f = _err("ingest.nonce_reused", "the nonce was already used: a replayed quote")
+                result = self._refused(node, f)
         if result.attested:
             self.wakeups.notify(node)
         return result
@@ -429,7 +485,7 @@ class Ingest:
                 got=ak_name,
             )
             return self._refused(node, f)
-        problem = self.nonces.consume(node, nonce)
+        problem = self._nonce_problem(node, nonce)  # consumed below, only by a quote that verified
         if problem is not None:
             f = _err(
                 problem,
@@ -449,11 +505,17 @@ class Ingest:
                 **head.to_wire(),
             )
             return self._refused(node, f)
-        cfg = QuoteCheck(self.policy, self.pcr_bank, self.require_eventlog)
+        cfg = QuoteCheck(self.policy, self.pcr_bank, self.require_eventlog, self.policy_ref)
         eventlog = self._parsed_eventlog(node)
+        now = self.clock_ns()
+        pcrs_raw = json.dumps(doc.get("pcrs"), sort_keys=True, separators=(",", ":")).encode()
         checked = check_quote(
-            cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, self.clock_ns()
+            cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, now, pcrs_raw
         )
+        if checked.verified and not self.store.consume_nonce(
+            node, nonce, now, hashlib.sha256(message).digest()
+        ):
+            raise _NonceTaken  # rolls the transaction back: the quote is not kept
         if not checked.verified:
             refusal = next(f for f in checked.findings if f.severity is Severity.ERROR)
             why = "the quote failed verification"
@@ -488,6 +550,26 @@ class Ingest:
             return self._taken(node, report.findings, processes=len(doc["processes"]))
 
     # ----------------------------------------------------------------------------------------- queries
+
+    def export(
+        self, out: str | Path, node: str, t0_ns: int, t1_ns: int, *, sign: NonceSigner, context: Any = None
+    ) -> Path:
+        """The bundle of ``node``'s evidence over ``[t0_ns, t1_ns)``
+        (:func:`~tmb.ingest.export.export_window`), read under the database lock; in a worker thread."""
+        from tmb.ingest.export import export_window
+
+        with self._db:
+            return export_window(
+                self.store,
+                out,
+                node,
+                t0_ns,
+                t1_ns,
+                sign=sign,
+                nonce_ttl_s=self.nonce_ttl_s,
+                pcr_bank=self.pcr_bank,
+                context=context,
+            )
 
     def attested_window(self, node: str, t0_ns: int, t1_ns: int) -> AttestedWindow:
         """The node's samples with ``t0_ns <= t < t1_ns``, the summary of the quote that covers all of them

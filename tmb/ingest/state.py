@@ -1,5 +1,5 @@
-"""What the ingest keeps about a node between requests: the persisted :class:`NodeState` and the in-memory
-quote nonces (:class:`Nonces`).
+"""What the ingest keeps about a node between requests: the persisted :class:`NodeState` (the quote nonces
+are in the store's nonce log, :mod:`tmb.ingest.trail`).
 
 :class:`NodeState` is stored as JSON in ``ingest_nodes.state`` (:mod:`tmb.ingest.store`); its keys are the
 ones the ingest has always written, so databases written before the state was typed load unchanged:
@@ -20,9 +20,7 @@ ones the ingest has always written, so databases written before the state was ty
 from __future__ import annotations
 
 import json
-import os
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +28,7 @@ from tmb.attest.ima import ImaEntry
 from tmb.attest.tpm2 import ClockInfo
 from tmb.errors import Finding, Severity
 
-__all__ = ["DmRecord", "Hole", "NodeState", "Nonces", "VerityDevice", "finding_from_dict"]
+__all__ = ["DmRecord", "Hole", "NodeState", "VerityDevice", "finding_from_dict"]
 
 DmRecord = tuple[int, int, int, int, str, str]  # num, offset, size, pcr, template hash hex, data hex
 
@@ -161,40 +159,3 @@ def _entry(doc: Any) -> ImaEntry | None:
     return ImaEntry(
         num, offset, size, 0, pcr, bytes.fromhex(th), template, bytes.fromhex(data), bytes.fromhex(hashed)
     )
-
-
-class Nonces:
-    """Daemon-issued nonces, in memory: random 32 bytes, single use, valid ``ttl_s``; a few outstanding per
-    node, the newest handed out until it is half-way to expiry. A restart forgets them (quotes in flight are
-    then refused with ``ingest.nonce_unknown`` and the probe quotes again with a fresh one)."""
-
-    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
-        self.ttl_s, self.clock = ttl_s, clock
-        self.issued: dict[str, dict[bytes, float]] = {}
-        self.used: dict[str, deque[bytes]] = {}
-
-    def current(self, node: str) -> bytes:
-        now = self.clock()
-        issued = self.issued.setdefault(node, {})
-        for nonce, t in list(issued.items()):
-            if now - t > self.ttl_s:
-                del issued[nonce]
-        if issued:
-            newest, t = max(issued.items(), key=lambda kv: kv[1])
-            if now - t < self.ttl_s / 2:
-                return newest
-        nonce = os.urandom(32)
-        issued[nonce] = now
-        while len(issued) > 4:
-            del issued[min(issued, key=lambda k: issued[k])]
-        return nonce
-
-    def consume(self, node: str, nonce: bytes) -> str | None:
-        """None when ``nonce`` was valid (it is now used up), else the finding id."""
-        issued = self.issued.setdefault(node, {})
-        used = self.used.setdefault(node, deque(maxlen=256))
-        t = issued.pop(nonce, None)
-        if t is None:
-            return "ingest.nonce_reused" if nonce in used else "ingest.nonce_unknown"
-        used.append(nonce)
-        return "ingest.nonce_expired" if self.clock() - t > self.ttl_s else None

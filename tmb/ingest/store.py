@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tmb.attest.pcr import ReplayState
 from tmb.errors import InputError, TmbError
 from tmb.ingest.state import NodeState
+from tmb.ingest.trail import NonceRow, RecordRow, Trail, schema_sqlite
 
 if TYPE_CHECKING:
     from tmb.config import AttestationConfig, StoreConfig
@@ -240,6 +241,29 @@ class IngestBackend(Protocol):
     def add_findings(self, node: str, now_ns: int, findings: Sequence[Mapping[str, Any]]) -> None: ...
     def findings(self, node: str, t0_ns: int = 0, t1_ns: int = 1 << 62) -> list[dict[str, Any]]: ...
 
+    # The evidence trail and the nonce log (tmb.ingest.trail.Trail, shared by both backends).
+    def put_blob(self, kind: str, data: bytes) -> bytes: ...
+    def blob(self, digest: bytes) -> bytes | None: ...
+    def keep(
+        self, node: str, kind: str, now_ns: int, data: bytes, ref: int | None = None, **meta: Any
+    ) -> bytes: ...
+    def records(
+        self, node: str, kind: str, *, until_ns: int | None = None, limit: int = ...
+    ) -> list[RecordRow]: ...
+    def last_record(
+        self, node: str, kind: str, *, until_ns: int | None = None, digest: bytes | None = None
+    ) -> RecordRow | None: ...
+    def quote_records(self, node: str, first: int, last: int, limit: int) -> list[RecordRow]: ...
+    def ima_since_reset(self, node: str, until_ns: int, limit: int) -> list[RecordRow]: ...
+    def batches_of_quote(
+        self, node: str, quote_id: int, limit: int
+    ) -> list[tuple[bytes, int, bytes, bytes, bytes]]: ...
+    def issue_nonce(self, node: str, nonce: bytes, now_ns: int) -> None: ...
+    def fresh_nonce(self, node: str, since_ns: int) -> bytes | None: ...
+    def nonce_row(self, node: str, nonce: bytes) -> NonceRow | None: ...
+    def consume_nonce(self, node: str, nonce: bytes, now_ns: int, quote_digest: bytes) -> bool: ...
+    def consumed_nonces(self, node: str, quote_digests: Sequence[bytes]) -> list[NonceRow]: ...
+
 
 def covered_by(
     store: IngestBackend, node: str, segment: bytes, seq: int, mark: Callable[[bytes, int, int], int]
@@ -276,7 +300,7 @@ def open_ingest_store(attestation: AttestationConfig, store: StoreConfig) -> Ing
     return IngestStore(attestation.db or store.path)
 
 
-class IngestStore:
+class IngestStore(Trail):
     """Typed access to the ingest tables on SQLite. Not thread-safe: one per event loop."""
 
     shared = False  # one daemon's file
@@ -296,6 +320,10 @@ class IngestStore:
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.executescript(SCHEMA)
+        self.conn.executescript(schema_sqlite())
+
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, args).fetchall()
 
     def close(self) -> None:
         if self._owned:

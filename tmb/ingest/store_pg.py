@@ -42,6 +42,7 @@ from tmb.ingest.store import (
     covered_by,
     node_row,
 )
+from tmb.ingest.trail import Trail, schema_pg
 from tmb.pgconn import Connection, Cursor, PgConnection
 
 __all__ = ["CHANNEL", "AttestListener", "PgIngestStore"]
@@ -80,7 +81,7 @@ _BATCH = "SELECT segment, seq, digest, payload, t0_ns, t1_ns, quote_id FROM inge
 def _init_schema(db: Connection) -> None:
     with db.transaction(), db.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        for statement in _SCHEMA:
+        for statement in (*_SCHEMA, *schema_pg()):
             cur.execute(statement)
 
 
@@ -88,7 +89,7 @@ def _batch(row: Sequence[Any]) -> BatchRow:
     return BatchRow(bytes(row[0]), row[1], bytes(row[2]), bytes(row[3]), row[4], row[5], row[6])
 
 
-class PgIngestStore:
+class PgIngestStore(Trail):
     """:class:`~tmb.ingest.store.IngestStore`'s methods and semantics on PostgreSQL (``url``: a libpq URL or
     key/value string). Inside :meth:`transaction` every call runs in that transaction; outside, each call
     is a transaction of its own. Not thread-safe: the ingest calls it under its database lock. Errors are
@@ -130,6 +131,9 @@ class PgIngestStore:
         if self._cur is not None:
             return run(self._cur)
         return self._pg.run("cannot read the evidence store", run)
+
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._q(sql.replace("?", "%s"), args)
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         rows = self._q(sql, args)

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tmb.attest.trail import CHAIN_DOMAIN, batch_digest, qualifying_data
 from tmb.errors import ParseError
 from tmb.telemetry.sample import SampleBatch
 
@@ -47,28 +46,13 @@ __all__ = [
     "qualifying_data",
 ]
 
-DOMAIN = b"tmb-telemetry-batch\x00v1"
+DOMAIN = CHAIN_DOMAIN
 ZERO = bytes(32)
 SEGMENT_LEN = 16
 MAX_NODE_LEN = 255
 MAX_EVENTLOG_BYTES = (
     4 * 1024 * 1024
 )  # a whole UEFI event log; real ones are 10-100 KiB, dbx-heavy a few hundred
-
-
-def batch_digest(node: str, segment: bytes, seq: int, prev: bytes, payload: bytes) -> bytes:
-    """The chain digest of one batch (the encoding in the module docstring)."""
-    node_b = node.encode("utf-8")
-    h = hashlib.sha256(DOMAIN)
-    h.update(struct.pack(">H", len(node_b)) + node_b + segment + struct.pack(">Q", seq) + prev)
-    h.update(struct.pack(">I", len(payload)))
-    h.update(payload)
-    return h.digest()
-
-
-def qualifying_data(nonce: bytes, head_digest: bytes) -> bytes:
-    """What the probe passes to TPM2_Quote as extraData: SHA-256(daemon nonce ‖ chain head digest)."""
-    return hashlib.sha256(nonce + head_digest).digest()
 
 
 @dataclass(frozen=True)

@@ -234,15 +234,32 @@ class Engine:
                 "quote_time_ns": summary.quote_time_ns,
                 "verity_roots": dict(summary.verity),  # model commitment (rule) -> dm-verity root mounted
             }
-            doc = json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+            for name in ("quote_digest", "ak_digest", "eventlog_digest", "policy_digest"):
+                if getattr(summary, name):  # SHA-256 of the bytes the evidence trail keeps (the bundle's)
+                    attestation[name] = getattr(summary, name)
+            # The quote's digest: SHA-256 of its TPMS_ATTEST as the TPM signed it, the key of the evidence
+            # trail (summaries stored before the trail existed: the digest of the summary).
+            digest = (
+                summary.quote_digest
+                or hashlib.sha256(
+                    json.dumps(summary.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+                ).hexdigest()
+            )
             refs.append(
                 EvidenceRef(
                     "quote",
-                    hashlib.sha256(doc).hexdigest(),
+                    digest,
                     span.node,
                     detail={"quote_id": summary.quote_id, "pcr10": summary.pcr10},
                 )
             )
+            for kind, ref in (
+                ("ak", summary.ak_digest),
+                ("eventlog", summary.eventlog_digest),
+                ("policy", summary.policy_digest),
+            ):
+                if ref:  # what the quote was checked with, by the digest of the bytes the trail keeps
+                    refs.append(EvidenceRef(kind, ref, span.node if kind != "policy" else None))
             # The quote's own findings (IMA replay, policy, verity) first: they say why the chain broke;
             # the findings stored for the window (e.g. process bindings) often only follow from that.
             errors = [f for f in summary.findings if f.severity is Severity.ERROR] + errors

@@ -1,0 +1,193 @@
+"""The evidence export (tmb/ingest/export.py) from a real ingest (swtpm quotes, SQLite file) to a bundle
+that ``audit_bundle`` re-checks offline; one byte edited in each part fails the audit naming the part."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from swtpm import SwtpmFactory
+from test_probe_support import NODE, NodeEnv, make_node
+
+from probes.chain import Chain
+from tmb.attest.evidence import audit_bundle, load_bundle
+from tmb.errors import InputError
+from tmb.ingest.export import ExportError, RequestContext, export_window
+from tmb.ingest.service import Ingest
+from tmb.ingest.wire import TelemetryBatch
+from tmb.telemetry.sample import SampleBatch
+from tmb.verdict.signing import Signer, load_or_create_key
+
+T0 = time.time_ns() - 10**9 * 600
+
+
+def payload(k: int) -> bytes:
+    t = T0 + 10**9 * k
+    return SampleBatch.from_columns(
+        [t, t + 500_000_000], ["GPU-x"], source="synthetic", power_w=[100.0 + k, 101.0]
+    ).encode()
+
+
+@pytest.fixture
+def node(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Any:
+    env = make_node(tmp_path, swtpm_factory)
+    yield env
+    env.close()
+
+
+def policy_toml(doc: dict[str, Any]) -> str:
+    """The test node's policy document as TOML (docs/policy.md)."""
+    lines = [f"version = {doc['version']}", "[allow]"]
+    lines += [f"{json.dumps(path)} = {json.dumps(d)}" for path, d in doc["allow"].items()]
+    lines += ["[require]", f"paths = {json.dumps(doc['require']['paths'])}"]
+    for rule in doc["verity"]:
+        lines.append("[[verity]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in rule.items()]
+    return "\n".join(lines) + "\n"
+
+
+def signer_of(tmp: Path) -> Signer:
+    return load_or_create_key(tmp / "verdict.key")
+
+
+def attested(node: NodeEnv, ingest: Ingest, chain: Chain, first: int, last: int) -> list[TelemetryBatch]:
+    bs = [chain.seal(payload(k)) for k in range(first, last + 1)]
+    assert ingest.add_batches(NODE, {"batches": [b.to_wire() for b in bs]}).accepted
+    assert ingest.add_ima(NODE, node.ima_doc(ingest.store.node(NODE).ima_end)).accepted
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    out = ingest.add_quote(NODE, node.quote_doc(nonce, bs[-1].head))
+    assert out.accepted and out.data["ok"], out.findings
+    return bs
+
+
+def export(node: NodeEnv, ingest: Ingest, signer: Signer, dest: Path, t0: int, t1: int) -> Path:
+    def sign(message: bytes) -> tuple[bytes, bytes]:
+        return signer.public.raw, signer.sign_bytes(message)
+
+    context = RequestContext(policy_toml=policy_toml(node.policy_doc), claimed="m/bf16/H100")
+    return export_window(
+        ingest.store, dest, NODE, t0, t1, sign=sign, nonce_ttl_s=ingest.nonce_ttl_s, context=context
+    )
+
+
+def errors(bundle: Path, signer: Signer) -> list[str]:
+    result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
+    return [f.id for f in result.report.errors]
+
+
+def test_export_audits_offline_and_each_edit_is_named(node: NodeEnv, tmp_path: Path) -> None:
+    ingest = node.ingest()
+    chain = Chain(NODE)
+    assert ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]}).accepted
+    attested(node, ingest, chain, 1, 3)
+    node.measure("/usr/bin/tmb-probe", b"tmb-probe binary v1")  # the log grows between quotes
+    attested(node, ingest, chain, 4, 6)
+    signer = signer_of(tmp_path)
+    t0, t1 = T0 + 10**9 * 2, T0 + 10**9 * 5 + 1  # batches 2..5: both quotes attest the window
+    bundle = export(node, ingest, signer, tmp_path / "bundle", t0, t1)
+
+    result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
+    assert result.ok, [(f.id, f.context) for f in result.report.errors]
+    assert [q.ok for q in result.quotes] == [True, True]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(manifest["ima_segments"]) == 2 and manifest["window"] == [t0, t1]
+    b = load_bundle(bundle)
+    assert b.telemetry is not None and len(SampleBatch.decode(b.telemetry.read_bytes())) == 7
+    nonces = json.loads((bundle / "nonces.json").read_text())
+    assert [e["quote"] for e in nonces["entries"]] == [q["sha256"] for q in manifest["quotes"]]
+    # Unpinned: a warning says the nonce log's key was not checked against the daemon's.
+    unpinned = audit_bundle(bundle)
+    assert unpinned.ok and "nonces.key_unpinned" in [f.id for f in unpinned.report]
+    other = load_or_create_key(tmp_path / "other.key")
+    assert "nonces.key_not_pinned" in errors(bundle, other)
+
+    def edited(name: str, rel: str, at: int = -20, fix_digest: bool = True) -> list[str]:
+        copy = tmp_path / name
+        shutil.copytree(bundle, copy)
+        data = bytearray((copy / rel).read_bytes())
+        data[at] ^= 0x01
+        (copy / rel).write_bytes(bytes(data))
+        if fix_digest:  # a forger rewrites the manifest's digests too: the cryptographic checks remain
+            m = json.loads((copy / "manifest.json").read_text())
+            m["sha256"].pop(rel, None)
+            (copy / "manifest.json").write_text(json.dumps(m))
+        return errors(copy, signer)
+
+    assert "quote.signature_invalid" in edited("q", "quotes/1.attest", at=-3)
+    seg = manifest["ima_segments"][1]["file"]
+    assert "ima.segment_mismatch" in edited("ima", seg, at=30)
+    assert "nonces.signature_invalid" in edited("n", "nonces.json", at=-40)
+    chain_errors = edited("t", "telemetry/batches.jsonl", at=-90)
+    assert "chain.digest_mismatch" in chain_errors, chain_errors
+    assert "bundle.file_digest_mismatch" in edited("p", "policy.toml", fix_digest=False)
+
+
+def test_forged_batch_with_recomputed_digests_breaks_the_quote(node: NodeEnv, tmp_path: Path) -> None:
+    """A forger who rewrites a batch and recomputes its digest changes the quoted head: the head is no
+    longer the one the TPM signed over (qualifying data), nor a batch of the bundle."""
+    ingest = node.ingest()
+    chain = Chain(NODE)
+    ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]})
+    bs = attested(node, ingest, chain, 1, 2)
+    signer = signer_of(tmp_path)
+    bundle = export(node, ingest, signer, tmp_path / "b", T0, T0 + 10**9 * 3)
+    forged = Chain(NODE, segment=chain.segment, previous_head=bs[0].digest)
+    forged._next_seq = 2
+    fake = forged.seal(payload(7))
+    lines = (bundle / "telemetry/batches.jsonl").read_text().splitlines()
+    lines[-1] = json.dumps(fake.to_wire(), sort_keys=True)
+    (bundle / "telemetry/batches.jsonl").write_text("\n".join(lines) + "\n")
+    found = errors(bundle, signer)
+    assert "chain.head_missing" in found, found
+
+
+def test_export_refuses_bad_requests(node: NodeEnv, tmp_path: Path) -> None:
+    ingest = node.ingest()
+    signer = signer_of(tmp_path)
+    with pytest.raises(ExportError):
+        export_window(
+            ingest.store,
+            tmp_path / "x",
+            "no-such-node",
+            1,
+            2,
+            sign=lambda m: (signer.public.raw, signer.sign_bytes(m)),
+            nonce_ttl_s=120,
+        )
+    with pytest.raises(InputError):  # more than a week
+        export(node, ingest, signer, tmp_path / "y", 0, 8 * 24 * 3600 * 10**9)
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "keep").write_text("x")
+    with pytest.raises(InputError):  # never writes into a directory that holds something
+        export(node, ingest, signer, tmp_path / "z", T0, T0 + 1)
+    assert (tmp_path / "z" / "keep").read_text() == "x"
+
+
+def test_the_policy_each_quote_was_checked_against_is_exported(node: NodeEnv, tmp_path: Path) -> None:
+    """The daemon records the policy and commitments in force (keep_policy, once per change); each quote
+    names the policy it was checked against, and a window's bundle carries the one of its last quote,
+    whatever the caller passes."""
+    ingest = node.ingest()
+    v1 = policy_toml(node.policy_doc)
+    v2 = v1 + "# edited after the first quote\n"
+    ref1 = ingest.keep_policy(v1.encode(), {"m.commitment.json": b'{"v": 1}'})
+    assert ingest.keep_policy(v1.encode(), {"m.commitment.json": b'{"v": 1}'}) == ref1
+    assert len(ingest.store.records("", "policy")) == 1  # unchanged: not recorded again
+    chain = Chain(NODE)
+    ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]})
+    attested(node, ingest, chain, 1, 2)
+    ingest.keep_policy(v2.encode(), {"m.commitment.json": b'{"v": 2}'})
+    attested(node, ingest, chain, 3, 4)
+    assert len(ingest.store.records("", "policy")) == 2
+    signer = signer_of(tmp_path)
+    early = export(node, ingest, signer, tmp_path / "early", T0, T0 + 10**9 * 2)
+    late = export(node, ingest, signer, tmp_path / "late", T0 + 10**9 * 3, T0 + 10**9 * 5)
+    assert (early / "policy.toml").read_text() == v1
+    assert (early / "m.commitment.json").read_bytes() == b'{"v": 1}'
+    assert (late / "policy.toml").read_text() == v2
+    assert (late / "m.commitment.json").read_bytes() == b'{"v": 2}'
+    assert audit_bundle(early, daemon_keys=[signer.public.raw]).quotes[0].ok
