@@ -38,7 +38,7 @@ def _export(args: argparse.Namespace) -> int:
     from tmb.daemon.evidence import export_request
     from tmb.ingest.service import Ingest
     from tmb.ingest.store import open_ingest_store
-    from tmb.verdict.keys_cli import _open_store
+    from tmb.verdict.keys_cli import open_existing_store
     from tmb.verdict.signing import load_or_create_key
 
     rid = str(args.request_id)
@@ -48,7 +48,7 @@ def _export(args: argparse.Namespace) -> int:
     key_file = Path(config.verdicts.key_file)
     if not key_file.exists():
         raise InputError("the verdict key file does not exist ([verdicts] key_file)", path=str(key_file))
-    store = _open_store(config)
+    store = open_existing_store(config)
     try:
         rec = store.lookup(rid)
     finally:

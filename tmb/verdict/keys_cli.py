@@ -31,7 +31,9 @@ def register(sub: Any) -> None:
         c.set_defaults(func=func)
 
 
-def _open_store(config: Any) -> Any:
+def open_existing_store(config: Any) -> Any:
+    """The verdict store the config names, for the offline commands: PostgreSQL, or a SQLite file that must
+    already exist (never created here)."""
     if config.store.url:
         from tmb.extras import require
 
@@ -58,7 +60,7 @@ def _list(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     key_file = Path(config.verdicts.key_file)
     current = load_or_create_key(key_file).key_id if key_file.exists() else None
-    store = _open_store(config)
+    store = open_existing_store(config)
     try:
         keys = store.known_keys()
     finally:
@@ -76,7 +78,7 @@ def _rotate(args: argparse.Namespace) -> int:
     from tmb.verdict.signing import rotate_key
 
     config = load_config(args.config)
-    store = _open_store(config)  # before the swap: a missing store leaves the key file alone
+    store = open_existing_store(config)  # before the swap: a missing store leaves the key file alone
     try:
         old, new, retired = rotate_key(config.verdicts.key_file)
         store.remember_key(old.public.raw, old.key_id)
