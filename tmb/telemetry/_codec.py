@@ -24,6 +24,7 @@ _FLAG_SYNTHETIC: Final = 0x01
 _MEM_UNKNOWN: Final = 0xFFFF_FFFF_FFFF_FFFF
 _CANON_NAN: Final = 0x7FF8_0000_0000_0000
 _PROC = struct.Struct("<IQ")
+_ONE = struct.Struct("<HIQ")  # a sample with one process: count, pid, used bytes
 _FMAX = np.fmax.reduce
 
 
@@ -70,6 +71,15 @@ def _encode_processes(rows: tuple[tuple[Process, ...], ...]) -> bytes:
     counts = [len(row) for row in rows]
     if not any(counts):
         return bytes(2 * len(rows))
+    if counts[0] == 1 and counts.count(1) == len(counts):  # the usual table: one GPU process a sample
+        if _MEM_UNKNOWN not in [mem for ((_, mem),) in rows]:
+            try:
+                return b"".join(
+                    [_ONE.pack(1, pid, _MEM_UNKNOWN if mem is None else mem) for ((pid, mem),) in rows]
+                )
+            except struct.error:  # a value out of range
+                pass
+        return _encode_processes_checked(rows)
     values: list[int] = []
     fmt = ["<"]
     for row, count in zip(rows, counts, strict=True):
