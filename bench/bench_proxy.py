@@ -18,8 +18,12 @@ is saturated and latency is queueing), and the verdict rate of one core: sign + 
 each). The last lines are the ratios: tmb (and tmb-proxy) CPU per request / nginx CPU per request (small
 JSON).
 
+With ``--baseline DIR`` (a tree of another revision, e.g. ``git archive REV | tar -x -C DIR``), that
+revision's ``tmb`` and ``tmb-proxy`` run too (``base``, ``base-proxy``: the same configs, ``PYTHONPATH=DIR``),
+interleaved with the others, so before and after are measured side by side in one run.
+
     .venv/bin/python bench/bench_proxy.py [--seconds 4] [--repeats 3] [--connections 16] [--engine fast]
-                                          [--rate 500] [--rate-seconds 3]
+                                          [--rate 500] [--rate-seconds 3] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -312,6 +316,7 @@ def main() -> int:
     ap.add_argument("--engine", choices=("fast", "aiohttp"), default="fast", help="[proxy] engine of tmb")
     ap.add_argument("--rate", type=int, default=500, help="requests/s of the fixed-rate latency run")
     ap.add_argument("--rate-seconds", type=float, default=3.0)
+    ap.add_argument("--baseline", metavar="DIR", help="a tree of another revision: its tmb runs alongside")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     for tool in ("wrk", "nginx"):
@@ -374,6 +379,24 @@ def main() -> int:
                 "tmb-proxy": (pport, [procs[3].pid]),
                 "tmb-full": (fport, [procs[4].pid]),
             }
+            if args.baseline:
+                env = {**os.environ, "PYTHONPATH": str(Path(args.baseline).resolve())}
+                bport, bpport = free_port(), free_port()
+                for name, port in (("base", bport), ("base-proxy", bpport)):
+                    (tmp / f"{name}.toml").write_text(
+                        TMB.format(dir=tmp, worker=wport, port=port, engine=args.engine, sync="normal")
+                    )
+                base_cmd = [sys.executable, "-m", "tmb", "serve", "--config", str(tmp / "base.toml")]
+                procs.append(subprocess.Popen([*base_cmd, "--log-level", "WARNING"], env=env, cwd=tmp))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", NO_VERDICTS, str(tmp / "base-proxy.toml")], env=env, cwd=tmp
+                    )
+                )
+                wait_http(f"http://{HOST}:{bport}/health")
+                wait_http(f"http://{HOST}:{bpport}/health")
+                targets["base"] = (bport, [procs[-2].pid])
+                targets["base-proxy"] = (bpport, [procs[-1].pid])
             results: dict[tuple[str, str], tuple[float, float, float, float]] = {}
             for workload, path in (("json", "/json"), ("sse200", "/sse")):
                 for port, _ in targets.values():
@@ -431,6 +454,10 @@ def main() -> int:
             ratio = results[("json", "tmb")][3] / max(results[("json", "nginx")][3], 1e-9)
             proxy_ratio = results[("json", "tmb-proxy")][3] / max(results[("json", "nginx")][3], 1e-9)
             full_ratio = results[("json", "tmb-full")][3] / max(results[("json", "nginx")][3], 1e-9)
+            for name in ("base", "base-proxy"):
+                if name in targets:
+                    base_ratio = results[("json", name)][3] / max(results[("json", "nginx")][3], 1e-9)
+                    print(f"ratio {name} (baseline)/nginx CPU per request (small JSON): {base_ratio:.2f}")
             print(f"ratio tmb-full (sync full)/nginx CPU per request (small JSON): {full_ratio:.2f}")
             print(f"ratio tmb-proxy (no verdicts)/nginx CPU per request (small JSON): {proxy_ratio:.2f}")
             print(f"ratio tmb/nginx CPU per request (small JSON): {ratio:.2f}")

@@ -4,6 +4,9 @@ event loop one request of a node at a time, and a window's batches are decoded o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -99,4 +102,83 @@ async def test_a_nodes_requests_run_in_order_off_the_loop(node: NodeEnv) -> None
     )  # each batch alone: any reordering would be refused as a gap
     assert all(r.accepted for r in results), [r.ids for r in results if not r.accepted]
     assert loop_thread not in threads
+    ingest.close()
+
+
+async def test_a_group_of_spans_reads_its_windows_in_one_hop(
+    node: NodeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans stored together (one node, windows ending together): once the first span's window is covered,
+    the others' windows are read in the same thread hop; each verdict rests on its own window's evidence,
+    exactly as read alone."""
+    import tmb.verdict.engine as engine_module
+    from tmb.spans import Outcome, Span
+    from tmb.verdict.engine import widen
+
+    ingest = node.ingest()
+    now = time.time_ns()
+    chain = Chain(NODE)
+    batches = [chain.genesis("synthetic")]
+    for k in range(4):
+        t = now - 4_000_000_000 + k * 1_000_000_000
+        ts = [t + j * 50_000_000 for j in range(20)]
+        samples = SampleBatch.from_columns(
+            ts, ["GPU-x"], source="synthetic", power_w=[100.0 + j for j in range(20)]
+        )
+        batches.append(chain.seal(samples.encode()))
+    assert (
+        await ingest.submit(NODE, ingest.add_batches, {"batches": [b.to_wire() for b in batches]})
+    ).accepted
+    assert (await ingest.submit(NODE, ingest.add_ima, node.ima_doc())).accepted
+    nonce = bytes.fromhex((await ingest.submit(NODE, ingest.nonce)).data["nonce"])
+    assert (await ingest.submit(NODE, ingest.add_quote, node.quote_doc(nonce, batches[-1].head))).ok
+
+    spans = [
+        Span(
+            f"{i:032x}",
+            None,
+            "w1",
+            NODE,
+            ("GPU-x",),
+            None,
+            None,
+            "GET",
+            "/",
+            now - 3_000_000_000 + i * 7_000_000,
+            None,
+            now - 1_500_000_000 + i * 3_000_000,
+            200,
+            0,
+            0,
+            None,
+            Outcome.OK,
+        )
+        for i in range(6)
+    ]
+    spans = [dataclasses.replace(s, first_byte_ns=s.start_ns + 1) for s in spans]
+    hops = 0
+    real_to_thread = asyncio.to_thread
+
+    async def counted(fn: Any, /, *args: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(engine_module.asyncio, "to_thread", counted)
+    store = AsyncStore(str(tmp_path / "store.db"))
+    engine = Engine(store, load_or_create_key(tmp_path / "k.pem"), ingest, [], EngineSettings(wait_s=5.0))
+    for s in spans:
+        store.add_span(s)
+    await engine.on_spans(spans)
+    assert hops == 1  # one hop for the six windows (each read on its own: six hops)
+    for s in spans:
+        record = await store.lookup(s.id)
+        assert record.state == "final" and record.doc is not None
+        doc = json.loads(record.doc)
+        window = widen(s, 1.0)
+        alone = ingest.attested_window(NODE, window.t0_ns, window.t1_ns)
+        assert alone.covers_end() and doc["attestation"]["verified"] is True
+        refs = {r.kind: r.digest for r in await store.evidence(s.id)}
+        assert refs["telemetry_window"] == hashlib.sha256(alone.samples.encode()).hexdigest()
+    await store.close()
     ingest.close()

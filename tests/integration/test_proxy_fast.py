@@ -16,7 +16,7 @@ from test_proxy_support import HOST, Daemon, WorkerState, engine, make_config, s
 
 from tmb.daemon.app import build_app
 from tmb.proxy.app import PROXY_KEY
-from tmb.proxy.contract import own_prefixes
+from tmb.proxy.contract import normal_form, own_prefixes, under
 
 __all__ = ["engine", "workers"]
 W = dict[str, tuple[WorkerState, int]]
@@ -202,6 +202,28 @@ async def test_the_fast_engine_hands_the_daemons_own_paths_to_aiohttp(daemon: Da
     status, headers, body = await read_response(reader)
     assert status == 200 and "x-tmb-request-id" not in headers and b"keys" in body
     writer.close()
+
+
+async def test_proxied_is_the_contracts_rule_for_every_spelling(daemon: Daemon) -> None:
+    """``FastPath.proxied`` (its cheap path for plain paths included) decides as the contract does: a path
+    is relayed unless it, or its normal form, lies under one of the daemon's own prefixes."""
+    proxy = daemon.app[PROXY_KEY]
+    (gate,) = proxy.gates
+    own = tuple(p.lower() for p in proxy.own_prefixes)
+    raw = re.compile("(?:" + "|".join(re.escape(p) for p in proxy.own_prefixes) + r")(?:/|\Z)")
+
+    def reference(path: str) -> bool:
+        return raw.match(path) is None and not under(normal_form(path), own)
+
+    paths = [
+        "/", "/healthz", "/HEALTHZ", "/Healthz/x", "/healthzz", "/v1/ingest", "/V1/Ingest/node-1",
+        "//v1/ingest", "/x/../v1/ingest", "/./v1/verdicts/a", "/v1/ingest/../../x", "/v1/chat/completions",
+        "/V1/CHAT/completions", "/v1/ingest%2fx", "/v1/%69ngest", "/v1/verdictsx", "/v1/verdicts/", "/a//b",
+        "/tmb/metrics", "/TMB/Metrics/", "/v1/keys", "/v1/keysx", "/..", "/.well-known/x",
+    ]  # fmt: skip
+    decided = {p: gate.proxied(p.encode("latin-1")) for p in paths}
+    assert decided == {p: reference(p) for p in paths}
+    assert not decided["/HEALTHZ"] and not decided["//v1/ingest"] and decided["/v1/chat/completions"]
 
 
 def test_every_daemon_route_must_lie_under_the_declared_paths() -> None:

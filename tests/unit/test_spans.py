@@ -8,7 +8,7 @@ from multidict import CIMultiDict
 
 from tmb.proxy.contract import HOP_BY_HOP, strip_hop_by_hop
 from tmb.proxy.inspect import SseTokenCounter, model_from_json, usage_from_json
-from tmb.spans import Outcome, Span
+from tmb.spans import SPAN_FIELDS, Outcome, Span
 
 
 def sse(*docs: object) -> bytes:
@@ -96,4 +96,5 @@ def test_span_round_trips_through_json() -> None:
         "boom",
     )
     assert Span.from_dict(json.loads(json.dumps(span.to_dict()))) == span
+    assert tuple(span.to_dict()) == SPAN_FIELDS  # every field, in order (the stored doc's key order)
     assert span.served and not Span.from_dict({**span.to_dict(), "first_byte_ns": None}).served

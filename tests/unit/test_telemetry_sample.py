@@ -211,3 +211,25 @@ def test_fuzz_mutated_encodings_never_traceback(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
     _check_decode(bytes(raw))
+
+
+def test_process_table_encodes_as_the_entry_by_entry_reference() -> None:
+    """The process table's one-call encoding gives the bytes of the entry-by-entry one, and refuses what
+    it refuses (pid or memory out of range, the reserved 'unknown' memory value) with the same error."""
+    from tmb.telemetry._codec import _encode_processes, _encode_processes_checked
+
+    rows: list[tuple[tuple[tuple[int, int | None], ...], ...]] = [
+        (),
+        ((), ()),
+        (((1, None),), (), ((2, 3), (0xFFFF_FFFF, 2**64 - 2))),
+        tuple(((pid, pid * 4096), (pid + 1, None)) for pid in range(300)),
+        tuple(((pid, None if pid % 3 else 2**64 - 2 - pid),) for pid in range(200)),  # one process each
+    ]
+    for table in rows:
+        assert _encode_processes(table) == _encode_processes_checked(table)
+    assert _encode_processes(((), ())) == b"\0\0\0\0"
+    for bad in (((-1, 0),), ((2**32, 0),), ((1, -1),), ((1, 2**64 - 1),)):
+        with pytest.raises(InputError, match="out of range"):
+            _encode_processes((((7, 7),), bad))  # one process each
+        with pytest.raises(InputError, match="out of range"):
+            _encode_processes((((7, 7), (8, 8)), bad))

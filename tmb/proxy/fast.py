@@ -38,7 +38,7 @@ from aiohttp import web
 from tmb.config import ProxyConfig
 from tmb.envelope import error_body
 from tmb.proxy import contract
-from tmb.proxy.contract import BAD_REQUEST
+from tmb.proxy.contract import BAD_REQUEST, normal_form, under
 from tmb.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -88,6 +88,11 @@ class FastPath:
         self.loop = asyncio.get_running_loop()
         own = proxy.own_prefixes  # the daemon's paths as mounted: aiohttp's
         self._own = re.compile(b"(?:" + b"|".join(re.escape(p.encode()) for p in own) + rb")(?:/|\Z)")
+        # the same, matched against the lower-cased path (no spelling in upper case is relayed either)
+        self._own_lower = re.compile(
+            b"(?:" + b"|".join(re.escape(p.lower().encode()) for p in own) + rb")(?:/|\Z)"
+        )
+        self._own_str = tuple(p.lower() for p in own)
         self._any_own = bool(own)
         self.fast = self.config.engine == "fast"  # False: every head goes to aiohttp (the gate stays)
         self.header_timeout = self.config.header_timeout_s
@@ -125,8 +130,16 @@ class FastPath:
         return len(self.conns) + len(self.inner.connections)
 
     def proxied(self, path: bytes) -> bool:
-        """Whether ``path`` (no query, no percent escapes) is relayed here rather than the daemon's own."""
-        return not (self._any_own and self._own.match(path))
+        """Whether ``path`` (no query) is relayed here rather than answered by the daemon. No spelling of
+        a daemon path is relayed (``//v1/ingest``, ``/V1/ingest``, dot segments, percent escapes:
+        :func:`tmb.proxy.contract.normal_form`): those go to aiohttp, whose routes decide."""
+        if not self._any_own:
+            return True
+        if b"//" in path or b"/." in path or b"%" in path:  # rare: the contract's normal form
+            return self._own.match(path) is None and not under(
+                normal_form(path.decode("latin-1")), self._own_str
+            )
+        return self._own_lower.match(path.lower()) is None  # the normal form of such a path is its lower case
 
     def close_idle(self) -> None:
         """Stop serving: idle connections close now, busy ones once their exchange ends."""

@@ -29,7 +29,6 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from tmb.proxy.app import PROXY_KEY, Proxy
-from tmb.proxy.contract import normal_form, under
 
 if TYPE_CHECKING:
     from tmb.proxy.fast import FastPath
@@ -145,15 +144,6 @@ class ProxySite(web.BaseSite):
             log.warning("proxy engine 'fast' unavailable (%s): using 'aiohttp' without a connection cap", exc)
             return None
         self.gate = FastPath(proxy, server)
-        relayed = self.gate.proxied
-        own = tuple(p.lower() for p in proxy.own_prefixes)
-
-        def proxied(path: bytes) -> bool:
-            """The fast engine relays no spelling of the daemon's own paths (``//v1/ingest``,
-            ``/V1/ingest``, dot segments): those go to aiohttp, whose routes decide."""
-            return relayed(path) and not under(normal_form(path.decode("latin-1")), own)
-
-        self.gate.proxied = proxied  # type: ignore[method-assign]
         proxy.gates.add(self.gate)
         return self.gate.connection
 

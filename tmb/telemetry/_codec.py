@@ -24,6 +24,8 @@ _FLAG_SYNTHETIC: Final = 0x01
 _MEM_UNKNOWN: Final = 0xFFFF_FFFF_FFFF_FFFF
 _CANON_NAN: Final = 0x7FF8_0000_0000_0000
 _PROC = struct.Struct("<IQ")
+_ONE = struct.Struct("<HIQ")  # a sample with one process: count, pid, used bytes
+_FMAX = np.fmax.reduce
 
 
 def encode_batch(batch: SampleBatch) -> bytes:
@@ -31,7 +33,8 @@ def encode_batch(batch: SampleBatch) -> bytes:
     n = len(batch)
     if len(batch.gpus) > 0xFFFF:
         raise InputError("too many GPUs in one batch for the encoding", gpus=len(batch.gpus))
-    present = batch.present_fields()
+    # batch.present_fields(), one reduction per column: fmax ignores NaN, so it is NaN only for all-NaN
+    present = tuple(name for name in FLOAT_FIELDS if n and not np.isnan(_FMAX(batch.column(name))))
     mask = sum(1 << FLOAT_FIELDS.index(name) for name in present)
     out = [
         _HEADER.pack(
@@ -57,7 +60,47 @@ def encode_batch(batch: SampleBatch) -> bytes:
         col = batch.column(name).astype("<f8")  # a copy
         col[np.isnan(col)] = np.nan  # one NaN bit pattern
         out.append(col.tobytes())
-    for row in batch.processes:
+    out.append(_encode_processes(batch.processes))
+    return b"".join(out)
+
+
+def _encode_processes(rows: tuple[tuple[Process, ...], ...]) -> bytes:
+    """Per sample: the process count (u16), then (pid u32, used bytes u64) per process; one ``struct`` call
+    for the whole table when every value is in range, else :func:`_encode_processes_checked` says which
+    is not."""
+    counts = [len(row) for row in rows]
+    if not any(counts):
+        return bytes(2 * len(rows))
+    if counts[0] == 1 and counts.count(1) == len(counts):  # the usual table: one GPU process a sample
+        if _MEM_UNKNOWN not in [mem for ((_, mem),) in rows]:
+            try:
+                return b"".join(
+                    [_ONE.pack(1, pid, _MEM_UNKNOWN if mem is None else mem) for ((pid, mem),) in rows]
+                )
+            except struct.error:  # a value out of range
+                pass
+        return _encode_processes_checked(rows)
+    values: list[int] = []
+    fmt = ["<"]
+    for row, count in zip(rows, counts, strict=True):
+        values.append(count)
+        fmt.append("H" + "IQ" * count)
+        for pid, mem in row:
+            values.append(pid)
+            values.append(_MEM_UNKNOWN if mem is None else mem)
+    mems = [mem for row in rows for _, mem in row if mem is not None]
+    if max(counts) > 0xFFFF or (mems and not (min(mems) >= 0 and max(mems) < _MEM_UNKNOWN)):
+        return _encode_processes_checked(rows)
+    try:
+        return struct.pack("".join(fmt), *values)
+    except struct.error:  # a pid out of range (or not an integer)
+        return _encode_processes_checked(rows)
+
+
+def _encode_processes_checked(rows: tuple[tuple[Process, ...], ...]) -> bytes:
+    """:func:`_encode_processes` one entry at a time, raising on the first value out of range."""
+    out = []
+    for row in rows:
         if len(row) > 0xFFFF:
             raise InputError("too many GPU processes in one sample for the encoding", processes=len(row))
         out.append(struct.pack("<H", len(row)))

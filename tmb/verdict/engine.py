@@ -56,6 +56,7 @@ from tmb.verdict.store import EvidenceRef
 log = logging.getLogger("tmb.verdict.engine")
 _NO_SAMPLES = SampleBatch.empty("nvml")  # immutable; built once (it costs tens of microseconds)
 WINDOW_CACHE = 1024  # windows whose telemetry digest and summary are kept (see Engine._cached)
+LOOK_AHEAD = 64  # the next spans' windows of a group read with a span's own (one thread hop for them all)
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,17 @@ class Engine:
 
     async def _decide_node(self, node: str, spans: Sequence[Span]) -> None:
         decided: list[tuple[Verdict, list[EvidenceRef]]] = []
-        for span in spans:
-            window = widen(span, self.settings.min_window_s)
-            got = await self._wait_for_evidence(node, window)
+        windows = [widen(span, self.settings.min_window_s) for span in spans]
+        ahead: dict[int, AttestedWindow] = {}  # later spans' windows, read along with an earlier one's
+        for i, span in enumerate(spans):
+            window = windows[i]
+            got = ahead.pop(i, None)
+            # What was read ahead is final once it covers the window's end (the span's own wait would have
+            # returned it as it is); else the span waits for its evidence itself.
+            if got is None or not got.covers_end():
+                rest = windows[i + 1 : i + 1 + LOOK_AHEAD]
+                got, more = await self._wait_for_evidence_ahead(node, window, rest)
+                ahead = {i + 1 + k: w for k, w in enumerate(more) if w is not None}
             try:
                 self._cut_from = (got.samples, got.batches)
                 decided.append(self.decide(span, window, got.samples, got.summary, got.findings))
@@ -173,26 +182,52 @@ class Engine:
             except Exception:
                 log.exception("the event sink failed on the model_mismatch verdict of %s", v.request_id)
 
-    async def _wait_for_evidence(self, node: str, window: Window) -> AttestedWindow:
-        if self.ingest is None:
-            missing = Finding("attestation.not_configured", "this daemon has no evidence ingest configured")
-            return AttestedWindow(node, window.t0_ns, window.t1_ns, _NO_SAMPLES, None, (missing,))
+    def _deadline(self, window: Window) -> float:
+        """Loop time until which a verdict over ``window`` waits for its evidence. The wait counts from the
+        window's end, not from now, so a restart's backlog of old spans is not waited for span by span; but
+        never ends before wait_s after this engine started, the time probes get to re-send what they
+        buffered while the daemon was down."""
         loop = asyncio.get_running_loop()
-        # The wait counts from the window's end, not from now, so a restart's backlog of old spans is not
-        # waited for span by span; but never ends before wait_s after this engine started, the time probes
-        # get to re-send what they buffered while the daemon was down.
         if self._started is None:
             self._started = loop.time()
         since_end = time_ns() / 1e9 - window.t1_ns / 1e9
-        deadline = max(
+        return max(
             loop.time() + self.settings.wait_s - max(since_end, 0.0), self._started + self.settings.wait_s
         )
+
+    async def _wait_for_evidence(self, node: str, window: Window) -> AttestedWindow:
+        return (await self._wait_for_evidence_ahead(node, window, ()))[0]
+
+    async def _wait_for_evidence_ahead(
+        self, node: str, window: Window, ahead: Sequence[Window]
+    ) -> tuple[AttestedWindow, list[AttestedWindow | None]]:
+        """The window's evidence once it covers the window's end (or the wait is over); with it, in the same
+        thread hop, the ``ahead`` windows as they stand then (None: one could not be read; its span waits
+        on its own)."""
+        if self.ingest is None:
+            missing = Finding("attestation.not_configured", "this daemon has no evidence ingest configured")
+            return AttestedWindow(node, window.t0_ns, window.t1_ns, _NO_SAMPLES, None, (missing,)), []
+        ingest = self.ingest
+        loop = asyncio.get_running_loop()
+        deadline = self._deadline(window)
+
+        def look() -> tuple[AttestedWindow, list[AttestedWindow | None]]:
+            got = ingest.attested_window(node, window.t0_ns, window.t1_ns)
+            more: list[AttestedWindow | None] = []
+            if ahead and got.covers_end():  # the later spans' windows end about when this one does
+                for w in ahead:
+                    try:
+                        more.append(ingest.attested_window(node, w.t0_ns, w.t1_ns))
+                    except Exception:  # that span's own wait reads it again (and meets the error there)
+                        more.append(None)
+            return got, more
+
         while True:
-            since = self.ingest.attested_since(node)  # before looking: a quote landing meanwhile still wakes
-            got = await asyncio.to_thread(self.ingest.attested_window, node, window.t0_ns, window.t1_ns)
+            since = ingest.attested_since(node)  # before looking: a quote landing meanwhile still wakes
+            got, more = await asyncio.to_thread(look)
             if got.covers_end() or loop.time() >= deadline:
-                return got
-            await self.ingest.wait_attested(node, since, deadline - loop.time())
+                return got, more
+            await ingest.wait_attested(node, since, deadline - loop.time())
 
     def decide(
         self,
