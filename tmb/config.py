@@ -123,6 +123,17 @@ class AttestationConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    ek_roots: str = ""  # directory of TPM manufacturer root (and intermediate) certificates; empty: none
+    ek_pins: tuple[str, ...] = ()  # EK pins (tmb.attest.ekcert.ek_pin) of vTPMs without a certificate
+    challenge_ttl_s: float = 60.0  # an enrolment challenge must be answered within this
+    auth_skew_s: float = 300.0  # an evidence request's signed time may differ from the daemon's by this
+    rate_per_s: float = 50.0  # evidence requests a node may make a second (sustained); 0: unlimited
+    burst: int = 200  # ... and at once
+    insecure_static_nodes: bool = False  # true (tests, development): AK-registered nodes post unsigned
+
+
+@dataclass(frozen=True)
 class FingerprintConfig:
     profiles: tuple[str, ...] = ()  # profile files, or directories of *.json profiles (tmb enroll)
     target_far: float = 0.0  # false-alarm rate to test at; 0: each profile's calibrated rate
@@ -162,6 +173,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
     source: str = "<defaults>"  # the file it came from
 
@@ -210,6 +222,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "admin": AdminConfig,
     "metrics": MetricsConfig,
     "attestation": AttestationConfig,
+    "identity": IdentityConfig,
     "fingerprint": FingerprintConfig,
 }
 _CHOICES = {
@@ -569,6 +582,11 @@ def _validate(config: Config) -> None:
         fail("attestation durations must be positive", "attestation", "wait_s", a.wait_s)
     if a.nodes and not a.policy:
         fail("attestation.nodes needs attestation.policy (the runtime policy)", "attestation", "policy", "")
+    ident = config.identity
+    if ident.challenge_ttl_s <= 0 or ident.auth_skew_s <= 0:
+        fail("identity durations must be positive", "identity", "auth_skew_s", ident.auth_skew_s)
+    if ident.rate_per_s < 0 or ident.burst < 1:
+        fail("identity.rate_per_s must not be negative, burst at least 1", "identity", "burst", ident.burst)
     if not 0.0 <= config.fingerprint.target_far < 0.5:
         fail(
             "fingerprint.target_far must be in [0, 0.5)",

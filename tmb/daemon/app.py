@@ -47,6 +47,7 @@ from tmb.daemon.pipeline import RESUME_GRACE_S, Resumer, SpanPipeline, VerdictEn
 from tmb.daemon.tls import server_context
 from tmb.envelope import error_response
 from tmb.errors import ConfigError, InputError
+from tmb.events import EventSink, discard
 from tmb.proxy.app import Proxy, make_proxy_routes
 from tmb.proxy.contract import MANAGEMENT_PATHS, normal_form, under
 from tmb.proxy.upstream import WorkerPool
@@ -57,6 +58,7 @@ from tmb.verdict.store import Store
 
 if TYPE_CHECKING:
     from tmb.fingerprint.loadprofile import LoadProfile
+    from tmb.ingest.identity import IdentityPolicy
     from tmb.ingest.service import Ingest
     from tmb.verdict.engine import Engine
     from tmb.verdict.model import Window
@@ -180,7 +182,13 @@ def _management_app(config: Config, api: DaemonApi, ingest: Ingest | None) -> we
     if ingest is not None:
         from tmb.ingest.routes import add_ingest_routes
 
-        add_ingest_routes(app, ingest, admin_token=config.admin.token if config.admin_enabled() else None)
+        add_ingest_routes(
+            app,
+            ingest,
+            admin_token=config.admin.token if config.admin_enabled() else None,
+            rate_per_s=config.identity.rate_per_s,
+            burst=config.identity.burst,
+        )
     return app
 
 
@@ -335,7 +343,20 @@ async def load_key(config: Config, store: AsyncStore, *, new_key: bool = False) 
     return signer
 
 
-def open_ingest(config: Config) -> Ingest | None:
+def _identity_policy(config: Config) -> IdentityPolicy:
+    from tmb.ingest.identity import IdentityPolicy
+
+    i = config.identity
+    return IdentityPolicy.load(
+        i.ek_roots,
+        i.ek_pins,
+        challenge_ttl_s=i.challenge_ttl_s,
+        auth_skew_s=i.auth_skew_s,
+        insecure_static_nodes=i.insecure_static_nodes,
+    )
+
+
+def open_ingest(config: Config, events: EventSink = discard) -> Ingest | None:
     """The evidence ingest (``[attestation]``) with the configured nodes' AKs registered, its evidence in the
     SQLite file or, with ``[store] url``, the PostgreSQL database of the verdicts; None without a policy (no
     ingest: every verdict says ``unattested``)."""
@@ -352,6 +373,8 @@ def open_ingest(config: Config) -> Ingest | None:
         nonce_ttl_s=a.nonce_ttl_s,
         pcr_bank=a.pcr_bank,
         require_eventlog=a.require_eventlog,
+        identity=_identity_policy(config),
+        events=events,
     )
     try:
         for entry in a.nodes:

@@ -61,8 +61,13 @@ from tmb.attest.policy import RuntimePolicy
 from tmb.attest.quote import AkPublic, load_ak
 from tmb.attest.tpm2 import PcrValues
 from tmb.errors import Finding, ParseError, Report, Severity
+from tmb.events import Event, EventSink, discard
+from tmb.ingest import identity as _identity
+from tmb.ingest.auth import ReplayGuard
 from tmb.ingest.batches import take_batches
 from tmb.ingest.boot import ParsedLog, parse_eventlog
+from tmb.ingest.identity import IdentityPolicy
+from tmb.ingest.limits import check_probe_findings
 from tmb.ingest.policy import DEFAULT_MODEL_PATTERNS, check_bindings
 from tmb.ingest.quotes import QuoteCheck, check_quote
 from tmb.ingest.results import AttestedWindow, IngestResult, refused, taken
@@ -110,6 +115,8 @@ class Ingest:
         clock_ns: Callable[[], int] = time.time_ns,
         synchronous: str = "NORMAL",
         require_eventlog: bool = False,
+        identity: IdentityPolicy | None = None,
+        events: EventSink = discard,
     ) -> None:
         if isinstance(db, str | Path | sqlite3.Connection):
             self.store: IngestBackend = IngestStore(db, synchronous=synchronous)
@@ -122,6 +129,10 @@ class Ingest:
         self.model_patterns = tuple(model_patterns)
         self.clock_ns = clock_ns
         self.nonces = Nonces(nonce_ttl_s, time.monotonic)
+        self.identity = identity or IdentityPolicy()  # the default trusts no EK: nodes must be configured
+        self.events = events
+        self.auth = ReplayGuard(self.identity.auth_skew_s)
+        self._keys: dict[str, bytes | None] = {}  # by node: the evidence key (None: a static node)
         self._aks: dict[str, tuple[bytes, AkPublic]] = {}  # by node: the stored AK bytes, parsed
         self._quote_wanted: set[str] = set()
         self._db = threading.RLock()  # one connection: one request's work at a time
@@ -168,6 +179,7 @@ class Ingest:
         with self._db, self.store.transaction():
             self.store.upsert_node(node, raw, self.clock_ns())
         self._aks[node] = (raw, key)
+        self._keys.pop(node, None)
         return key
 
     def _ak(self, row: NodeRow) -> AkPublic:
@@ -250,10 +262,7 @@ class Ingest:
                 raise ParseError(f"at most {MAX_BATCHES_PER_REQUEST} batches per request")
             batches = [TelemetryBatch.from_wire(b) for b in doc["batches"]]
             probe_findings = doc.get("probe_findings", [])
-            if not isinstance(probe_findings, list) or not all(
-                isinstance(f, Mapping) and isinstance(f.get("id"), str) for f in probe_findings
-            ):
-                raise ParseError("probe_findings must be a list of findings")
+            check_probe_findings(probe_findings)  # probe.* only, bounded (tmb.ingest.limits)
         except ParseError as exc:
             with self._db:
                 row = self._known(node)
@@ -504,5 +513,87 @@ class Ingest:
                 "batches": self.store.count_batches(node),
                 "attested": self.store.count_batches(node, attested=True),
                 "last_quote": self.store.last_quote(node),
+                "identity": _identity.status(self.store, node),
                 **self._extra(node, row),
             }
+
+    # ----------------------------------------------------------------------------------------- identity
+
+    def enroll(self, node: str, doc: Any) -> IngestResult:
+        """Enrolment step 1 (:mod:`tmb.ingest.identity`): the EK and AK checked, a credential challenge."""
+        if not node or len(node.encode()) > 255:
+            return refused(_err("identity.malformed", "node id must be 1..255 bytes"))
+        with self._db, self.store.transaction():
+            row = self.store.node(node, lock=True)
+            return _identity.begin(
+                self.store, self.identity, node, doc, self.clock_ns(), row.ak if row is not None else None
+            )
+
+    def activate(self, node: str, doc: Any) -> IngestResult:
+        """Enrolment step 2: the proof checked, the node pinned to its EK and AK, its evidence key set."""
+        now = self.clock_ns()
+        with self._db, self.store.transaction():
+            self.store.node(node, lock=True)
+            result, pin, rekey = _identity.activate(self.store, node, doc, now)
+        if pin is not None:
+            self._keys[node] = pin.key
+            if rekey:
+                self.events(Event("node.rekeyed", node, now, pin.to_public()))
+        return result
+
+    def approve_rekey(self, node: str, doc: Any, who: str = "admin") -> IngestResult:
+        """The admin approves the EK and AK ``doc`` names for the node's next enrolment."""
+        with self._db, self.store.transaction():
+            approval = _identity.approve(self.store, node, doc, self.clock_ns(), who)
+        return approval if isinstance(approval, IngestResult) else taken([], {"node": node, **approval})
+
+    def pinned(self, node: str) -> _identity.Pinned | None:
+        with self._db:
+            return _identity.pinned(self.store, node)
+
+    def _evidence_key(self, node: str, *, fresh: bool = False) -> bytes | str | None:
+        """The node's evidence key; None for a node registered by AK alone; ``"unknown"`` for no node."""
+        if not fresh and node in self._keys:
+            return self._keys[node]
+        with self._db:
+            pin = _identity.pinned(self.store, node)
+            if pin is None:
+                known = self.store.node(node) is not None
+                if not known:
+                    return "unknown"
+                self._keys[node] = None
+                return None
+        self._keys[node] = pin.key
+        return pin.key
+
+    def authenticate(
+        self, node: str, method: str, route: str, header: str | None, body: bytes
+    ) -> Finding | None:
+        """None when the evidence request is the node's (:mod:`tmb.ingest.auth`), else the 401 finding.
+        Touches no evidence state: only the node's key (cached) and the replay window."""
+        key = self._evidence_key(node)
+        if isinstance(key, bytes):
+            problem = self.auth.check(key, header, method, node, route, body)
+            if problem == "auth.bad_mac":  # the node may have re-enrolled through another daemon
+                fresh = self._evidence_key(node, fresh=True)
+                if isinstance(fresh, bytes) and fresh != key:
+                    problem = self.auth.check(fresh, header, method, node, route, body)
+        elif key is None and self.identity.insecure_static_nodes:
+            return None
+        else:
+            problem = "auth.not_enrolled"
+        if problem is None:
+            return None
+        return _err(
+            problem,
+            {
+                "auth.missing": "evidence requests must carry X-Tmb-Auth (the node's enrolment key)",
+                "auth.malformed": "the X-Tmb-Auth header does not follow the format",
+                "auth.not_enrolled": "this node has no enrolment key: enrol it (tmb-probe enroll)",
+                "auth.bad_mac": "the request is not authenticated by the node's key",
+                "auth.stale": "the request's time is outside the accepted window",
+                "auth.replayed": "the request was already received: a replay",
+            }[problem],
+            node=node,
+            route=route,
+        )

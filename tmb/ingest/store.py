@@ -107,6 +107,13 @@ CREATE TABLE IF NOT EXISTS ingest_eventlogs (
     digest BLOB NOT NULL,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ingest_identity (
+    node TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    PRIMARY KEY (node, kind)
+);
 """
 
 
@@ -239,6 +246,13 @@ class IngestBackend(Protocol):
     def eventlog_digest(self, node: str) -> bytes | None: ...
     def add_findings(self, node: str, now_ns: int, findings: Sequence[Mapping[str, Any]]) -> None: ...
     def findings(self, node: str, t0_ns: int = 0, t1_ns: int = 1 << 62) -> list[dict[str, Any]]: ...
+    def identity(self, node: str, kind: str) -> dict[str, Any] | None:
+        """The node's identity record of ``kind`` (:mod:`tmb.ingest.identity`: pinned, challenge, rekey)."""
+        ...
+
+    def set_identity(self, node: str, kind: str, doc: Mapping[str, Any] | None, now_ns: int) -> None:
+        """Write (``doc``) or delete (None) the node's identity record of ``kind``."""
+        ...
 
 
 def covered_by(
@@ -497,3 +511,21 @@ class IngestStore:
             (node, t0_ns, t1_ns),
         ).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    def identity(self, node: str, kind: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT doc FROM ingest_identity WHERE node = ? AND kind = ?", (node, kind)
+        ).fetchone()
+        return dict(json.loads(row[0])) if row is not None else None
+
+    def set_identity(self, node: str, kind: str, doc: Mapping[str, Any] | None, now_ns: int) -> None:
+        if doc is None:
+            self.conn.execute("DELETE FROM ingest_identity WHERE node = ? AND kind = ?", (node, kind))
+            return
+        self.conn.execute(
+            "INSERT INTO ingest_identity (node, kind, doc, updated_ns) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(node, kind) DO UPDATE SET doc = excluded.doc, updated_ns = excluded.updated_ns",
+            (node, kind, json.dumps(dict(doc)), now_ns),
+        )

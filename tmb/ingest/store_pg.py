@@ -73,6 +73,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS ingest_findings_node ON ingest_findings (node, received_ns)",
     """CREATE TABLE IF NOT EXISTS ingest_eventlogs (
     node TEXT PRIMARY KEY, received_ns BIGINT NOT NULL, digest BYTEA NOT NULL, data BYTEA NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ingest_identity (
+    node TEXT NOT NULL, kind TEXT NOT NULL, doc TEXT NOT NULL, updated_ns BIGINT NOT NULL,
+    PRIMARY KEY (node, kind))""",
 )
 _BATCH = "SELECT segment, seq, digest, payload, t0_ns, t1_ns, quote_id FROM ingest_batches"
 
@@ -323,6 +326,22 @@ class PgIngestStore:
             (node, t0_ns, t1_ns),
         )
         return [json.loads(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    def identity(self, node: str, kind: str) -> dict[str, Any] | None:
+        row = self._one("SELECT doc FROM ingest_identity WHERE node = %s AND kind = %s", (node, kind))
+        return dict(json.loads(row[0])) if row is not None else None
+
+    def set_identity(self, node: str, kind: str, doc: Mapping[str, Any] | None, now_ns: int) -> None:
+        if doc is None:
+            self._q("DELETE FROM ingest_identity WHERE node = %s AND kind = %s", (node, kind))
+            return
+        self._q(
+            "INSERT INTO ingest_identity (node, kind, doc, updated_ns) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (node, kind) DO UPDATE SET doc = excluded.doc, updated_ns = excluded.updated_ns",
+            (node, kind, json.dumps(dict(doc)), now_ns),
+        )
 
 
 class AttestListener:
