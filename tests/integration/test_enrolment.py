@@ -441,3 +441,28 @@ async def test_probe_enrols_and_is_attested(
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert load_key(key_file.parent, NODE) == pin.key
     env.close()
+
+
+async def test_tmb_probe_enroll_command(
+    tpms: tuple[Swtpm, Swtpm], store: TrustStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from probes.cli import main
+
+    honest, attacker = tpms
+    async with daemon(tmp_path, IdentityPolicy(store)) as d:
+        for tpm, name in ((honest, "ok"), (attacker, "other")):
+            config = tmp_path / f"{name}.toml"
+            config.write_text(
+                f'node = "{NODE}"\ndaemon_url = "{d.url}"\ntcti = "{tpm.tcti}"\n'
+                f'state_dir = "{tmp_path / name}"\n'
+            )
+            code = await asyncio.to_thread(main, ["enroll", "--config", str(config)])
+            out, err = capsys.readouterr()
+            if tpm is honest:
+                assert code == 0 and json.loads(out)["ek_trust"] == "certified", err
+                key = load_key(tmp_path / name, NODE)
+                assert key is not None
+                await honest_posts(d, key)
+            else:  # another manufacturer's TPM: refused, named, nothing kept
+                assert code == 2 and "identity.ek_untrusted_chain" in err, err
+                assert load_key(tmp_path / name, NODE) is None
