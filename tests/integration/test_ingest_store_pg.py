@@ -94,6 +94,20 @@ def test_nodes_round_trip(store: IngestBackend) -> None:
     assert again.state == state
 
 
+def test_identity_records_round_trip(store: IngestBackend) -> None:
+    assert store.identity("n", "pinned") is None
+    with store.transaction():
+        store.set_identity("n", "pinned", {"ak_name": "00", "key": "ab" * 32}, 5)
+        store.set_identity("n", "challenge", {"challenge": "c1", "expires_ns": 9}, 5)
+        store.set_identity("n", "challenge", {"challenge": "c2", "expires_ns": 10}, 6)  # the newest replaces
+    assert store.identity("n", "pinned") == {"ak_name": "00", "key": "ab" * 32}
+    assert store.identity("n", "challenge") == {"challenge": "c2", "expires_ns": 10}
+    assert store.identity("other", "pinned") is None
+    with store.transaction():
+        store.set_identity("n", "challenge", None, 7)  # consumed
+    assert store.identity("n", "challenge") is None and store.identity("n", "pinned") is not None
+
+
 def test_a_failed_transaction_leaves_nothing(store: IngestBackend) -> None:
     with store.transaction():
         store.upsert_node("n", b"ak", 1)
