@@ -252,7 +252,9 @@ class Probe:
                             t.result()
             finally:
                 for t in tasks:
-                    t.cancel()
+                    while not t.done():  # cancelled again should a cancel be swallowed (3.11 wait_for)
+                        t.cancel()
+                        await asyncio.wait({t}, timeout=1.0)
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await t
@@ -342,7 +344,8 @@ class Probe:
                 self._nonce_event.clear()
                 wait = max(0.05, due - time.monotonic()) if self._nonce is not None else None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nonce_event.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._nonce_event.wait()
             nonce, head = self._nonce, self.chain.head
             assert nonce is not None and head is not None
             qdata = qualifying_data(nonce, head.digest)
@@ -477,7 +480,8 @@ class Probe:
             if not items and self._nonce is not None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):  # not wait_for: on 3.11 it can swallow a cancel
+                        await self._wake.wait()
                 continue
             try:
                 if not items:
@@ -632,7 +636,7 @@ class Probe:
             except BaseException:
                 self.buffer.findings[:0] = findings
                 raise
-            if status >= 500:
+            if status >= 500 or status in (401, 429):  # the batches stay buffered: so do the findings
                 self.buffer.findings[:0] = findings
             return status, doc, group
         status, doc = await self._request(http, "POST", _ROUTES[first.kind], first.doc)

@@ -96,6 +96,9 @@ def check_quote(
     boot_ok = _boot(cfg, eventlog, quoted, matched, state, report)
     required_missing(cfg.policy, state, report)
     verity_ok = evaluate_verity(cfg.policy, state, report)
+    promoted = state.promote_bindings()  # bindings posted before this quote count from it on
+    if promoted:
+        store.add_findings(row.node, now, [f.to_dict() for f in promoted])
     sticky, binding = list(state.sticky), list(state.bindings)
     policy_ok = (
         matched

@@ -481,7 +481,9 @@ class Ingest:
     # ----------------------------------------------------------------------------------------- bindings
 
     def add_bindings(self, node: str, doc: Any) -> IngestResult:
-        """``{"t_ns": int, "processes": [binding...]}``: checked against the last verified quote's state."""
+        """``{"t_ns": int, "processes": [binding...]}``: checked against the last verified quote's state, in
+        effect (the quote summaries' and the stored findings) only from the next verified quote on: a post
+        no quote followed changes no verdict."""
         with self._db, self.store.transaction():
             row = self._known(node, lock=True)
             if not isinstance(row, NodeRow):
@@ -490,11 +492,9 @@ class Ingest:
                 return self._malformed(node, ParseError('expected {"t_ns": int, "processes": [...]}'))
             report = Report()
             check_bindings(self.policy, row.state, doc["processes"], self.model_patterns, report)
-            row.state.bindings = report.errors
+            row.state.bindings_pending = report.errors  # in effect from the next verified quote on
             self.store.set_state(node, row.state)
-            if report.errors:
-                self.store.add_findings(node, self.clock_ns(), [f.to_dict() for f in report.errors])
-            return self._taken(node, report.findings, processes=len(doc["processes"]))
+            return self._taken(node, report.findings, processes=len(doc["processes"]), effective="next_quote")
 
     # ----------------------------------------------------------------------------------------- queries
 
