@@ -408,6 +408,10 @@ class Ingest:
                 result = self._malformed(node, exc)
         if result.attested:
             self.wakeups.notify(node)
+        if result.accepted and result.data.get("rebooted"):
+            self.events(
+                Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
+            )
         return result
 
     def _add_quote(self, node: str, doc: Any) -> IngestResult:
@@ -476,6 +480,8 @@ class Ingest:
             "summary": summary.to_dict(),
             **self._extra(node),
         }
+        if checked.rebooted:
+            data["rebooted"] = True
         return taken(checked.findings, data, attested=checked.attested)
 
     # ----------------------------------------------------------------------------------------- bindings

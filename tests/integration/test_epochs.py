@@ -1,0 +1,87 @@
+"""A node reboots (swtpm power-cycled: resetCount grows, PCRs restart, a new IMA log): the daemon starts a new
+boot epoch on the first verified quote of the new boot, the probe ships the new log from its start, and the
+node is attested again without an operator; the old boot's IMA bytes are refused."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from swtpm import SwtpmFactory
+from test_probe_e2e import wait_until
+from test_probe_support import ENGINE_EXE, NODE, PROBE_BYTES, PROBE_PATH, NodeEnv, make_node, serve
+
+from probes.agent import Probe
+from tmb.attest.ima_build import LogBuilder
+from tmb.events import Event
+from tmb.ingest.service import Ingest
+
+
+async def run_until(env: NodeEnv, ingest: Ingest, url: str, cond: Any) -> Probe:
+    probe = Probe(env.probe_config(url))
+    stop = asyncio.Event()
+    task = asyncio.create_task(probe.run(stop))
+    try:
+        await wait_until(lambda: cond(probe))
+    finally:
+        stop.set()
+        await task
+    return probe
+
+
+def _last(ingest: Ingest) -> dict[str, Any]:
+    last = ingest.store.last_quote(NODE)
+    assert last is not None
+    return last
+
+
+@pytest.mark.parametrize("orderly", [True, False])
+async def test_reboot_starts_a_new_epoch_and_the_node_is_attested_again(
+    tmp_path: Path, swtpm_factory: SwtpmFactory, orderly: bool
+) -> None:
+    env = make_node(tmp_path, swtpm_factory)
+    events: list[Event] = []
+    ingest = env.ingest(events=events.append)
+    async with serve(ingest) as url:
+        await run_until(env, ingest, url, lambda p: p.stats.quotes_acked >= 2 and _last(ingest).get("ok"))
+        env.measure(ENGINE_EXE, b"engine")  # the old boot's log runs on: longer than the new one will be
+        await run_until(env, ingest, url, lambda p: _last(ingest).get("ok") and p.stats.quotes_acked >= 2)
+        before = _last(ingest)
+        old_end = ingest.store.node(NODE).ima_end  # type: ignore[union-attr]
+        old_log = env.log_path.read_bytes()
+        assert old_end == len(old_log) and events == []
+
+        # the reboot: the TPM resets (unclean: no TPM2_Shutdown, the clock may restart lower), a new IMA log
+        env.tpm.close()
+        env.swtpm.reboot(orderly=orderly)
+        env.tpm = env.swtpm.client()
+        env.log.close()
+        env.log = open(env.log_path, "wb")  # noqa: SIM115 - closed by env.close
+        env.builder = LogBuilder(env.log)
+        env.measure("boot_aggregate", b"boot")
+        env.measure(PROBE_PATH, PROBE_BYTES)
+        env.measure(ENGINE_EXE, b"engine")
+        env.mount_model()
+        assert len(env.log_path.read_bytes()) < old_end
+
+        probe = await run_until(
+            env,
+            ingest,
+            url,
+            lambda p: _last(ingest).get("ok") and _last(ingest)["reset_count"] > before["reset_count"],
+        )
+    after = _last(ingest)
+    assert after["ok"] and after["pcr_matched"], after
+    assert [e.kind for e in events] == ["node.rebooted"] and events[0].subject == NODE
+    assert ingest.store.node(NODE).ima_end == len(env.log_path.read_bytes())  # type: ignore[union-attr]
+    refused = {f["id"] for r in probe.stats.refused for f in r["findings"]}
+    assert refused <= {"ingest.quote_head_unknown", "chain.unknown_segment", "pcr.mismatch"}, refused
+    # the old boot's IMA bytes, offered at the old log's offsets: refused
+    out = ingest.add_ima(NODE, {"offset": old_end, "data": ""})
+    assert out.refusal is not None and out.refusal.id == "ima.delta_gap"
+    # the old boot's entries (the extra measurement) are forgotten; the new boot's verified quote attests
+    rows = [r for r in ingest.store.batches_overlapping(NODE, 0, 1 << 62) if r.quote_id == after["quote_id"]]
+    assert rows, "no batch attested by the new boot's quote"
+    env.close()
