@@ -120,6 +120,7 @@ class AttestationConfig:
     pcr_bank: str = "sha256"  # bank whose PCR 10 the IMA log is replayed against
     wait_s: float = 20.0  # how long a verdict waits for telemetry and a quote covering its window
     require_eventlog: bool = False  # true: a node without a firmware event log is unattested (boot chain)
+    stale_after_s: float = 30.0  # no verified quote for this long: the node is stale (0: never)
 
 
 @dataclass(frozen=True)
@@ -578,6 +579,10 @@ def _validate(config: Config) -> None:
         node, sep, ak = entry.partition("=")
         if not sep or not _NAME_RE.match(node) or not ak:
             fail("attestation.nodes entries are 'node-id=/path/to/ak'", "attestation", "nodes", entry)
+    if a.stale_after_s < 0:
+        fail(
+            "attestation.stale_after_s must not be negative", "attestation", "stale_after_s", a.stale_after_s
+        )
     if a.nonce_ttl_s <= 0 or a.wait_s < 0:
         fail("attestation durations must be positive", "attestation", "wait_s", a.wait_s)
     if a.nodes and not a.policy:

@@ -74,7 +74,9 @@ async def test_reboot_starts_a_new_epoch_and_the_node_is_attested_again(
         )
     after = _last(ingest)
     assert after["ok"] and after["pcr_matched"], after
-    assert [e.kind for e in events] == ["node.rebooted"] and events[0].subject == NODE
+    # rebooted once; the first quote of the new boot, before its IMA log arrived, may say unattested
+    assert [e.kind for e in events if e.kind != "node.unattested"] == ["node.rebooted"]
+    assert all(e.subject == NODE for e in events)
     assert ingest.store.node(NODE).ima_end == len(env.log_path.read_bytes())  # type: ignore[union-attr]
     refused = {f["id"] for r in probe.stats.refused for f in r["findings"]}
     assert refused <= {"ingest.quote_head_unknown", "chain.unknown_segment", "pcr.mismatch"}, refused
@@ -84,4 +86,67 @@ async def test_reboot_starts_a_new_epoch_and_the_node_is_attested_again(
     # the old boot's entries (the extra measurement) are forgotten; the new boot's verified quote attests
     rows = [r for r in ingest.store.batches_overlapping(NODE, 0, 1 << 62) if r.quote_id == after["quote_id"]]
     assert rows, "no batch attested by the new boot's quote"
+    env.close()
+
+
+def test_silent_node_becomes_stale_and_recovers(tmp_path: Path, swtpm_factory: SwtpmFactory) -> None:
+    """No verified quote for stale_after_s: stale (once-raised event, a node.stale finding in windows no quote
+    covers, the metrics gauge); a verified quote ends it; a daemon restart does not raise it again."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from test_ingest_attacks import post, quote, sealed
+
+    from tmb.daemon.metrics import StaleCollector
+
+    env = make_node(tmp_path, swtpm_factory)
+    now = [10**18]
+    events: list[Event] = []
+    ingest = env.ingest(stale_after_s=5.0, clock_ns=lambda: now[0], events=events.append)
+    registry = CollectorRegistry()
+    registry.register(StaleCollector(ingest.stale_nodes))
+    s = 10**9
+    now[0] += 4 * s
+    assert ingest.check_stale() == [] and events == []
+    now[0] += 2 * s  # registered 6 s ago, never quoted
+    assert ingest.check_stale() == [NODE]
+    assert ingest.check_stale() == [NODE]  # still stale: raised once
+    assert [e.kind for e in events] == ["node.stale"]
+    assert f'tmb_node_stale{{node="{NODE}"}} 1.0' in generate_latest(registry).decode()
+    window = ingest.attested_window(NODE, now[0] - s, now[0])
+    assert window.summary is None and "node.stale" in [f.id for f in window.findings]
+    # a verified quote: no longer stale
+    _, bs = sealed(1)
+    post(ingest, *bs)
+    assert quote(env, ingest, bs[-1].head).data["ok"]
+    now[0] += s
+    assert ingest.check_stale() == [] and "tmb_node_stale{" not in generate_latest(registry).decode()
+    assert "tmb_nodes_stale 0.0" in generate_latest(registry).decode()
+    # silent again: stale again, raised again
+    now[0] += 6 * s
+    assert ingest.check_stale() == [NODE] and [e.kind for e in events] == ["node.stale", "node.stale"]
+    ingest.close()
+    again: list[Event] = []
+    ingest = env.ingest(stale_after_s=5.0, clock_ns=lambda: now[0], events=again.append)
+    assert ingest.check_stale() == [NODE] and again == []  # the restart remembers it was raised
+    ingest.close()
+    env.close()
+
+
+def test_unattested_event_on_the_quote_that_breaks_the_chain(
+    tmp_path: Path, swtpm_factory: SwtpmFactory
+) -> None:
+    from test_ingest_attacks import post, quote, sealed
+
+    env = make_node(tmp_path, swtpm_factory)
+    events: list[Event] = []
+    ingest = env.ingest(events=events.append)
+    _, bs = sealed(1)
+    post(ingest, *bs)
+    assert quote(env, ingest, bs[-1].head).data["ok"] and events == []
+    env.measure("/usr/bin/evil", b"not allowed")
+    out = quote(env, ingest, bs[-1].head)
+    assert not out.data["ok"] and [e.kind for e in events] == ["node.unattested"]
+    assert events[0].data["why"], events[0].data
+    quote(env, ingest, bs[-1].head)  # still unattested: not raised again
+    assert [e.kind for e in events] == ["node.unattested"]
+    ingest.close()
     env.close()

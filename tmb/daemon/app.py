@@ -41,7 +41,7 @@ from tmb.config import Config
 from tmb.daemon import admin, translog
 from tmb.daemon.admin import ApiHandler
 from tmb.daemon.api import DaemonApi, evidence, keys, verdict
-from tmb.daemon.metrics import Metrics, healthz, metrics_page
+from tmb.daemon.metrics import Metrics, StaleCollector, healthz, metrics_page
 from tmb.daemon.openapi import ADMIN_SERVED, openapi
 from tmb.daemon.pipeline import RESUME_GRACE_S, Resumer, SpanPipeline, VerdictEngine
 from tmb.daemon.tls import server_context
@@ -146,6 +146,8 @@ async def build_app(
         await store.close()
         raise
     metrics = Metrics(pool)
+    if ingest is not None and config.attestation.stale_after_s > 0:
+        metrics.registry.register(StaleCollector(ingest.stale_nodes))
     api = DaemonApi(config, store, signer, pool, metrics, profile_sink=profile_sink)
     pipeline = SpanPipeline(store, metrics, engine, ack=config.store.ack == "commit")
     management = _management_app(config, api, ingest)
@@ -276,6 +278,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop.create_task(_retention_loop(d.store, d.config.store.retention_days)),
         loop.create_task(translog.checkpoint_loop(d.api, d.config.verdicts.checkpoint_s)),
     ]
+    if d.ingest is not None and d.ingest.stale_after_s > 0:
+        tasks.append(loop.create_task(_stale_loop(d.ingest)))
     yield
     await runner.cleanup()  # the management listener stops: no evidence or admin request is in flight
     await resumer.stop()
@@ -299,6 +303,17 @@ async def _close(d: Daemon) -> None:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+async def _stale_loop(ingest: Ingest) -> None:
+    """Which nodes are stale (``node.stale`` events, the metrics gauge), every few seconds."""
+    every = min(5.0, max(0.2, ingest.stale_after_s / 5))
+    while True:
+        try:
+            await asyncio.to_thread(ingest.check_stale)
+        except Exception:
+            log.exception("stale node check failed")
+        await asyncio.sleep(every)
 
 
 async def _retention_loop(store: AsyncStore, days: int) -> None:
@@ -375,6 +390,7 @@ def open_ingest(config: Config, events: EventSink = discard) -> Ingest | None:
         require_eventlog=a.require_eventlog,
         identity=_identity_policy(config),
         events=events,
+        stale_after_s=a.stale_after_s,
     )
     try:
         for entry in a.nodes:

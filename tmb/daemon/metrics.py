@@ -6,6 +6,7 @@ one while admin is on (:func:`sees_worker_detail`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -39,6 +40,24 @@ class _PoolCollector(Collector):
             inflight.add_metric([w.name], float(w.inflight))
         yield healthy
         yield inflight
+
+
+class StaleCollector(Collector):
+    """``tmb_nodes_stale`` and ``tmb_node_stale{node}``: nodes with no valid quote for
+    ``[attestation] stale_after_s`` (their requests are ``unattested``)."""
+
+    def __init__(self, stale: Callable[[], Mapping[str, int]]) -> None:
+        self.stale = stale
+
+    def collect(self) -> Any:
+        nodes = self.stale()
+        count = GaugeMetricFamily("tmb_nodes_stale", "nodes with no valid quote for stale_after_s")
+        count.add_metric([], float(len(nodes)))
+        each = GaugeMetricFamily("tmb_node_stale", "1 while the node is stale", labels=["node"])
+        for node in sorted(nodes):
+            each.add_metric([node], 1.0)
+        yield count
+        yield each
 
 
 class Metrics:

@@ -54,6 +54,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,6 +118,7 @@ class Ingest:
         require_eventlog: bool = False,
         identity: IdentityPolicy | None = None,
         events: EventSink = discard,
+        stale_after_s: float = 0.0,
     ) -> None:
         if isinstance(db, str | Path | sqlite3.Connection):
             self.store: IngestBackend = IngestStore(db, synchronous=synchronous)
@@ -133,6 +135,8 @@ class Ingest:
         self.events = events
         self.auth = ReplayGuard(self.identity.auth_skew_s)
         self._keys: dict[str, bytes | None] = {}  # by node: the evidence key (None: a static node)
+        self.stale_after_s = stale_after_s  # no verified quote for this long: stale (0: never)
+        self._stale: dict[str, int] = {}  # stale node -> since (ns): check_stale() keeps it
         self._aks: dict[str, tuple[bytes, AkPublic]] = {}  # by node: the stored AK bytes, parsed
         self._quote_wanted: set[str] = set()
         self._db = threading.RLock()  # one connection: one request's work at a time
@@ -401,6 +405,7 @@ class Ingest:
         """``{"message", "signature": base64, "pcrs": {bank: {idx: hex}}, "nonce": hex, "head": {...},
         "ak_name": hex (optional)}``."""
         with self._db:
+            was_ok = (self.store.last_quote(node) or {}).get("ok")
             try:
                 with self.store.transaction():
                     result = self._add_quote(node, doc)
@@ -412,6 +417,10 @@ class Ingest:
             self.events(
                 Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
             )
+        if result.accepted and result.data.get("ok") is False and was_ok is not False:
+            why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
+            data = {"quote_id": result.data.get("quote_id"), "why": why}
+            self.events(Event("node.unattested", node, self.clock_ns(), data))
         return result
 
     def _add_quote(self, node: str, doc: Any) -> IngestResult:
@@ -506,8 +515,52 @@ class Ingest:
 
     def attested_window(self, node: str, t0_ns: int, t1_ns: int) -> AttestedWindow:
         """The node's samples with ``t0_ns <= t < t1_ns``, the summary of the quote that covers all of them
-        (None when any is not yet covered by a verified quote, or there are none), and the findings."""
-        return self.windows.attested_window(node, t0_ns, t1_ns)
+        (None when any is not yet covered by a verified quote, or there are none), and the findings (with
+        ``node.stale`` when none covers it and the node is stale)."""
+        window = self.windows.attested_window(node, t0_ns, t1_ns)
+        since = self._stale.get(node)
+        if window.summary is None and since is not None:
+            stale = _err(
+                "node.stale",
+                f"the node sent no valid quote for more than {self.stale_after_s:g} s",
+                since_ns=since,
+            )
+            window = dc_replace(window, findings=(*window.findings, stale))
+        return window
+
+    def stale_nodes(self) -> dict[str, int]:
+        """The stale nodes as the last :meth:`check_stale` found them: node -> since (ns)."""
+        return dict(self._stale)
+
+    def check_stale(self, now_ns: int | None = None) -> list[str]:
+        """The nodes with no verified quote for ``stale_after_s`` (since their registration, if they never
+        sent one); raises ``node.stale`` once each time a node becomes stale (a record in the store, so a
+        restart does not raise it again). The daemon calls it every few seconds."""
+        if self.stale_after_s <= 0:
+            return []
+        now = self.clock_ns() if now_ns is None else now_ns
+        limit = int(self.stale_after_s * 1e9)
+        raised: list[Event] = []
+        stale: dict[str, int] = {}
+        with self._db:
+            times = self.store.quote_times()
+            with self.store.transaction():
+                for node, registered, last in times:
+                    since = (last if last is not None else registered) + limit
+                    record = self.store.identity(node, "stale")
+                    if now <= since:
+                        if record is not None:
+                            self.store.set_identity(node, "stale", None, now)
+                        continue
+                    stale[node] = since
+                    if record is None or int(record.get("since_ns", -1)) != since:
+                        self.store.set_identity(node, "stale", {"since_ns": since}, now)
+                        data = {"since_ns": since, "last_quote_ns": last}
+                        raised.append(Event("node.stale", node, now, data))
+            self._stale = stale
+        for event in raised:
+            self.events(event)
+        return sorted(stale)
 
     def status(self, node: str, _doc: Any = None) -> dict[str, Any] | None:
         with self._db:
@@ -520,6 +573,7 @@ class Ingest:
                 "attested": self.store.count_batches(node, attested=True),
                 "last_quote": self.store.last_quote(node),
                 "identity": _identity.status(self.store, node),
+                "stale_since_ns": self._stale.get(node),
                 **self._extra(node, row),
             }
 

@@ -246,6 +246,10 @@ class IngestBackend(Protocol):
     def eventlog_digest(self, node: str) -> bytes | None: ...
     def add_findings(self, node: str, now_ns: int, findings: Sequence[Mapping[str, Any]]) -> None: ...
     def findings(self, node: str, t0_ns: int = 0, t1_ns: int = 1 << 62) -> list[dict[str, Any]]: ...
+    def quote_times(self) -> list[tuple[str, int, int | None]]:
+        """Every node: ``(node, registered_ns, received_ns of its last verified quote or None)``."""
+        ...
+
     def identity(self, node: str, kind: str) -> dict[str, Any] | None:
         """The node's identity record of ``kind`` (:mod:`tmb.ingest.identity`: pinned, challenge, rekey)."""
         ...
@@ -529,3 +533,11 @@ class IngestStore:
             "ON CONFLICT(node, kind) DO UPDATE SET doc = excluded.doc, updated_ns = excluded.updated_ns",
             (node, kind, json.dumps(dict(doc)), now_ns),
         )
+
+    def quote_times(self) -> list[tuple[str, int, int | None]]:
+        rows = self.conn.execute(
+            "SELECT n.node, n.registered_ns, MAX(q.received_ns) FROM ingest_nodes n "
+            "LEFT JOIN ingest_quotes q ON q.node = n.node AND q.ok = 1 GROUP BY n.node, n.registered_ns "
+            "ORDER BY n.node"
+        ).fetchall()
+        return [(str(r[0]), int(r[1]), None if r[2] is None else int(r[2])) for r in rows]

@@ -343,6 +343,14 @@ class PgIngestStore:
             (node, kind, json.dumps(dict(doc)), now_ns),
         )
 
+    def quote_times(self) -> list[tuple[str, int, int | None]]:
+        rows = self._q(
+            "SELECT n.node, n.registered_ns, MAX(q.received_ns) FROM ingest_nodes n "
+            "LEFT JOIN ingest_quotes q ON q.node = n.node AND q.ok = 1 GROUP BY n.node, n.registered_ns "
+            "ORDER BY n.node"
+        )
+        return [(str(r[0]), int(r[1]), None if r[2] is None else int(r[2])) for r in rows]
+
 
 class AttestListener:
     """``LISTEN tmb_ingest_attested`` on a connection of its own, in a daemon thread: each notification's
