@@ -108,6 +108,16 @@ def test_identity_records_round_trip(store: IngestBackend) -> None:
     assert store.identity("n", "challenge") is None and store.identity("n", "pinned") is not None
 
 
+def test_quote_times(store: IngestBackend) -> None:
+    with store.transaction():
+        store.upsert_node("a", b"ak", 5)
+        store.upsert_node("b", b"ak", 6)
+        store.add_quote("a", 10, True, None, {}, b"m", b"s")
+        store.add_quote("a", 20, False, None, {}, b"m", b"s")  # refused: not a valid quote
+        store.add_quote("b", 7, False, None, {}, b"m", b"s")
+    assert store.quote_times() == [("a", 5, 10), ("b", 6, None)]
+
+
 def test_a_failed_transaction_leaves_nothing(store: IngestBackend) -> None:
     with store.transaction():
         store.upsert_node("n", b"ak", 1)

@@ -8,11 +8,18 @@
     POST /v1/ingest/{node}/ima                   {"offset", "data"}
     POST /v1/ingest/{node}/eventlog              {"data"}  (the UEFI event log, whole; at most 4 MiB)
     POST /v1/ingest/{node}/bindings              {"t_ns", "processes": [...]}
+    POST /v1/ingest/{node}/enroll                {"ek_public", "ek_certificates", "ak_public"}  (no key yet)
+    POST /v1/ingest/{node}/activate              {"challenge", "proof"}                         (no key yet)
+    POST /v1/ingest/admin/nodes/{node}/approve   {"ek_sha256", "ak_name"}: approve a re-keying  (bearer token)
     PUT  /v1/ingest/admin/nodes/{node}         {"ak": PEM | "ak_hex": TPM2B_PUBLIC hex}  (bearer token)
     GET  /v1/ingest/admin/nodes/{node}         status: batches, attested, last quote     (bearer token)
     POST /v1/ingest/admin/nodes/{node}/quote   ask the node's probe for a quote now      (bearer token)
 
-Every answer is JSON. Evidence taken: 200 with the result's data, ``findings`` and ``ok``. Refused: the
+The evidence routes (nonce to bindings) answer only requests authenticated by the node's key
+(:mod:`tmb.ingest.auth`: 401 ``auth.*`` otherwise, checked before the body is parsed or the node touched), at
+most ``rate_per_s``/``burst`` a node (429 ``ingest.rate_limited``), JSON at most 32 deep (400
+``ingest.too_deep``); enrolment and activation are :mod:`tmb.ingest.identity`'s. Every answer is JSON.
+Evidence taken: 200 with the result's data, ``findings`` and ``ok``. Refused: the
 daemon's error envelope (:mod:`tmb.envelope`): ``{"error": {"type": <finding id>, "message"}, "findings":
 [...]}`` plus the answer's data (``nonce``, ``ima_offset``, ... which the probe reads from refusals too),
 with the status :data:`STATUS` gives the refusing finding. Bad JSON is a 400 ``ingest.malformed``; a missing
