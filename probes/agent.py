@@ -83,6 +83,7 @@ MAX_FINDINGS_KEPT = 16  # findings kept from one refusal answer
 REPEAT_LOG_S = 60.0  # an identical refusal is counted at once but logged again only after this long
 OFFSET_RECHECK_S = 10.0  # a refused ima_offset offered again is checked against the log again after this
 EVENTLOG_RESEND_S = 30.0  # the event log is sent again at most this often (a daemon that keeps losing it)
+_KEY_UNKNOWN = ("auth.bad_mac", "auth.not_enrolled", "auth.missing")  # a 401 that means: enrol again
 _HEX32 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ROUTES = {
     "batch": "batches",
@@ -504,8 +505,9 @@ class Probe:
             route = _ROUTES[sent[0].kind] if sent else "nonce"
             offset = await self._take_answer(route, doc) if doc is not None else None
             if status in (401, 429):  # not the evidence's fault: keep it, enrol again (401), retry later
-                if status == 401:
-                    self._forget_key()
+                error = (doc or {}).get("error")
+                if status == 401 and isinstance(error, dict) and error.get("type") in _KEY_UNKNOWN:
+                    self._forget_key()  # not for auth.stale (a clock off) or auth.replayed: the key is fine
                 self.stats.send_errors += 1
                 await asyncio.sleep(max(backoff, 1.0))
                 backoff = min(backoff * 2, SEND_BACKOFF[1])

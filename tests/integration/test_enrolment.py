@@ -466,3 +466,22 @@ async def test_tmb_probe_enroll_command(
             else:  # another manufacturer's TPM: refused, named, nothing kept
                 assert code == 2 and "identity.ek_untrusted_chain" in err, err
                 assert load_key(tmp_path / name, NODE) is None
+
+
+async def test_enrolment_bodies_are_bounded(store: TrustStore, tmp_path: Path) -> None:
+    async with daemon(tmp_path, IdentityPolicy(store)) as d:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(20):
+                yield b" " * 8192  # no Content-Length: streamed, refused past 64 KiB
+
+        async with d.http.post(f"{d.url}/v1/ingest/{NODE}/enroll", data=chunks()) as resp:
+            assert resp.status == 413 and (await resp.json())["error"]["type"] == "ingest.too_large"
+        for body in (b"[" * 5000 + b"]" * 5000, b"{not json", b'{"ek_public": "zz", "ak_public": "00"}'):
+            status, doc = await d.call("POST", f"/v1/ingest/{NODE}/enroll", body)
+            assert status == 400 and ids(doc) == ["identity.malformed"], doc
+        status, doc = await d.call(
+            "POST", f"/v1/ingest/{NODE}/activate", {"challenge": "x" * 100, "proof": "00"}
+        )
+        assert status == 400 and ids(doc) == ["identity.malformed"]
+        assert d.ingest.store.identity(NODE, "challenge") is None and d.ingest.pinned(NODE) is None

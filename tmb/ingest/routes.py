@@ -167,10 +167,14 @@ def _enrolment(method: Method) -> Callable[[web.Request], Awaitable[web.StreamRe
         try:
             if request.content_length is not None and request.content_length > MAX_ENROL_BODY:
                 return _error("ingest.too_large", "the enrolment request is too large", limit=MAX_ENROL_BODY)
-            body = await request.content.read(MAX_ENROL_BODY + 1)
-            if len(body) > MAX_ENROL_BODY:
-                return _error("ingest.too_large", "the enrolment request is too large", limit=MAX_ENROL_BODY)
-            doc = loads_bounded(body, 4)
+            body = bytearray()
+            async for chunk in request.content.iter_chunked(8192):  # a chunked body has no declared length
+                body += chunk
+                if len(body) > MAX_ENROL_BODY:
+                    return _error(
+                        "ingest.too_large", "the enrolment request is too large", limit=MAX_ENROL_BODY
+                    )
+            doc = loads_bounded(bytes(body), 4)
             return _answer(await ingest.submit(node, method(ingest), doc))
         except TmbError as exc:
             context = {k: v for k, v in exc.context.items() if k != "too_deep"}
