@@ -485,3 +485,27 @@ async def test_enrolment_bodies_are_bounded(store: TrustStore, tmp_path: Path) -
         )
         assert status == 400 and ids(doc) == ["identity.malformed"]
         assert d.ingest.store.identity(NODE, "challenge") is None and d.ingest.pinned(NODE) is None
+
+
+async def test_enrolment_flood_is_rate_limited_and_leaves_few_challenges(
+    tpms: tuple[Swtpm, Swtpm], store: TrustStore, tmp_path: Path
+) -> None:
+    honest, _ = tpms
+    doc = identity_doc(honest)
+    async with daemon(tmp_path, IdentityPolicy(store, challenge_ttl_s=0.05)) as d:
+        statuses = []
+        for i in range(60):  # invented node names, each would get a challenge
+            status, _ = await d.call("POST", f"/v1/ingest/invented-{i}/enroll", doc)
+            statuses.append(status)
+            await asyncio.sleep(0.002)
+        assert statuses.count(429) >= 5 and set(statuses) <= {200, 429}, statuses
+        await asyncio.sleep(0.3)  # the challenges expire; the bucket refills a token
+        status, _ = await d.call("POST", "/v1/ingest/invented-last/enroll", doc)
+        assert status == 200
+        conn = d.ingest.store.conn  # type: ignore[attr-defined]
+        left = conn.execute("SELECT COUNT(*) FROM ingest_identity WHERE kind = 'challenge'").fetchone()[0]
+        assert left <= 1  # the expired ones were dropped before the last was made
+        status, answer = await d.call(
+            "POST", "/v1/ingest/invented-0/activate", {"challenge": "00", "proof": "00"}
+        )
+        assert status == 429 or ids(answer) == ["identity.challenge_unknown"], answer  # dropped

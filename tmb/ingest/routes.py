@@ -49,6 +49,9 @@ LIMIT_KEY = web.AppKey("tmb_ingest_rate", RateLimit)
 MAX_ENROL_BODY = 64 * 1024
 DEFAULT_RATE_PER_S = 50.0  # evidence requests a node may make a second, sustained
 DEFAULT_BURST = 200
+ENROL_RATE_PER_S = 5.0  # enrolment and activation requests, all nodes together (unauthenticated by nature)
+ENROL_BURST = 50
+ENROL_LIMIT_KEY = web.AppKey("tmb_ingest_enrol_rate", RateLimit)
 ADMIN_TOKEN_KEY = web.AppKey("tmb_ingest_admin_token", str)
 MAX_BODY = 16 * 1024 * 1024
 
@@ -164,6 +167,8 @@ def _enrolment(method: Method) -> Callable[[web.Request], Awaitable[web.StreamRe
     async def handle(request: web.Request) -> web.StreamResponse:
         ingest = request.app[INGEST_KEY]
         node = request.match_info["node"]
+        if not request.app[ENROL_LIMIT_KEY].take("*"):
+            return _error("ingest.rate_limited", "too many enrolment requests; try again later", node=node)
         try:
             if request.content_length is not None and request.content_length > MAX_ENROL_BODY:
                 return _error("ingest.too_large", "the enrolment request is too large", limit=MAX_ENROL_BODY)
@@ -261,6 +266,7 @@ def add_ingest_routes(
         app[ADMIN_TOKEN_KEY] = admin_token
     r = app.router
     app[LIMIT_KEY] = RateLimit(rate_per_s, burst)
+    app[ENROL_LIMIT_KEY] = RateLimit(ENROL_RATE_PER_S, ENROL_BURST)
     r.add_get("/v1/ingest/{node}/nonce", _nonce)
     r.add_post("/v1/ingest/{node}/batches", _evidence(lambda i: i.add_batches, "batches"))
     r.add_post("/v1/ingest/{node}/quotes", _evidence(lambda i: i.add_quote, "quotes"))

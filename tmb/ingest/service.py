@@ -591,6 +591,8 @@ class Ingest:
         if not node or len(node.encode()) > 255:
             return refused(_err("identity.malformed", "node id must be 1..255 bytes"))
         with self._db, self.store.transaction():
+            now = self.clock_ns()  # expired challenges go first: their number stays bounded
+            self.store.drop_identities("challenge", now - int(self.identity.challenge_ttl_s * 1e9))
             row = self.store.node(node, lock=True)
             return _identity.begin(
                 self.store, self.identity, node, doc, self.clock_ns(), row.ak if row is not None else None

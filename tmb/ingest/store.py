@@ -250,6 +250,10 @@ class IngestBackend(Protocol):
         """Every node: ``(node, registered_ns, received_ns of its last verified quote or None)``."""
         ...
 
+    def drop_identities(self, kind: str, before_ns: int) -> int:
+        """Delete the identity records of ``kind`` last written before ``before_ns`` (expired challenges)."""
+        ...
+
     def identity(self, node: str, kind: str) -> dict[str, Any] | None:
         """The node's identity record of ``kind`` (:mod:`tmb.ingest.identity`: pinned, challenge, rekey)."""
         ...
@@ -533,6 +537,12 @@ class IngestStore:
             "ON CONFLICT(node, kind) DO UPDATE SET doc = excluded.doc, updated_ns = excluded.updated_ns",
             (node, kind, json.dumps(dict(doc)), now_ns),
         )
+
+    def drop_identities(self, kind: str, before_ns: int) -> int:
+        cur = self.conn.execute(
+            "DELETE FROM ingest_identity WHERE kind = ? AND updated_ns < ?", (kind, before_ns)
+        )
+        return int(cur.rowcount)
 
     def quote_times(self) -> list[tuple[str, int, int | None]]:
         rows = self.conn.execute(

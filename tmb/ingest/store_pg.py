@@ -343,6 +343,13 @@ class PgIngestStore:
             (node, kind, json.dumps(dict(doc)), now_ns),
         )
 
+    def drop_identities(self, kind: str, before_ns: int) -> int:
+        rows = self._q(
+            "DELETE FROM ingest_identity WHERE kind = %s AND updated_ns < %s RETURNING node",
+            (kind, before_ns),
+        )
+        return len(rows)
+
     def quote_times(self) -> list[tuple[str, int, int | None]]:
         rows = self._q(
             "SELECT n.node, n.registered_ns, MAX(q.received_ns) FROM ingest_nodes n "
