@@ -106,6 +106,12 @@ def test_identity_records_round_trip(store: IngestBackend) -> None:
     with store.transaction():
         store.set_identity("n", "challenge", None, 7)  # consumed
     assert store.identity("n", "challenge") is None and store.identity("n", "pinned") is not None
+    with store.transaction():
+        store.set_identity("m", "challenge", {"challenge": "old"}, 3)
+        store.set_identity("k", "challenge", {"challenge": "new"}, 30)
+        assert store.drop_identities("challenge", 10) == 1  # only the expired one; pins are another kind
+    assert store.identity("m", "challenge") is None and store.identity("k", "challenge") is not None
+    assert store.identity("n", "pinned") is not None
 
 
 def test_quote_times(store: IngestBackend) -> None:
