@@ -16,7 +16,9 @@ from test_probe_support import ENGINE_EXE, NODE, PROBE_BYTES, PROBE_PATH, NodeEn
 from probes.agent import Probe
 from tmb.attest.ima_build import LogBuilder
 from tmb.events import Event
+from tmb.ingest.routes import status_of
 from tmb.ingest.service import Ingest
+from tmb.ingest.wire import Head
 
 
 async def run_until(env: NodeEnv, ingest: Ingest, url: str, cond: Any) -> Probe:
@@ -51,6 +53,11 @@ async def test_reboot_starts_a_new_epoch_and_the_node_is_attested_again(
         before = _last(ingest)
         old_end = ingest.store.node(NODE).ima_end  # type: ignore[union-attr]
         old_log = env.log_path.read_bytes()
+        held = ingest.store.node(NODE)
+        assert (
+            held is not None and held.segment is not None and held.seq is not None and held.head is not None
+        )
+        old_head = Head(held.segment, held.seq, held.head)
         assert old_end == len(old_log) and events == []
 
         # the reboot: the TPM resets (unclean: no TPM2_Shutdown, the clock may restart lower), a new IMA log
@@ -83,6 +90,15 @@ async def test_reboot_starts_a_new_epoch_and_the_node_is_attested_again(
     # the old boot's IMA bytes, offered at the old log's offsets: refused
     out = ingest.add_ima(NODE, {"offset": old_end, "data": ""})
     assert out.refusal is not None and out.refusal.id == "ima.delta_gap"
+    # a quote of the new boot's TPM over a chain head of the old boot: refused, it attests nothing
+    old_batch = ingest.store.batch(NODE, old_head.segment, old_head.seq)
+    assert old_batch is not None
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    out = ingest.add_quote(NODE, env.quote_doc(nonce, old_head))
+    assert out.refusal is not None and out.refusal.id == "epoch.old_boot", out.findings
+    assert status_of("epoch.old_boot") == 409
+    again = ingest.store.batch(NODE, old_head.segment, old_head.seq)
+    assert again is not None and again.quote_id == old_batch.quote_id  # attested by nothing new
     # the old boot's entries (the extra measurement) are forgotten; the new boot's verified quote attests
     rows = [r for r in ingest.store.batches_overlapping(NODE, 0, 1 << 62) if r.quote_id == after["quote_id"]]
     assert rows, "no batch attested by the new boot's quote"

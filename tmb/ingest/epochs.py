@@ -10,9 +10,10 @@ without an operator. The quote says so (``node.rebooted``, info) and the ingest 
 event.
 
 Evidence of the old boot is refused: a quote with a lower ``resetCount`` is ``quote.reset_count_decreased``;
-IMA bytes at the old log's offsets are ``ima.delta_gap``; old-boot batches can no longer be attested (no
-quote of the old boot is taken). Across a reboot the TPM clock may restart lower (an unclean power-off:
-``clockInfo.safe`` NO): :func:`previous_clock` then compares only the counters.
+IMA bytes at the old log's offsets are ``ima.delta_gap``; a quote over a chain head of an old-boot segment
+(created before the epoch began, other than the epoch's first segment) is ``epoch.old_boot`` (409), so
+old-boot batches can no longer be attested. Across a reboot the TPM clock may restart lower (an unclean
+power-off: ``clockInfo.safe`` NO): :func:`previous_clock` then compares only the counters.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tmb.errors import Finding, ParseError, Severity
 from tmb.ingest.state import NodeState
 from tmb.ingest.store import IngestBackend, NodeRow
 
-__all__ = ["new_boot", "previous_clock", "rebooted"]
+__all__ = ["new_boot", "old_boot_head", "previous_clock", "rebooted"]
 
 
 def _grew(now: int, before: int) -> bool:
@@ -53,10 +54,30 @@ def previous_clock(state: NodeState, message: bytes) -> ClockInfo | None:
     return replace(state.clock, clock=0) if rebooted(state, now) else state.clock
 
 
-def new_boot(store: IngestBackend, row: NodeRow, clock: ClockInfo) -> tuple[NodeRow, Finding]:
-    """Start the node's new boot epoch (in the caller's transaction): the row to go on checking with and the
-    finding that says so."""
+def old_boot_head(store: IngestBackend, state: NodeState, node: str, segment: bytes) -> Finding | None:
+    """The refusal of a quote over a chain head of the old boot: after a reboot, only the epoch's first
+    segment and segments whose genesis arrived later are the new boot's."""
+    epoch = state.epoch
+    if epoch is None or segment.hex() == epoch.get("segment"):
+        return None
+    held = store.segment(node, segment)
+    if held is None or held.created_ns is None or held.created_ns >= int(epoch.get("started_ns", 0)):
+        return None
+    return Finding(
+        "epoch.old_boot",
+        "the quoted chain head is telemetry of an earlier boot: it cannot be attested by this boot's TPM",
+        Severity.ERROR,
+        {"segment": segment.hex(), "reset_count": epoch.get("reset_count")},
+    )
+
+
+def new_boot(
+    store: IngestBackend, row: NodeRow, clock: ClockInfo, segment: bytes, now_ns: int
+) -> tuple[NodeRow, Finding]:
+    """Start the node's new boot epoch (in the caller's transaction) at the quote over a head of
+    ``segment``: the row to go on checking with and the finding that says so."""
     state = row.state
+    state.epoch = {"reset_count": clock.reset_count, "started_ns": now_ns, "segment": segment.hex()}
     before = state.clock.reset_count if state.clock is not None else None
     state.measured.clear()
     state.dm.clear()

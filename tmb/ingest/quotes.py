@@ -16,7 +16,7 @@ from tmb.attest.quote import AkPublic, verify_quote
 from tmb.attest.tpm2 import ClockInfo, PcrValues
 from tmb.errors import Finding, ParseError, Report, Severity
 from tmb.ingest.boot import ParsedLog, check_boot_chain
-from tmb.ingest.epochs import new_boot, previous_clock, rebooted
+from tmb.ingest.epochs import new_boot, old_boot_head, previous_clock, rebooted
 from tmb.ingest.policy import evaluate_entries, evaluate_verity, required_missing
 from tmb.ingest.results import AttestationSummary
 from tmb.ingest.state import NodeState
@@ -88,6 +88,10 @@ def check_quote(
             bank=cfg.pcr_bank,
         )
     position = (head.segment, head.seq, head.digest)
+    if report.ok and not rebooted(state, ci):
+        old = old_boot_head(store, state, row.node, head.segment)
+        if old is not None:
+            report.extend([old])
     if not report.ok:
         summary = _summary(cfg, row.node, 0, ci, pcr10, False, False, False, report.findings)
         store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
@@ -96,7 +100,7 @@ def check_quote(
     assert pcr10 is not None
     new_epoch = rebooted(state, ci)
     if new_epoch:  # the first verified quote of a new boot: the IMA replay starts again (tmb.ingest.epochs)
-        row, started = new_boot(store, row, ci)
+        row, started = new_boot(store, row, ci, head.segment, now)
         report.extend([started])
     matched = _replay(cfg, store, row, pcr10, report)
     boot_ok = _boot(cfg, eventlog, quoted, matched, state, report)

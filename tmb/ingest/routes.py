@@ -66,6 +66,7 @@ STATUS: Mapping[str, int] = {  # the refusing finding's id -> HTTP status ("fami
     "identity.challenge_expired": 409,
     "identity.static_registration_disabled": 403,
     "ingest.too_deep": 400,
+    "epoch.old_boot": 409,
     "ingest.rate_limited": 429,
     "ingest.ak_unregistered": 403,
     "ingest.unknown_node": 404,

@@ -15,6 +15,7 @@ ones the ingest has always written, so databases written before the state was ty
 ``clock``       the TPM clock of the last verified quote (a later quote must not go back)
 ``ima_first``   IMA's first entry (``boot_aggregate``) once a verified quote covered it
 ``ima_entries`` how many IMA entries verified quotes have covered
+``epoch``       the current boot epoch once a reboot was seen: resetCount, when it started, its first segment
 ==============  ============================================================================================
 """
 
@@ -93,6 +94,7 @@ class NodeState:
     clock: ClockInfo | None = None
     ima_first: ImaEntry | None = None
     ima_entries: int = 0
+    epoch: dict[str, Any] | None = None  # {"reset_count", "started_ns", "segment": hex} (tmb.ingest.epochs)
 
     def promote_bindings(self) -> list[Finding] | None:
         """At a verified quote: the bindings posted before it take effect (their findings, or None when
@@ -120,6 +122,8 @@ class NodeState:
             "bindings": [f.to_dict() for f in self.bindings],
             "ima_entries": self.ima_entries,
         }
+        if self.epoch is not None:
+            doc["epoch"] = self.epoch
         if self.bindings_pending is not None:
             doc["bindings_pending"] = [f.to_dict() for f in self.bindings_pending]
         if self.clock is not None:
@@ -168,6 +172,7 @@ class NodeState:
             clock=ClockInfo(**clock) if isinstance(clock, dict) else None,
             ima_first=_entry(doc.get("ima_first")),
             ima_entries=int(doc.get("ima_entries", 0)),
+            epoch=dict(doc["epoch"]) if isinstance(doc.get("epoch"), dict) else None,
         )
 
 

@@ -158,6 +158,7 @@ class SegmentRow:
     anchor_seq: int
     link_segment: bytes | None
     link_seq: int | None
+    created_ns: int | None = None  # when the daemon received its genesis
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,7 @@ class IngestStore:
 
     def segment(self, node: str, segment: bytes) -> SegmentRow | None:
         row = self.conn.execute(
-            "SELECT segment, anchor_seq, link_segment, link_seq FROM ingest_segments "
+            "SELECT segment, anchor_seq, link_segment, link_seq, created_ns FROM ingest_segments "
             "WHERE node = ? AND segment = ?",
             (node, segment),
         ).fetchone()

@@ -175,13 +175,13 @@ class PgIngestStore:
 
     def segment(self, node: str, segment: bytes) -> SegmentRow | None:
         row = self._one(
-            "SELECT segment, anchor_seq, link_segment, link_seq FROM ingest_segments "
+            "SELECT segment, anchor_seq, link_segment, link_seq, created_ns FROM ingest_segments "
             "WHERE node = %s AND segment = %s",
             (node, segment),
         )
         if row is None:
             return None
-        return SegmentRow(bytes(row[0]), row[1], None if row[2] is None else bytes(row[2]), row[3])
+        return SegmentRow(bytes(row[0]), row[1], None if row[2] is None else bytes(row[2]), row[3], row[4])
 
     def add_segment(
         self, node: str, segment: bytes, anchor: int, link: tuple[bytes, int] | None, now_ns: int
