@@ -27,6 +27,7 @@ eventlog.too_large          an event log larger than 4 MiB
 eventlog.malformed          an event log some event of which does not parse (not stored)
 eventlog.truncated          an event log that ends inside an event (not stored)
 quote.*                     the quote's signature, nonce, PCR digest or clock failed
+epoch.old_boot              after a reboot, a quote over an old-boot chain head (tmb.ingest.epochs)
 ==========================  ===================================================================
 
 Findings reported with evidence that is taken: ``chain.segment_unlinked`` (a new segment's genesis does not
