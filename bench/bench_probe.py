@@ -23,6 +23,7 @@ from probes.agent import Probe
 from probes.config import ProbeConfig
 from probes.tpm import AK_HANDLE
 from sample_infra.swtpm import Swtpm
+from tmb.attest.ekcert import ek_pin
 from tmb.attest.ima_build import LogBuilder
 from tmb.telemetry.synthetic import SyntheticSource
 
@@ -58,6 +59,7 @@ def main() -> None:
         sw = Swtpm(tmp / "tpm")
         with sw.client() as tpm:
             ak = tpm.create_or_load_ak(AK_HANDLE)
+            pin = ek_pin(tpm.ek_public("rsa"))  # this swtpm has no EK certificate: the daemon pins its EK
             with open(tmp / "ima", "wb") as fh:
                 b = LogBuilder(fh).file("/usr/bin/tmb-probe", b"probe")
             tpm.pcr_extend(10, {k: b.extends[k] for k in ("sha1", "sha256")})
@@ -71,7 +73,7 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "tmb.ingest", "--db", str(tmp / "d.db"), "--port", str(port)]
-        cmd += ["--policy", str(tmp / "policy.toml"), "--node", f"bench={tmp / 'ak'}"]
+        cmd += ["--policy", str(tmp / "policy.toml"), "--node", f"bench={tmp / 'ak'}", "--ek-pin", pin]
         daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         try:
             assert daemon.stdout is not None and daemon.stdout.readline().startswith("listening")

@@ -59,10 +59,12 @@ from probes.bindings import bind_all
 from probes.buffer import DiskBuffer, Item
 from probes.chain import Chain
 from probes.config import ProbeConfig
+from probes.enrol import EnrolError, enrol, load_key, save_key
 from probes.eventlog_reader import read_eventlog
 from probes.ima_reader import ImaReader
 from probes.tpm import Quote, TpmClient
 from tmb.errors import Finding, Severity, TmbError, TpmError, finding
+from tmb.ingest.auth import HEADER, sign_request
 from tmb.ingest.wire import ZERO, qualifying_data
 from tmb.telemetry.source import TelemetrySource, open_source
 
@@ -81,6 +83,7 @@ MAX_FINDINGS_KEPT = 16  # findings kept from one refusal answer
 REPEAT_LOG_S = 60.0  # an identical refusal is counted at once but logged again only after this long
 OFFSET_RECHECK_S = 10.0  # a refused ima_offset offered again is checked against the log again after this
 EVENTLOG_RESEND_S = 30.0  # the event log is sent again at most this often (a daemon that keeps losing it)
+_KEY_UNKNOWN = ("auth.bad_mac", "auth.not_enrolled", "auth.missing")  # a 401 that means: enrol again
 _HEX32 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ROUTES = {
     "batch": "batches",
@@ -179,6 +182,8 @@ class Probe:
         self._eventlog_digest: str | None = None  # its SHA-256 (hex)
         self._eventlog_refused: str | None = None  # the digest of a log the daemon refused (4xx)
         self._eventlog_queued: float | None = None  # when it was last queued (monotonic)
+        self._key = load_key(state_dir, config.node) if config.enroll else None  # the evidence key
+        self._enrol_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -248,7 +253,9 @@ class Probe:
                             t.result()
             finally:
                 for t in tasks:
-                    t.cancel()
+                    while not t.done():  # cancelled again should a cancel be swallowed (3.11 wait_for)
+                        t.cancel()
+                        await asyncio.wait({t}, timeout=1.0)
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await t
@@ -338,7 +345,8 @@ class Probe:
                 self._nonce_event.clear()
                 wait = max(0.05, due - time.monotonic()) if self._nonce is not None else None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nonce_event.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._nonce_event.wait()
             nonce, head = self._nonce, self.chain.head
             assert nonce is not None and head is not None  # noqa: S101
             qdata = qualifying_data(nonce, head.digest)
@@ -473,7 +481,8 @@ class Probe:
             if not items and self._nonce is not None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):  # not wait_for: on 3.11 it can swallow a cancel
+                        await self._wake.wait()
                 continue
             try:
                 if not items:
@@ -495,6 +504,14 @@ class Probe:
                 continue
             route = _ROUTES[sent[0].kind] if sent else "nonce"
             offset = await self._take_answer(route, doc) if doc is not None else None
+            if status in (401, 429):  # not the evidence's fault: keep it, enrol again (401), retry later
+                error = (doc or {}).get("error")
+                if status == 401 and isinstance(error, dict) and error.get("type") in _KEY_UNKNOWN:
+                    self._forget_key()  # not for auth.stale (a clock off) or auth.replayed: the key is fine
+                self.stats.send_errors += 1
+                await asyncio.sleep(max(backoff, 1.0))
+                backoff = min(backoff * 2, SEND_BACKOFF[1])
+                continue
             if status >= 500:
                 self.stats.send_errors += 1
                 await asyncio.sleep(backoff)
@@ -510,18 +527,51 @@ class Probe:
             backoff = SEND_BACKOFF[0]
             await self._settle(status, doc or {}, sent, offset)
 
+    async def _ensure_key(self, http: aiohttp.ClientSession) -> bytes:
+        """The evidence key; enrols first when there is none (docs/probe.md, "Node identity")."""
+        async with self._enrol_lock:
+            if self._key is not None:
+                return self._key
+
+            async def post(route: str, doc: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+                return await self._request(http, "POST", route, doc, sign=False)
+
+            try:
+                key, answer = await enrol(self.config.node, self.config.ak_handle, post, self._in_tpm_thread)
+            except EnrolError as exc:
+                raise _Refused(exc.finding) from None
+            except (TpmError, TimeoutError) as exc:
+                raise _Refused(
+                    _refusal("probe.enrol_tpm_failed", f"enrolment: the TPM failed: {exc}", error=_show(exc))
+                ) from None
+            save_key(self.config.state_dir, self.config.node, key)
+            self._key = key
+            log.info("enrolled with the daemon: %s", _show(answer, 300))
+            return key
+
+    def _forget_key(self) -> None:
+        """The daemon no longer knows the key (401): enrol again before the next request."""
+        if self.config.enroll and self._key is not None:
+            log.warning("the daemon refused the evidence key: enrolling again")
+            self._key = None
+            save_key(self.config.state_dir, self.config.node, None)
+
     async def _request(
-        self, http: aiohttp.ClientSession, method: str, what: str, body: Any
+        self, http: aiohttp.ClientSession, method: str, what: str, body: Any, *, sign: bool = True
     ) -> tuple[int, dict[str, Any] | None]:
         """``(status, JSON object)``; raises :class:`_Refused` for an answer too large, too slow or (below
         500) not a JSON object. A 5xx answer's body may be anything (None)."""
         limit_s = self.config.http_timeout_s
         kw: dict[str, Any] = {}
+        raw = json.dumps(body).encode() if body is not None else b""
+        headers: dict[str, str] = {}
         if body is not None:  # a stream, not one bytes object: aiohttp warns about large bodies given whole
-            kw = {
-                "data": io.BytesIO(json.dumps(body).encode()),
-                "headers": {"Content-Type": "application/json"},
-            }
+            kw = {"data": io.BytesIO(raw)}
+            headers["Content-Type"] = "application/json"
+        if sign and self.config.enroll:
+            key = await self._ensure_key(http)
+            headers[HEADER] = sign_request(key, method, self.config.node, what, raw)
+        kw["headers"] = headers
         try:
             async with asyncio.timeout(limit_s), http.request(method, self._url(what), **kw) as resp:
                 status = resp.status
@@ -588,7 +638,7 @@ class Probe:
             except BaseException:
                 self.buffer.findings[:0] = findings
                 raise
-            if status >= 500:
+            if status >= 500 or status in (401, 429):  # the batches stay buffered: so do the findings
                 self.buffer.findings[:0] = findings
             return status, doc, group
         status, doc = await self._request(http, "POST", _ROUTES[first.kind], first.doc)

@@ -159,6 +159,7 @@ class DiskBuffer:
         self._bytes -= item.size
         self._file(item).unlink(missing_ok=True)
 
-    def take_findings(self) -> list[Finding]:
-        out, self.findings = self.findings, []
+    def take_findings(self, limit: int = 64) -> list[Finding]:
+        """The oldest ``limit`` findings to ship (the daemon takes at most 64 a request); the rest stay."""
+        out, self.findings = self.findings[:limit], self.findings[limit:]
         return out

@@ -1,6 +1,6 @@
-"""``tmb-probe``: ``run --config FILE`` (the probe service) and ``enroll`` (create or load the AK, print what
-the operator registers with the daemon). Exit codes as ``tmb``: 0 ok, 2 bad input or TPM failure, 130
-interrupted."""
+"""``tmb-probe``: ``run --config FILE`` (the probe service) and ``enroll --config FILE`` (enrol the node with
+the daemon: EK certificate, AK, credential activation; without ``--config`` it prints the AK and EK). Exit
+codes as ``tmb``: 0 ok, 2 bad input, TPM failure or enrolment refused, 130 interrupted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from urllib.parse import quote as urlquote
 
 from probes.config import load_config
 from tmb.errors import TmbError
@@ -42,8 +43,59 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enroll_with_daemon(args: argparse.Namespace) -> int:
+    """Enrol the node with the daemon through the protocol (docs/probe.md, "Node identity") and keep the
+    evidence key in the probe's state_dir (``tmb-probe run`` also enrols on its own when it has none)."""
+    import aiohttp
+
+    from probes.enrol import EnrolError, enrol, save_key
+    from probes.tpm import TpmClient
+
+    config = load_config(args.config)
+    base = f"{config.daemon_url.rstrip('/')}/v1/ingest/{urlquote(config.node, safe='')}"
+
+    async def go() -> dict[str, object]:
+        tls = config.tls_context()
+        timeout = aiohttp.ClientTimeout(total=config.http_timeout_s)
+        connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+
+            async def post(route: str, doc: dict[str, object]) -> tuple[int, dict[str, object] | None]:
+                async with http.post(f"{base}/{route}", json=doc) as resp:
+                    data = await resp.content.read(1 << 20)
+                try:
+                    answer = json.loads(data)
+                except ValueError:
+                    return resp.status, None
+                return resp.status, answer if isinstance(answer, dict) else None
+
+            async def tpm(fn: Callable[[TpmClient], object]) -> object:
+                def call() -> object:
+                    with TpmClient(config.tcti) as client:
+                        return fn(client)
+
+                return await asyncio.to_thread(call)
+
+            key, answer = await enrol(config.node, config.ak_handle, post, tpm)
+        save_key(config.state_dir, config.node, key)
+        return answer
+
+    try:
+        answer = asyncio.run(go())
+    except EnrolError as exc:
+        print(f"enrolment refused: {exc.finding.message} {json.dumps(exc.finding.context)}", file=sys.stderr)
+        return 2
+    except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+        print(f"error: the daemon at {config.daemon_url} is unreachable: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"enrolled": True, **answer}, indent=2))
+    return 0
+
+
 def _enroll(args: argparse.Namespace) -> int:
     require("probe", "tmb-probe enroll", modules=("tpm2_pytss",))
+    if args.config:
+        return _enroll_with_daemon(args)
     from probes.tpm import AK_HANDLE, TpmClient
 
     handle = int(args.handle, 0) if args.handle else AK_HANDLE
@@ -82,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     run.set_defaults(func=_run)
-    enroll = sub.add_parser("enroll", help="create or load the AK and print what to register with the daemon")
+    enroll = sub.add_parser(
+        "enroll",
+        help="enrol with the daemon (--config: EK certificate, AK, credential activation); without "
+        "--config, print the AK and EK",
+    )
+    enroll.add_argument("--config", default=None, help="probe config TOML: enrol with its daemon_url")
     enroll.add_argument("--tcti", default="device:/dev/tpmrm0")
     enroll.add_argument("--handle", default=None, help="persistent AK handle (default: the probe's own)")
     enroll.add_argument("--alg", choices=("rsa", "ecc"), default="rsa")

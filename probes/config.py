@@ -71,6 +71,7 @@ class ProbeConfig:
     bind_pids: tuple[int, ...] = ()
     tpm_timeout_s: float = 10.0
     http_timeout_s: float = 10.0
+    enroll: bool = True  # enrol (EK certificate, credential activation) and sign evidence; false: unsigned
 
     def __post_init__(self) -> None:
         if not self.node or len(self.node.encode("utf-8")) > 255:
@@ -159,6 +160,7 @@ _TYPES: dict[str, type] = {
     "bind_pids": tuple,
     "tpm_timeout_s": float,
     "http_timeout_s": float,
+    "enroll": bool,
 }
 
 

@@ -243,7 +243,8 @@ class Demo:
             f'[attestation]\npolicy = "{self.out / "policy.toml"}"\ndb = "{d / "ingest.sqlite3"}"',
             f'commitments = ["{self.commitment_path}"]',
             f"wait_s = {s.wait_s}",
-            "nodes = [" + ", ".join(f'"{n}={b.ak_path}"' for n, b in self.nodes.items()) + "]\n",
+            "",
+            f'[identity]\nek_roots = "{self._ek_roots(d / "ek-roots")}"\n',
             f'[fingerprint]\nprofiles = ["{self.out / "profiles"}"]\n',
             f'[notify]\nurls = ["{self.notify.url}"]\nbackoff_s = 0.2\nmax_backoff_s = 2.0\n',
         ]
@@ -263,6 +264,16 @@ class Demo:
         await site.start()
         self.daemon_url = f"http://127.0.0.1:{site.addresses[0][1]}"
         self.management_url = app[DAEMON_KEY].management_url  # evidence ingest, over TLS
+
+    def _ek_roots(self, into: Path) -> Path:
+        """The trust store of the nodes' TPM "manufacturers": each swtpm's local CA (root and intermediate),
+        so the probes enrol through the real protocol (EK certificate, credential activation)."""
+        for name, node in self.nodes.items():
+            ca = node.swtpm.state_dir.parent / (node.swtpm.state_dir.name + "-ca")
+            (into / name).mkdir(parents=True, exist_ok=True)
+            for cert in ("swtpm-localca-rootca-cert.pem", "issuercert.pem"):
+                (into / name / cert).write_bytes((ca / cert).read_bytes())
+        return into
 
     def _start_probe(self, name: str) -> None:
         node, s = self.nodes[name], self.settings

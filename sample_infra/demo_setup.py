@@ -173,7 +173,7 @@ def boot_node(name: str, root: Path, commitment: Commitment, *, attack: str | No
     """Start the node's swtpm, create its AK, boot it: the event log while extending PCRs 0-9, then the IMA
     log while extending PCR 10 (see module doc)."""
     root.mkdir(parents=True, exist_ok=True)
-    swtpm = Swtpm(root / "tpm")
+    swtpm = Swtpm(root / "tpm", ek_cert=True)  # an EK certificate from its own local CA, as a vendor
     try:
         log_path = root / "binary_runtime_measurements"
         eventlog_path = root / "binary_bios_measurements"

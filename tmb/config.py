@@ -124,6 +124,18 @@ class AttestationConfig:
     wait_s: float = 20.0  # how long a verdict waits for telemetry and a quote covering its window
     require_eventlog: bool = False  # true: a node without a firmware event log is unattested (boot chain)
     commitments: tuple[str, ...] = ()  # model commitment files (tmb commit) in force: exported in bundles
+    stale_after_s: float = 30.0  # no verified quote for this long: the node is stale (0: never)
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    ek_roots: str = ""  # directory of TPM manufacturer root (and intermediate) certificates; empty: none
+    ek_pins: tuple[str, ...] = ()  # EK pins (tmb.attest.ekcert.ek_pin) of vTPMs without a certificate
+    challenge_ttl_s: float = 60.0  # an enrolment challenge must be answered within this
+    auth_skew_s: float = 300.0  # an evidence request's signed time may differ from the daemon's by this
+    rate_per_s: float = 50.0  # evidence requests a node may make a second (sustained); 0: unlimited
+    burst: int = 200  # ... and at once
+    insecure_static_nodes: bool = False  # true (tests, development): AK-registered nodes post unsigned
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     attestation: AttestationConfig = field(default_factory=AttestationConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     auditors: AuditorsConfig = field(default_factory=AuditorsConfig)
@@ -242,6 +255,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "admin": AdminConfig,
     "metrics": MetricsConfig,
     "attestation": AttestationConfig,
+    "identity": IdentityConfig,
     "fingerprint": FingerprintConfig,
     "notify": NotifyConfig,
     "auditors": AuditorsConfig,
@@ -608,10 +622,19 @@ def _validate(config: Config) -> None:
         node, sep, ak = entry.partition("=")
         if not sep or not _NAME_RE.match(node) or not ak:
             fail("attestation.nodes entries are 'node-id=/path/to/ak'", "attestation", "nodes", entry)
+    if a.stale_after_s < 0:
+        fail(
+            "attestation.stale_after_s must not be negative", "attestation", "stale_after_s", a.stale_after_s
+        )
     if a.nonce_ttl_s <= 0 or a.wait_s < 0:
         fail("attestation durations must be positive", "attestation", "wait_s", a.wait_s)
     if a.nodes and not a.policy:
         fail("attestation.nodes needs attestation.policy (the runtime policy)", "attestation", "policy", "")
+    ident = config.identity
+    if ident.challenge_ttl_s <= 0 or ident.auth_skew_s <= 0:
+        fail("identity durations must be positive", "identity", "auth_skew_s", ident.auth_skew_s)
+    if ident.rate_per_s < 0 or ident.burst < 1:
+        fail("identity.rate_per_s must not be negative, burst at least 1", "identity", "burst", ident.burst)
     if not 0.0 <= config.fingerprint.target_far < 0.5:
         fail(
             "fingerprint.target_far must be in [0, 0.5)",

@@ -34,6 +34,7 @@ from tmb.attest.eventlog_build import EventLogBuilder, make_certificate, standar
 from tmb.attest.eventlog_events import summarize
 from tmb.attest.ima_build import LogBuilder
 from tmb.errors import Finding, Report, Severity
+from tmb.ingest.identity import IdentityPolicy
 from tmb.ingest.results import AttestationSummary
 from tmb.ingest.service import Ingest
 from tmb.spans import Outcome, Span
@@ -402,7 +403,7 @@ async def test_eventlog_route_refuses_bad_input_with_findings(
     tmp_path: Path, swtpm_factory: SwtpmFactory
 ) -> None:
     env = booted_node(tmp_path, swtpm_factory)
-    ingest = env.ingest()
+    ingest = env.ingest(identity=IdentityPolicy(insecure_static_nodes=True))  # unsigned posts: the bodies
     raw = env.extra["eventlog"].read_bytes()
     async with serve(ingest) as url, aiohttp.ClientSession() as http:
 
@@ -438,7 +439,7 @@ async def test_eventlog_route_refuses_bad_input_with_findings(
         got, doc = await post(NODE, data=b"{not json")
         assert got == 400 and fids(doc) == ["ingest.malformed"]
         got, doc = await post("nobody", {"data": b64(raw)})
-        assert got == 404 and fids(doc) == ["ingest.unknown_node"]
+        assert got == 401 and fids(doc) == ["auth.not_enrolled"]
         # refusals are recorded against the node (they show in its windows' findings)
         assert {"eventlog.truncated", "eventlog.malformed", "eventlog.too_large"} <= {
             f["id"] for f in ingest.store.findings(NODE)

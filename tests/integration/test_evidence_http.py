@@ -22,7 +22,7 @@ from test_proxy_support import Daemon, make_config, start_daemon
 
 from probes.chain import Chain
 from tmb.attest.evidence import audit_bundle
-from tmb.config import AttestationConfig, AuditorsConfig
+from tmb.config import AttestationConfig, AuditorsConfig, IdentityConfig
 from tmb.telemetry.sample import SampleBatch
 
 TOKEN = "9f2c4e6a8b0d1f3a5c7e9b1d3f5a7c9e"
@@ -156,6 +156,9 @@ async def test_two_daemons_on_postgresql_share_the_nonce_log_over_http(
     config = dataclasses.replace(
         base,
         attestation=AttestationConfig(policy=str(policy)),
+        # the node is registered by its AK and posts unsigned (the enrolled, signed path across two daemons
+        # is test_serve_pg_evidence's): this test is about the shared nonce log
+        identity=IdentityConfig(insecure_static_nodes=True),
         auditors=AuditorsConfig(tokens=(TOKEN,)),
         store=dataclasses.replace(base.store, url=pg_url),
     )

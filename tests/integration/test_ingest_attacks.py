@@ -267,3 +267,33 @@ def test_nonce_survives_restart_and_evidence_is_kept_as_received(node: NodeEnv) 
     assert json.loads(store.blob(bytes.fromhex(q.meta["pcrs"])) or b"") == doc["pcrs"]
     (ak,) = store.records(NODE, "ak")
     assert store.blob(ak.digest) == store.node(NODE).ak
+
+
+def test_bindings_count_only_from_the_next_verified_quote(node: NodeEnv) -> None:
+    """A bindings post no quote followed changes nothing a verdict reads (stored findings, the quote
+    summaries); the next verified quote takes it up. Persisted across a restart in between."""
+    ingest = node.ingest()
+    _, bs = sealed(1)
+    post(ingest, *bs)
+    assert quote(node, ingest, bs[-1].head).data["ok"]  # the measured state bindings are checked against
+    model = "/models/llama/model.safetensors"
+    assert _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "7:1"}]) == ["binding.model_bypasses_verity"]
+    assert ingest.store.findings(NODE) == []  # not in effect: no quote followed it yet
+    first = quote(node, ingest, bs[-1].head, ima=False)
+    assert "binding.model_bypasses_verity" in ids(first) and not first.data["ok"]
+    # an empty list posted after the quote: not in effect yet
+    assert _bind(ingest, ENGINE_EXE, []) == []
+    stored = [f["id"] for f in ingest.store.findings(NODE)]
+    assert stored.count("binding.model_bypasses_verity") == 1
+    ingest.close()
+    ingest = node.ingest()  # a daemon restart keeps the pending post pending
+    row = ingest.store.node(NODE)
+    assert row is not None and row.state.bindings_pending == [] and row.state.bindings
+    second = quote(node, ingest, bs[-1].head, ima=False)
+    assert "binding.model_bypasses_verity" not in ids(second) and second.data["ok"], ids(second)
+    # a planted entry is likewise not in effect until a quote follows it
+    assert _bind(ingest, "/usr/bin/evil", []) == ["binding.exe_not_allowlisted"]
+    assert [f["id"] for f in ingest.store.findings(NODE)].count("binding.exe_not_allowlisted") == 0
+    third = quote(node, ingest, bs[-1].head, ima=False)
+    assert "binding.exe_not_allowlisted" in ids(third)
+    ingest.close()

@@ -8,10 +8,13 @@ import aiohttp
 from swtpm import SwtpmFactory
 from test_probe_support import ADMIN, NODE, make_node, serve
 
+from tmb.ingest.identity import IdentityPolicy
+
 
 async def test_http_errors_and_admin(tmp_path: Path, swtpm_factory: SwtpmFactory) -> None:
     env = make_node(tmp_path, swtpm_factory, model=False)
-    ingest = env.ingest()
+    # the insecure development mode: nodes registered by AK alone post unsigned (test_enrolment.py: the rest)
+    ingest = env.ingest(identity=IdentityPolicy(insecure_static_nodes=True))
     auth = {"Authorization": f"Bearer {ADMIN}"}
     async with serve(ingest) as url, aiohttp.ClientSession() as http:
 
@@ -23,9 +26,13 @@ async def test_http_errors_and_admin(tmp_path: Path, swtpm_factory: SwtpmFactory
             return [f["id"] for f in doc["findings"]]  # type: ignore[index, union-attr]
 
         status, doc = await call("GET", "/v1/ingest/nobody/nonce")
-        assert status == 404 and fid(doc) == ["ingest.unknown_node"]
+        assert status == 401 and fid(doc) == ["auth.not_enrolled"]
         status, doc = await call("POST", "/v1/ingest/nobody/batches", json={"batches": []})
-        assert status == 404 and fid(doc) == ["ingest.unknown_node"]
+        assert status == 401 and fid(doc) == ["auth.not_enrolled"]
+        status, doc = await call("POST", f"/v1/ingest/{NODE}/batches", data=b"[" * 100_000 + b"]" * 100_000)
+        assert status == 400 and fid(doc) == ["ingest.too_deep"]
+        status, doc = await call("POST", f"/v1/ingest/{NODE}/batches", data=b"[" * 40 + b"]" * 40)
+        assert status == 400 and fid(doc) == ["ingest.too_deep"]
         status, doc = await call("POST", f"/v1/ingest/{NODE}/batches", data=b"{not json")
         assert status == 400 and fid(doc) == ["ingest.malformed"]
         for body in ({"batches": [{"node": NODE}]}, {"batches": "x"}, [1, 2]):

@@ -98,6 +98,36 @@ def test_nodes_round_trip(store: IngestBackend) -> None:
     assert again.state == state
 
 
+def test_identity_records_round_trip(store: IngestBackend) -> None:
+    assert store.identity("n", "pinned") is None
+    with store.transaction():
+        store.set_identity("n", "pinned", {"ak_name": "00", "key": "ab" * 32}, 5)
+        store.set_identity("n", "challenge", {"challenge": "c1", "expires_ns": 9}, 5)
+        store.set_identity("n", "challenge", {"challenge": "c2", "expires_ns": 10}, 6)  # the newest replaces
+    assert store.identity("n", "pinned") == {"ak_name": "00", "key": "ab" * 32}
+    assert store.identity("n", "challenge") == {"challenge": "c2", "expires_ns": 10}
+    assert store.identity("other", "pinned") is None
+    with store.transaction():
+        store.set_identity("n", "challenge", None, 7)  # consumed
+    assert store.identity("n", "challenge") is None and store.identity("n", "pinned") is not None
+    with store.transaction():
+        store.set_identity("m", "challenge", {"challenge": "old"}, 3)
+        store.set_identity("k", "challenge", {"challenge": "new"}, 30)
+        assert store.drop_identities("challenge", 10) == 1  # only the expired one; pins are another kind
+    assert store.identity("m", "challenge") is None and store.identity("k", "challenge") is not None
+    assert store.identity("n", "pinned") is not None
+
+
+def test_quote_times(store: IngestBackend) -> None:
+    with store.transaction():
+        store.upsert_node("a", b"ak", 5)
+        store.upsert_node("b", b"ak", 6)
+        store.add_quote("a", 10, True, None, {}, b"m", b"s")
+        store.add_quote("a", 20, False, None, {}, b"m", b"s")  # refused: not a valid quote
+        store.add_quote("b", 7, False, None, {}, b"m", b"s")
+    assert store.quote_times() == [("a", 5, 10), ("b", 6, None)]
+
+
 def test_a_failed_transaction_leaves_nothing(store: IngestBackend) -> None:
     with store.transaction():
         store.upsert_node("n", b"ak", 1)

@@ -21,6 +21,7 @@ from test_probe_support import NODE, NodeEnv, make_node, serve
 
 from probes.agent import Probe
 from probes.tpm import Quote, TpmClient
+from tmb.attest.ekcert import ek_pin
 from tmb.errors import TpmError
 
 
@@ -55,7 +56,7 @@ def _daemon(env: NodeEnv, port: int) -> subprocess.Popen[str]:
         "--policy",
         str(policy),
     ]
-    cmd += ["--port", str(port), "--node", f"{NODE}={ak}"]
+    cmd += ["--port", str(port), "--node", f"{NODE}={ak}", "--ek-pin", ek_pin(env.tpm.ek_public("rsa"))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

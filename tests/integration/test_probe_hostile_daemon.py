@@ -152,6 +152,7 @@ async def hostile(daemon: HostileDaemon) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def running(env: NodeEnv, url: str, **kw: Any) -> AsyncIterator[Probe]:
+    kw.setdefault("enroll", False)  # this fake daemon speaks evidence only: the probe posts unsigned
     probe = Probe(env.probe_config(url, **kw))
     stop = asyncio.Event()
     task = asyncio.create_task(probe.run(stop))

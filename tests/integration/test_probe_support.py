@@ -19,9 +19,11 @@ from swtpm import Swtpm, SwtpmFactory
 
 from probes.config import ProbeConfig
 from probes.tpm import AK_HANDLE, TpmClient
+from tmb.attest.ekcert import ek_pin
 from tmb.attest.ima_build import LogBuilder, dm_device_resume, dm_table_load_verity
 from tmb.attest.policy import RuntimePolicy, policy_from_dict
 from tmb.attest.quote import AkPublic
+from tmb.ingest.identity import IdentityPolicy
 from tmb.ingest.routes import make_app
 from tmb.ingest.service import Ingest
 from tmb.ingest.wire import Head, qualifying_data
@@ -77,6 +79,9 @@ class NodeEnv:
         return policy_from_dict(self.policy_doc)
 
     def ingest(self, db: Path | None = None, **kw: Any) -> Ingest:
+        """An ingest trusting this node's EK by its pin (this swtpm has no EK certificate), the node
+        registered with its AK (the probe then enrols with the same AK)."""
+        kw.setdefault("identity", IdentityPolicy(pins=(ek_pin(self.tpm.ek_public("rsa")),)))
         ingest = Ingest(db or self.tmp / "ingest.db", policy=self.policy, **kw)
         assert self.ak.tpm2b_public is not None
         ingest.register_node(NODE, self.ak.tpm2b_public)

@@ -1,7 +1,7 @@
-"""Two daemons on one PostgreSQL, end to end over HTTP: a node's probe (real swtpm) sends its evidence to
-daemon A's management listener only; a client's request goes through daemon B's proxy listener; B's verdict
-is decided on the evidence A took (shared through the database, B's engine woken by A's NOTIFY), and A
-serves the same signed verdict."""
+"""Two daemons on one PostgreSQL, end to end over HTTP: a node's probe (real swtpm) enrols with daemon A
+and sends its signed evidence to A's management listener only; a client's request goes through daemon B's
+proxy listener; B's verdict is decided on the evidence A took (shared through the database, B's engine woken
+by A's NOTIFY), and A serves the same signed verdict."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from test_probe_support import NODE, make_node
 from test_proxy_support import WorkerState, make_config, start_daemon, workers
 
 from probes.agent import Probe
-from tmb.config import AttestationConfig, StoreConfig
+from tmb.attest.ekcert import ek_pin
+from tmb.config import AttestationConfig, IdentityConfig, StoreConfig
 from tmb.verdict.signing import load_public_keys, verify_verdict
 
 __all__ = ["workers"]
@@ -41,19 +42,19 @@ async def test_evidence_at_one_daemon_decides_a_request_through_the_other(
     pg_url: str,
 ) -> None:
     env = make_node(tmp_path, swtpm_factory)
-    assert env.ak.tpm2b_public is not None
-    ak_file = tmp_path / "ak.tpm2b"
-    ak_file.write_bytes(env.ak.tpm2b_public)
     policy = tmp_path / "policy.toml"
     policy.write_text(policy_toml(env.policy_doc))
 
     base = make_config(tmp_path, [("a", workers["a"][1])])
     worker = dataclasses.replace(base.workers[0], node=NODE)
-    attestation = AttestationConfig(policy=str(policy), nodes=(f"{NODE}={ak_file}",), wait_s=60.0)
+    attestation = AttestationConfig(policy=str(policy), wait_s=60.0)
+    # The probe enrols with A (credential activation); this swtpm's EK has no certificate: trusted by pin.
+    identity = IdentityConfig(ek_pins=(ek_pin(env.tpm.ek_public("rsa")),))
     config = dataclasses.replace(
         base,
         workers=(worker,),
         attestation=attestation,
+        identity=identity,
         store=StoreConfig(path=str(tmp_path / "unused.sqlite3"), url=pg_url),
     )
     runner_a, a = await start_daemon(config)

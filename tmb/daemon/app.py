@@ -42,13 +42,14 @@ from tmb.daemon import admin, translog
 from tmb.daemon import evidence as evidence_bundles
 from tmb.daemon.admin import ApiHandler
 from tmb.daemon.api import DaemonApi, evidence, keys, verdict
-from tmb.daemon.metrics import Metrics, healthz, metrics_page
+from tmb.daemon.metrics import Metrics, StaleCollector, healthz, metrics_page
 from tmb.daemon.notify import Notifier, notify_db_path
 from tmb.daemon.openapi import ADMIN_SERVED, openapi
 from tmb.daemon.pipeline import RESUME_GRACE_S, Resumer, SpanPipeline, VerdictEngine
 from tmb.daemon.tls import server_context
 from tmb.envelope import error_response
 from tmb.errors import ConfigError, InputError
+from tmb.events import EventSink, discard
 from tmb.proxy.app import Proxy, make_proxy_routes
 from tmb.proxy.contract import MANAGEMENT_PATHS, normal_form, under
 from tmb.proxy.upstream import WorkerPool
@@ -59,6 +60,7 @@ from tmb.verdict.store import Store
 
 if TYPE_CHECKING:
     from tmb.fingerprint.loadprofile import LoadProfile
+    from tmb.ingest.identity import IdentityPolicy
     from tmb.ingest.service import Ingest
     from tmb.verdict.engine import Engine
     from tmb.verdict.model import Window
@@ -135,7 +137,7 @@ async def build_app(
     try:
         signer = await load_key(config, store, new_key=new_key)
         notifier = open_notifier(config, signer)
-        ingest = open_ingest(config)
+        ingest = open_ingest(config, events=notifier.emit)  # node events become signed webhooks
         pool = WorkerPool(config.workers, config.proxy)
         if engine is None:
             own = _engine(config, store, signer, ingest, pool, notifier)
@@ -154,6 +156,8 @@ async def build_app(
         raise
     metrics = Metrics(pool)
     notifier.set_metrics(metrics.notify)
+    if ingest is not None and config.attestation.stale_after_s > 0:
+        metrics.registry.register(StaleCollector(ingest.stale_nodes))
     api = DaemonApi(config, store, signer, pool, metrics, profile_sink=profile_sink, ingest=ingest)
     pipeline = SpanPipeline(store, metrics, engine, ack=config.store.ack == "commit")
     management = _management_app(config, api, ingest)
@@ -192,7 +196,13 @@ def _management_app(config: Config, api: DaemonApi, ingest: Ingest | None) -> we
     if ingest is not None:
         from tmb.ingest.routes import add_ingest_routes
 
-        add_ingest_routes(app, ingest, admin_token=config.admin.token if config.admin_enabled() else None)
+        add_ingest_routes(
+            app,
+            ingest,
+            admin_token=config.admin.token if config.admin_enabled() else None,
+            rate_per_s=config.identity.rate_per_s,
+            burst=config.identity.burst,
+        )
     return app
 
 
@@ -281,6 +291,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop.create_task(translog.checkpoint_loop(d.api, d.config.verdicts.checkpoint_s)),
     ]
     await d.notifier.start()
+    if d.ingest is not None and d.ingest.stale_after_s > 0:
+        tasks.append(loop.create_task(_stale_loop(d.ingest)))
     yield
     await runner.cleanup()  # the management listener stops: no evidence or admin request is in flight
     await resumer.stop()
@@ -306,6 +318,17 @@ async def _close(d: Daemon) -> None:
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+async def _stale_loop(ingest: Ingest) -> None:
+    """Which nodes are stale (``node.stale`` events, the metrics gauge), every few seconds."""
+    every = min(5.0, max(0.2, ingest.stale_after_s / 5))
+    while True:
+        try:
+            await asyncio.to_thread(ingest.check_stale)
+        except Exception:
+            log.exception("stale node check failed")
+        await asyncio.sleep(every)
 
 
 async def _retention_loop(store: AsyncStore, days: int) -> None:
@@ -350,7 +373,20 @@ async def load_key(config: Config, store: AsyncStore, *, new_key: bool = False) 
     return signer
 
 
-def open_ingest(config: Config) -> Ingest | None:
+def _identity_policy(config: Config) -> IdentityPolicy:
+    from tmb.ingest.identity import IdentityPolicy
+
+    i = config.identity
+    return IdentityPolicy.load(
+        i.ek_roots,
+        i.ek_pins,
+        challenge_ttl_s=i.challenge_ttl_s,
+        auth_skew_s=i.auth_skew_s,
+        insecure_static_nodes=i.insecure_static_nodes,
+    )
+
+
+def open_ingest(config: Config, events: EventSink = discard) -> Ingest | None:
     """The evidence ingest (``[attestation]``) with the configured nodes' AKs registered, its evidence in the
     SQLite file or, with ``[store] url``, the PostgreSQL database of the verdicts; None without a policy (no
     ingest: every verdict says ``unattested``)."""
@@ -367,6 +403,9 @@ def open_ingest(config: Config) -> Ingest | None:
         nonce_ttl_s=a.nonce_ttl_s,
         pcr_bank=a.pcr_bank,
         require_eventlog=a.require_eventlog,
+        identity=_identity_policy(config),
+        events=events,
+        stale_after_s=a.stale_after_s,
     )
     try:
         # the policy and commitments in force, in the evidence trail: every quote names the policy it was

@@ -42,6 +42,24 @@ class _PoolCollector(Collector):
         yield inflight
 
 
+class StaleCollector(Collector):
+    """``tmb_nodes_stale`` and ``tmb_node_stale{node}``: nodes with no valid quote for
+    ``[attestation] stale_after_s`` (their requests are ``unattested``)."""
+
+    def __init__(self, stale: Callable[[], Mapping[str, int]]) -> None:
+        self.stale = stale
+
+    def collect(self) -> Any:
+        nodes = self.stale()
+        count = GaugeMetricFamily("tmb_nodes_stale", "nodes with no valid quote for stale_after_s")
+        count.add_metric([], float(len(nodes)))
+        each = GaugeMetricFamily("tmb_node_stale", "1 while the node is stale", labels=["node"])
+        for node in sorted(nodes):
+            each.add_metric([node], 1.0)
+        yield count
+        yield each
+
+
 class Metrics:
     """Per-daemon Prometheus registry. Spans are observed off the hot path (by the span pipeline)."""
 

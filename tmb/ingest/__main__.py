@@ -2,7 +2,9 @@
 routes in the daemon).
 
 ``python -m tmb.ingest --db FILE --policy POLICY [--port P] [--admin-token T] [--node NODE=AKFILE]...
-[--require-eventlog]`` listens and prints ``listening on http://127.0.0.1:P``.
+[--require-eventlog] [--ek-roots DIR] [--ek-pin PIN]... [--insecure-static-nodes]`` listens and prints
+``listening on http://127.0.0.1:P``. Nodes enrol (docs/probe.md, "Node identity") with an EK certified by a
+root in ``--ek-roots`` or pinned by ``--ek-pin``; a ``--node`` AK is the AK that node must enrol with.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from aiohttp import web
 
 from tmb.attest.policy import load_policy
 from tmb.errors import TmbError
+from tmb.ingest.identity import IdentityPolicy
 from tmb.ingest.routes import make_app
 from tmb.ingest.service import Ingest
 
@@ -30,6 +33,9 @@ async def _serve(args: argparse.Namespace) -> None:
         policy=load_policy(args.policy),
         nonce_ttl_s=args.nonce_ttl,
         require_eventlog=args.require_eventlog,
+        identity=IdentityPolicy.load(
+            args.ek_roots, tuple(args.ek_pin), insecure_static_nodes=args.insecure_static_nodes
+        ),
     )
     for spec in args.node:
         node, _, path = spec.partition("=")
@@ -67,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--require-eventlog",
         action="store_true",
         help="a node without a UEFI event log is not attested (boot.no_eventlog is an error)",
+    )
+    parser.add_argument("--ek-roots", default="", help="directory of TPM manufacturer root certificates")
+    parser.add_argument("--ek-pin", action="append", default=[], help="SHA-256 pin of an EK (vTPMs)")
+    parser.add_argument(
+        "--insecure-static-nodes",
+        action="store_true",
+        help="INSECURE (tests, development): --node and admin-registered nodes post evidence unauthenticated",
     )
     args = parser.parse_args(argv)
     try:

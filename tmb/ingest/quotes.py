@@ -17,6 +17,7 @@ from tmb.attest.quote import AkPublic, verify_quote
 from tmb.attest.tpm2 import ClockInfo, PcrValues
 from tmb.errors import Finding, ParseError, Report, Severity
 from tmb.ingest.boot import ParsedLog, check_boot_chain
+from tmb.ingest.epochs import new_boot, old_boot_head, previous_clock, rebooted
 from tmb.ingest.policy import evaluate_entries, evaluate_verity, required_missing
 from tmb.ingest.results import AttestationSummary
 from tmb.ingest.state import NodeState
@@ -45,6 +46,7 @@ class QuoteChecked:
     summary: AttestationSummary
     findings: tuple[Finding, ...]
     attested: int = 0
+    rebooted: bool = False  # the first verified quote of a new boot epoch (tmb.ingest.epochs)
 
 
 def check_quote(
@@ -72,7 +74,7 @@ def check_quote(
         nonce=qualifying_data(nonce, head.digest),
         pcrs=pcrs,
         require_pcrs=[10],
-        previous=state.clock,
+        previous=previous_clock(state, message),  # across a reboot the clock may restart lower
     )
     ci = qr.attest.clock_info
     pcr10 = pcrs.get(cfg.pcr_bank, 10)
@@ -91,6 +93,10 @@ def check_quote(
             bank=cfg.pcr_bank,
         )
     position = (head.segment, head.seq, head.digest)
+    if report.ok and not rebooted(state, ci):
+        old = old_boot_head(store, state, row.node, head.segment)
+        if old is not None:
+            report.extend([old])
     if not report.ok:
         summary = _summary(cfg, row.node, 0, ci, pcr10, False, False, False, report.findings)
         failed = store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
@@ -98,10 +104,17 @@ def check_quote(
         store.add_findings(row.node, now, [f.to_dict() for f in report.errors])
         return QuoteChecked(False, summary, tuple(report.findings))
     assert pcr10 is not None  # noqa: S101 (report.ok: PCR 10 was read)
+    new_epoch = rebooted(state, ci)
+    if new_epoch:  # the first verified quote of a new boot: the IMA replay starts again (tmb.ingest.epochs)
+        row, started = new_boot(store, row, ci, head.segment, now)
+        report.extend([started])
     matched = _replay(cfg, store, row, pcr10, report)
     boot_ok = _boot(cfg, eventlog, quoted, matched, state, report)
     required_missing(cfg.policy, state, report)
     verity_ok = evaluate_verity(cfg.policy, state, report)
+    promoted = state.promote_bindings()  # bindings posted before this quote count from it on
+    if promoted:
+        store.add_findings(row.node, now, [f.to_dict() for f in promoted])
     sticky, binding = list(state.sticky), list(state.bindings)
     policy_ok = (
         matched
@@ -132,7 +145,7 @@ def check_quote(
     store.set_quote_summary(quote_id, summary.to_dict())
     attested = store.attest(row.node, head.segment, head.seq, quote_id)
     store.set_state(row.node, state)
-    return QuoteChecked(True, summary, tuple(all_findings), attested)
+    return QuoteChecked(True, summary, tuple(all_findings), attested, new_epoch)
 
 
 def _keep(

@@ -27,6 +27,7 @@ eventlog.too_large          an event log larger than 4 MiB
 eventlog.malformed          an event log some event of which does not parse (not stored)
 eventlog.truncated          an event log that ends inside an event (not stored)
 quote.*                     the quote's signature, nonce, PCR digest or clock failed
+epoch.old_boot              after a reboot, a quote over an old-boot chain head (tmb.ingest.epochs)
 ==========================  ===================================================================
 
 Findings reported with evidence that is taken: ``chain.segment_unlinked`` (a new segment's genesis does not
@@ -35,6 +36,13 @@ PCR 10), every ``policy.*``, ``dm.*``, ``binding.*`` finding and, on each verifi
 (``boot.*``, ``eventlog.*``: :mod:`tmb.ingest.boot`, which also states the rule for a node without an event
 log). Only batches covered by a verified quote over a later chain head count as attested
 (:meth:`Ingest.attested_window`); a quote with any error finding attests nothing (its summary is not ``ok``).
+
+Identity (:mod:`tmb.ingest.identity`): :meth:`Ingest.enroll` / :meth:`Ingest.activate` pin a node to its
+EK and AK and set its evidence key; :meth:`Ingest.authenticate` checks an evidence request's HMAC before any
+of the above runs (the routes call it). Epochs and silence: the first verified quote of a new boot restarts
+the IMA replay (:mod:`tmb.ingest.epochs`); :meth:`Ingest.check_stale` finds nodes without a verified quote
+for ``stale_after_s``. Events (``node.rebooted``, ``node.rekeyed``, ``node.stale``, ``node.unattested``) go
+to the ``events`` sink (:mod:`tmb.events`).
 
 Concurrency: the checks run in worker threads (:meth:`Ingest.submit`), one request of a node at a time in
 arrival order (a per-node :class:`asyncio.Lock`), the database behind one lock. A request that changes a
@@ -56,6 +64,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -63,8 +72,13 @@ from tmb.attest.policy import RuntimePolicy
 from tmb.attest.quote import AkPublic, load_ak
 from tmb.attest.tpm2 import PcrValues
 from tmb.errors import Finding, ParseError, Report, Severity
+from tmb.events import Event, EventSink, discard
+from tmb.ingest import identity as _identity
+from tmb.ingest.auth import ReplayGuard
 from tmb.ingest.batches import take_batches
 from tmb.ingest.boot import ParsedLog, parse_eventlog
+from tmb.ingest.identity import IdentityPolicy
+from tmb.ingest.limits import check_probe_findings
 from tmb.ingest.policy import DEFAULT_MODEL_PATTERNS, check_bindings
 from tmb.ingest.quotes import QuoteCheck, check_quote
 from tmb.ingest.results import AttestedWindow, IngestResult, refused, taken
@@ -119,6 +133,9 @@ class Ingest:
         clock_ns: Callable[[], int] = time.time_ns,
         synchronous: str = "NORMAL",
         require_eventlog: bool = False,
+        identity: IdentityPolicy | None = None,
+        events: EventSink = discard,
+        stale_after_s: float = 0.0,
     ) -> None:
         if isinstance(db, str | Path | sqlite3.Connection):
             self.store: IngestBackend = IngestStore(db, synchronous=synchronous)
@@ -132,6 +149,12 @@ class Ingest:
         self.clock_ns = clock_ns
         self.nonce_ttl_s = nonce_ttl_s
         self.policy_ref = ""  # the policy text's digest in the evidence trail (keep_policy)
+        self.identity = identity or IdentityPolicy()  # the default trusts no EK: nodes must be configured
+        self.events = events
+        self.auth = ReplayGuard(self.identity.auth_skew_s)
+        self._keys: dict[str, bytes | None] = {}  # by node: the evidence key (None: a static node)
+        self.stale_after_s = stale_after_s  # no verified quote for this long: stale (0: never)
+        self._stale: dict[str, int] = {}  # stale node -> since (ns): check_stale() keeps it
         self._aks: dict[str, tuple[bytes, AkPublic]] = {}  # by node: the stored AK bytes, parsed
         self._quote_wanted: set[str] = set()
         self._db = threading.RLock()  # one connection: one request's work at a time
@@ -182,6 +205,7 @@ class Ingest:
             if held is None or held.ak != raw:  # the trail records each AK once, when it takes effect
                 self.store.keep(node, "ak", now, raw)
         self._aks[node] = (raw, key)
+        self._keys.pop(node, None)
         return key
 
     def keep_policy(self, text: bytes, commitments: Mapping[str, bytes]) -> str:
@@ -300,10 +324,7 @@ class Ingest:
                 raise ParseError(f"at most {MAX_BATCHES_PER_REQUEST} batches per request")
             batches = [TelemetryBatch.from_wire(b) for b in doc["batches"]]
             probe_findings = doc.get("probe_findings", [])
-            if not isinstance(probe_findings, list) or not all(
-                isinstance(f, Mapping) and isinstance(f.get("id"), str) for f in probe_findings
-            ):
-                raise ParseError("probe_findings must be a list of findings")
+            check_probe_findings(probe_findings)  # probe.* only, bounded (tmb.ingest.limits)
         except ParseError as exc:
             with self._db:
                 row = self._known(node)
@@ -445,6 +466,7 @@ class Ingest:
         """``{"message", "signature": base64, "pcrs": {bank: {idx: hex}}, "nonce": hex, "head": {...},
         "ak_name": hex (optional)}``."""
         with self._db:
+            was_ok = (self.store.last_quote(node) or {}).get("ok")
             try:
                 with self.store.transaction():
                     result = self._add_quote(node, doc)
@@ -455,6 +477,14 @@ class Ingest:
                 result = self._refused(node, f)
         if result.attested:
             self.wakeups.notify(node)
+        if result.accepted and result.data.get("rebooted"):
+            self.events(
+                Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
+            )
+        if result.accepted and result.data.get("ok") is False and was_ok is not False:
+            why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
+            data = {"quote_id": result.data.get("quote_id"), "why": why}
+            self.events(Event("node.unattested", node, self.clock_ns(), data))
         return result
 
     def _add_quote(self, node: str, doc: Any) -> IngestResult:
@@ -529,12 +559,16 @@ class Ingest:
             "summary": summary.to_dict(),
             **self._extra(node),
         }
+        if checked.rebooted:
+            data["rebooted"] = True
         return taken(checked.findings, data, attested=checked.attested)
 
     # ----------------------------------------------------------------------------------------- bindings
 
     def add_bindings(self, node: str, doc: Any) -> IngestResult:
-        """``{"t_ns": int, "processes": [binding...]}``: checked against the last verified quote's state."""
+        """``{"t_ns": int, "processes": [binding...]}``: checked against the last verified quote's state, in
+        effect (the quote summaries' and the stored findings) only from the next verified quote on: a post
+        no quote followed changes no verdict."""
         with self._db, self.store.transaction():
             row = self._known(node, lock=True)
             if not isinstance(row, NodeRow):
@@ -543,11 +577,9 @@ class Ingest:
                 return self._malformed(node, ParseError('expected {"t_ns": int, "processes": [...]}'))
             report = Report()
             check_bindings(self.policy, row.state, doc["processes"], self.model_patterns, report)
-            row.state.bindings = report.errors
+            row.state.bindings_pending = report.errors  # in effect from the next verified quote on
             self.store.set_state(node, row.state)
-            if report.errors:
-                self.store.add_findings(node, self.clock_ns(), [f.to_dict() for f in report.errors])
-            return self._taken(node, report.findings, processes=len(doc["processes"]))
+            return self._taken(node, report.findings, processes=len(doc["processes"]), effective="next_quote")
 
     # ----------------------------------------------------------------------------------------- queries
 
@@ -573,8 +605,52 @@ class Ingest:
 
     def attested_window(self, node: str, t0_ns: int, t1_ns: int) -> AttestedWindow:
         """The node's samples with ``t0_ns <= t < t1_ns``, the summary of the quote that covers all of them
-        (None when any is not yet covered by a verified quote, or there are none), and the findings."""
-        return self.windows.attested_window(node, t0_ns, t1_ns)
+        (None when any is not yet covered by a verified quote, or there are none), and the findings (with
+        ``node.stale`` when none covers it and the node is stale)."""
+        window = self.windows.attested_window(node, t0_ns, t1_ns)
+        since = self._stale.get(node)
+        if window.summary is None and since is not None:
+            stale = _err(
+                "node.stale",
+                f"the node sent no valid quote for more than {self.stale_after_s:g} s",
+                since_ns=since,
+            )
+            window = dc_replace(window, findings=(*window.findings, stale))
+        return window
+
+    def stale_nodes(self) -> dict[str, int]:
+        """The stale nodes as the last :meth:`check_stale` found them: node -> since (ns)."""
+        return dict(self._stale)
+
+    def check_stale(self, now_ns: int | None = None) -> list[str]:
+        """The nodes with no verified quote for ``stale_after_s`` (since their registration, if they never
+        sent one); raises ``node.stale`` once each time a node becomes stale (a record in the store, so a
+        restart does not raise it again). The daemon calls it every few seconds."""
+        if self.stale_after_s <= 0:
+            return []
+        now = self.clock_ns() if now_ns is None else now_ns
+        limit = int(self.stale_after_s * 1e9)
+        raised: list[Event] = []
+        stale: dict[str, int] = {}
+        with self._db:
+            times = self.store.quote_times()
+            with self.store.transaction():
+                for node, registered, last in times:
+                    since = (last if last is not None else registered) + limit
+                    record = self.store.identity(node, "stale")
+                    if now <= since:
+                        if record is not None:
+                            self.store.set_identity(node, "stale", None, now)
+                        continue
+                    stale[node] = since
+                    if record is None or int(record.get("since_ns", -1)) != since:
+                        self.store.set_identity(node, "stale", {"since_ns": since}, now)
+                        data = {"since_ns": since, "last_quote_ns": last}
+                        raised.append(Event("node.stale", node, now, data))
+            self._stale = stale
+        for event in raised:
+            self.events(event)
+        return sorted(stale)
 
     def status(self, node: str, _doc: Any = None) -> dict[str, Any] | None:
         with self._db:
@@ -586,5 +662,90 @@ class Ingest:
                 "batches": self.store.count_batches(node),
                 "attested": self.store.count_batches(node, attested=True),
                 "last_quote": self.store.last_quote(node),
+                "identity": _identity.status(self.store, node),
+                "stale_since_ns": self._stale.get(node),
                 **self._extra(node, row),
             }
+
+    # ----------------------------------------------------------------------------------------- identity
+
+    def enroll(self, node: str, doc: Any) -> IngestResult:
+        """Enrolment step 1 (:mod:`tmb.ingest.identity`): the EK and AK checked, a credential challenge."""
+        if not node or len(node.encode()) > 255:
+            return refused(_err("identity.malformed", "node id must be 1..255 bytes"))
+        with self._db, self.store.transaction():
+            now = self.clock_ns()  # expired challenges go first: their number stays bounded
+            self.store.drop_identities("challenge", now - int(self.identity.challenge_ttl_s * 1e9))
+            row = self.store.node(node, lock=True)
+            return _identity.begin(
+                self.store, self.identity, node, doc, self.clock_ns(), row.ak if row is not None else None
+            )
+
+    def activate(self, node: str, doc: Any) -> IngestResult:
+        """Enrolment step 2: the proof checked, the node pinned to its EK and AK, its evidence key set."""
+        now = self.clock_ns()
+        with self._db, self.store.transaction():
+            self.store.node(node, lock=True)
+            result, pin, rekey = _identity.activate(self.store, node, doc, now)
+        if pin is not None:
+            self._keys[node] = pin.key
+            if rekey:
+                self.events(Event("node.rekeyed", node, now, pin.to_public()))
+        return result
+
+    def approve_rekey(self, node: str, doc: Any, who: str = "admin") -> IngestResult:
+        """The admin approves the EK and AK ``doc`` names for the node's next enrolment."""
+        with self._db, self.store.transaction():
+            approval = _identity.approve(self.store, node, doc, self.clock_ns(), who)
+        return approval if isinstance(approval, IngestResult) else taken([], {"node": node, **approval})
+
+    def pinned(self, node: str) -> _identity.Pinned | None:
+        with self._db:
+            return _identity.pinned(self.store, node)
+
+    def _evidence_key(self, node: str, *, fresh: bool = False) -> bytes | str | None:
+        """The node's evidence key; None for a node registered by AK alone; ``"unknown"`` for no node."""
+        if not fresh and node in self._keys:
+            return self._keys[node]
+        with self._db:
+            pin = _identity.pinned(self.store, node)
+            if pin is None:
+                known = self.store.node(node) is not None
+                if not known:
+                    return "unknown"
+                self._keys[node] = None
+                return None
+        self._keys[node] = pin.key
+        return pin.key
+
+    def authenticate(
+        self, node: str, method: str, route: str, header: str | None, body: bytes
+    ) -> Finding | None:
+        """None when the evidence request is the node's (:mod:`tmb.ingest.auth`), else the 401 finding.
+        Touches no evidence state: only the node's key (cached) and the replay window."""
+        key = self._evidence_key(node)
+        if isinstance(key, bytes):
+            problem = self.auth.check(key, header, method, node, route, body)
+            if problem == "auth.bad_mac":  # the node may have re-enrolled through another daemon
+                fresh = self._evidence_key(node, fresh=True)
+                if isinstance(fresh, bytes) and fresh != key:
+                    problem = self.auth.check(fresh, header, method, node, route, body)
+        elif key is None and self.identity.insecure_static_nodes:
+            return None
+        else:
+            problem = "auth.not_enrolled"
+        if problem is None:
+            return None
+        return _err(
+            problem,
+            {
+                "auth.missing": "evidence requests must carry X-Tmb-Auth (the node's enrolment key)",
+                "auth.malformed": "the X-Tmb-Auth header does not follow the format",
+                "auth.not_enrolled": "this node has no enrolment key: enrol it (tmb-probe enroll)",
+                "auth.bad_mac": "the request is not authenticated by the node's key",
+                "auth.stale": "the request's time is outside the accepted window",
+                "auth.replayed": "the request was already received: a replay",
+            }[problem],
+            node=node,
+            route=route,
+        )

@@ -108,6 +108,13 @@ CREATE TABLE IF NOT EXISTS ingest_eventlogs (
     digest BLOB NOT NULL,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ingest_identity (
+    node TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    PRIMARY KEY (node, kind)
+);
 """
 
 
@@ -152,6 +159,7 @@ class SegmentRow:
     anchor_seq: int
     link_segment: bytes | None
     link_seq: int | None
+    created_ns: int | None = None  # when the daemon received its genesis
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,21 @@ class IngestBackend(Protocol):
     def eventlog_digest(self, node: str) -> bytes | None: ...
     def add_findings(self, node: str, now_ns: int, findings: Sequence[Mapping[str, Any]]) -> None: ...
     def findings(self, node: str, t0_ns: int = 0, t1_ns: int = 1 << 62) -> list[dict[str, Any]]: ...
+    def quote_times(self) -> list[tuple[str, int, int | None]]:
+        """Every node: ``(node, registered_ns, received_ns of its last verified quote or None)``."""
+        ...
+
+    def drop_identities(self, kind: str, before_ns: int) -> int:
+        """Delete the identity records of ``kind`` last written before ``before_ns`` (expired challenges)."""
+        ...
+
+    def identity(self, node: str, kind: str) -> dict[str, Any] | None:
+        """The node's identity record of ``kind`` (:mod:`tmb.ingest.identity`: pinned, challenge, rekey)."""
+        ...
+
+    def set_identity(self, node: str, kind: str, doc: Mapping[str, Any] | None, now_ns: int) -> None:
+        """Write (``doc``) or delete (None) the node's identity record of ``kind``."""
+        ...
 
     # The evidence trail and the nonce log (tmb.ingest.trail.Trail, shared by both backends).
     def put_blob(self, kind: str, data: bytes) -> bytes: ...
@@ -379,7 +402,7 @@ class IngestStore(Trail):
 
     def segment(self, node: str, segment: bytes) -> SegmentRow | None:
         row = self.conn.execute(
-            "SELECT segment, anchor_seq, link_segment, link_seq FROM ingest_segments "
+            "SELECT segment, anchor_seq, link_segment, link_seq, created_ns FROM ingest_segments "
             "WHERE node = ? AND segment = ?",
             (node, segment),
         ).fetchone()
@@ -525,3 +548,35 @@ class IngestStore(Trail):
             (node, t0_ns, t1_ns),
         ).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    def identity(self, node: str, kind: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT doc FROM ingest_identity WHERE node = ? AND kind = ?", (node, kind)
+        ).fetchone()
+        return dict(json.loads(row[0])) if row is not None else None
+
+    def set_identity(self, node: str, kind: str, doc: Mapping[str, Any] | None, now_ns: int) -> None:
+        if doc is None:
+            self.conn.execute("DELETE FROM ingest_identity WHERE node = ? AND kind = ?", (node, kind))
+            return
+        self.conn.execute(
+            "INSERT INTO ingest_identity (node, kind, doc, updated_ns) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(node, kind) DO UPDATE SET doc = excluded.doc, updated_ns = excluded.updated_ns",
+            (node, kind, json.dumps(dict(doc)), now_ns),
+        )
+
+    def drop_identities(self, kind: str, before_ns: int) -> int:
+        cur = self.conn.execute(
+            "DELETE FROM ingest_identity WHERE kind = ? AND updated_ns < ?", (kind, before_ns)
+        )
+        return int(cur.rowcount)
+
+    def quote_times(self) -> list[tuple[str, int, int | None]]:
+        rows = self.conn.execute(
+            "SELECT n.node, n.registered_ns, MAX(q.received_ns) FROM ingest_nodes n "
+            "LEFT JOIN ingest_quotes q ON q.node = n.node AND q.ok = 1 GROUP BY n.node, n.registered_ns "
+            "ORDER BY n.node"
+        ).fetchall()
+        return [(str(r[0]), int(r[1]), None if r[2] is None else int(r[2])) for r in rows]

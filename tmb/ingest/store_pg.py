@@ -74,6 +74,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS ingest_findings_node ON ingest_findings (node, received_ns)",
     """CREATE TABLE IF NOT EXISTS ingest_eventlogs (
     node TEXT PRIMARY KEY, received_ns BIGINT NOT NULL, digest BYTEA NOT NULL, data BYTEA NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ingest_identity (
+    node TEXT NOT NULL, kind TEXT NOT NULL, doc TEXT NOT NULL, updated_ns BIGINT NOT NULL,
+    PRIMARY KEY (node, kind))""",
 )
 _BATCH = "SELECT segment, seq, digest, payload, t0_ns, t1_ns, quote_id FROM ingest_batches"
 
@@ -176,13 +179,13 @@ class PgIngestStore(Trail):
 
     def segment(self, node: str, segment: bytes) -> SegmentRow | None:
         row = self._one(
-            "SELECT segment, anchor_seq, link_segment, link_seq FROM ingest_segments "
+            "SELECT segment, anchor_seq, link_segment, link_seq, created_ns FROM ingest_segments "
             "WHERE node = %s AND segment = %s",
             (node, segment),
         )
         if row is None:
             return None
-        return SegmentRow(bytes(row[0]), row[1], None if row[2] is None else bytes(row[2]), row[3])
+        return SegmentRow(bytes(row[0]), row[1], None if row[2] is None else bytes(row[2]), row[3], row[4])
 
     def add_segment(
         self, node: str, segment: bytes, anchor: int, link: tuple[bytes, int] | None, now_ns: int
@@ -327,6 +330,37 @@ class PgIngestStore(Trail):
             (node, t0_ns, t1_ns),
         )
         return [json.loads(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    def identity(self, node: str, kind: str) -> dict[str, Any] | None:
+        row = self._one("SELECT doc FROM ingest_identity WHERE node = %s AND kind = %s", (node, kind))
+        return dict(json.loads(row[0])) if row is not None else None
+
+    def set_identity(self, node: str, kind: str, doc: Mapping[str, Any] | None, now_ns: int) -> None:
+        if doc is None:
+            self._q("DELETE FROM ingest_identity WHERE node = %s AND kind = %s", (node, kind))
+            return
+        self._q(
+            "INSERT INTO ingest_identity (node, kind, doc, updated_ns) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (node, kind) DO UPDATE SET doc = excluded.doc, updated_ns = excluded.updated_ns",
+            (node, kind, json.dumps(dict(doc)), now_ns),
+        )
+
+    def drop_identities(self, kind: str, before_ns: int) -> int:
+        rows = self._q(
+            "DELETE FROM ingest_identity WHERE kind = %s AND updated_ns < %s RETURNING node",
+            (kind, before_ns),
+        )
+        return len(rows)
+
+    def quote_times(self) -> list[tuple[str, int, int | None]]:
+        rows = self._q(
+            "SELECT n.node, n.registered_ns, MAX(q.received_ns) FROM ingest_nodes n "
+            "LEFT JOIN ingest_quotes q ON q.node = n.node AND q.ok = 1 GROUP BY n.node, n.registered_ns "
+            "ORDER BY n.node"
+        )
+        return [(str(r[0]), int(r[1]), None if r[2] is None else int(r[2])) for r in rows]
 
 
 class AttestListener:
