@@ -71,6 +71,8 @@ def test_shipped_configs_load_with_the_units_environment(tmp_path: Path) -> None
     assert config.store.path == "/var/lib/tmb/tmb.sqlite3"
     assert config.verdicts.key_file == "/var/lib/tmb/verdict-signing.key" and not config.verdicts.demo
     assert config.attestation.policy == "/etc/tmb/policy.toml" and config.workers[0].node == "gpu-node-1"
+    assert config.identity.ek_roots == "/etc/tmb/ek-roots" and not config.attestation.nodes  # nodes enrol
+    assert not config.identity.insecure_static_nodes and config.attestation.stale_after_s > 0
     probe = load_probe_config(UNITS / "probe.toml", env=_unit_env("tmb-probe.service"))
     assert probe.node == "gpu-node-1" and probe.tcti == "device:/dev/tpmrm0" and probe.source == "nvml"
     assert probe.state_dir == "/var/lib/tmb-probe"
