@@ -355,3 +355,59 @@ def identity_doc(client: TpmClient, handle: int) -> dict[str, Any]:
         "ek_certificates": [],
         "ak_public": (ak.tpm2b_public or b"").hex(),
     }
+
+
+# -- two daemons on one database ---------------------------------------------------------------------------
+def test_two_daemons_on_one_database_raise_node_stale_once(pg_url: str) -> None:
+    """Daemons sharing ``[store] url`` each run the stale check; when both find the node stale at the same
+    moment, only one raises ``node.stale`` (each daemon's notifier would otherwise send its own). Daemon A
+    is held between reading the node's stale record and writing it until B has read it too (or 10 s,
+    when B cannot: it waits for A's transaction), the interleaving that raised it twice."""
+    import threading
+
+    from identity_support import AK_ATTRS, new_key, tpm2b, tpm_public
+
+    from tmb.attest.policy import policy_from_dict
+    from tmb.ingest.service import Ingest
+    from tmb.ingest.store_pg import PgIngestStore
+
+    now = [10**18]
+    raised: list[tuple[str, Event]] = []
+    ingests = {
+        name: Ingest(
+            PgIngestStore(pg_url),
+            policy=policy_from_dict({"version": 1}),
+            stale_after_s=5.0,
+            clock_ns=lambda: now[0],
+            events=lambda e, name=name: raised.append((name, e)),
+        )
+        for name in ("a", "b")
+    }
+    try:
+        ak = tpm2b(tpm_public(new_key(), AK_ATTRS, symmetric=False, scheme="rsassa"))
+        ingests["a"].register_node(NODE, ak)
+        b_read = threading.Event()
+        for name, ingest in ingests.items():
+            read = ingest.store.identity
+
+            def identity(node: str, kind: str, read: Any = read, name: str = name) -> dict[str, Any] | None:
+                got = read(node, kind)
+                if kind == "stale" and name == "b":
+                    b_read.set()
+                elif kind == "stale" and name == "a":
+                    b_read.wait(10.0)  # B's check reads the record now too, unless it must wait for A
+                return got
+
+            ingest.store.identity = identity  # type: ignore[method-assign]
+        now[0] += 6 * 10**9
+        checks = [threading.Thread(target=i.check_stale) for i in ingests.values()]
+        for t in checks:
+            t.start()
+        for t in checks:
+            t.join(60.0)
+        assert not any(t.is_alive() for t in checks)
+        assert [e.kind for _, e in raised] == ["node.stale"], raised
+        assert all(i.stale_nodes() == {NODE: 10**18 + 5 * 10**9} for i in ingests.values())
+    finally:
+        for ingest in ingests.values():
+            ingest.close()

@@ -644,6 +644,11 @@ class Ingest:
                         continue
                     stale[node] = since
                     if record is None or int(record.get("since_ns", -1)) != since:
+                        # daemons sharing the store check too: the node's row lock makes one of them
+                        # raise it (the others wait, then read its record)
+                        self.store.node(node, lock=True)
+                        record = self.store.identity(node, "stale")
+                    if record is None or int(record.get("since_ns", -1)) != since:
                         self.store.set_identity(node, "stale", {"since_ns": since}, now)
                         data = {"since_ns": since, "last_quote_ns": last}
                         raised.append(Event("node.stale", node, now, data))
