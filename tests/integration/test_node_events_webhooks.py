@@ -37,6 +37,7 @@ from tmb.attest.ima_build import LogBuilder
 from tmb.config import AdminConfig, AttestationConfig, IdentityConfig, NotifyConfig
 from tmb.daemon.notify import keys_from_document, verify_notification
 from tmb.events import Event
+from tmb.ingest.service import Ingest
 
 HOST = "127.0.0.1"
 ADMIN = "webhook-test-admin-token"
@@ -368,7 +369,6 @@ def test_two_daemons_on_one_database_raise_node_stale_once(pg_url: str) -> None:
     from identity_support import AK_ATTRS, new_key, tpm2b, tpm_public
 
     from tmb.attest.policy import policy_from_dict
-    from tmb.ingest.service import Ingest
     from tmb.ingest.store_pg import PgIngestStore
 
     now = [10**18]
@@ -411,3 +411,72 @@ def test_two_daemons_on_one_database_raise_node_stale_once(pg_url: str) -> None:
     finally:
         for ingest in ingests.values():
             ingest.close()
+
+
+def test_two_daemons_on_one_database_raise_node_unattested_once(
+    pg_url: str, tmp_path: Path, swtpm_factory: SwtpmFactory
+) -> None:
+    """Two failing quotes of one node taken at once by two daemons sharing ``[store] url``: the node turned
+    unattested once. Daemon A is held after reading whether the node's last quote was ``ok`` until B has
+    read it too (or 5 s, when B cannot: it waits for A's transaction), the interleaving that raised
+    ``node.unattested`` twice."""
+    import threading
+    import time
+
+    from test_ingest_attacks import post, quote, sealed
+
+    from tmb.ingest.store_pg import PgIngestStore
+
+    env = make_node(tmp_path, swtpm_factory)
+    raised: list[tuple[str, Event]] = []
+    a = env.ingest(db=PgIngestStore(pg_url), events=lambda e: raised.append(("a", e)))
+    b = Ingest(  # its clock 61 s ahead: a nonce of its own (A's is older than half the nonce lifetime)
+        PgIngestStore(pg_url),
+        policy=env.policy,
+        identity=a.identity,
+        clock_ns=lambda: time.time_ns() + 61 * 10**9,
+        events=lambda e: raised.append(("b", e)),
+    )
+    try:
+        _, bs = sealed(1)
+        post(a, *bs)
+        assert quote(env, a, bs[-1].head).data["ok"] and raised == []
+        env.measure("/usr/bin/evil", b"not in the policy")
+        assert a.add_ima(NODE, env.ima_doc(a.store.node(NODE).ima_end)).accepted  # type: ignore[union-attr]
+        docs = {}
+        nonces = {n: bytes.fromhex(i.nonce(NODE).data["nonce"]) for n, i in (("a", a), ("b", b))}
+        for name in ("b", "a"):  # A's quote later: a TPM clock above B's
+            docs[name] = env.quote_doc(nonces[name], bs[-1].head)
+        assert docs["a"]["nonce"] != docs["b"]["nonce"]
+        b_read = threading.Event()
+        for name, ingest in (("a", a), ("b", b)):
+            read = ingest.store.last_quote
+
+            def last_quote(node: str, read: Any = read, name: str = name) -> dict[str, Any] | None:
+                got = read(node)
+                if name == "b":
+                    b_read.set()
+                else:
+                    b_read.wait(5.0)  # B reads it now too, unless it must wait for A's transaction
+                return got
+
+            ingest.store.last_quote = last_quote  # type: ignore[method-assign]
+        results: dict[str, Any] = {}
+        threads = [
+            threading.Thread(target=lambda n=n, i=i: results.setdefault(n, i.add_quote(NODE, docs[n])))
+            for n, i in (("a", a), ("b", b))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60.0)
+        assert not any(t.is_alive() for t in threads)
+        # B's quote is taken first, then A's (with the lock, A's may go first: B's, with its lower TPM
+        # clock, is then refused); the node turned unattested once
+        taken = [r for r in results.values() if r.accepted]
+        assert taken and all(r.data["ok"] is False for r in taken), results
+        assert [e.kind for _, e in raised] == ["node.unattested"], raised
+    finally:
+        a.close()
+        b.close()
+        env.close()

@@ -465,10 +465,14 @@ class Ingest:
     def add_quote(self, node: str, doc: Any) -> IngestResult:
         """``{"message", "signature": base64, "pcrs": {bank: {idx: hex}}, "nonce": hex, "head": {...},
         "ak_name": hex (optional)}``."""
+        was_ok = None
         with self._db:
-            was_ok = (self.store.last_quote(node) or {}).get("ok")
             try:
                 with self.store.transaction():
+                    # read under the node's row lock: of daemons sharing the store that take the node's
+                    # quotes at once, one sees the other's, so the transition is raised once
+                    self.store.node(node, lock=True)
+                    was_ok = (self.store.last_quote(node) or {}).get("ok")
                     result = self._add_quote(node, doc)
             except ParseError as exc:  # found by the quote's checks: nothing of it is kept
                 result = self._malformed(node, exc)
