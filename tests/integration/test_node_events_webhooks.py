@@ -34,7 +34,7 @@ from probes.enrol import EnrolError, enrol
 from probes.tpm import AK_HANDLE, TpmClient
 from tmb.attest.ekcert import ek_pin
 from tmb.attest.ima_build import LogBuilder
-from tmb.config import AdminConfig, AttestationConfig, IdentityConfig, NotifyConfig
+from tmb.config import AdminConfig, AttestationConfig, Config, IdentityConfig, NotifyConfig
 from tmb.daemon.notify import keys_from_document, verify_notification
 from tmb.events import Event
 from tmb.ingest.service import Ingest
@@ -90,8 +90,39 @@ class Setup:
     daemon: Daemon
     receiver: Receiver
     http: aiohttp.ClientSession
+    runner: web.AppRunner
     raised: list[Event] = field(default_factory=list)  # what the ingest raised, before the notifier's filter
     keys: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    async def start(cls, env: NodeEnv, receiver: Receiver, config: Config) -> Setup:
+        runner, daemon = await start_daemon(config)
+        s = cls(env, daemon, receiver, aiohttp.ClientSession(), runner)
+        await s.watch()
+        return s
+
+    async def watch(self) -> None:
+        """Spy on what the daemon's ingest raises (then on to its notifier); fetch its keys."""
+        ingest = self.daemon.parts.ingest
+        assert ingest is not None and ingest.events == self.daemon.parts.notifier.emit  # the wiring
+        emit = ingest.events
+
+        def spy(event: Event) -> None:
+            self.raised.append(event)
+            emit(event)
+
+        ingest.events = spy
+        await self.fetch_keys()
+
+    async def restart(self) -> None:
+        """The daemon stops and starts again on the same files, as after ``systemctl restart tmb``."""
+        await self.runner.cleanup()
+        self.runner, self.daemon = await start_daemon(self.daemon.config)
+        await self.watch()
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.runner.cleanup()
 
     async def fetch_keys(self) -> None:
         """The daemon's public keys as a receiver gets them: ``GET /v1/keys`` on the proxy listener."""
@@ -163,23 +194,11 @@ async def node_daemon(
         notify=NotifyConfig(urls=(url,), kinds=kinds, **FAST),
         admin=AdminConfig(token=ADMIN),  # on the loopback management listener
     )
-    runner, daemon = await start_daemon(config)
-    ingest = daemon.parts.ingest
-    assert ingest is not None and ingest.events == daemon.parts.notifier.emit  # the wiring under test
-    setup = Setup(env, daemon, receiver, aiohttp.ClientSession())
-    emit = ingest.events
-
-    def spy(event: Event) -> None:  # what the ingest raises, then on to the daemon's notifier
-        setup.raised.append(event)
-        emit(event)
-
-    ingest.events = spy
+    setup = await Setup.start(env, receiver, config)
     try:
-        await setup.fetch_keys()
         yield setup
     finally:
-        await setup.http.close()
-        await runner.cleanup()
+        await setup.close()
         await receiver.stop()
         env.close()
 
@@ -252,6 +271,15 @@ async def test_a_silent_node_becomes_stale_once_and_the_kinds_filter_holds(
 
         ingest.check_stale = counted  # type: ignore[method-assign]
         await until(lambda: checks[0] >= 4, "four more stale checks")
+        # a restart, the node still silent: the episode is recorded, not raised again
+        await s.restart()
+        ingest = s.daemon.parts.ingest
+        assert ingest is not None
+        await until(lambda: NODE in ingest.stale_nodes(), "the restarted daemon's stale check")
+        checks = [0]
+        check = ingest.check_stale
+        ingest.check_stale = counted  # type: ignore[method-assign]
+        await until(lambda: checks[0] >= 4, "four stale checks after the restart")
         async with s.http.get(s.daemon.url + "/metrics") as r:
             metrics = await r.text()
     stale = s.of("node.stale")
