@@ -332,11 +332,16 @@ async def test_a_tpm_reset_is_one_rebooted_webhook(tmp_path: Path, swtpm_factory
     first = rebooted[0]["data"]["quote_id"]
     assert isinstance(first, int) and first > before["quote_id"]
     # the new boot's first quote, which starts its epoch, comes before the new boot's IMA log (the probe
-    # ships it once the daemon asks for it from offset 0): it cannot replay, and may be told as
-    # node.unattested, once, about that quote only; nothing else is raised
+    # ships it once the answer says offset 0): it cannot replay, and is not told as node.unattested
     others = [e for e in s.raised if e.kind != "node.rebooted"]
-    assert all(e.kind == "node.unattested" and e.data["quote_id"] == first for e in others), s.raised
-    assert len(others) <= 1 and s.receiver.kinds().count("node.rebooted") == 1
+    assert all(e.kind == "node.unattested" and e.data["quote_id"] != first for e in others), s.raised
+    # Known, left for the ingest's bindings: process bindings the probe posts between that quote and
+    # the new log are checked against the new epoch's empty replay (binding.exe_not_measured), in effect
+    # at the next quote: at most one transient node.unattested, for bindings only
+    assert len(others) <= 1 and all(why.startswith("binding.") for e in others for why in e.data["why"]), (
+        others
+    )
+    assert s.receiver.kinds().count("node.rebooted") == 1
 
 
 # -- node.rekeyed ------------------------------------------------------------------------------------------
@@ -445,8 +450,8 @@ def test_two_daemons_on_one_database_raise_node_unattested_once(
     pg_url: str, tmp_path: Path, swtpm_factory: SwtpmFactory
 ) -> None:
     """Two failing quotes of one node taken at once by two daemons sharing ``[store] url``: the node turned
-    unattested once. Daemon A is held after reading whether the node's last quote was ``ok`` until B has
-    read it too (or 5 s, when B cannot: it waits for A's transaction), the interleaving that raised
+    unattested once. Daemon A is held after reading whether the node is unattested until B has read it
+    too (or 5 s, when B cannot: it waits for A's transaction), the interleaving that raised
     ``node.unattested`` twice."""
     import threading
     import time
@@ -478,17 +483,17 @@ def test_two_daemons_on_one_database_raise_node_unattested_once(
         assert docs["a"]["nonce"] != docs["b"]["nonce"]
         b_read = threading.Event()
         for name, ingest in (("a", a), ("b", b)):
-            read = ingest.store.last_quote
+            read = ingest.store.identity
 
-            def last_quote(node: str, read: Any = read, name: str = name) -> dict[str, Any] | None:
-                got = read(node)
-                if name == "b":
+            def identity(node: str, kind: str, read: Any = read, name: str = name) -> dict[str, Any] | None:
+                got = read(node, kind)
+                if kind == "unattested" and name == "b":
                     b_read.set()
-                else:
+                elif kind == "unattested":
                     b_read.wait(5.0)  # B reads it now too, unless it must wait for A's transaction
                 return got
 
-            ingest.store.last_quote = last_quote  # type: ignore[method-assign]
+            ingest.store.identity = identity  # type: ignore[method-assign]
         results: dict[str, Any] = {}
         threads = [
             threading.Thread(target=lambda n=n, i=i: results.setdefault(n, i.add_quote(NODE, docs[n])))
@@ -507,4 +512,33 @@ def test_two_daemons_on_one_database_raise_node_unattested_once(
     finally:
         a.close()
         b.close()
+        env.close()
+
+
+def test_a_refused_quote_does_not_hide_the_next_unattested_one(
+    tmp_path: Path, swtpm_factory: SwtpmFactory
+) -> None:
+    """A quote that fails verification (here PCR values that are not the quoted ones) is refused and
+    attests nothing; it must not count as the node's last judgement, or a node that sends one before its
+    policy break would never be told unattested."""
+    from test_ingest_attacks import post, quote, sealed
+
+    env = make_node(tmp_path, swtpm_factory)
+    raised: list[Event] = []
+    ingest = env.ingest(events=raised.append)
+    try:
+        _, bs = sealed(1)
+        post(ingest, *bs)
+        assert quote(env, ingest, bs[-1].head).data["ok"]
+        nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+        forged = env.quote_doc(nonce, bs[-1].head)
+        forged["pcrs"]["sha256"]["10"] = "00" * 32
+        out = ingest.add_quote(NODE, forged)
+        assert out.refusal is not None and out.refusal.id.startswith("quote."), out.findings
+        assert raised == []  # refused: the node's last verified quote still attests
+        env.measure("/usr/bin/evil", b"not in the policy")
+        assert quote(env, ingest, bs[-1].head).data["ok"] is False
+        assert [e.kind for e in raised] == ["node.unattested"], raised
+    finally:
+        ingest.close()
         env.close()
