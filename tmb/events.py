@@ -18,7 +18,7 @@ Kinds (stable ids, documented with the webhooks in docs/verdict.md):
 
 =========================  ==========================================================================
 ``node.unattested``        a node's evidence stopped attesting (a quote or replay failed)
-``node.stale``             no valid quote for ``stale_after`` quote periods
+``node.stale``             no verified quote for ``[attestation] stale_after_s``
 ``node.rekeyed``           an admin approved a new AK or EK for an enrolled node
 ``node.rebooted``          a node came back with a new boot epoch (a new IMA replay and chain segment)
 ``verdict.model_mismatch`` a verdict said the served model is not the claimed one

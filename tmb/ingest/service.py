@@ -95,6 +95,7 @@ __all__ = ["Ingest"]
 MAX_IMA_PENDING = 64 * 1024 * 1024
 MAX_BATCHES_PER_REQUEST = 1024
 RECHECK_S = 2.0  # shared store: longest sleep of a waiter between looks (a lost NOTIFY only delays)
+UNATTESTED = "unattested"  # the identity record of a node a verified quote turned unattested (_judge)
 
 T = TypeVar("T")
 
@@ -465,11 +466,12 @@ class Ingest:
     def add_quote(self, node: str, doc: Any) -> IngestResult:
         """``{"message", "signature": base64, "pcrs": {bank: {idx: hex}}, "nonce": hex, "head": {...},
         "ak_name": hex (optional)}``."""
+        unattested = None
         with self._db:
-            was_ok = (self.store.last_quote(node) or {}).get("ok")
             try:
                 with self.store.transaction():
                     result = self._add_quote(node, doc)
+                    unattested = self._judge(node, result)
             except ParseError as exc:  # found by the quote's checks: nothing of it is kept
                 result = self._malformed(node, exc)
             except _NonceTaken:
@@ -481,11 +483,30 @@ class Ingest:
             self.events(
                 Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
             )
-        if result.accepted and result.data.get("ok") is False and was_ok is not False:
-            why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
-            data = {"quote_id": result.data.get("quote_id"), "why": why}
-            self.events(Event("node.unattested", node, self.clock_ns(), data))
+        if unattested is not None:
+            self.events(Event("node.unattested", node, self.clock_ns(), unattested))
         return result
+
+    def _judge(self, node: str, result: IngestResult) -> dict[str, Any] | None:
+        """In the quote's transaction, the node's row locked (:meth:`_add_quote` took it; daemons sharing
+        the store judge a node's quotes in turn): the ``node.unattested`` event's data when this verified
+        quote turns the node unattested, else None. Whether it is unattested is a record (kind
+        ``unattested``) that the quote turning it sets and the next ``ok`` one clears: a quote refused
+        for failing verification judges nothing (it cannot hide the next failure), nor does the first
+        quote of a new boot, which comes before the new boot's IMA log (:mod:`tmb.ingest.epochs`)."""
+        if not result.accepted or "ok" not in result.data:
+            return None
+        record = self.store.identity(node, UNATTESTED)
+        if result.data["ok"]:
+            if record is not None:
+                self.store.set_identity(node, UNATTESTED, None, self.clock_ns())
+            return None
+        if record is not None or result.data.get("rebooted"):
+            return None
+        why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
+        data = {"quote_id": result.data.get("quote_id"), "why": why}
+        self.store.set_identity(node, UNATTESTED, data, self.clock_ns())
+        return data
 
     def _add_quote(self, node: str, doc: Any) -> IngestResult:
         """In the caller's transaction, the node's row locked."""
@@ -643,6 +664,11 @@ class Ingest:
                             self.store.set_identity(node, "stale", None, now)
                         continue
                     stale[node] = since
+                    if record is None or int(record.get("since_ns", -1)) != since:
+                        # daemons sharing the store check too: the node's row lock makes one of them
+                        # raise it (the others wait, then read its record)
+                        self.store.node(node, lock=True)
+                        record = self.store.identity(node, "stale")
                     if record is None or int(record.get("since_ns", -1)) != since:
                         self.store.set_identity(node, "stale", {"since_ns": since}, now)
                         data = {"since_ns": since, "last_quote_ns": last}
