@@ -32,7 +32,7 @@ from tmb.attest.boot_audit import BootAudit, audit_boot, boot_lines
 from tmb.attest.dm import VerityRule, check_verity, dm_events
 from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
-from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy
+from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy, policy_references
 from tmb.attest.quote import QuoteResult, load_ak, verify_quote
 from tmb.attest.tpm2 import load_pcr_values, parse_attest
 from tmb.attest.trail import QuoteNonce, check_chain, check_nonce_log, qualifying_data, read_batches
@@ -225,6 +225,7 @@ def write_bundle(
     pcr_bank: str = "sha256",
     policy_toml: str | None = None,
     commitments: Mapping[str, bytes] | None = None,
+    policy_files: Mapping[str, bytes] | None = None,
     telemetry: bytes | None = None,
     profiles: Mapping[str, bytes] | None = None,
     claimed: str | None = None,
@@ -233,7 +234,8 @@ def write_bundle(
     eventlog: bytes | None = None,
 ) -> Path:
     """Write a bundle. Each quote mapping has ``message``, ``signature``, ``pcrs`` (bytes) and
-    ``nonce`` (bytes or None). The request context is optional: ``telemetry`` (the window's
+    ``nonce`` (bytes or None). ``policy_files``: the files ``policy_toml`` references, by the bundle-relative
+    names it references them by. The request context is optional: ``telemetry`` (the window's
     ``SampleBatch.encode()``), ``profiles`` (file name -> profile JSON), ``claimed``, ``verdict``, ``load``
     (requests in flight over the window, as the daemon measured it)."""
     root = Path(root)
@@ -267,6 +269,15 @@ def write_bundle(
     if policy_toml is not None:
         (root / "policy.toml").write_text(policy_toml)
         manifest["policy"] = "policy.toml"
+    if policy_files:  # the files policy.toml references, under the names it references them by
+        manifest["policy_files"] = []
+        for rel, data in policy_files.items():
+            target = root / rel
+            if not target.resolve().is_relative_to(root.resolve()):
+                raise InputError("a policy file's name points outside the bundle", path=rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            manifest["policy_files"].append(rel)
     if commitments:
         manifest["commitments"] = []
         for name, data in commitments.items():
@@ -398,6 +409,8 @@ def audit_bundle(
         raise InputError(
             "no runtime policy: the bundle names none and --policy was not given", bundle=str(root)
         )
+    if policy_path is None:
+        _policy_inside(bundle.root, ppath)
     policy = load_policy(ppath)
     if not bundle.quotes:
         report.add("audit.no_quotes", "the bundle holds no quote: nothing is attested", bundle=str(root))
@@ -500,6 +513,25 @@ def audit_bundle(
         bundle.eventlog, boot_pcrs, first[0] if first else None, getattr(policy, "boot", None), report
     )
     return result
+
+
+def _policy_inside(root: Path, policy: Path) -> None:
+    """The bundle's policy may reference only files of the bundle (``policy-files/``, as the daemon's
+    export writes them): an audit never reads the auditor's own files on a bundle's word."""
+    try:
+        text = policy.read_text()
+    except (OSError, UnicodeDecodeError):
+        return  # load_policy names the problem
+    for name in policy_references(text, where=str(policy)):
+        target = Path(name)
+        if target.is_absolute() or not (policy.parent / target).resolve().is_relative_to(root.resolve()):
+            raise InputError(
+                "the bundle's policy references a file outside the bundle",
+                hint="audit with --policy, or export the bundle again from a daemon that keeps the "
+                "policy's files",
+                bundle=str(root),
+                file=name,
+            )
 
 
 def _audit_export(bundle: Bundle, report: Report, daemon_keys: Sequence[bytes]) -> None:

@@ -27,15 +27,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from tmb.attest.evidence import write_bundle
+from tmb.attest.policy import rewrite_references
 from tmb.attest.trail import NONCE_LOG_FORMAT, nonce_log_message
-from tmb.errors import InputError, TmbError
+from tmb.errors import ConfigError, InputError, TmbError
 from tmb.ingest.store import IngestBackend
 from tmb.ingest.trail import RecordRow
 from tmb.telemetry.sample import SampleBatch
@@ -108,7 +110,9 @@ def export_window(
     telemetry = _window_samples(batches, t0_ns, t1_ns)
     eventlog = _latest(store, node, "eventlog", last_ns, budget)
     ak = _latest(store, node, "ak", last_ns, budget) or row.ak
-    policy, commitments = _in_force(store, quotes[-1] if quotes else None, ctx, budget)
+    policy, commitments, files = _in_force(store, quotes[-1] if quotes else None, ctx, budget)
+    recorded_policy = policy
+    policy, policy_files, renamed = _policy_files(policy, files)
     quote_files = []
     for q in quotes:
         message = _blob(store, q.digest, budget)
@@ -147,6 +151,7 @@ def export_window(
             quotes=quote_files,
             pcr_bank=pcr_bank,
             policy_toml=policy,
+            policy_files=policy_files,
             commitments=commitments,
             telemetry=telemetry,
             profiles=ctx.profiles,
@@ -173,6 +178,9 @@ def export_window(
         (root / "nonces.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         manifest["nonce_log"] = "nonces.json"
         manifest["window"] = [t0_ns, t1_ns]
+        if renamed and recorded_policy is not None:
+            (root / "policy.recorded.toml").write_text(recorded_policy)
+            manifest["policy_recorded"] = {"file": "policy.recorded.toml", "files": renamed}
         manifest["sha256"] = {
             str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*"))
@@ -240,9 +248,10 @@ def _ima(store: IngestBackend, node: str, until_ns: int | None, budget: _Budget)
 
 def _in_force(
     store: IngestBackend, quote: RecordRow | None, ctx: RequestContext, budget: _Budget
-) -> tuple[str | None, Mapping[str, bytes]]:
-    """The policy text and commitments the last quote was checked against, from the trail (the daemon
-    records them at start: ``Ingest.keep_policy``); the caller's when the quote names none."""
+) -> tuple[str | None, Mapping[str, bytes], dict[str, bytes]]:
+    """The policy text, commitments and referenced files (name as written -> content) the last quote was
+    checked against, from the trail (the daemon records them at start: ``Ingest.keep_policy``); the
+    caller's when the quote names none."""
     ref = quote.meta.get("policy") if quote is not None else None
     r = store.last_record("", "policy", digest=bytes.fromhex(ref)) if ref else None
     if r is not None:
@@ -251,11 +260,34 @@ def _in_force(
             str(c["name"]): _blob(store, bytes.fromhex(c["sha256"]), budget)
             for c in r.meta.get("commitments", [])
         }
+        files = {
+            str(f["name"]): _blob(store, bytes.fromhex(f["sha256"]), budget) for f in r.meta.get("files", [])
+        }
         try:
-            return text.decode(), commitments
+            return text.decode(), commitments, files
         except UnicodeDecodeError:
             pass
-    return ctx.policy_toml, ctx.commitments
+    return ctx.policy_toml, ctx.commitments, {}
+
+
+def _policy_files(
+    text: str | None, files: dict[str, bytes]
+) -> tuple[str | None, dict[str, bytes], dict[str, str]]:
+    """The policy text with its referenced files renamed into the bundle (``policy-files/N-<name>``), the
+    files by their bundle names, and original name -> bundle name."""
+    if text is None or not files:
+        return text, {}, {}
+    names: dict[str, str] = {}
+    for i, name in enumerate(sorted(files)):
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", PurePath(name).name)[-64:].lstrip(".") or "file"
+        names[name] = f"policy-files/{i}-{base}"
+    try:
+        rewritten = rewrite_references(text, names)
+    except ConfigError as exc:
+        raise ExportError(
+            f"the policy's files cannot be renamed into the bundle: {exc.message}", **exc.context
+        ) from None
+    return rewritten, {names[n]: data for n, data in files.items()}, names
 
 
 def _latest(
