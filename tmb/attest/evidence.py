@@ -30,12 +30,22 @@ from typing import Any
 
 from tmb.attest.boot_audit import BootAudit, audit_boot, boot_lines
 from tmb.attest.dm import VerityRule, check_verity, dm_events
+from tmb.attest.ekcert import TrustStore
 from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
 from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy, policy_references
-from tmb.attest.quote import QuoteResult, load_ak, verify_quote
+from tmb.attest.quote import AkPublic, QuoteResult, load_ak, verify_quote
 from tmb.attest.tpm2 import load_pcr_values, parse_attest
-from tmb.attest.trail import QuoteNonce, check_chain, check_nonce_log, qualifying_data, read_batches
+from tmb.attest.trail import (
+    IdentityFiles,
+    QuoteNonce,
+    check_chain,
+    check_identity,
+    check_nonce_log,
+    identity_files,
+    qualifying_data,
+    read_batches,
+)
 from tmb.errors import Finding, InputError, ParseError, Report, Severity, TmbError
 from tmb.verity.commitment import load_commitment, policy_rule_from_commitment
 
@@ -80,6 +90,7 @@ class Bundle:
     ima_segments: tuple[tuple[int, Path], ...] = ()
     window: tuple[int, int] | None = None
     sha256: Mapping[str, str] = field(default_factory=dict)
+    identity: Path | None = None  # the EK material and the daemon's identity decision (identity.json)
 
 
 def _read(root: Path, rel: Any, what: str) -> bytes:
@@ -149,7 +160,7 @@ def load_bundle(root: str | Path) -> Bundle:
     if not isinstance(commitments, list):
         raise InputError("manifest: 'commitments' must be a list", bundle=str(root))
     optional: dict[str, Path | None] = {}
-    for key in ("telemetry", "verdict", "eventlog", "batches", "nonce_log"):
+    for key in ("telemetry", "verdict", "eventlog", "batches", "nonce_log", "identity"):
         rel = doc.get(key)
         if rel is not None:
             _read(root, rel, key)[:0]
@@ -212,6 +223,7 @@ def load_bundle(root: str | Path) -> Bundle:
         ima_segments=tuple(segments),
         window=(int(window[0]), int(window[1])) if window is not None else None,
         sha256=dict(digests),
+        identity=optional.get("identity"),
     )
 
 
@@ -396,14 +408,18 @@ def audit_bundle(
     *,
     policy_path: str | Path | None = None,
     daemon_keys: Sequence[bytes] = (),
+    ek_roots: TrustStore | None = None,
 ) -> AuditResult:
     """Re-check everything in a bundle; every finding lands in ``result.report``. ``daemon_keys``: the
-    daemon's Ed25519 public keys (raw) the auditor trusts for the nonce log's signature."""
+    daemon's Ed25519 public keys (raw) the auditor trusts for the nonce log's signature; ``ek_roots``: TPM
+    manufacturer roots to re-check the node's EK certificates with (else the daemon's decision is
+    reported, ``audit.ek_not_rechecked``)."""
     bundle = load_bundle(root)
     result = AuditResult(str(bundle.root), bundle.node)
     report = result.report
     _audit_export(bundle, report, daemon_keys)
     ak = load_ak(bundle.ak)
+    _audit_identity(bundle, ak, report, daemon_keys, ek_roots)
     ppath = Path(policy_path) if policy_path is not None else bundle.policy
     if ppath is None:
         raise InputError(
@@ -513,6 +529,39 @@ def audit_bundle(
         bundle.eventlog, boot_pcrs, first[0] if first else None, getattr(policy, "boot", None), report
     )
     return result
+
+
+def _audit_identity(
+    bundle: Bundle, ak: AkPublic, report: Report, daemon_keys: Sequence[bytes], roots: TrustStore | None
+) -> None:
+    """The identity record of a daemon's export (:func:`tmb.attest.trail.check_identity`); a daemon's
+    export without one says so (``audit.ek_absent``, info: a node registered by its AK alone)."""
+    if bundle.identity is None:
+        if bundle.nonce_log is not None:
+            report.add(
+                "audit.ek_absent",
+                "the bundle holds no EK record: the node's identity (registered by AK alone, or enrolled "
+                "before the daemon kept EKs) is not checked",
+                severity=Severity.INFO,
+            )
+        return
+    rel = bundle.identity.name
+    try:
+        doc = json.loads(bundle.identity.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        doc = None
+    pub, certs = identity_files(doc)
+
+    def read(name: str | None) -> tuple[str, bytes | None]:
+        try:
+            return str(name), _read(bundle.root, name, str(name))
+        except InputError:
+            return str(name), None
+
+    files = IdentityFiles(
+        read(pub), tuple(read(c) for c in certs), ak.name.hex() if ak.name is not None else None
+    )
+    check_identity(doc, files, rel, report, pinned=daemon_keys, roots=roots)
 
 
 def _policy_inside(root: Path, policy: Path) -> None:

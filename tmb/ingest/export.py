@@ -14,8 +14,11 @@ What a window's bundle holds, each part as the daemon received it:
   (``telemetry.bin``);
 * the node's AK, its firmware event log at the last quote, the nonce log entries those quotes consumed,
   signed by the daemon (``nonces.json``);
-* the policy and commitments the last quote was checked against (as the daemon recorded them at start),
-  else the caller's;
+* the EK material the node was pinned by at the last quote (``ek/public.bin``, ``ek/certs/N.der``) and the
+  daemon's identity decision, signed by the daemon (``identity.json``);
+* the policy, the files it references (``policy-files/``, policy.toml's references rewritten to them) and
+  the commitments the last quote was checked against (as the daemon recorded them at start), else the
+  caller's;
 * the request context when given: profiles, claimed model, load, signed verdict.
 
 Every size is bounded (:data:`MAX_EXPORT_BYTES`, :data:`MAX_EXPORT_BATCHES`, :data:`MAX_EXPORT_QUOTES`);
@@ -36,7 +39,7 @@ from typing import Any
 
 from tmb.attest.evidence import write_bundle
 from tmb.attest.policy import rewrite_references
-from tmb.attest.trail import NONCE_LOG_FORMAT, nonce_log_message
+from tmb.attest.trail import IDENTITY_FORMAT, NONCE_LOG_FORMAT, nonce_log_message, signed_message
 from tmb.errors import ConfigError, InputError, TmbError
 from tmb.ingest.store import IngestBackend
 from tmb.ingest.trail import RecordRow
@@ -124,6 +127,15 @@ def export_window(
                 "nonce": None,
             }
         )
+    ek = store.last_record(node, "ek", until_ns=last_ns)
+    ek_material = (
+        (
+            _blob(store, ek.digest, budget),
+            [_blob(store, bytes.fromhex(d), budget) for d in ek.meta["certificates"]],
+        )
+        if ek is not None
+        else None
+    )
     nonces = store.consumed_nonces(node, [q.digest for q in quotes])
     public, _ = sign(b"")
     doc: dict[str, Any] = {
@@ -178,6 +190,8 @@ def export_window(
         (root / "nonces.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         manifest["nonce_log"] = "nonces.json"
         manifest["window"] = [t0_ns, t1_ns]
+        if ek is not None and ek_material is not None:
+            manifest["identity"] = _write_identity(root, node, ek, *ek_material, sign)
         if renamed and recorded_policy is not None:
             (root / "policy.recorded.toml").write_text(recorded_policy)
             manifest["policy_recorded"] = {"file": "policy.recorded.toml", "files": renamed}
@@ -191,6 +205,46 @@ def export_window(
         shutil.rmtree(root, ignore_errors=True)
         raise
     return root
+
+
+def _write_identity(
+    root: Path, node: str, ek: RecordRow, public: bytes, certs: list[bytes], sign: NonceSigner
+) -> str:
+    """``ek/public.bin``, ``ek/certs/N.der`` and ``identity.json``: the EK material the node was pinned by
+    (the trail's ``ek`` record in force at the window's last quote) and the daemon's decision, signed like
+    the nonce log (:data:`~tmb.attest.trail.IDENTITY_FORMAT`)."""
+    (root / "ek" / "certs").mkdir(parents=True)
+    (root / "ek" / "public.bin").write_bytes(public)
+    files = []
+    for i, der in enumerate(certs):
+        rel = f"ek/certs/{i}.der"
+        (root / rel).write_bytes(der)
+        files.append({"file": rel, "sha256": hashlib.sha256(der).hexdigest()})
+    meta = ek.meta
+    key, _ = sign(b"")
+    doc: dict[str, Any] = {
+        "format": IDENTITY_FORMAT,
+        "node": node,
+        "ek_trust": meta.get("ek_trust"),
+        "ek_sha256": meta.get("ek_sha256"),
+        "pin": meta.get("pin"),
+        "chain": meta.get("chain", []),
+        "tpm": meta.get("tpm"),
+        "checked_ns": meta.get("checked_ns"),
+        "enrolled_ns": ek.received_ns,
+        "rekey": bool(meta.get("rekey")),
+        "ak_name": meta.get("ak_name"),
+        "public": {"file": "ek/public.bin", "sha256": hashlib.sha256(public).hexdigest()},
+        "certificates": files,
+        "key": {
+            "algorithm": "Ed25519",
+            "public_key_hex": key.hex(),
+            "key_id": hashlib.sha256(key).hexdigest(),
+        },
+    }
+    doc["signature"] = sign(signed_message(doc))[1].hex()
+    (root / "identity.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return "identity.json"
 
 
 class _Budget:
