@@ -28,6 +28,7 @@ from tmb.cli import main
 from tmb.ingest.export import export_window
 from tmb.ingest.identity import IdentityPolicy
 from tmb.ingest.service import Ingest
+from tmb.ingest.store_pg import PgIngestStore
 from tmb.verdict.signing import Signer
 
 OTHER_HANDLE = 0x81010003
@@ -50,12 +51,17 @@ class Enrolled:
         return asyncio.run(enrol(NODE, handle, post, tpm))[1]
 
 
-@pytest.fixture
-def enrolled(tmp_path: Path, swtpm_factory: SwtpmFactory) -> Any:
+@pytest.fixture(params=["sqlite", "postgres"])
+def enrolled(request: pytest.FixtureRequest, tmp_path: Path, swtpm_factory: SwtpmFactory) -> Any:
+    """A node with a certified EK and an ingest trusting its manufacturer, on a SQLite file or a real
+    PostgreSQL database (the trail's records and blobs on both backends)."""
     node = make_node(tmp_path, lambda: swtpm_factory(ek_cert=True))
     roots = tmp_path / "roots"
     trust = swtpm_store(node.swtpm.state_dir, roots)
-    ingest = Ingest(tmp_path / "ingest.db", policy=node.policy, identity=IdentityPolicy(trust=trust))
+    store: Any = tmp_path / "ingest.db"
+    if request.param == "postgres":
+        store = PgIngestStore(request.getfixturevalue("pg_url"))
+    ingest = Ingest(store, policy=node.policy, identity=IdentityPolicy(trust=trust))
     ingest.keep_policy(policy_toml(node.policy_doc).encode(), {})  # as the daemon does at start
     env = Enrolled(node, ingest, roots, trust)
     yield env
