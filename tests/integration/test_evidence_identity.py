@@ -186,6 +186,26 @@ def test_one_edited_byte_of_the_ek_material_fails_the_audit_naming_it(
     assert "identity.key_not_pinned" in [
         f.id for f in audit_bundle(bundle, daemon_keys=[other.public.raw]).report.errors
     ]
+    # Another AK in ak.key than the one enrolled with the EK (the quotes fail too).
+    with env.node.swtpm.client() as client:
+        other_ak = client.create_or_load_ak(OTHER_HANDLE, "rsa").tpm2b_public
+    assert other_ak is not None
+    swapped = tmp_path / "ak"
+    shutil.copytree(bundle, swapped)
+    (swapped / "ak.key").write_bytes(other_ak)
+    assert ("identity.ak_mismatch", None) in errors(swapped)
+    # Hostile records: not JSON; a file name leaving the bundle (never read; the signature fails).
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "identity.json").write_text("[")
+    assert ("identity.malformed", "identity.json") in errors(broken)
+    (tmp_path / "secret.bin").write_bytes(b"the auditor's own file")
+    escape = tmp_path / "escape"
+    shutil.copytree(bundle, escape)
+    doc = json.loads((escape / "identity.json").read_text())
+    doc["public"]["file"] = "../secret.bin"
+    (escape / "identity.json").write_text(json.dumps(doc))
+    assert ("identity.signature_invalid", "identity.json") in errors(escape)
 
 
 def test_rekeying_records_the_new_material_and_keeps_the_old(enrolled: Enrolled, tmp_path: Path) -> None:
