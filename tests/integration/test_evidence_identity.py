@@ -194,6 +194,13 @@ def test_one_edited_byte_of_the_ek_material_fails_the_audit_naming_it(
     shutil.copytree(bundle, swapped)
     (swapped / "ak.key").write_bytes(other_ak)
     assert ("identity.ak_mismatch", None) in errors(swapped)
+    # The record moved into another node's bundle (the manifest says another node).
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle, moved)
+    m = json.loads((moved / "manifest.json").read_text())
+    m["node"] = "another-node"
+    (moved / "manifest.json").write_text(json.dumps(m))
+    assert ("identity.node_mismatch", "identity.json") in errors(moved)
     # Hostile records: not JSON; a file name leaving the bundle (never read; the signature fails).
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)

@@ -559,7 +559,7 @@ def _audit_identity(
             return str(name), None
 
     files = IdentityFiles(
-        read(pub), tuple(read(c) for c in certs), ak.name.hex() if ak.name is not None else None
+        read(pub), tuple(read(c) for c in certs), ak.name.hex() if ak.name is not None else None, bundle.node
     )
     check_identity(doc, files, rel, report, pinned=daemon_keys, roots=roots)
 

@@ -303,6 +303,7 @@ class IdentityFiles:
     public: tuple[str, bytes | None]
     certificates: tuple[tuple[str, bytes | None], ...]
     ak_name: str | None
+    node: str = ""  # the bundle's node
 
 
 def identity_files(doc: Any) -> tuple[str | None, list[str]]:
@@ -333,7 +334,8 @@ def check_identity(
     signature_invalid``; ``identity.key_not_pinned`` when ``pinned`` daemon keys were given and none is its
     key), the EK public area as recorded (its SHA-256 and its EK pin, ``ek_sha256``:
     ``identity.ek_public_mismatch``), each certificate as recorded (``identity.ek_cert_mismatch``), the AK
-    the quotes were verified with is the one the node was pinned with (``identity.ak_mismatch``). With
+    the quotes were verified with is the one the node was pinned with (``identity.ak_mismatch``), the record
+    is the bundle's node's (``identity.node_mismatch``). With
     ``roots`` (the auditor's TPM manufacturer roots) :func:`~tmb.attest.ekcert.verify_ek` runs again on the
     certificates at the time the daemon checked them (``audit.ek_recheck_failed`` when a certified EK is not
     certified by them); without, the daemon's decision is reported as ``audit.ek_not_rechecked`` (info)."""
@@ -355,6 +357,14 @@ def check_identity(
             "identity.key_not_pinned",
             "the identity record is signed by a key the auditor did not name",
             key_id=hashlib.sha256(raw).hexdigest(),
+        )
+    if doc.get("node") != files.node:
+        report.add(
+            "identity.node_mismatch",
+            "the identity record is another node's",
+            file=where,
+            node=files.node,
+            got=doc.get("node"),
         )
     trust, ek_sha256, pin = doc.get("ek_trust"), doc.get("ek_sha256"), doc.get("pin")
     public_doc: dict[str, Any] = doc["public"] if isinstance(doc.get("public"), dict) else {}
