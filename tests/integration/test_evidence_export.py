@@ -296,3 +296,29 @@ def test_a_policy_with_a_keyring_is_audited_offline_with_its_files(node: NodeEnv
     (outside / "policy.toml").write_text(text.replace("keys/vendor.pem", str(conf / "keys" / "vendor.pem")))
     with pytest.raises(InputError, match="outside the bundle"):
         audit_bundle(outside, daemon_keys=[signer.public.raw])
+
+
+def test_the_callers_policy_brings_its_files_when_the_trail_names_none(node: NodeEnv, tmp_path: Path) -> None:
+    """A quote checked before the daemon recorded its policy: the bundle takes the caller's policy (the
+    daemon's configured one) and the files it references, renamed as the trail's would be."""
+    _, cert = _ima_signer(tmp_path, "vendor")
+    text = policy_toml(node.policy_doc) + '[keyrings]\nima = ["vendor.pem"]\n'
+    ingest = node.ingest()
+    chain = Chain(NODE)
+    ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]})
+    attested(node, ingest, chain, 1, 2)
+    signer = signer_of(tmp_path)
+    context = RequestContext(policy_toml=text, policy_files={"vendor.pem": cert.read_bytes()})
+    bundle = export_window(
+        ingest.store,
+        tmp_path / "bundle",
+        NODE,
+        T0,
+        T0 + 10**9 * 3,
+        sign=lambda m: (signer.public.raw, signer.sign_bytes(m)),
+        nonce_ttl_s=ingest.nonce_ttl_s,
+        context=context,
+    )
+    assert (bundle / "policy-files/0-vendor.pem").read_bytes() == cert.read_bytes()
+    result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
+    assert result.ok, [(f.id, f.context) for f in result.report.errors]

@@ -77,6 +77,7 @@ class RequestContext:
     claimed: str | None = None
     load: float | None = None
     policy_toml: str | None = None
+    policy_files: Mapping[str, bytes] = field(default_factory=dict)  # name as the policy writes it -> bytes
     commitments: Mapping[str, bytes] = field(default_factory=dict)
     profiles: Mapping[str, bytes] = field(default_factory=dict)
 
@@ -321,7 +322,7 @@ def _in_force(
             return text.decode(), commitments, files
         except UnicodeDecodeError:
             pass
-    return ctx.policy_toml, ctx.commitments, {}
+    return ctx.policy_toml, ctx.commitments, dict(ctx.policy_files)
 
 
 def _policy_files(
