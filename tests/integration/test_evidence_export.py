@@ -3,18 +3,30 @@ that ``audit_bundle`` re-checks offline; one byte edited in each part fails the 
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import shutil
+import struct
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.x509.oid import NameOID
 from swtpm import SwtpmFactory
 from test_probe_support import NODE, NodeEnv, make_node
 
 from probes.chain import Chain
 from tmb.attest.evidence import audit_bundle, load_bundle
+from tmb.attest.imakeys import spki_key_id
+from tmb.attest.imasig import file_id_digest
+from tmb.attest.policy import policy_files
 from tmb.errors import InputError
 from tmb.ingest.export import ExportError, RequestContext, export_window
 from tmb.ingest.service import Ingest
@@ -191,3 +203,122 @@ def test_the_policy_each_quote_was_checked_against_is_exported(node: NodeEnv, tm
     assert (late / "policy.toml").read_text() == v2
     assert (late / "m.commitment.json").read_bytes() == b'{"v": 2}'
     assert audit_bundle(early, daemon_keys=[signer.public.raw]).quotes[0].ok
+
+
+def _ima_signer(tmp: Path, name: str) -> tuple[rsa.RSAPrivateKey, Path]:
+    """An IMA signing key and its self-signed certificate (PEM, SubjectKeyIdentifier from the key)."""
+    private = rsa.generate_private_key(65537, 2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tmb test {name}")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(private.public_key()), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    path = tmp / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return private, path
+
+
+def _sigv3(private: rsa.RSAPrivateKey, digest: bytes) -> bytes:
+    """A sigv3 IMA signature (security.ima) over a SHA-256 file digest, as the kernel checks it."""
+    body = private.sign(
+        file_id_digest(0x03, "sha256", digest), padding.PKCS1v15(), Prehashed(hashes.SHA256())
+    )
+    key_id = spki_key_id(private.public_key())[-4:]
+    return struct.pack(">BBBIH", 0x03, 3, 4, int.from_bytes(key_id, "big"), len(body)) + body
+
+
+def test_a_policy_with_a_keyring_is_audited_offline_with_its_files(node: NodeEnv, tmp_path: Path) -> None:
+    """The daemon keeps the files its policy references (here a [keyrings] ima certificate) with the policy
+    in the trail; the bundle carries them beside policy.toml with the references rewritten, and the offline
+    audit checks the signed file's IMA signature with that keyring, and only that one."""
+    private, cert = _ima_signer(tmp_path, "vendor")
+    _, rogue = _ima_signer(tmp_path, "rogue")
+    conf = tmp_path / "etc"
+    (conf / "keys").mkdir(parents=True)
+    (conf / "keys" / "vendor.pem").write_bytes(cert.read_bytes())
+    content = b"#!/bin/sh\necho signed tool\n"
+    digest = hashlib.sha256(content).digest()
+    node.policy_doc["allow"]["/opt/signed/tool"] = ["sha256:" + digest.hex()]  # the ingest's policy too
+    text = (
+        policy_toml(node.policy_doc)
+        + '[keyrings]\nima = ["keys/vendor.pem"]\n[[require_signature]]\nprefix = "/opt/signed/"\n'
+    )
+    (conf / "policy.toml").write_text(text)
+    files = policy_files(conf / "policy.toml")
+    assert files == {"keys/vendor.pem": cert.read_bytes()}
+
+    built = node.builder.add(
+        "ima-sig", "/opt/signed/tool", digest=digest, alg="sha256", sig=_sigv3(private, digest)
+    )
+    node.tpm.pcr_extend(10, {b: built.extends[b] for b in ("sha1", "sha256")})
+    ingest = node.ingest()
+    ingest.keep_policy(text.encode(), {}, files)
+    assert ingest.keep_policy(text.encode(), {}, files) == hashlib.sha256(text.encode()).hexdigest()
+    assert len(ingest.store.records("", "policy")) == 1
+    chain = Chain(NODE)
+    ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]})
+    attested(node, ingest, chain, 1, 2)
+    signer = signer_of(tmp_path)
+    bundle = export(node, ingest, signer, tmp_path / "bundle", T0, T0 + 10**9 * 3)
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["policy_files"] == ["policy-files/0-vendor.pem"]
+    assert (bundle / "policy-files/0-vendor.pem").read_bytes() == cert.read_bytes()
+    assert manifest["policy_recorded"]["files"] == {"keys/vendor.pem": "policy-files/0-vendor.pem"}
+    assert (bundle / "policy.recorded.toml").read_text() == text
+    assert tomllib.loads((bundle / "policy.toml").read_text())["keyrings"]["ima"] == [
+        "policy-files/0-vendor.pem"
+    ]
+    result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
+    assert result.ok, [(f.id, f.context) for f in result.report.errors]
+    assert not [f for f in result.report if f.id.startswith("imasig.")]
+
+    # The keyring swapped for another key (and the manifest's digest fixed): the signature is unknown.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(bundle, swapped)
+    (swapped / "policy-files/0-vendor.pem").write_bytes(rogue.read_bytes())
+    m = json.loads((swapped / "manifest.json").read_text())
+    del m["sha256"]["policy-files/0-vendor.pem"]
+    (swapped / "manifest.json").write_text(json.dumps(m))
+    assert "imasig.unknown_key" in errors(swapped, signer)
+
+    # A bundle's policy naming a file outside the bundle is refused, never read.
+    outside = tmp_path / "outside"
+    shutil.copytree(bundle, outside)
+    (outside / "policy.toml").write_text(text.replace("keys/vendor.pem", str(conf / "keys" / "vendor.pem")))
+    with pytest.raises(InputError, match="outside the bundle"):
+        audit_bundle(outside, daemon_keys=[signer.public.raw])
+
+
+def test_the_callers_policy_brings_its_files_when_the_trail_names_none(node: NodeEnv, tmp_path: Path) -> None:
+    """A quote checked before the daemon recorded its policy: the bundle takes the caller's policy (the
+    daemon's configured one) and the files it references, renamed as the trail's would be."""
+    _, cert = _ima_signer(tmp_path, "vendor")
+    text = policy_toml(node.policy_doc) + '[keyrings]\nima = ["vendor.pem"]\n'
+    ingest = node.ingest()
+    chain = Chain(NODE)
+    ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]})
+    attested(node, ingest, chain, 1, 2)
+    signer = signer_of(tmp_path)
+    context = RequestContext(policy_toml=text, policy_files={"vendor.pem": cert.read_bytes()})
+    bundle = export_window(
+        ingest.store,
+        tmp_path / "bundle",
+        NODE,
+        T0,
+        T0 + 10**9 * 3,
+        sign=lambda m: (signer.public.raw, signer.sign_bytes(m)),
+        nonce_ttl_s=ingest.nonce_ttl_s,
+        context=context,
+    )
+    assert (bundle / "policy-files/0-vendor.pem").read_bytes() == cert.read_bytes()
+    result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
+    assert result.ok, [(f.id, f.context) for f in result.report.errors]

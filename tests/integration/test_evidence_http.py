@@ -15,12 +15,18 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from identity_support import swtpm_store
 from swtpm import SwtpmFactory
 from test_evidence_export import policy_toml
 from test_probe_support import NODE, NodeEnv, make_node
 from test_proxy_support import Daemon, make_config, start_daemon
 
 from probes.chain import Chain
+from probes.enrol import enrol
+from probes.tpm import AK_HANDLE
+from tmb.attest.ekcert import TrustStore
 from tmb.attest.evidence import audit_bundle
 from tmb.config import AttestationConfig, AuditorsConfig, IdentityConfig
 from tmb.telemetry.sample import SampleBatch
@@ -201,3 +207,71 @@ async def test_two_daemons_on_postgresql_share_the_nonce_log_over_http(
     finally:
         await runner_a.cleanup()
         await runner_b.cleanup()
+
+
+async def test_an_enrolled_node_with_a_keyring_policy_audits_from_the_daemons_tar(
+    tmp_path: Path, swtpm_factory: SwtpmFactory, session: aiohttp.ClientSession
+) -> None:
+    """End to end as ``tmb serve`` builds it: [identity] ek_roots of the swtpm's manufacturer, a policy
+    naming a [keyrings] ima certificate; the probe enrols over HTTP with its certified EK, the node range's
+    tar holds the EK record and the keyring, and ``tmb audit --ek-roots`` passes on it alone."""
+    node = make_node(tmp_path, lambda: swtpm_factory(ek_cert=True))
+    try:
+        roots = tmp_path / "roots"
+        swtpm_store(node.swtpm.state_dir, roots)
+        conf = tmp_path / "etc"
+        (conf / "keys").mkdir(parents=True)
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        (conf / "keys" / "vendor.pem").write_bytes(pem)
+        policy = conf / "policy.toml"
+        policy.write_text(policy_toml(node.policy_doc) + '[keyrings]\nima = ["keys/vendor.pem"]\n')
+        config = dataclasses.replace(
+            make_config(tmp_path, []),
+            attestation=AttestationConfig(policy=str(policy)),
+            auditors=AuditorsConfig(tokens=(TOKEN,)),
+            identity=IdentityConfig(ek_roots=str(roots)),
+        )
+        runner, d = await start_daemon(config)
+        try:
+            m = d.management_url
+
+            async def post(route: str, doc: dict[str, Any]) -> tuple[int, Any]:
+                async with session.post(f"{m}/v1/ingest/{NODE}/{route}", json=doc) as resp:
+                    return resp.status, await resp.json()
+
+            async def tpm(fn: Any) -> Any:
+                return fn(node.tpm)
+
+            _, answer = await enrol(NODE, AK_HANDLE, post, tpm)
+            assert answer["ek_trust"] == "certified"
+            ingest = d.parts.ingest
+            assert ingest is not None
+            chain = Chain(NODE)
+            now = time.time_ns()
+            batches = [chain.genesis("synthetic")]
+            for k in range(2):
+                t = now - 2_000_000_000 + k * 1_000_000_000
+                samples = SampleBatch.from_columns([t], ["GPU-x"], source="synthetic", power_w=[100.0])
+                batches.append(chain.seal(samples.encode()))
+            assert ingest.add_batches(NODE, {"batches": [b.to_wire() for b in batches]}).accepted
+            assert ingest.add_ima(NODE, node.ima_doc()).accepted
+            nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+            assert ingest.add_quote(NODE, node.quote_doc(nonce, batches[-1].head)).data["ok"]
+
+            status, body = await get(
+                session, f"{m}/v1/nodes/{NODE}/evidence?from={now - 3 * 10**9}&to={now}", TOKEN
+            )
+            assert status == 200, body
+            bundle = unpack(body, tmp_path / "got")
+            assert (bundle / "ek" / "public.bin").read_bytes() == node.tpm.ek_public("rsa")
+            assert (bundle / "policy-files" / "0-vendor.pem").read_bytes() == pem
+            keys = [d.parts.signer.public.raw]
+            result = audit_bundle(bundle, daemon_keys=keys, ek_roots=TrustStore.from_directory(roots))
+            assert result.ok, [(f.id, f.context) for f in result.report.errors]
+            assert "audit.ek_not_rechecked" not in [f.id for f in result.report]
+            assert "identity.key_not_pinned" not in [f.id for f in result.report]
+        finally:
+            await runner.cleanup()
+    finally:
+        node.close()

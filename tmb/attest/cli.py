@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "nonce log and the verdict must be signed by it (repeatable; default: the nonce log's own key, "
         "with a warning)",
     )
+    au.add_argument(
+        "--ek-roots",
+        type=Path,
+        metavar="DIR",
+        help="TPM manufacturer root (and intermediate) certificates, like the daemon's [identity] ek_roots: "
+        "the node's EK certificates in the bundle are verified again against them (default: the "
+        "daemon's decision is reported, audit.ek_not_rechecked)",
+    )
     au.set_defaults(func=_cmd_audit)
 
 
@@ -165,7 +173,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if bundle.telemetry is not None and args.html:  # the pictures of the telemetry section
         require("report", "the telemetry plots of an HTML audit (--html)")  # before the audit, not after
     keys = _daemon_keys(args.daemon_key)
-    result = audit_bundle(args.bundle, policy_path=args.policy, daemon_keys=keys)
+    roots = None
+    if args.ek_roots is not None:
+        from tmb.attest.ekcert import TrustStore
+
+        roots = TrustStore.from_directory(args.ek_roots)
+    result = audit_bundle(args.bundle, policy_path=args.policy, daemon_keys=keys, ek_roots=roots)
     telemetry = None
     if bundle.telemetry is not None:
         from tmb.report.telemetry import telemetry_section

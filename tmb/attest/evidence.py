@@ -30,12 +30,22 @@ from typing import Any
 
 from tmb.attest.boot_audit import BootAudit, audit_boot, boot_lines
 from tmb.attest.dm import VerityRule, check_verity, dm_events
+from tmb.attest.ekcert import TrustStore
 from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
-from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy
-from tmb.attest.quote import QuoteResult, load_ak, verify_quote
+from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy, policy_references
+from tmb.attest.quote import AkPublic, QuoteResult, load_ak, verify_quote
 from tmb.attest.tpm2 import load_pcr_values, parse_attest
-from tmb.attest.trail import QuoteNonce, check_chain, check_nonce_log, qualifying_data, read_batches
+from tmb.attest.trail import (
+    IdentityFiles,
+    QuoteNonce,
+    check_chain,
+    check_identity,
+    check_nonce_log,
+    identity_files,
+    qualifying_data,
+    read_batches,
+)
 from tmb.errors import Finding, InputError, ParseError, Report, Severity, TmbError
 from tmb.verity.commitment import load_commitment, policy_rule_from_commitment
 
@@ -80,6 +90,7 @@ class Bundle:
     ima_segments: tuple[tuple[int, Path], ...] = ()
     window: tuple[int, int] | None = None
     sha256: Mapping[str, str] = field(default_factory=dict)
+    identity: Path | None = None  # the EK material and the daemon's identity decision (identity.json)
 
 
 def _read(root: Path, rel: Any, what: str) -> bytes:
@@ -149,7 +160,7 @@ def load_bundle(root: str | Path) -> Bundle:
     if not isinstance(commitments, list):
         raise InputError("manifest: 'commitments' must be a list", bundle=str(root))
     optional: dict[str, Path | None] = {}
-    for key in ("telemetry", "verdict", "eventlog", "batches", "nonce_log"):
+    for key in ("telemetry", "verdict", "eventlog", "batches", "nonce_log", "identity"):
         rel = doc.get(key)
         if rel is not None:
             _read(root, rel, key)[:0]
@@ -212,6 +223,7 @@ def load_bundle(root: str | Path) -> Bundle:
         ima_segments=tuple(segments),
         window=(int(window[0]), int(window[1])) if window is not None else None,
         sha256=dict(digests),
+        identity=optional.get("identity"),
     )
 
 
@@ -225,6 +237,7 @@ def write_bundle(
     pcr_bank: str = "sha256",
     policy_toml: str | None = None,
     commitments: Mapping[str, bytes] | None = None,
+    policy_files: Mapping[str, bytes] | None = None,
     telemetry: bytes | None = None,
     profiles: Mapping[str, bytes] | None = None,
     claimed: str | None = None,
@@ -233,7 +246,8 @@ def write_bundle(
     eventlog: bytes | None = None,
 ) -> Path:
     """Write a bundle. Each quote mapping has ``message``, ``signature``, ``pcrs`` (bytes) and
-    ``nonce`` (bytes or None). The request context is optional: ``telemetry`` (the window's
+    ``nonce`` (bytes or None). ``policy_files``: the files ``policy_toml`` references, by the bundle-relative
+    names it references them by. The request context is optional: ``telemetry`` (the window's
     ``SampleBatch.encode()``), ``profiles`` (file name -> profile JSON), ``claimed``, ``verdict``, ``load``
     (requests in flight over the window, as the daemon measured it)."""
     root = Path(root)
@@ -267,6 +281,15 @@ def write_bundle(
     if policy_toml is not None:
         (root / "policy.toml").write_text(policy_toml)
         manifest["policy"] = "policy.toml"
+    if policy_files:  # the files policy.toml references, under the names it references them by
+        manifest["policy_files"] = []
+        for rel, data in policy_files.items():
+            target = root / rel
+            if not target.resolve().is_relative_to(root.resolve()):
+                raise InputError("a policy file's name points outside the bundle", path=rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            manifest["policy_files"].append(rel)
     if commitments:
         manifest["commitments"] = []
         for name, data in commitments.items():
@@ -385,19 +408,25 @@ def audit_bundle(
     *,
     policy_path: str | Path | None = None,
     daemon_keys: Sequence[bytes] = (),
+    ek_roots: TrustStore | None = None,
 ) -> AuditResult:
     """Re-check everything in a bundle; every finding lands in ``result.report``. ``daemon_keys``: the
-    daemon's Ed25519 public keys (raw) the auditor trusts for the nonce log's signature."""
+    daemon's Ed25519 public keys (raw) the auditor trusts for the nonce log's signature; ``ek_roots``: TPM
+    manufacturer roots to re-check the node's EK certificates with (else the daemon's decision is
+    reported, ``audit.ek_not_rechecked``)."""
     bundle = load_bundle(root)
     result = AuditResult(str(bundle.root), bundle.node)
     report = result.report
     _audit_export(bundle, report, daemon_keys)
     ak = load_ak(bundle.ak)
+    _audit_identity(bundle, ak, report, daemon_keys, ek_roots)
     ppath = Path(policy_path) if policy_path is not None else bundle.policy
     if ppath is None:
         raise InputError(
             "no runtime policy: the bundle names none and --policy was not given", bundle=str(root)
         )
+    if policy_path is None:
+        _policy_inside(bundle.root, ppath)
     policy = load_policy(ppath)
     if not bundle.quotes:
         report.add("audit.no_quotes", "the bundle holds no quote: nothing is attested", bundle=str(root))
@@ -500,6 +529,58 @@ def audit_bundle(
         bundle.eventlog, boot_pcrs, first[0] if first else None, getattr(policy, "boot", None), report
     )
     return result
+
+
+def _audit_identity(
+    bundle: Bundle, ak: AkPublic, report: Report, daemon_keys: Sequence[bytes], roots: TrustStore | None
+) -> None:
+    """The identity record of a daemon's export (:func:`tmb.attest.trail.check_identity`); a daemon's
+    export without one says so (``audit.ek_absent``, info: a node registered by its AK alone)."""
+    if bundle.identity is None:
+        if bundle.nonce_log is not None:
+            report.add(
+                "audit.ek_absent",
+                "the bundle holds no EK record: the node's identity (registered by AK alone, or enrolled "
+                "before the daemon kept EKs) is not checked",
+                severity=Severity.INFO,
+            )
+        return
+    rel = bundle.identity.name
+    try:
+        doc = json.loads(bundle.identity.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        doc = None
+    pub, certs = identity_files(doc)
+
+    def read(name: str | None) -> tuple[str, bytes | None]:
+        try:
+            return str(name), _read(bundle.root, name, str(name))
+        except InputError:
+            return str(name), None
+
+    files = IdentityFiles(
+        read(pub), tuple(read(c) for c in certs), ak.name.hex() if ak.name is not None else None, bundle.node
+    )
+    check_identity(doc, files, rel, report, pinned=daemon_keys, roots=roots)
+
+
+def _policy_inside(root: Path, policy: Path) -> None:
+    """The bundle's policy may reference only files of the bundle (``policy-files/``, as the daemon's
+    export writes them): an audit never reads the auditor's own files on a bundle's word."""
+    try:
+        text = policy.read_text()
+    except (OSError, UnicodeDecodeError):
+        return  # load_policy names the problem
+    for name in policy_references(text, where=str(policy)):
+        target = Path(name)
+        if target.is_absolute() or not (policy.parent / target).resolve().is_relative_to(root.resolve()):
+            raise InputError(
+                "the bundle's policy references a file outside the bundle",
+                hint="audit with --policy, or export the bundle again from a daemon that keeps the "
+                "policy's files",
+                bundle=str(root),
+                file=name,
+            )
 
 
 def _audit_export(bundle: Bundle, report: Report, daemon_keys: Sequence[bytes]) -> None:

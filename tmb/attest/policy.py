@@ -311,6 +311,112 @@ def policy_from_dict(
     return policy
 
 
+MAX_POLICY_FILES = 64  # files one policy references ([keyrings] ima, [[import]] keylime)
+
+
+def policy_references(text: str, *, where: str = "<policy>") -> list[str]:
+    """The file names a policy's TOML text references, as written (``[keyrings] ima`` entries, then each
+    ``[[import]]``'s ``keylime``), each once, in order. ConfigError when the text is not a policy's TOML
+    or references more than :data:`MAX_POLICY_FILES` files."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"policy is not valid TOML: {exc}", path=where) from None
+    names: list[str] = []
+    ring = doc.get("keyrings", {})
+    ima = ring.get("ima", []) if isinstance(ring, dict) else []
+    if isinstance(ima, list):
+        names += [v for v in ima if isinstance(v, str)]
+    imports = doc.get("import", [])
+    if isinstance(imports, list):
+        names += [i["keylime"] for i in imports if isinstance(i, dict) and isinstance(i.get("keylime"), str)]
+    out = list(dict.fromkeys(names))
+    if len(out) > MAX_POLICY_FILES:
+        raise ConfigError(f"the policy references more than {MAX_POLICY_FILES} files", path=where)
+    return out
+
+
+MAX_POLICY_FILE_BYTES = 64 * 1024 * 1024  # one referenced file (a Keylime allowlist can be large)
+
+
+def policy_files(path: str | Path, text: str | None = None) -> dict[str, bytes]:
+    """The files the policy at ``path`` references (name as written -> content), read as
+    :func:`load_policy` reads them (relative to the policy's directory). ConfigError names an unreadable
+    or oversized file."""
+    path = Path(path)
+    where = str(path)
+    if text is None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read policy: {exc}", path=where) from None
+    out: dict[str, bytes] = {}
+    for name in policy_references(text, where=where):
+        target = Path(name)
+        target = target if target.is_absolute() else path.parent / target
+        try:
+            with target.open("rb") as fh:
+                data = fh.read(MAX_POLICY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read a file the policy references: {exc.strerror}", path=where, file=name
+            ) from None
+        if len(data) > MAX_POLICY_FILE_BYTES:
+            raise ConfigError(
+                "a file the policy references is too large",
+                path=where,
+                file=name,
+                limit=MAX_POLICY_FILE_BYTES,
+            )
+        out[name] = data
+    return out
+
+
+def rewrite_references(text: str, names: Mapping[str, str], *, where: str = "<policy>") -> str:
+    """The policy's TOML with each referenced file name (:func:`policy_references`) replaced by
+    ``names[name]``: the same document otherwise, written anew (comments and layout are not kept; the
+    result parses to the original document but for the names). ConfigError when a reference has no new
+    name or the document holds a value TOML cannot be written back from here (a date)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"policy is not valid TOML: {exc}", path=where) from None
+    missing = [n for n in policy_references(text, where=where) if n not in names]
+    if missing:
+        raise ConfigError("no new name for a file the policy references", path=where, files=missing)
+    ring = doc.get("keyrings")
+    if isinstance(ring, dict) and isinstance(ring.get("ima"), list):
+        ring["ima"] = [names.get(v, v) if isinstance(v, str) else v for v in ring["ima"]]
+    for imp in doc.get("import", []) if isinstance(doc.get("import"), list) else []:
+        if isinstance(imp, dict) and isinstance(imp.get("keylime"), str):
+            imp["keylime"] = names[imp["keylime"]]
+    out = "".join(f"{_toml_key(k)} = {_toml_value(v, where)}\n" for k, v in doc.items())
+    if tomllib.loads(out) != doc:  # the writer below is small: never hand back another policy
+        raise ConfigError("the policy cannot be written back with its files renamed", path=where)
+    return out
+
+
+def _toml_key(key: str) -> str:
+    return json.dumps(key, ensure_ascii=True)
+
+
+def _toml_value(value: Any, where: str) -> str:
+    """One value as inline TOML (strings as JSON strings, which TOML basic strings accept)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=True)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v, where)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"a {type(value).__name__} value cannot be written back into the policy", path=where)
+
+
 def _keyring_files(value: Any, where: str, base: Path | None) -> tuple[TrustedKey, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError("keyrings.ima must be a list of certificate/key file paths", path=where)

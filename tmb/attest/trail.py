@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import json
 import struct
@@ -29,23 +30,31 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tmb.errors import InputError, Report, Severity
+from tmb.attest.ekcert import TrustStore, ek_pin, verify_ek
+from tmb.errors import Finding, InputError, ParseError, Report, Severity
 
 __all__ = [
     "CHAIN_DOMAIN",
+    "IDENTITY_FORMAT",
     "NONCE_LOG_FORMAT",
     "ChainBatch",
+    "IdentityFiles",
     "batch_digest",
     "check_chain",
+    "check_identity",
     "check_nonce_log",
     "covered",
+    "identity_files",
     "nonce_log_message",
     "qualifying_data",
     "read_batches",
+    "signed_message",
 ]
 
 CHAIN_DOMAIN = b"tmb-telemetry-batch\x00v1"
 NONCE_LOG_FORMAT = "tmb-nonce-log/1"
+IDENTITY_FORMAT = "tmb-identity/1"
+MAX_IDENTITY_CERTS = 8  # EK certificates one identity record names (enrolment takes at most 4)
 MAX_BATCHES = 1_000_000  # lines of a bundle's batch file
 
 
@@ -169,10 +178,14 @@ def covered(batches: Sequence[ChainBatch], heads: Sequence[bytes]) -> set[bytes]
     return out
 
 
-def nonce_log_message(doc: Mapping[str, Any]) -> bytes:
-    """What the nonce log's signature covers: the document without ``signature``, canonical JSON."""
+def signed_message(doc: Mapping[str, Any]) -> bytes:
+    """What a daemon-signed document's signature covers (the nonce log, the identity record): the document
+    without ``signature``, canonical JSON."""
     body = {k: v for k, v in doc.items() if k != "signature"}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+nonce_log_message = signed_message
 
 
 @dataclass(frozen=True)
@@ -268,3 +281,179 @@ def _entries(doc: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
     entries = doc.get("entries")
     if isinstance(entries, list):
         yield from (e for e in entries if isinstance(e, dict))
+
+
+def _signature_key(doc: Mapping[str, Any]) -> bytes | None:
+    """The Ed25519 key that signed ``doc`` (its ``key.public_key_hex``) when the signature verifies."""
+    key = doc.get("key")
+    try:
+        raw = bytes.fromhex(str(key.get("public_key_hex"))) if isinstance(key, dict) else b""
+        sig = bytes.fromhex(str(doc.get("signature")))
+        Ed25519PublicKey.from_public_bytes(raw).verify(sig, signed_message(doc))
+    except (ValueError, InvalidSignature):
+        return None
+    return raw
+
+
+@dataclass(frozen=True)
+class IdentityFiles:
+    """What the audit read of a bundle's identity record: the EK public area and certificates by their
+    bundle file names (None: unreadable), and the name of the AK the quotes were verified with."""
+
+    public: tuple[str, bytes | None]
+    certificates: tuple[tuple[str, bytes | None], ...]
+    ak_name: str | None
+    node: str = ""  # the bundle's node
+
+
+def identity_files(doc: Any) -> tuple[str | None, list[str]]:
+    """The file names an identity record names: (EK public area, certificates)."""
+    if not isinstance(doc, dict):
+        return None, []
+    public = doc.get("public")
+    certs = doc.get("certificates")
+    pub = public.get("file") if isinstance(public, dict) and isinstance(public.get("file"), str) else None
+    names = (
+        [c["file"] for c in certs if isinstance(c, dict) and isinstance(c.get("file"), str)]
+        if isinstance(certs, list)
+        else []
+    )
+    return pub, names[:MAX_IDENTITY_CERTS]
+
+
+def check_identity(
+    doc: Any,
+    files: IdentityFiles,
+    where: str,
+    report: Report,
+    *,
+    pinned: Sequence[bytes] = (),
+    roots: TrustStore | None = None,
+) -> None:
+    """The identity record of a daemon's export (``tmb-identity/1``): its signature (``identity.
+    signature_invalid``; ``identity.key_not_pinned`` when ``pinned`` daemon keys were given and none is its
+    key), the EK public area as recorded (its SHA-256 and its EK pin, ``ek_sha256``:
+    ``identity.ek_public_mismatch``), each certificate as recorded (``identity.ek_cert_mismatch``), the AK
+    the quotes were verified with is the one the node was pinned with (``identity.ak_mismatch``), the record
+    is the bundle's node's (``identity.node_mismatch``). With
+    ``roots`` (the auditor's TPM manufacturer roots) :func:`~tmb.attest.ekcert.verify_ek` runs again on the
+    certificates at the time the daemon checked them (``audit.ek_recheck_failed`` when a certified EK is not
+    certified by them); without, the daemon's decision is reported as ``audit.ek_not_rechecked`` (info)."""
+    if not isinstance(doc, dict) or doc.get("format") != IDENTITY_FORMAT:
+        report.add(
+            "identity.malformed", f"the identity record is not a {IDENTITY_FORMAT} document", file=where
+        )
+        return
+    raw = _signature_key(doc)
+    if raw is None:
+        report.add(
+            "identity.signature_invalid",
+            "the identity record's signature does not verify with its key: edited after the daemon signed it",
+            file=where,
+        )
+        return
+    if pinned and raw not in pinned:
+        report.add(
+            "identity.key_not_pinned",
+            "the identity record is signed by a key the auditor did not name",
+            key_id=hashlib.sha256(raw).hexdigest(),
+        )
+    if doc.get("node") != files.node:
+        report.add(
+            "identity.node_mismatch",
+            "the identity record is another node's",
+            file=where,
+            node=files.node,
+            got=doc.get("node"),
+        )
+    trust, ek_sha256, pin = doc.get("ek_trust"), doc.get("ek_sha256"), doc.get("pin")
+    public_doc: dict[str, Any] = doc["public"] if isinstance(doc.get("public"), dict) else {}
+    pub_name, public = files.public
+    if public is None or hashlib.sha256(public).hexdigest() != public_doc.get("sha256"):
+        report.add(
+            "identity.ek_public_mismatch",
+            "the EK public area is not the one the daemon recorded: edited or replaced",
+            file=pub_name,
+        )
+        public = None
+    else:
+        try:
+            fp = ek_pin(public)
+        except ParseError as exc:
+            fp = f"(unreadable: {exc.message})"
+        if fp != ek_sha256:
+            report.add(
+                "identity.ek_public_mismatch",
+                "the EK public area does not hash to the recorded ek_sha256",
+                file=pub_name,
+                ek_sha256=ek_sha256,
+                got=fp,
+            )
+            public = None
+    recorded: list[Any] = doc["certificates"] if isinstance(doc.get("certificates"), list) else []
+    certs: list[bytes] = []
+    for i, (name, data) in enumerate(files.certificates):
+        want = recorded[i].get("sha256") if i < len(recorded) and isinstance(recorded[i], dict) else None
+        if data is None or hashlib.sha256(data).hexdigest() != want:
+            report.add(
+                "identity.ek_cert_mismatch",
+                "an EK certificate is not the one the daemon recorded: edited or replaced",
+                file=name,
+            )
+            continue
+        certs.append(data)
+    if len(files.certificates) != len(recorded):
+        report.add(
+            "identity.ek_cert_mismatch",
+            "the bundle holds another number of EK certificates than the daemon recorded",
+            file=where,
+            recorded=len(recorded),
+            got=len(files.certificates),
+        )
+    if files.ak_name != doc.get("ak_name"):
+        report.add(
+            "identity.ak_mismatch",
+            "the AK the quotes were verified with is not the AK the node was enrolled with",
+            ak_name=doc.get("ak_name"),
+            got=files.ak_name,
+        )
+    decision: dict[str, Any] = {
+        "ek_trust": trust,
+        "ek_sha256": ek_sha256,
+        "pin": pin,
+        "chain": doc.get("chain"),
+    }
+    if roots is None:
+        report.add(
+            "audit.ek_not_rechecked",
+            "the EK certificates were not checked against manufacturer roots (--ek-roots): the daemon's "
+            "decision is reported as it recorded it",
+            severity=Severity.INFO,
+            **decision,
+        )
+        return
+    if public is None:
+        return  # the mismatch above: nothing to re-check
+    checked = doc.get("checked_ns")
+    at = (
+        dt.datetime.fromtimestamp(checked / 1e9, dt.UTC)
+        if isinstance(checked, int) and not isinstance(checked, bool) and 0 < checked < 2**63
+        else None
+    )
+    again = verify_ek(
+        public, certs, roots, pins=[pin] if trust == "pinned" and isinstance(pin, str) else (), at=at
+    )
+    report.extend(Finding(f.id, f.message, f.severity, {"recheck": True, **f.context}) for f in again.report)
+    if trust == "certified" and again.ek_trust != "certified":
+        report.add(
+            "audit.ek_recheck_failed",
+            "the daemon recorded a certified EK, and the certificates do not certify it with these roots",
+            **decision,
+        )
+    elif trust == "pinned":
+        report.add(
+            "audit.ek_pinned",
+            "the daemon accepted the EK by a pin of its configuration, not by a manufacturer certificate",
+            severity=Severity.INFO,
+            **decision,
+        )

@@ -393,7 +393,7 @@ def open_ingest(config: Config, events: EventSink = discard) -> Ingest | None:
     a = config.attestation
     if not a.policy:
         return None
-    from tmb.attest.policy import load_policy
+    from tmb.attest.policy import load_policy, policy_files
     from tmb.ingest.service import Ingest
     from tmb.ingest.store import open_ingest_store
 
@@ -412,7 +412,7 @@ def open_ingest(config: Config, events: EventSink = discard) -> Ingest | None:
         # checked against, and bundles carry that one (tmb.ingest.export)
         from tmb.daemon.evidence import read_commitments
 
-        ingest.keep_policy(Path(a.policy).read_bytes(), read_commitments(config))
+        ingest.keep_policy(Path(a.policy).read_bytes(), read_commitments(config), policy_files(a.policy))
         for entry in a.nodes:
             node, _, ak_path = entry.partition("=")
             ingest.register_node(node, _read_ak(ak_path, node))

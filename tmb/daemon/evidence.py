@@ -35,7 +35,7 @@ from aiohttp import web
 
 from tmb.config import Config
 from tmb.envelope import error_response
-from tmb.errors import InputError, TmbError
+from tmb.errors import ConfigError, InputError, TmbError
 from tmb.verdict.model import Verdict
 from tmb.verdict.signing import Signer
 
@@ -114,17 +114,22 @@ def read_commitments(config: Config) -> dict[str, bytes]:
 
 
 def _context(config: Config, verdict: bytes | None, claimed: str | None) -> Any:
+    from tmb.attest.policy import policy_files
     from tmb.ingest.export import RequestContext
 
     a = config.attestation
     try:
         policy = Path(a.policy).read_text() if a.policy else None
+        files = policy_files(a.policy, policy) if policy is not None else {}
     except OSError as exc:
         raise InputError(f"cannot read the policy: {exc.strerror}", path=a.policy) from None
+    except ConfigError as exc:  # a file it references, unreadable now
+        raise InputError(exc.message, **exc.context) from None
     return RequestContext(
         verdict=verdict,
         claimed=claimed,
         policy_toml=policy,
+        policy_files=files,
         commitments=_context_files(a.commitments, "*.json"),
         profiles=_context_files(config.fingerprint.profiles, "*.json") if verdict is not None else {},
     )

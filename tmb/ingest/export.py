@@ -14,8 +14,11 @@ What a window's bundle holds, each part as the daemon received it:
   (``telemetry.bin``);
 * the node's AK, its firmware event log at the last quote, the nonce log entries those quotes consumed,
   signed by the daemon (``nonces.json``);
-* the policy and commitments the last quote was checked against (as the daemon recorded them at start),
-  else the caller's;
+* the EK material the node was pinned by at the last quote (``ek/public.bin``, ``ek/certs/N.der``) and the
+  daemon's identity decision, signed by the daemon (``identity.json``);
+* the policy, the files it references (``policy-files/``, policy.toml's references rewritten to them) and
+  the commitments the last quote was checked against (as the daemon recorded them at start), else the
+  caller's;
 * the request context when given: profiles, claimed model, load, signed verdict.
 
 Every size is bounded (:data:`MAX_EXPORT_BYTES`, :data:`MAX_EXPORT_BATCHES`, :data:`MAX_EXPORT_QUOTES`);
@@ -27,15 +30,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from tmb.attest.evidence import write_bundle
-from tmb.attest.trail import NONCE_LOG_FORMAT, nonce_log_message
-from tmb.errors import InputError, TmbError
+from tmb.attest.policy import rewrite_references
+from tmb.attest.trail import IDENTITY_FORMAT, NONCE_LOG_FORMAT, nonce_log_message, signed_message
+from tmb.errors import ConfigError, InputError, TmbError
 from tmb.ingest.store import IngestBackend
 from tmb.ingest.trail import RecordRow
 from tmb.telemetry.sample import SampleBatch
@@ -72,6 +77,7 @@ class RequestContext:
     claimed: str | None = None
     load: float | None = None
     policy_toml: str | None = None
+    policy_files: Mapping[str, bytes] = field(default_factory=dict)  # name as the policy writes it -> bytes
     commitments: Mapping[str, bytes] = field(default_factory=dict)
     profiles: Mapping[str, bytes] = field(default_factory=dict)
 
@@ -108,7 +114,9 @@ def export_window(
     telemetry = _window_samples(batches, t0_ns, t1_ns)
     eventlog = _latest(store, node, "eventlog", last_ns, budget)
     ak = _latest(store, node, "ak", last_ns, budget) or row.ak
-    policy, commitments = _in_force(store, quotes[-1] if quotes else None, ctx, budget)
+    policy, commitments, files = _in_force(store, quotes[-1] if quotes else None, ctx, budget)
+    recorded_policy = policy
+    policy, policy_files, renamed = _policy_files(policy, files)
     quote_files = []
     for q in quotes:
         message = _blob(store, q.digest, budget)
@@ -120,6 +128,15 @@ def export_window(
                 "nonce": None,
             }
         )
+    ek = store.last_record(node, "ek", until_ns=last_ns)
+    ek_material = (
+        (
+            _blob(store, ek.digest, budget),
+            [_blob(store, bytes.fromhex(d), budget) for d in ek.meta["certificates"]],
+        )
+        if ek is not None
+        else None
+    )
     nonces = store.consumed_nonces(node, [q.digest for q in quotes])
     public, _ = sign(b"")
     doc: dict[str, Any] = {
@@ -147,6 +164,7 @@ def export_window(
             quotes=quote_files,
             pcr_bank=pcr_bank,
             policy_toml=policy,
+            policy_files=policy_files,
             commitments=commitments,
             telemetry=telemetry,
             profiles=ctx.profiles,
@@ -173,6 +191,11 @@ def export_window(
         (root / "nonces.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         manifest["nonce_log"] = "nonces.json"
         manifest["window"] = [t0_ns, t1_ns]
+        if ek is not None and ek_material is not None:
+            manifest["identity"] = _write_identity(root, node, ek, *ek_material, sign)
+        if renamed and recorded_policy is not None:
+            (root / "policy.recorded.toml").write_text(recorded_policy)
+            manifest["policy_recorded"] = {"file": "policy.recorded.toml", "files": renamed}
         manifest["sha256"] = {
             str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*"))
@@ -183,6 +206,46 @@ def export_window(
         shutil.rmtree(root, ignore_errors=True)
         raise
     return root
+
+
+def _write_identity(
+    root: Path, node: str, ek: RecordRow, public: bytes, certs: list[bytes], sign: NonceSigner
+) -> str:
+    """``ek/public.bin``, ``ek/certs/N.der`` and ``identity.json``: the EK material the node was pinned by
+    (the trail's ``ek`` record in force at the window's last quote) and the daemon's decision, signed like
+    the nonce log (:data:`~tmb.attest.trail.IDENTITY_FORMAT`)."""
+    (root / "ek" / "certs").mkdir(parents=True)
+    (root / "ek" / "public.bin").write_bytes(public)
+    files = []
+    for i, der in enumerate(certs):
+        rel = f"ek/certs/{i}.der"
+        (root / rel).write_bytes(der)
+        files.append({"file": rel, "sha256": hashlib.sha256(der).hexdigest()})
+    meta = ek.meta
+    key, _ = sign(b"")
+    doc: dict[str, Any] = {
+        "format": IDENTITY_FORMAT,
+        "node": node,
+        "ek_trust": meta.get("ek_trust"),
+        "ek_sha256": meta.get("ek_sha256"),
+        "pin": meta.get("pin"),
+        "chain": meta.get("chain", []),
+        "tpm": meta.get("tpm"),
+        "checked_ns": meta.get("checked_ns"),
+        "enrolled_ns": ek.received_ns,
+        "rekey": bool(meta.get("rekey")),
+        "ak_name": meta.get("ak_name"),
+        "public": {"file": "ek/public.bin", "sha256": hashlib.sha256(public).hexdigest()},
+        "certificates": files,
+        "key": {
+            "algorithm": "Ed25519",
+            "public_key_hex": key.hex(),
+            "key_id": hashlib.sha256(key).hexdigest(),
+        },
+    }
+    doc["signature"] = sign(signed_message(doc))[1].hex()
+    (root / "identity.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return "identity.json"
 
 
 class _Budget:
@@ -240,9 +303,10 @@ def _ima(store: IngestBackend, node: str, until_ns: int | None, budget: _Budget)
 
 def _in_force(
     store: IngestBackend, quote: RecordRow | None, ctx: RequestContext, budget: _Budget
-) -> tuple[str | None, Mapping[str, bytes]]:
-    """The policy text and commitments the last quote was checked against, from the trail (the daemon
-    records them at start: ``Ingest.keep_policy``); the caller's when the quote names none."""
+) -> tuple[str | None, Mapping[str, bytes], dict[str, bytes]]:
+    """The policy text, commitments and referenced files (name as written -> content) the last quote was
+    checked against, from the trail (the daemon records them at start: ``Ingest.keep_policy``); the
+    caller's when the quote names none."""
     ref = quote.meta.get("policy") if quote is not None else None
     r = store.last_record("", "policy", digest=bytes.fromhex(ref)) if ref else None
     if r is not None:
@@ -251,11 +315,34 @@ def _in_force(
             str(c["name"]): _blob(store, bytes.fromhex(c["sha256"]), budget)
             for c in r.meta.get("commitments", [])
         }
+        files = {
+            str(f["name"]): _blob(store, bytes.fromhex(f["sha256"]), budget) for f in r.meta.get("files", [])
+        }
         try:
-            return text.decode(), commitments
+            return text.decode(), commitments, files
         except UnicodeDecodeError:
             pass
-    return ctx.policy_toml, ctx.commitments
+    return ctx.policy_toml, ctx.commitments, dict(ctx.policy_files)
+
+
+def _policy_files(
+    text: str | None, files: dict[str, bytes]
+) -> tuple[str | None, dict[str, bytes], dict[str, str]]:
+    """The policy text with its referenced files renamed into the bundle (``policy-files/N-<name>``), the
+    files by their bundle names, and original name -> bundle name."""
+    if text is None or not files:
+        return text, {}, {}
+    names: dict[str, str] = {}
+    for i, name in enumerate(sorted(files)):
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", PurePath(name).name)[-64:].lstrip(".") or "file"
+        names[name] = f"policy-files/{i}-{base}"
+    try:
+        rewritten = rewrite_references(text, names)
+    except ConfigError as exc:
+        raise ExportError(
+            f"the policy's files cannot be renamed into the bundle: {exc.message}", **exc.context
+        ) from None
+    return rewritten, {names[n]: data for n, data in files.items()}, names
 
 
 def _latest(

@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,13 @@ def begin(
             "ak_public": ak_public.hex(),
             "ak_name": ak_name,
             "rekey": changed,
+            # the EK material as received and the decision, for the evidence trail once activated
+            "ek_public": ek_public.hex(),
+            "ek_certificates": [base64.b64encode(c).decode() for c in certs],
+            "ek_pin": _pin_used(ek.report.findings),
+            "ek_chain": list(ek.chain),
+            "ek_tpm": ek.tpm.to_dict() if ek.tpm is not None else None,
+            "checked_ns": now_ns,
         },
         now_ns,
     )
@@ -325,11 +333,51 @@ def activate(
         now_ns,
     )
     rekey = bool(held.get("rekey"))
+    _keep_identity(store, node, held, pin, rekey, now_ns)
     if rekey:
         store.set_identity(node, REKEY, None, now_ns)
         store.set_identity(node, REQUEST, None, now_ns)
     store.upsert_node(node, pin.ak_public, now_ns)
     return taken([], {"node": node, "enrolled": True, **pin.to_public()}), pin, rekey
+
+
+def _pin_used(findings: Sequence[Finding]) -> str | None:
+    """The EK pin :func:`~tmb.attest.ekcert.verify_ek` accepted the EK by (its ``identity.ek_pinned``)."""
+    for f in findings:
+        if f.id == "identity.ek_pinned" and isinstance(f.context.get("pin"), str):
+            return str(f.context["pin"])
+    return None
+
+
+def _keep_identity(
+    store: IngestBackend, node: str, held: Mapping[str, Any], pin: Pinned, rekey: bool, now_ns: int
+) -> None:
+    """The evidence trail (append-only) records what the node was pinned by, as received and checked: the
+    EK public area (``ek`` record; its blob is the TPM2B_PUBLIC), each EK certificate (``ek.cert`` blobs,
+    DER, in the order sent; the record names their digests) and the decision (``ek_trust``, ``ek_sha256``,
+    the pin, the chain, the TPM the certificate names, when it was checked); and the AK, when it is not
+    the node's last recorded one. A re-keying adds records; the old ones stay."""
+    if not isinstance(held.get("ek_public"), str):  # a challenge made before the trail kept EKs
+        return
+    certs = [store.put_blob("ek.cert", base64.b64decode(c)).hex() for c in held.get("ek_certificates", [])]
+    store.keep(
+        node,
+        "ek",
+        now_ns,
+        bytes.fromhex(held["ek_public"]),
+        ek_trust=pin.ek_trust,
+        ek_sha256=pin.ek_sha256,
+        pin=held.get("ek_pin"),
+        chain=held.get("ek_chain", []),
+        tpm=held.get("ek_tpm"),
+        checked_ns=held.get("checked_ns"),
+        certificates=certs,
+        ak_name=pin.ak_name,
+        rekey=rekey,
+    )
+    last = store.last_record(node, "ak")
+    if last is None or last.digest != hashlib.sha256(pin.ak_public).digest():
+        store.keep(node, "ak", now_ns, pin.ak_public)
 
 
 def approve(

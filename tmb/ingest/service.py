@@ -209,19 +209,34 @@ class Ingest:
         self._keys.pop(node, None)
         return key
 
-    def keep_policy(self, text: bytes, commitments: Mapping[str, bytes]) -> str:
-        """Record the policy (its TOML text) and the model commitments in force in the evidence trail (once
-        per change; daemon-wide records, node ``""``); every quote checked from now on names it. Returns the
-        policy's digest (hex)."""
+    def keep_policy(
+        self, text: bytes, commitments: Mapping[str, bytes], files: Mapping[str, bytes] | None = None
+    ) -> str:
+        """Record the policy (its TOML text), the files it references (``[keyrings] ima``, ``[[import]]``:
+        name as written -> content, :func:`tmb.attest.policy.policy_files`) and the model commitments in
+        force in the evidence trail (once per change; daemon-wide records, node ``""``); every quote checked
+        from now on names it. Returns the policy's digest (hex)."""
         with self._db, self.store.transaction():
             names = [
                 {"name": name, "sha256": self.store.put_blob("commitment", data).hex()}
                 for name, data in sorted(commitments.items())
             ]
+            kept = [
+                {"name": name, "sha256": self.store.put_blob("policy.file", data).hex()}
+                for name, data in sorted((files or {}).items())
+            ]
             digest = hashlib.sha256(text).digest()
             last = self.store.last_record("", "policy")
-            if last is None or last.digest != digest or last.meta.get("commitments") != names:
-                self.store.keep("", "policy", self.clock_ns(), text, commitments=names)
+            if (
+                last is None
+                or last.digest != digest
+                or last.meta.get("commitments") != names
+                or last.meta.get("files", []) != kept
+            ):
+                meta: dict[str, Any] = {"commitments": names}
+                if kept:
+                    meta["files"] = kept
+                self.store.keep("", "policy", self.clock_ns(), text, **meta)
         self.policy_ref = digest.hex()
         return self.policy_ref
 
