@@ -548,8 +548,15 @@ async def test_the_daemon_delivers_across_a_restart_and_counts_in_metrics(
         async with aiohttp.ClientSession() as s:
             async with s.get(daemon.url + "/v1/keys") as r:
                 keys = keys_from_document(await r.json())
-            async with s.get(daemon.url + "/metrics") as r:
-                text = await r.text()
+            # the receiver's 200 arrives before the notifier records the delivery: wait for the count
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30.0
+            while True:
+                async with s.get(daemon.url + "/metrics") as r:
+                    text = await r.text()
+                if "tmb_notify_delivered_total 1.0" in text or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.01)
     finally:
         await runner.cleanup()
     body, headers, _ = receiver.got[-1]
