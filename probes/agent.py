@@ -178,6 +178,7 @@ class Probe:
         self._ak_name: str | None = None
         self._last_refusal: dict[str, tuple[Finding, float]] = {}
         self._offset_refused: tuple[int, float] | None = None
+        self._daemon_offset: int | None = None  # the last ima_offset the daemon answered
         self._eventlog: bytes | None = None  # this boot's UEFI event log, as read at start
         self._eventlog_digest: str | None = None  # its SHA-256 (hex)
         self._eventlog_refused: str | None = None  # the digest of a log the daemon refused (4xx)
@@ -443,6 +444,19 @@ class Probe:
         if offset is not None and not self._ima_ready and await self._offset_in_log(route, offset):
             self.ima.rewind(offset)
             self._ima_ready = True
+        elif (
+            offset is not None
+            and self._daemon_offset is not None
+            and offset < self._daemon_offset
+            and await self._offset_in_log(route, offset)
+        ):
+            # The daemon's offset only shrinks when it started the node's log again (a new boot epoch): a
+            # probe that took an old-boot offset which happened to be a boundary of the new log would
+            # otherwise never send the new log. (An answer overtaken by a later one only re-sends bytes
+            # the daemon already holds, which it takes as the same.)
+            self.ima.rewind(offset)
+        if offset is not None:
+            self._daemon_offset = offset
         return offset
 
     async def _offset_in_log(self, route: str, offset: int) -> bool:
