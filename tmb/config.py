@@ -283,9 +283,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_URLSAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 def token_bits(token: str) -> float:
     """A strength estimate: length × log2(alphabet), the alphabet being 16 for hex digits, else the
-    character classes used (26 lower case, 26 upper case, 10 digits) plus each other character seen.
+    character classes used (26 lower case, 26 upper case, 10 digits) plus each other character seen; a
+    token of both cases drawn from URL-safe base64 counts that whole alphabet (64), so a
+    ``secrets.token_urlsafe(16)`` that happens to hold no digit or ``-``/``_`` is not refused.
     32 hex digits are 128 bits, 22 URL-safe base64 characters 132, ``s3cret`` 31."""
     chars = set(token)
     if not chars:
@@ -293,12 +298,15 @@ def token_bits(token: str) -> float:
     if chars <= set("0123456789abcdef") or chars <= set("0123456789ABCDEF"):
         pool = 16
     else:
+        lower, upper = any(c.islower() for c in chars), any(c.isupper() for c in chars)
         pool = (
-            26 * any(c.islower() for c in chars)
-            + 26 * any(c.isupper() for c in chars)
+            26 * lower
+            + 26 * upper
             + 10 * any(c.isdigit() for c in chars)
             + sum(not c.isalnum() for c in chars)
         )
+        if lower and upper and chars <= _URLSAFE:
+            pool = max(pool, 64)
     return len(token) * math.log2(pool)
 
 

@@ -128,6 +128,9 @@ def test_a_good_token_file_is_read(tmp_path: Path) -> None:
     assert config.admin.token == STRONG and config.admin_enabled()
     assert token_bits(STRONG) >= MIN_TOKEN_BITS and token_bits(secrets.token_hex(16)) >= MIN_TOKEN_BITS
     assert token_bits(secrets.token_urlsafe(16)) >= MIN_TOKEN_BITS
+    # token_urlsafe(16) drawn without a digit, '-' or '_' (about 1 in 40): still 22 base64 characters
+    assert token_bits("PKvlgLYXKWWycDgvBdBQFg") >= MIN_TOKEN_BITS
+    assert token_bits("s3cret") < 40 and token_bits("a" * 24) < MIN_TOKEN_BITS  # one case: not base64
 
 
 def test_the_environment_variable_is_named(tmp_path: Path) -> None:
