@@ -9,6 +9,7 @@ import base64
 import copy
 import hashlib
 import json
+import os
 import sqlite3
 import tempfile
 import threading
@@ -252,6 +253,33 @@ def test_evidence_trail_and_nonce_log(store: IngestBackend) -> None:
     row = store.nonce_row("n", b"\x01" * 32)
     assert row is not None and (row.issued_ns, row.consumed_ns, row.quote_digest) == (100, 105, b"q" * 32)
     assert store.consumed_nonces("n", [b"q" * 32]) == [row]
+
+
+def test_request_nonces_are_used_once_and_pruned_a_few_at_a_time(
+    open_store: Callable[[], IngestBackend],
+) -> None:
+    """The evidence requests' replay window: an ``n`` is fresh once per node, for every store on the
+    database; each insert deletes at most ``prune_limit`` rows signed before the cutoff."""
+    one, two = open_store(), open_store()
+    with one.transaction():
+        assert one.use_request_nonce("n", b"\x01" * 16, 1_000, 0)
+        assert not one.use_request_nonce("n", b"\x01" * 16, 1_000, 0)  # a replay
+        assert one.use_request_nonce("m", b"\x01" * 16, 1_000, 0)  # another node's
+    with two.transaction():
+        assert not two.use_request_nonce("n", b"\x01" * 16, 1_000, 0)  # the other store's: a replay too
+    with one.transaction():
+        for k in range(20):
+            assert one.use_request_nonce("n", k.to_bytes(16, "big"), 2_000 + k, 0)
+    assert one.request_nonces() == 22
+    with two.transaction():  # the two oldest (t 1000) and one of 2000.., 3 at most
+        assert two.use_request_nonce("n", b"\x02" * 16, 9_000, 2_010, prune_limit=3)
+    assert one.request_nonces() == 22 - 3 + 1
+    for _ in range(10):  # idempotent: a cutoff past which nothing is left deletes nothing more
+        with one.transaction():
+            one.use_request_nonce("n", os.urandom(16), 9_000, 2_010)
+    assert one.request_nonces() == 10 + 1 + 10  # t 2010..2019, the 9000 one, the ten new ones
+    with one.transaction():  # a pruned nonce is forgotten: its request is stale by then (tmb.ingest.auth)
+        assert one.use_request_nonce("n", b"\x01" * 16, 1_000, 0)
 
 
 def test_a_second_store_sees_the_first_ones_writes(open_store: Callable[[], IngestBackend]) -> None:

@@ -16,9 +16,13 @@ n=<32 hex: 16 random bytes> mac=<64 hex>`` with::
                       SHA-256(body))
 
 (``route`` the last path segment: ``nonce``, ``batches``, ``quotes``, ``ima``, ``eventlog``, ``bindings``; t
-in decimal). The daemon (:class:`ReplayGuard`) takes a request only when its MAC matches, ``t`` lies within
-``skew_s`` of its clock and not before it started (a request signed before a restart is never taken after
-it), and ``n`` was not seen for the node in that window (an exact replay is refused).
+in decimal). The daemon (:class:`ReplayGuard`, then the evidence store) takes a request only when its MAC
+matches, ``t`` lies within ``skew_s`` of its clock, and ``n`` was not used for the node before: the store's
+``ingest_auth_nonces`` table (both backends) records each ``n`` with one ``INSERT`` that fails on a
+conflict, so the window survives a restart and is shared by every daemon on one PostgreSQL database (a
+request captured on its way to one daemon and replayed to another is refused). Rows are pruned once their
+``t`` is more than ``2 * skew_s`` old (a replay of them is ``auth.stale`` by then, with ``skew_s`` to spare
+for daemons whose clocks disagree), a few per insert.
 
 =================  ==================================================================================
 id                 the request is refused with 401 because
@@ -27,9 +31,9 @@ auth.missing       it carries no ``X-Tmb-Auth`` header
 auth.malformed     the header does not follow the format above
 auth.not_enrolled  the node has no evidence key (never enrolled, or not a node at all)
 auth.bad_mac       the MAC is not the node key's over this request (a forged or altered request)
-auth.stale         ``t`` is outside the accepted window (older than ``skew_s``, from the future, or signed
-                   before the daemon started)
-auth.replayed      ``n`` was already used in the window: a replayed request
+auth.stale         ``t`` is outside the accepted window (older than ``skew_s``, or from the future)
+auth.replayed      ``n`` was already used in the window (by this daemon, before a restart, or by another
+                   daemon on the same store): a replayed request
 =================  ==================================================================================
 """
 
@@ -100,15 +104,21 @@ def parse_header(value: str | None) -> tuple[int, str, str] | str:
 
 
 class ReplayGuard:
-    """The daemon's check of one request's ``X-Tmb-Auth``: MAC, time window, single use of ``n``. In memory:
-    requests signed before ``started_ms`` are refused, so a restart forgets nothing it needs."""
+    """The daemon's check of one request's ``X-Tmb-Auth``: MAC and time window (:meth:`verify`), and a memory
+    of the request nonces this process saw used (:meth:`seen`, :meth:`remember`): a cheap first filter
+    before the store's persistent, shared window (:meth:`tmb.ingest.store.IngestBackend.use_request_nonce`),
+    which alone decides that a nonce is fresh. It only holds nonces the store recorded as used, so it never
+    refuses a request the store would take."""
 
-    def __init__(self, skew_s: float, clock_ms: int | None = None) -> None:
+    def __init__(self, skew_s: float) -> None:
         self.skew_ms = int(skew_s * 1000)
-        self.started_ms = int(time.time() * 1000) if clock_ms is None else clock_ms
         self._seen: dict[str, OrderedDict[str, int]] = {}
 
-    def check(
+    @staticmethod
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def verify(
         self,
         key: bytes,
         header: str | None,
@@ -116,9 +126,10 @@ class ReplayGuard:
         node: str,
         route: str,
         body: bytes,
-        now_ms: int | None = None,
-    ) -> str | None:
-        """None when the request is authentic and fresh (its ``n`` is now used up), else the finding id."""
+        now_ms: int,
+    ) -> tuple[int, str] | str:
+        """``(t_ms, n)`` when the request is authentic and within the time window, else the finding id
+        (``n`` is not checked here: :meth:`seen`, then the store)."""
         parsed = parse_header(header)
         if isinstance(parsed, str):
             return parsed
@@ -126,15 +137,23 @@ class ReplayGuard:
         want = request_mac(key, method, node, route, t_ms, n, body)
         if not hmac.compare_digest(want, mac):
             return "auth.bad_mac"
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        if t_ms < self.started_ms or abs(now_ms - t_ms) > self.skew_ms:
+        if abs(now_ms - t_ms) > self.skew_ms:
             return "auth.stale"
-        seen = self._seen.setdefault(node, OrderedDict())
+        return t_ms, n
+
+    def seen(self, node: str, n: str, now_ms: int) -> bool:
+        """Whether this process already saw ``n`` used for ``node`` (forgetting what is past the window)."""
+        seen = self._seen.get(node)
+        if seen is None:
+            return False
         while seen and next(iter(seen.values())) < now_ms - 2 * self.skew_ms:
             seen.popitem(last=False)
-        if n in seen:
-            return "auth.replayed"
-        seen[n] = t_ms
+        return n in seen
+
+    def remember(self, node: str, n: str, now_ms: int) -> None:
+        """``n`` is used for ``node``: the store recorded it (call only after its transaction committed)."""
+        seen = self._seen.setdefault(node, OrderedDict())
+        seen[n] = now_ms
+        seen.move_to_end(n)
         while len(seen) > MAX_SEEN_PER_NODE:  # bounded: the oldest (by arrival) is forgotten first
             seen.popitem(last=False)
-        return None

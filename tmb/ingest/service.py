@@ -759,18 +759,32 @@ class Ingest:
         self._keys[node] = pin.key
         return pin.key
 
+    def _use_request_nonce(self, node: str, t_ms: int, n: str, now_ms: int) -> str | None:
+        """Use the authentic request's nonce ``n`` once in all (None), else ``auth.replayed``: this process's
+        memory first (no database work for a replay it saw), then one insert into the store's window."""
+        if self.auth.seen(node, n, now_ms):
+            return "auth.replayed"
+        with self._db, self.store.transaction():
+            fresh = self.store.use_request_nonce(node, bytes.fromhex(n), t_ms, now_ms - 2 * self.auth.skew_ms)
+        self.auth.remember(node, n, now_ms)  # committed: used, whoever used it
+        return None if fresh else "auth.replayed"
+
     def authenticate(
         self, node: str, method: str, route: str, header: str | None, body: bytes
     ) -> Finding | None:
         """None when the evidence request is the node's (:mod:`tmb.ingest.auth`), else the 401 finding.
-        Touches no evidence state: only the node's key (cached) and the replay window."""
+        Touches no evidence state: only the node's key (cached) and the replay window (in memory, then the
+        store's ``ingest_auth_nonces``, shared by every daemon on it and kept across restarts)."""
         key = self._evidence_key(node)
+        now_ms = self.auth.now_ms()
+        problem: str | None
         if isinstance(key, bytes):
-            problem = self.auth.check(key, header, method, node, route, body)
-            if problem == "auth.bad_mac":  # the node may have re-enrolled through another daemon
+            got = self.auth.verify(key, header, method, node, route, body, now_ms)
+            if got == "auth.bad_mac":  # the node may have re-enrolled through another daemon
                 fresh = self._evidence_key(node, fresh=True)
                 if isinstance(fresh, bytes) and fresh != key:
-                    problem = self.auth.check(fresh, header, method, node, route, body)
+                    got = self.auth.verify(fresh, header, method, node, route, body, now_ms)
+            problem = got if isinstance(got, str) else self._use_request_nonce(node, *got, now_ms)
         elif key is None and self.identity.insecure_static_nodes:
             return None
         else:

@@ -99,6 +99,7 @@ class PgIngestStore(Trail):
     :class:`~tmb.ingest.store.EvidenceStoreError` naming the URL without its password."""
 
     shared = True  # other daemons write the same evidence
+    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str) -> None:
         self._pg = PgConnection(url, error=EvidenceStoreError, init=_init_schema)

@@ -15,10 +15,14 @@
 ``ingest_nonces``       every nonce the daemon issued: ``node``, ``nonce``, ``issued_ns``, and once a quote
                         whose signature verified used it, ``consumed_ns`` and ``quote_digest`` (SHA-256 of
                         that quote's TPMS_ATTEST)
+``ingest_auth_nonces``  the evidence requests' nonces (``n`` of ``X-Tmb-Auth``, :mod:`tmb.ingest.auth`):
+                        ``node``, ``n`` (16 bytes), ``t_ms`` (the request's signed time), unique on
+                        ``(node, n)``: the replay window every daemon on the store shares
 =====================  ======================================================================================
 
 On PostgreSQL every daemon sharing the database reads and writes the same nonce log: a nonce one daemon
-issued is accepted by another, and consumed once in all (``UPDATE ... WHERE consumed_ns IS NULL``).
+issued is accepted by another, and consumed once in all (``UPDATE ... WHERE consumed_ns IS NULL``); likewise
+an evidence request's nonce is used once in all (:meth:`Trail.use_request_nonce`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 __all__ = ["NonceRow", "RecordRow", "Trail", "schema_pg", "schema_sqlite"]
 
 MAX_RECORDS = 100_000  # one read of a node's records (an export refuses a larger range)
+PRUNE_PER_REQUEST = 8  # expired request nonces deleted per insert: bounded work, and more than one per insert
 
 
 def schema_sqlite() -> str:
@@ -47,6 +52,9 @@ CREATE TABLE IF NOT EXISTS ingest_nonces (
     node TEXT NOT NULL, nonce BLOB NOT NULL, issued_ns INTEGER NOT NULL, consumed_ns INTEGER,
     quote_digest BLOB, PRIMARY KEY (node, nonce));
 CREATE INDEX IF NOT EXISTS ingest_nonces_issued ON ingest_nonces (node, issued_ns);
+CREATE TABLE IF NOT EXISTS ingest_auth_nonces (
+    node TEXT NOT NULL, n BLOB NOT NULL, t_ms INTEGER NOT NULL, PRIMARY KEY (node, n));
+CREATE INDEX IF NOT EXISTS ingest_auth_nonces_t ON ingest_auth_nonces (t_ms);
 """
 
 
@@ -63,6 +71,9 @@ def schema_pg() -> tuple[str, ...]:
     node TEXT NOT NULL, nonce BYTEA NOT NULL, issued_ns BIGINT NOT NULL, consumed_ns BIGINT,
     quote_digest BYTEA, PRIMARY KEY (node, nonce))""",
         "CREATE INDEX IF NOT EXISTS ingest_nonces_issued ON ingest_nonces (node, issued_ns)",
+        """CREATE TABLE IF NOT EXISTS ingest_auth_nonces (
+    node TEXT NOT NULL, n BYTEA NOT NULL, t_ms BIGINT NOT NULL, PRIMARY KEY (node, n))""",
+        "CREATE INDEX IF NOT EXISTS ingest_auth_nonces_t ON ingest_auth_nonces (t_ms)",
     )
 
 
@@ -111,6 +122,8 @@ def _record(row: Sequence[Any]) -> RecordRow:
 class Trail:
     """The trail's methods for both backends, over their ``_rows(sql, args)`` (SQL with ``?``
     placeholders; the PostgreSQL backend rewrites them). Inside the backend's transaction when one is open."""
+
+    _SKIP_LOCKED = ""  # PostgreSQL: rows another daemon is deleting are left to it (no waits, no deadlocks)
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError
@@ -247,3 +260,29 @@ class Trail:
             rows = self._rows(_NONCE + " WHERE node = ? AND quote_digest = ?", (node, digest))
             out.extend(_nonce(r) for r in rows)
         return out
+
+    # -------------------------------------------------------------------------------------- request nonces
+
+    def use_request_nonce(
+        self, node: str, n: bytes, t_ms: int, prune_before_ms: int, prune_limit: int = PRUNE_PER_REQUEST
+    ) -> bool:
+        """Record the evidence request nonce ``n`` of ``node`` as used: True when it was fresh, False when it
+        was recorded already (by this daemon or another on the store): a replay. First deletes at most
+        ``prune_limit`` rows signed before ``prune_before_ms``. One transaction (the caller's)."""
+        expired = (
+            "DELETE FROM ingest_auth_nonces WHERE (node, n) IN (SELECT node, n "  # noqa: S608 (int, constant)
+            "FROM ingest_auth_nonces WHERE t_ms < ? ORDER BY t_ms "
+            f"LIMIT {int(prune_limit)}{self._SKIP_LOCKED})"
+        )
+        self._rows(expired, (prune_before_ms,))
+        rows = self._rows(
+            "INSERT INTO ingest_auth_nonces (node, n, t_ms) VALUES (?, ?, ?) "
+            "ON CONFLICT (node, n) DO NOTHING RETURNING t_ms",
+            (node, n, t_ms),
+        )
+        return bool(rows)
+
+    def request_nonces(self) -> int:
+        """How many request nonces the store holds (all nodes; tests and metrics)."""
+        rows = self._rows("SELECT COUNT(*) FROM ingest_auth_nonces")
+        return int(rows[0][0])
