@@ -282,6 +282,100 @@ def test_request_nonces_are_used_once_and_pruned_a_few_at_a_time(
         assert one.use_request_nonce("n", b"\x01" * 16, 1_000, 0)
 
 
+def _blob_count(store: IngestBackend) -> int:
+    return len(store._rows("SELECT digest FROM ingest_blobs"))  # type: ignore[attr-defined]
+
+
+def test_evidence_retention_keeps_what_later_exports_need(store: IngestBackend) -> None:
+    """A node's trail over two boots and three quotes; the cutoff (35) falls after the second quote: the
+    third is the first kept one (it attests the only batch ending after the cutoff), so the IMA log of its
+    boot (from the reboot at 20), the event log in force then (25), the AK (1) and its nonce stay; the first
+    boot's IMA, the older event log, the first two quotes with their batches, nonces and message blobs, the
+    old findings go; blobs a record names from its meta (signatures, PCRs) stay; a second pass deletes
+    nothing."""
+    with store.transaction():
+        store.upsert_node("n", b"ak", 1)
+        store.keep("n", "ak", 1, b"ak-bytes")
+        for t, (offset, data) in [
+            (10, (0, b"boot1-")),
+            (11, (6, b"more")),
+            (20, (0, b"boot2-")),
+            (40, (6, b"y")),
+        ]:
+            store.keep("n", "ima", t, data, offset, length=len(data))
+        store.keep("n", "eventlog", 5, b"log-1")
+        store.keep("n", "eventlog", 25, b"log-2")
+        store.add_segment("n", SEG, 0, None, 1)
+        quotes = []
+        for k, t in enumerate((15, 30, 50)):
+            qid = store.add_quote("n", t, True, (SEG, k, b"h"), {"ok": True}, b"m", b"s")
+            sig, pcrs = (
+                store.put_blob("quote.signature", b"sig-%d" % k),
+                store.put_blob("quote.pcrs", b"pcrs"),
+            )
+            digest = store.keep(
+                "n", "quote", t, b"message-%d" % k, qid, ok=True, signature=sig.hex(), pcrs=pcrs.hex()
+            )
+            store.issue_nonce("n", bytes([k]) * 32, t - 1)
+            assert store.consume_nonce("n", bytes([k]) * 32, t, digest)
+            quotes.append((qid, digest))
+        store.issue_nonce("n", b"\xff" * 32, 3)  # never used
+        for seq, t1, q in [(0, 12, 0), (1, 14, 0), (2, 22, 1), (3, 28, 1), (4, 45, 2), (5, 60, None)]:
+            store.add_batch("n", SEG, seq, bytes([seq]) * 32, b"p", b"x", (t1 - 1, t1), t1)
+            if q is not None:
+                store._rows(  # type: ignore[attr-defined]
+                    "UPDATE ingest_batches SET quote_id = ? WHERE node = ? AND seq = ?",
+                    (quotes[q][0], "n", seq),
+                )
+        store.add_findings("n", 10, [{"id": "old"}])
+        store.add_findings("n", 35, [{"id": "kept"}])
+    blobs = _blob_count(store)
+    with store.transaction():
+        first = store.prune_evidence(35, 4)  # bounded: 4 rows (and the blobs of the records among them)
+    assert first == 4
+    total = first
+    while True:
+        with store.transaction():
+            n = store.prune_evidence(35, 4)
+        total += n
+        if n < 4:
+            break
+    # 4 batches, 2 quote rows, 2 quote records + 2 message blobs, 2 nonces (q0, q1) + the unused one,
+    # 2 IMA records + 2 blobs, 1 event log record + its blob, 1 finding
+    assert total == 4 + 2 + 4 + 3 + 4 + 2 + 1
+    assert [r.seq for r in store.batches_overlapping("n", 0, 100)] == [4, 5]
+    assert store.quote_summary(quotes[0][0]) is None and store.quote_summary(quotes[2][0]) == {"ok": True}
+    assert [r.ref for r in store.quote_records("n", 0, 1 << 40, 10)] == [quotes[2][0]]
+    assert store.blob(hashlib.sha256(b"message-0").digest()) is None
+    assert store.blob(hashlib.sha256(b"sig-0").digest()) == b"sig-0"  # named from meta: kept
+    assert store.consumed_nonces("n", [d for _, d in quotes]) == [store.nonce_row("n", b"\x02" * 32)]
+    assert store.nonce_row("n", b"\xff" * 32) is None
+    assert [store.blob(r.digest) for r in store.ima_since_reset("n", 99, 10)] == [b"boot2-", b"y"]
+    assert [store.blob(r.digest) for r in store.records("n", "ima")] == [b"boot2-", b"y"]
+    assert [store.blob(r.digest) for r in store.records("n", "eventlog")] == [b"log-2"]
+    assert [store.blob(r.digest) for r in store.records("n", "ak")] == [b"ak-bytes"]
+    assert store.findings("n") == [{"id": "kept"}]
+    assert _blob_count(store) == blobs - 5
+    with store.transaction():  # idempotent
+        assert store.prune_evidence(35, 1000) == 0
+
+
+def test_a_blob_named_from_meta_is_never_pruned(store: IngestBackend) -> None:
+    """The same bytes kept as an IMA segment and named as a quote's PCR values: pruning the IMA record
+    leaves the blob (its kind is the meta kind, whichever came first)."""
+    with store.transaction():
+        store.upsert_node("n", b"ak", 1)
+        store.keep("n", "ima", 1, b"same bytes", 0)
+        store.put_blob("quote.pcrs", b"same bytes")
+        store.keep("n", "ima", 2, b"other", 0)  # a reboot: the first segment is no longer needed
+        store.add_segment("n", SEG, 0, None, 1)
+        qid = store.add_quote("n", 3, True, (SEG, 0, b"h"), {}, b"m", b"s")
+        store.keep("n", "quote", 3, b"msg", qid, ok=True)
+    with store.transaction():
+        assert store.prune_evidence(10, 100) == 1  # the first IMA record; its blob stays
+    assert store.blob(hashlib.sha256(b"same bytes").digest()) == b"same bytes"
+
+
 def test_a_second_store_sees_the_first_ones_writes(open_store: Callable[[], IngestBackend]) -> None:
     one, two = open_store(), open_store()
     _chain(one)
@@ -547,3 +641,86 @@ def _policy_file(node: NodeEnv, tmp: Path) -> Path:
     path = tmp / "policy.toml"
     path.write_text(policy_toml(node.policy_doc))
     return path
+
+
+# -- evidence retention with real quotes -------------------------------------------------------------------
+
+DAY_NS = 86400 * 10**9
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_pruned_trail_still_exports_a_kept_window_that_audits_clean(
+    node: NodeEnv, tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Two attested rounds of telemetry ten days apart (the ingest's clock moved on); pruning with a cutoff
+    between them deletes the first round's batches, quote and nonce, and the second round's bundle is the
+    same before and after and audits clean (real swtpm quotes); a second pruning deletes nothing."""
+    now = time.time_ns()
+    clock = [now]
+    db: Any = (
+        tmp_path / "ingest.db" if backend == "sqlite" else PgIngestStore(request.getfixturevalue("pg_url"))
+    )
+    ingest = Ingest(db, policy=node.policy, clock_ns=lambda: clock[0])
+    assert node.ak.tpm2b_public is not None
+    ingest.register_node(NODE, node.ak.tpm2b_public)
+    chain, batches = _batches(now)
+    assert ingest.add_batches(NODE, {"batches": [x.to_wire() for x in batches]}).accepted
+    assert ingest.add_ima(NODE, node.ima_doc()).accepted
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    first = ingest.add_quote(NODE, node.quote_doc(nonce, batches[-1].head))
+    assert first.accepted and first.attested == 4, first.findings
+
+    clock[0] = later = now + 10 * DAY_NS
+    more = []
+    for k in range(3):
+        t = later - 3_000_000_000 + k * 1_000_000_000
+        samples = SampleBatch.from_columns(
+            [t, t + 500_000_000], ["GPU-x"], source="synthetic", power_w=[99.0, 98.0]
+        )
+        more.append(chain.seal(samples.encode()))
+    assert ingest.add_batches(NODE, {"batches": [x.to_wire() for x in more]}).accepted
+    nonce2 = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    second = ingest.add_quote(NODE, node.quote_doc(nonce2, more[-1].head))
+    assert second.accepted and second.attested == 3, second.findings
+
+    signer = load_or_create_key(tmp_path / "verdict.key")
+    policy = _policy_file(node, tmp_path)
+
+    def export(name: str) -> tuple[Path, dict[str, bytes]]:
+        bundle = ingest.export(
+            tmp_path / name,
+            NODE,
+            later - 2_900_000_000,
+            later - 1_000_000_000,
+            sign=lambda m: (signer.public.raw, signer.sign_bytes(m)),
+        )
+        result = audit_bundle(bundle, policy_path=policy, daemon_keys=[signer.public.raw])
+        assert result.ok and len(result.quotes) == 1, [(f.id, f.context) for f in result.report.errors]
+        files = {str(p.relative_to(bundle)): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+        return bundle, {k: v for k, v in files.items() if k not in ("nonces.json", "manifest.json")}
+
+    _, before = export("before")
+    old_quote = ingest.store.last_record(NODE, "quote", until_ns=now)
+    assert old_quote is not None
+    old_findings = ingest.store.findings(NODE, 0, now + DAY_NS)
+    old_nonces = ingest.store._rows(  # type: ignore[attr-defined]
+        "SELECT COUNT(*) FROM ingest_nonces WHERE issued_ns < ?", (now + DAY_NS,)
+    )[0][0]
+    deleted = 0
+    while (n := ingest.prune_evidence(now + 5 * DAY_NS, 3)) >= 3:  # bounded passes of 3 rows
+        deleted += n
+    deleted += n
+    _, after = export("after")
+    assert after == before  # the same evidence (the nonce log's signature and the manifest aside)
+    assert ingest.store.count_batches(NODE) == 3
+    # the first round's 4 batches, its quote row and record, the record's message blob, its nonces (the one
+    # its quote consumed, and the next one the answer carried), its findings
+    assert old_nonces == 2 and deleted == 4 + 1 + 1 + 1 + old_nonces + len(old_findings)
+    assert ingest.store.findings(NODE, 0, now + DAY_NS) == []
+    assert (
+        ingest.store.blob(old_quote.digest) is None
+        and ingest.store.last_record(NODE, "quote", until_ns=now) is None
+    )
+    assert ingest.store.nonce_row(NODE, nonce) is None and ingest.store.nonce_row(NODE, nonce2) is not None
+    assert ingest.prune_evidence(now + 5 * DAY_NS, 1000) == 0  # idempotent
+    ingest.close()

@@ -91,9 +91,16 @@ async def upload_profile(api: DaemonApi, request: web.Request) -> web.StreamResp
 
 @admin_only
 async def prune(api: DaemonApi, request: web.Request) -> web.StreamResponse:
-    """``POST /admin/prune``: apply ``[store] retention_days`` now."""
+    """``POST /admin/prune``: apply ``[store] retention_days`` now (spans and verdicts, then the evidence no
+    kept verdict needs: ``evidence_deleted`` rows, :mod:`tmb.ingest.retention`)."""
     days = api.config.store.retention_days
     if days <= 0:
-        return web.json_response({"deleted": 0, "retention_days": 0})
-    deleted = await api.store.prune(time_ns() - days * 86400 * 10**9)
-    return web.json_response({"deleted": deleted, "retention_days": days})
+        return web.json_response({"deleted": 0, "evidence_deleted": 0, "retention_days": 0})
+    cutoff = time_ns() - days * 86400 * 10**9
+    deleted = await api.store.prune(cutoff)
+    evidence = 0
+    if api.ingest is not None:
+        from tmb.daemon.app import prune_evidence
+
+        evidence = await prune_evidence(api.ingest, cutoff)
+    return web.json_response({"deleted": deleted, "evidence_deleted": evidence, "retention_days": days})

@@ -287,7 +287,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     resumer.start()
     loop = asyncio.get_running_loop()
     tasks = [
-        loop.create_task(_retention_loop(d.store, d.config.store.retention_days)),
+        loop.create_task(_retention_loop(d.store, d.config.store.retention_days, d.ingest)),
         loop.create_task(translog.checkpoint_loop(d.api, d.config.verdicts.checkpoint_s)),
     ]
     await d.notifier.start()
@@ -331,17 +331,44 @@ async def _stale_loop(ingest: Ingest) -> None:
         await asyncio.sleep(every)
 
 
-async def _retention_loop(store: AsyncStore, days: int) -> None:
+async def _retention_loop(store: AsyncStore, days: int, ingest: Ingest | None = None) -> None:
+    """Every hour: spans and verdicts older than ``days``, then the ingest's evidence older than that and
+    the longest export window (:mod:`tmb.ingest.retention`), in bounded passes."""
     if days <= 0:
         return
     while True:
+        cutoff = time_ns() - days * 86400 * 10**9
         try:
-            n = await store.prune(time_ns() - days * 86400 * 10**9)
+            n = await store.prune(cutoff)
             if n:
                 log.info("retention: deleted %d spans older than %d days", n, days)
         except Exception:
             log.exception("retention prune failed")
+        if ingest is not None:
+            try:
+                n = await prune_evidence(ingest, cutoff)
+                if n:
+                    log.info("retention: deleted %d rows of evidence older than %d days", n, days)
+            except Exception:
+                log.exception("evidence retention failed")
         await asyncio.sleep(3600)
+
+
+async def prune_evidence(ingest: Ingest, verdict_cutoff_ns: int, limit: int | None = None) -> int:
+    """The evidence no kept verdict's export needs, in passes of ``limit`` rows (the ingest's requests take
+    turns between them); returns the rows deleted."""
+    from tmb.ingest.export import MAX_WINDOW_NS
+    from tmb.ingest.service import PRUNE_SLICE
+
+    limit = PRUNE_SLICE if limit is None else limit
+    cutoff = verdict_cutoff_ns - MAX_WINDOW_NS  # a kept verdict's window may start that long before it ends
+    total = 0
+    while True:
+        n = await asyncio.to_thread(ingest.prune_evidence, cutoff, limit)
+        total += n
+        if n < limit:
+            return total
+        await asyncio.sleep(0)
 
 
 # -- the parts -----------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ __all__ = ["Ingest"]
 
 MAX_IMA_PENDING = 64 * 1024 * 1024
 MAX_BATCHES_PER_REQUEST = 1024
+PRUNE_SLICE = 1000  # rows one retention pass deletes at most (one transaction; the ingest waits that long)
 RECHECK_S = 2.0  # shared store: longest sleep of a waiter between looks (a lost NOTIFY only delays)
 UNATTESTED = "unattested"  # the identity record of a node a verified quote turned unattested (_judge)
 
@@ -638,6 +639,13 @@ class Ingest:
                 pcr_bank=self.pcr_bank,
                 context=context,
             )
+
+    def prune_evidence(self, cutoff_ns: int, limit: int = PRUNE_SLICE) -> int:
+        """One bounded retention pass: at most ``limit`` rows of evidence older than ``cutoff_ns`` that no
+        export of a later window needs (:mod:`tmb.ingest.retention`), in one transaction; returns the rows
+        deleted (call again while it returns ``limit`` or more). In a worker thread."""
+        with self._db, self.store.transaction():
+            return self.store.prune_evidence(cutoff_ns, limit)
 
     def attested_window(self, node: str, t0_ns: int, t1_ns: int) -> AttestedWindow:
         """The node's samples with ``t0_ns <= t < t1_ns``, the summary of the quote that covers all of them

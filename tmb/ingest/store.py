@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS ingest_batches (
     PRIMARY KEY (node, segment, seq)
 );
 CREATE INDEX IF NOT EXISTS ingest_batches_time ON ingest_batches (node, t1_ns);
+CREATE INDEX IF NOT EXISTS ingest_batches_quote ON ingest_batches (node, quote_id);
 CREATE TABLE IF NOT EXISTS ingest_quotes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     node TEXT NOT NULL,
@@ -293,6 +294,9 @@ class IngestBackend(Protocol):
         ...
 
     def request_nonces(self) -> int: ...
+    def prune_evidence(self, cutoff_ns: int, limit: int) -> int:
+        """Evidence retention (:mod:`tmb.ingest.retention`): at most ``limit`` rows deleted."""
+        ...
 
 
 def covered_by(

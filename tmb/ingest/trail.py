@@ -4,14 +4,15 @@
 
 =====================  ======================================================================================
 ``ingest_blobs``        content-addressed bytes: ``digest`` = SHA-256(``data``), ``kind`` (``ak``, ``ima``,
-                        ``eventlog``, ``quote.message``, ``quote.signature``, ``quote.pcrs``, ``ek`` (the
-                        EK's TPM2B_PUBLIC), ``ek.cert`` (DER), ``policy``, ``policy.file``, ``commitment``)
-``ingest_records``      per node, append-only, in arrival order: ``kind`` (``ak``, ``ima``, ``eventlog``,
-                        ``quote``, ``ek``; node ``""``: ``policy``), ``received_ns``, ``digest`` (the blob),
-                        ``ref`` (IMA: the segment's byte offset in the node's log; quote: its
-                        ``ingest_quotes`` id) and ``meta`` (JSON; ``ek``: the certificates' digests and the
-                        identity decision, :func:`tmb.ingest.identity.activate`; ``policy``: the
-                        commitments' and referenced files' digests)
+                        ``eventlog``, ``quote`` (the TPMS_ATTEST), ``quote.signature``, ``quote.pcrs``,
+                        ``ek`` (the EK's TPM2B_PUBLIC), ``ek.cert`` (DER), ``policy``, ``policy.file``,
+                        ``commitment``); pruned by :mod:`tmb.ingest.retention`
+``ingest_records``      per node, append-only (old ones pruned), in arrival order: ``kind`` (``ak``,
+                        ``ima``, ``eventlog``, ``quote``, ``ek``; node ``""``: ``policy``), ``received_ns``,
+                        ``digest`` (the blob), ``ref`` (IMA: the segment's byte offset in the node's log;
+                        quote: its ``ingest_quotes`` id) and ``meta`` (JSON; ``ek``: the certificates'
+                        digests and the identity decision, :func:`tmb.ingest.identity.activate`;
+                        ``policy``: the commitments' and referenced files' digests)
 ``ingest_nonces``       every nonce the daemon issued: ``node``, ``nonce``, ``issued_ns``, and once a quote
                         whose signature verified used it, ``consumed_ns`` and ``quote_digest`` (SHA-256 of
                         that quote's TPMS_ATTEST)
@@ -33,9 +34,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["NonceRow", "RecordRow", "Trail", "schema_pg", "schema_sqlite"]
+__all__ = ["RECORD_BLOB_KINDS", "NonceRow", "RecordRow", "Trail", "schema_pg", "schema_sqlite"]
 
 MAX_RECORDS = 100_000  # one read of a node's records (an export refuses a larger range)
+# blob kinds only a record's digest column names (the record kinds); other kinds are named from ``meta``
+RECORD_BLOB_KINDS = frozenset({"ak", "ima", "eventlog", "quote", "ek"})
 PRUNE_PER_REQUEST = 8  # expired request nonces deleted per insert: bounded work, and more than one per insert
 
 
@@ -48,6 +51,7 @@ CREATE TABLE IF NOT EXISTS ingest_records (
     received_ns INTEGER NOT NULL, digest BLOB NOT NULL, ref INTEGER, meta TEXT NOT NULL DEFAULT '{}');
 CREATE INDEX IF NOT EXISTS ingest_records_node ON ingest_records (node, kind, id);
 CREATE INDEX IF NOT EXISTS ingest_records_ref ON ingest_records (node, kind, ref);
+CREATE INDEX IF NOT EXISTS ingest_records_digest ON ingest_records (digest);
 CREATE TABLE IF NOT EXISTS ingest_nonces (
     node TEXT NOT NULL, nonce BLOB NOT NULL, issued_ns INTEGER NOT NULL, consumed_ns INTEGER,
     quote_digest BLOB, PRIMARY KEY (node, nonce));
@@ -67,6 +71,7 @@ def schema_pg() -> tuple[str, ...]:
     received_ns BIGINT NOT NULL, digest BYTEA NOT NULL, ref BIGINT, meta TEXT NOT NULL DEFAULT '{}')""",
         "CREATE INDEX IF NOT EXISTS ingest_records_node ON ingest_records (node, kind, id)",
         "CREATE INDEX IF NOT EXISTS ingest_records_ref ON ingest_records (node, kind, ref)",
+        "CREATE INDEX IF NOT EXISTS ingest_records_digest ON ingest_records (digest)",
         """CREATE TABLE IF NOT EXISTS ingest_nonces (
     node TEXT NOT NULL, nonce BYTEA NOT NULL, issued_ns BIGINT NOT NULL, consumed_ns BIGINT,
     quote_digest BYTEA, PRIMARY KEY (node, nonce))""",
@@ -123,6 +128,7 @@ class Trail:
     """The trail's methods for both backends, over their ``_rows(sql, args)`` (SQL with ``?``
     placeholders; the PostgreSQL backend rewrites them). Inside the backend's transaction when one is open."""
 
+    _PUT_BLOB = "INSERT INTO ingest_blobs (digest, kind, data) VALUES (?, ?, ?)"
     _SKIP_LOCKED = ""  # PostgreSQL: rows another daemon is deleting are left to it (no waits, no deadlocks)
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -131,13 +137,23 @@ class Trail:
     # ------------------------------------------------------------------------------------------ blobs
 
     def put_blob(self, kind: str, data: bytes) -> bytes:
-        """Keep ``data`` under its SHA-256 (once, whoever sent it first); returns the digest."""
+        """Keep ``data`` under its SHA-256 (once); returns the digest. The ``kind`` is the first sender's,
+        except that a kind a record names from its ``meta`` (not in :data:`RECORD_BLOB_KINDS`) replaces a
+        record kind: such a blob is never pruned (:mod:`tmb.ingest.retention`)."""
         digest = hashlib.sha256(data).digest()
+        conflict = "DO NOTHING" if kind in RECORD_BLOB_KINDS else "DO UPDATE SET kind = excluded.kind"
         self._rows(
-            "INSERT INTO ingest_blobs (digest, kind, data) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
-            (digest, kind, data),
+            self._PUT_BLOB + f" ON CONFLICT (digest) {conflict}",
+            (digest, kind, data, *self._blob_lock_args(digest)),
         )
         return digest
+
+    def _blob_lock_args(self, digest: bytes) -> tuple[int, ...]:
+        return ()  # SQLite: one writer at a time
+
+    def lock_blob(self, digest: bytes) -> None:
+        """Until the transaction ends, no other puts ``digest`` (PostgreSQL: the pruning of a blob and a new
+        record naming it take turns); nothing on SQLite, whose writers take turns anyway."""
 
     def blob(self, digest: bytes) -> bytes | None:
         rows = self._rows("SELECT data FROM ingest_blobs WHERE digest = ?", (digest,))
@@ -281,6 +297,15 @@ class Trail:
             (node, n, t_ms),
         )
         return bool(rows)
+
+    # ------------------------------------------------------------------------------------------ retention
+
+    def prune_evidence(self, cutoff_ns: int, limit: int) -> int:
+        """Delete at most ``limit`` rows of evidence older than ``cutoff_ns`` that no export of a later window
+        needs (:mod:`tmb.ingest.retention`); returns the rows deleted. One transaction (the caller's)."""
+        from tmb.ingest.retention import prune
+
+        return prune(self._rows, self.lock_blob, cutoff_ns, limit)
 
     def request_nonces(self) -> int:
         """How many request nonces the store holds (all nodes; tests and metrics)."""
