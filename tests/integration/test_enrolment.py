@@ -509,3 +509,27 @@ async def test_enrolment_flood_is_rate_limited_and_leaves_few_challenges(
             "POST", "/v1/ingest/invented-0/activate", {"challenge": "00", "proof": "00"}
         )
         assert status == 429 or ids(answer) == ["identity.challenge_unknown"], answer  # dropped
+
+
+async def test_a_store_failure_is_503_and_the_probe_keeps_its_evidence(
+    tpms: tuple[Swtpm, Swtpm], store: TrustStore, tmp_path: Path
+) -> None:
+    """A store that cannot be read or written is the daemon's trouble, not bad evidence: 503
+    ``ingest.store_unavailable`` with Retry-After (the probe keeps a 5xx's evidence and sends it again),
+    never a 400 (the probe drops what was refused as bad) nor a 500 with a traceback."""
+    honest, _ = tpms
+    async with daemon(tmp_path, IdentityPolicy(store)) as d:
+        key = await enrolled(d, honest)
+        await honest_posts(d, key)
+        d.ingest.store.conn.close()  # type: ignore[attr-defined]  # the SQLite store: gone from under it
+        body = json.dumps({"batches": [Chain(NODE).genesis("synthetic").to_wire()]}).encode()
+        for method, route, data in (("GET", "nonce", b""), ("POST", "batches", body)):
+            header = sign_request(key, method, NODE, route, data)
+            async with d.http.request(
+                method, f"{d.url}/v1/ingest/{NODE}/{route}", data=data or None, headers={HEADER: header}
+            ) as resp:
+                doc = await resp.json()
+                assert resp.status == 503, (route, doc)
+                assert resp.headers["Retry-After"] == "1"
+                assert doc["error"]["type"] == "ingest.store_unavailable"
+                assert "Traceback" not in json.dumps(doc)

@@ -23,13 +23,18 @@ Evidence taken: 200 with the result's data, ``findings`` and ``ok``. Refused: th
 daemon's error envelope (:mod:`tmb.envelope`): ``{"error": {"type": <finding id>, "message"}, "findings":
 [...]}`` plus the answer's data (``nonce``, ``ima_offset``, ... which the probe reads from refusals too),
 with the status :data:`STATUS` gives the refusing finding. Bad JSON is a 400 ``ingest.malformed``; a missing
-or wrong admin token a 401 ``ingest.unauthorized``.
+or wrong admin token a 401 ``ingest.unauthorized``. A store that cannot be read or written (SQLite or
+PostgreSQL down, locked or full) is a 503 ``ingest.store_unavailable`` with ``Retry-After``, never a 400 or
+500: the probe keeps its evidence and sends it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -41,8 +46,11 @@ from tmb.ingest.auth import HEADER
 from tmb.ingest.limits import RateLimit, loads_bounded
 from tmb.ingest.results import IngestResult
 from tmb.ingest.service import Ingest
+from tmb.ingest.store import EvidenceStoreError
 
 __all__ = ["INGEST_KEY", "MAX_BODY", "STATUS", "add_ingest_routes", "make_app", "status_of"]
+
+log = logging.getLogger("tmb.ingest")
 
 INGEST_KEY = web.AppKey("tmb_ingest", Ingest)
 LIMIT_KEY = web.AppKey("tmb_ingest_rate", RateLimit)
@@ -83,7 +91,9 @@ STATUS: Mapping[str, int] = {  # the refusing finding's id -> HTTP status ("fami
     "eventlog.malformed": 422,
     "eventlog.truncated": 422,
     "quote.*": 422,
+    "ingest.store_unavailable": 503,
 }
+STORE_RETRY_AFTER_S = 1  # what a 503 ``ingest.store_unavailable`` tells the probe to wait
 
 
 def status_of(fid: str) -> int:
@@ -110,6 +120,36 @@ class _BadRequest(Exception):
     pass
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _store_guard(handler: Handler) -> Handler:
+    """``handler``, answering a store failure (:class:`EvidenceStoreError`, any :mod:`sqlite3` error) with a
+    503 ``ingest.store_unavailable`` and logging it, where the handler's own ``TmbError`` clause would call
+    it bad input (400) or nothing would catch it (500). The handlers re-raise it (:func:`_store_failure`)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (EvidenceStoreError, sqlite3.Error) as exc:
+            node = request.match_info.get("node", "")
+            log.error("evidence store failure on %s %s: %s", request.method, request.path, exc)
+            response = _error(
+                "ingest.store_unavailable",
+                "the evidence store cannot be read or written now; send the evidence again later",
+                node=node,
+            )
+            response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+            return response
+
+    return guarded
+
+
+def _store_failure(exc: TmbError) -> bool:
+    return isinstance(exc, EvidenceStoreError)
+
+
 async def _body(request: web.Request) -> Any:
     try:
         return await request.json(loads=json.loads)
@@ -133,7 +173,7 @@ async def _authentic(request: web.Request, ingest: Ingest, node: str, route: str
     return body
 
 
-def _evidence(method: Method, route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _evidence(method: Method, route: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         ingest = request.app[INGEST_KEY]
         node = request.match_info["node"]
@@ -146,6 +186,8 @@ def _evidence(method: Method, route: str) -> Callable[[web.Request], Awaitable[w
         except web.HTTPRequestEntityTooLarge:
             return _error("ingest.too_large", "the request body is too large", limit=MAX_BODY)
         except TmbError as exc:
+            if _store_failure(exc):
+                raise
             fid = "ingest.too_deep" if exc.context.get("too_deep") else "ingest.malformed"
             context = {k: v for k, v in exc.context.items() if k != "too_deep"}
             return _error(fid, exc.message, node=node, **context)
@@ -183,6 +225,8 @@ def _enrolment(method: Method) -> Callable[[web.Request], Awaitable[web.StreamRe
             doc = loads_bounded(bytes(body), 4)
             return _answer(await ingest.submit(node, method(ingest), doc))
         except TmbError as exc:
+            if _store_failure(exc):
+                raise
             context = {k: v for k, v in exc.context.items() if k != "too_deep"}
             return _error("identity.malformed", exc.message, node=node, **context)
 
@@ -200,6 +244,8 @@ def _admin(
         except _BadRequest as exc:
             return _error("ingest.malformed", str(exc))
         except TmbError as exc:
+            if _store_failure(exc):
+                raise
             return _error("ingest.malformed", exc.message, **exc.context)
 
     return handle
@@ -268,18 +314,18 @@ def add_ingest_routes(
     r = app.router
     app[LIMIT_KEY] = RateLimit(rate_per_s, burst)
     app[ENROL_LIMIT_KEY] = RateLimit(ENROL_RATE_PER_S, ENROL_BURST)
-    r.add_get("/v1/ingest/{node}/nonce", _nonce)
-    r.add_post("/v1/ingest/{node}/batches", _evidence(lambda i: i.add_batches, "batches"))
-    r.add_post("/v1/ingest/{node}/quotes", _evidence(lambda i: i.add_quote, "quotes"))
-    r.add_post("/v1/ingest/{node}/ima", _evidence(lambda i: i.add_ima, "ima"))
-    r.add_post("/v1/ingest/{node}/eventlog", _evidence(lambda i: i.add_eventlog, "eventlog"))
-    r.add_post("/v1/ingest/{node}/bindings", _evidence(lambda i: i.add_bindings, "bindings"))
-    r.add_post("/v1/ingest/{node}/enroll", _enrolment(lambda i: i.enroll))
-    r.add_post("/v1/ingest/{node}/activate", _enrolment(lambda i: i.activate))
-    r.add_post("/v1/ingest/admin/nodes/{node}/approve", _admin(_approve))
-    r.add_put("/v1/ingest/admin/nodes/{node}", _admin(_register))
-    r.add_get("/v1/ingest/admin/nodes/{node}", _admin(_status))
-    r.add_post("/v1/ingest/admin/nodes/{node}/quote", _admin(_demand))
+    r.add_get("/v1/ingest/{node}/nonce", _store_guard(_nonce))
+    r.add_post("/v1/ingest/{node}/batches", _store_guard(_evidence(lambda i: i.add_batches, "batches")))
+    r.add_post("/v1/ingest/{node}/quotes", _store_guard(_evidence(lambda i: i.add_quote, "quotes")))
+    r.add_post("/v1/ingest/{node}/ima", _store_guard(_evidence(lambda i: i.add_ima, "ima")))
+    r.add_post("/v1/ingest/{node}/eventlog", _store_guard(_evidence(lambda i: i.add_eventlog, "eventlog")))
+    r.add_post("/v1/ingest/{node}/bindings", _store_guard(_evidence(lambda i: i.add_bindings, "bindings")))
+    r.add_post("/v1/ingest/{node}/enroll", _store_guard(_enrolment(lambda i: i.enroll)))
+    r.add_post("/v1/ingest/{node}/activate", _store_guard(_enrolment(lambda i: i.activate)))
+    r.add_post("/v1/ingest/admin/nodes/{node}/approve", _store_guard(_admin(_approve)))
+    r.add_put("/v1/ingest/admin/nodes/{node}", _store_guard(_admin(_register)))
+    r.add_get("/v1/ingest/admin/nodes/{node}", _store_guard(_admin(_status)))
+    r.add_post("/v1/ingest/admin/nodes/{node}/quote", _store_guard(_admin(_demand)))
 
 
 def make_app(ingest: Ingest, *, admin_token: str | None = None, **limits: Any) -> web.Application:
