@@ -24,6 +24,7 @@ ima.delta_gap               an IMA delta starting past the bytes received so far
 ima.delta_conflict          an IMA delta that rewrites bytes already received
 ima.pending_too_large       more unquoted IMA bytes than the daemon holds for a node
 eventlog.too_large          an event log larger than 4 MiB
+binding.too_large           a bindings document of more than 4096 processes or 4 MiB (canonical JSON)
 eventlog.malformed          an event log some event of which does not parse (not stored)
 eventlog.truncated          an event log that ends inside an event (not stored)
 quote.*                     the quote's signature, nonce, PCR digest or clock failed
@@ -85,7 +86,7 @@ from tmb.ingest.results import AttestedWindow, IngestResult, refused, taken
 from tmb.ingest.store import IngestBackend, IngestStore, NodeRow
 from tmb.ingest.wakeup import Wakeups
 from tmb.ingest.window import Windows
-from tmb.ingest.wire import MAX_EVENTLOG_BYTES, Head, TelemetryBatch
+from tmb.ingest.wire import MAX_BINDINGS_BYTES, MAX_EVENTLOG_BYTES, Head, TelemetryBatch, bindings_bytes
 
 if TYPE_CHECKING:
     from tmb.ingest.export import NonceSigner
@@ -94,6 +95,7 @@ __all__ = ["Ingest"]
 
 MAX_IMA_PENDING = 64 * 1024 * 1024
 MAX_BATCHES_PER_REQUEST = 1024
+MAX_BINDING_PROCESSES = 4096  # processes of one bindings document
 RECHECK_S = 2.0  # shared store: longest sleep of a waiter between looks (a lost NOTIFY only delays)
 UNATTESTED = "unattested"  # the identity record of a node a verified quote turned unattested (_judge)
 
@@ -480,7 +482,9 @@ class Ingest:
 
     def add_quote(self, node: str, doc: Any) -> IngestResult:
         """``{"message", "signature": base64, "pcrs": {bank: {idx: hex}}, "nonce": hex, "head": {...},
-        "ak_name": hex (optional)}``."""
+        "ak_name": hex (optional), "bindings": hex (optional)}``: ``bindings``, the digest of the process
+        bindings document the quote covers (in its qualifying data, :func:`~tmb.ingest.wire.
+        qualifying_data`); a quote without it covers none."""
         unattested = None
         with self._db:
             try:
@@ -540,6 +544,10 @@ class Ingest:
             if len(nonce) != 32:
                 raise ParseError("nonce must be 32 bytes of hex", field="nonce")
             ak_name = doc.get("ak_name")
+            bindings_hex = doc.get("bindings")  # absent or null: the quote covers no bindings document
+            bindings = bytes.fromhex(bindings_hex) if isinstance(bindings_hex, str) else None
+            if bindings_hex is not None and (bindings is None or len(bindings) != 32):
+                raise ParseError("bindings must be null or a SHA-256 of 32 bytes of hex", field="bindings")
         except (ParseError, ValueError) as exc:
             return self._malformed(node, exc if isinstance(exc, ParseError) else ParseError(str(exc)))
         ak = self._ak(row)
@@ -571,12 +579,14 @@ class Ingest:
                 **head.to_wire(),
             )
             return self._refused(node, f)
-        cfg = QuoteCheck(self.policy, self.pcr_bank, self.require_eventlog, self.policy_ref)
+        cfg = QuoteCheck(
+            self.policy, self.pcr_bank, self.require_eventlog, self.policy_ref, self.model_patterns
+        )
         eventlog = self._parsed_eventlog(node)
         now = self.clock_ns()
         pcrs_raw = json.dumps(doc.get("pcrs"), sort_keys=True, separators=(",", ":")).encode()
         checked = check_quote(
-            cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, now, pcrs_raw
+            cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, now, pcrs_raw, bindings
         )
         if checked.verified and not self.store.consume_nonce(
             node, nonce, now, hashlib.sha256(message).digest()
@@ -602,20 +612,49 @@ class Ingest:
     # ----------------------------------------------------------------------------------------- bindings
 
     def add_bindings(self, node: str, doc: Any) -> IngestResult:
-        """``{"t_ns": int, "processes": [binding...]}``: checked against the last verified quote's state, in
-        effect (the quote summaries' and the stored findings) only from the next verified quote on: a post
-        no quote followed changes no verdict."""
+        """``{"t_ns": int, "processes": [binding...]}``: kept in the evidence trail as its canonical bytes
+        (:func:`~tmb.ingest.wire.bindings_bytes`), pending until a verified quote covers its digest (the
+        quote's ``bindings``): only then is it checked, against the state that quote verified, and in effect
+        (the quote summaries' and the stored findings). A pending document the next verified quote does not
+        cover never takes effect (``binding.unquoted``). The answer's findings are those of the document
+        against the last verified quote's state: what the probe may expect, nothing a verdict reads."""
         with self._db, self.store.transaction():
             row = self._known(node, lock=True)
             if not isinstance(row, NodeRow):
                 return row
             if not isinstance(doc, Mapping) or not isinstance(doc.get("processes"), list):
                 return self._malformed(node, ParseError('expected {"t_ns": int, "processes": [...]}'))
+            if len(doc["processes"]) > MAX_BINDING_PROCESSES:
+                f = _err(
+                    "binding.too_large",
+                    f"a bindings document names at most {MAX_BINDING_PROCESSES} processes",
+                    limit=MAX_BINDING_PROCESSES,
+                )
+                return self._refused(node, f)
+            try:
+                raw = bindings_bytes(doc)
+            except ValueError as exc:
+                return self._malformed(node, ParseError(f"the bindings document is not plain JSON: {exc}"))
+            if len(raw) > MAX_BINDINGS_BYTES:
+                f = _err(
+                    "binding.too_large",
+                    "the bindings document is larger than the daemon keeps",
+                    limit=MAX_BINDINGS_BYTES,
+                    size=len(raw),
+                )
+                return self._refused(node, f)
             report = Report()
             check_bindings(self.policy, row.state, doc["processes"], self.model_patterns, report)
-            row.state.bindings_pending = report.errors  # in effect from the next verified quote on
+            digest = self.store.keep(node, "bindings", self.clock_ns(), raw, processes=len(doc["processes"]))
+            row.state.bindings_pending = digest.hex()  # in effect once a verified quote covers it
             self.store.set_state(node, row.state)
-            return self._taken(node, report.findings, processes=len(doc["processes"]), effective="next_quote")
+            return self._taken(
+                node,
+                report.findings,
+                processes=len(doc["processes"]),
+                sha256=digest.hex(),
+                effective="covering_quote",
+            )
 
     # ----------------------------------------------------------------------------------------- queries
 
