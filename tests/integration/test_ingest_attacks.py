@@ -315,7 +315,9 @@ def test_bindings_count_only_once_a_verified_quote_covers_them(node: NodeEnv) ->
     found, planted = _bind(ingest, "/usr/bin/evil", [], t_ns=2)
     assert found == ["binding.exe_not_allowlisted"]
     fourth = quote(node, ingest, bs[-1].head, ima=False, bindings=clean)
-    assert "binding.exe_not_allowlisted" not in ids(fourth) and "binding.unquoted" in ids(fourth)
+    assert "binding.exe_not_allowlisted" not in ids(fourth) and fourth.data["ok"] is False
+    unquoted = next(f for f in fourth.findings if f.id == "binding.unquoted")
+    assert unquoted.context == {"sha256": planted.hex(), "covered": clean.hex()}
     fifth = quote(node, ingest, bs[-1].head, ima=False)  # nothing pending: the covered document stays
     assert fifth.data["ok"], ids(fifth)
     stored = [f["id"] for f in ingest.store.findings(NODE)]
