@@ -4,12 +4,14 @@
 
 =====================  ======================================================================================
 ``ingest_blobs``        content-addressed bytes: ``digest`` = SHA-256(``data``), ``kind`` (``ak``, ``ima``,
-                        ``eventlog``, ``quote.message``, ``quote.signature``, ``quote.pcrs``, ``ek`` (the
-                        EK's TPM2B_PUBLIC), ``ek.cert`` (DER), ``policy``, ``policy.file``, ``commitment``)
+                        ``eventlog``, ``bindings`` (canonical JSON), ``quote.message``, ``quote.signature``,
+                        ``quote.pcrs``, ``ek`` (the EK's TPM2B_PUBLIC), ``ek.cert`` (DER), ``policy``,
+                        ``policy.file``, ``commitment``)
 ``ingest_records``      per node, append-only, in arrival order: ``kind`` (``ak``, ``ima``, ``eventlog``,
-                        ``quote``, ``ek``; node ``""``: ``policy``), ``received_ns``, ``digest`` (the blob),
-                        ``ref`` (IMA: the segment's byte offset in the node's log; quote: its
-                        ``ingest_quotes`` id) and ``meta`` (JSON; ``ek``: the certificates' digests and the
+                        ``bindings``, ``quote``, ``ek``; node ``""``: ``policy``), ``received_ns``,
+                        ``digest`` (the blob), ``ref`` (IMA: the segment's byte offset in the node's log;
+                        quote: its ``ingest_quotes`` id) and ``meta`` (JSON; ``quote``: ``bindings``, the
+                        digest of the bindings document it covers; ``ek``: the certificates' digests and the
                         identity decision, :func:`tmb.ingest.identity.activate`; ``policy``: the
                         commitments' and referenced files' digests)
 ``ingest_nonces``       every nonce the daemon issued: ``node``, ``nonce``, ``issued_ns``, and once a quote
