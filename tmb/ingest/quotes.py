@@ -114,7 +114,7 @@ def check_quote(
         failed = store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
         _keep(store, cfg, row.node, now, failed, False, message, signature, pcrs_raw, nonce, head, bindings)
         store.add_findings(row.node, now, [f.to_dict() for f in report.errors])
-        return QuoteChecked(False, summary, tuple(report.findings))
+        return QuoteChecked(False, replace(summary, quote_id=failed), tuple(report.findings))
     assert pcr10 is not None  # noqa: S101 (report.ok: PCR 10 was read)
     new_epoch = rebooted(state, ci)
     if new_epoch:  # the first verified quote of a new boot: the IMA replay starts again (tmb.ingest.epochs)

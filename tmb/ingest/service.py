@@ -111,6 +111,11 @@ def _b64(value: Any, name: str) -> bytes:
         raise ParseError(f"{name} is not valid base64", field=name) from None
 
 
+def _told(record: Mapping[str, Any] | None) -> bool:
+    """Whether the node's ``unattested`` record says ``node.unattested`` was raised (not just a reboot)."""
+    return record is not None and not record.get("rebooted")
+
+
 class _NonceTaken(Exception):
     """Another transaction consumed the nonce between the check and the consumption (never under the node's
     row lock; kept as a guard)."""
@@ -485,12 +490,12 @@ class Ingest:
         "ak_name": hex (optional), "bindings": hex (optional)}``: ``bindings``, the digest of the process
         bindings document the quote covers (in its qualifying data, :func:`~tmb.ingest.wire.
         qualifying_data`); a quote without it covers none."""
-        unattested = None
+        judged = None
         with self._db:
             try:
                 with self.store.transaction():
                     result = self._add_quote(node, doc)
-                    unattested = self._judge(node, result)
+                    judged = self._judge(node, result)
             except ParseError as exc:  # found by the quote's checks: nothing of it is kept
                 result = self._malformed(node, exc)
             except _NonceTaken:
@@ -502,30 +507,60 @@ class Ingest:
             self.events(
                 Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
             )
-        if unattested is not None:
-            self.events(Event("node.unattested", node, self.clock_ns(), unattested))
+        if judged is not None:
+            self.events(judged)
         return result
 
-    def _judge(self, node: str, result: IngestResult) -> dict[str, Any] | None:
+    def _judge(self, node: str, result: IngestResult) -> Event | None:
         """In the quote's transaction, the node's row locked (:meth:`_add_quote` took it; daemons sharing
-        the store judge a node's quotes in turn): the ``node.unattested`` event's data when this verified
-        quote turns the node unattested, else None. Whether it is unattested is a record (kind
-        ``unattested``) that the quote turning it sets and the next ``ok`` one clears: a quote refused
-        for failing verification judges nothing (it cannot hide the next failure), nor does the first
-        quote of a new boot, which comes before the new boot's IMA log (:mod:`tmb.ingest.epochs`)."""
-        if not result.accepted or "ok" not in result.data:
-            return None
+        the store judge a node's quotes in turn): the event this quote raises, if any. Whether the node is
+        unattested is a record (kind ``unattested``) that the quote turning it sets and the next ``ok``
+        one clears, so each transition is raised once (not per quote, not again after a restart, not by
+        another daemon on the store):
+
+        * ``node.unattested``: a verified quote whose summary is not ``ok``, or a quote refused for
+          failing verification (a ``quote.*`` refusal: signature, nonce, PCR digest, clock), when the node
+          was not already unattested. The first quote of a new boot, which comes before the new boot's IMA
+          log (:mod:`tmb.ingest.epochs`), raises nothing: it records the node as rebooted (unattested, not
+          told), so a failure of the quotes after it is still raised;
+        * ``node.attested``: an ``ok`` quote when the node was unattested, rebooted, or stale (the
+          ``stale`` record :meth:`check_stale` keeps, marked ``attested_quote`` so it is raised once per
+          stale episode)."""
+        now = self.clock_ns()
         record = self.store.identity(node, UNATTESTED)
-        if result.data["ok"]:
-            if record is not None:
-                self.store.set_identity(node, UNATTESTED, None, self.clock_ns())
+        quote_id = result.data.get("quote_id")
+        if not result.accepted:
+            refusal = result.refusal
+            if refusal is None or not refusal.id.startswith("quote.") or _told(record):
+                return None
+            why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
+            data: dict[str, Any] = {"quote_id": quote_id, "why": why, "refused": True}
+            self.store.set_identity(node, UNATTESTED, data, now)
+            return Event("node.unattested", node, now, data)
+        if "ok" not in result.data:
             return None
-        if record is not None or result.data.get("rebooted"):
+        if result.data["ok"]:
+            after = None
+            if record is not None:
+                self.store.set_identity(node, UNATTESTED, None, now)
+                after = "rebooted" if record.get("rebooted") else "unattested"
+            stale = self.store.identity(node, "stale")
+            if stale is not None and "attested_quote" not in stale:
+                self.store.set_identity(node, "stale", {**stale, "attested_quote": quote_id}, now)
+                after = after or "stale"
+            if after is None:
+                return None
+            return Event("node.attested", node, now, {"quote_id": quote_id, "after": after})
+        if result.data.get("rebooted"):
+            if record is None:
+                self.store.set_identity(node, UNATTESTED, {"quote_id": quote_id, "rebooted": True}, now)
+            return None
+        if _told(record):
             return None
         why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
-        data = {"quote_id": result.data.get("quote_id"), "why": why}
-        self.store.set_identity(node, UNATTESTED, data, self.clock_ns())
-        return data
+        data = {"quote_id": quote_id, "why": why}
+        self.store.set_identity(node, UNATTESTED, data, now)
+        return Event("node.unattested", node, now, data)
 
     def _add_quote(self, node: str, doc: Any) -> IngestResult:
         """In the caller's transaction, the node's row locked."""
@@ -595,7 +630,8 @@ class Ingest:
         if not checked.verified:
             refusal = next(f for f in checked.findings if f.severity is Severity.ERROR)
             why = "the quote failed verification"
-            return refused(refusal, checked.findings, self._extra(node), message=why)
+            data = {"quote_id": checked.summary.quote_id, **self._extra(node)}
+            return refused(refusal, checked.findings, data, message=why)
         self._quote_wanted.discard(node)
         summary = checked.summary
         data = {
