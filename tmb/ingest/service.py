@@ -42,8 +42,8 @@ Identity (:mod:`tmb.ingest.identity`): :meth:`Ingest.enroll` / :meth:`Ingest.act
 EK and AK and set its evidence key; :meth:`Ingest.authenticate` checks an evidence request's HMAC before any
 of the above runs (the routes call it). Epochs and silence: the first verified quote of a new boot restarts
 the IMA replay (:mod:`tmb.ingest.epochs`); :meth:`Ingest.check_stale` finds nodes without a verified quote
-for ``stale_after_s``. Events (``node.rebooted``, ``node.rekeyed``, ``node.stale``, ``node.unattested``) go
-to the ``events`` sink (:mod:`tmb.events`).
+for ``stale_after_s``. Events (``node.rebooted``, ``node.rekeyed``, ``node.stale``, ``node.unattested``,
+``node.attested``) go to the ``events`` sink (:mod:`tmb.events`).
 
 Concurrency: the checks run in worker threads (:meth:`Ingest.submit`), one request of a node at a time in
 arrival order (a per-node :class:`asyncio.Lock`), the database behind one lock. A request that changes a
