@@ -548,6 +548,8 @@ class Ingest:
             if stale is not None and "attested_quote" not in stale:
                 self.store.set_identity(node, "stale", {**stale, "attested_quote": quote_id}, now)
                 after = after or "stale"
+            if after is None and result.data.get("rebooted"):  # a new boot attesting at its first quote
+                after = "rebooted"
             if after is None:
                 return None
             return Event("node.attested", node, now, {"quote_id": quote_id, "after": after})
