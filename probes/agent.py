@@ -5,10 +5,12 @@ Three asyncio tasks share one :class:`Probe`:
 * **seal**: every ``batch_interval_s`` the source yields a :class:`~tmb.telemetry.sample.SampleBatch`; it is
   sealed into the chain, written to the disk buffer and the chain head persisted (``state.json``);
 * **quote**: every ``quote_period_s``, and at once when the daemon asks (``"quote": true`` in a response),
-  with the newest unused daemon nonce: TPM2_Quote over PCRs 0-10 (+ configured PCRs) with qualifying data
-  ``SHA-256(nonce ‖ head digest)`` in a worker thread (the loop never blocks; a call slower than
-  ``tpm_timeout_s`` is abandoned), then the IMA records appended since the last read (read *after* the quote,
-  so they include everything the quoted PCR covers), then the process bindings. TPM errors are retried with
+  with the newest unused daemon nonce: the process bindings of the GPU processes are read, then TPM2_Quote
+  over PCRs 0-10 (+ configured PCRs) with qualifying data ``SHA-256(nonce ‖ head digest)``, or
+  ``SHA-256(nonce ‖ head digest ‖ bindings digest)`` when there are bindings (the quote's ``bindings``), in a
+  worker thread (the loop never blocks; a call slower than ``tpm_timeout_s`` is abandoned); then the IMA
+  records appended since the last read (read *after* the quote, so they include everything the quoted PCR
+  covers), the bindings document and the quote are queued in that order. TPM errors are retried with
   exponential backoff (0.5 s doubling to 30 s) while batches keep being sealed and shipped;
 * **send**: ships the buffer in order (batches grouped, up to 64 a request) and takes the next nonce, the
   quote demand and the daemon's IMA offset from every response. Connection errors and 5xx keep the items
@@ -65,7 +67,7 @@ from probes.ima_reader import ImaReader
 from probes.tpm import Quote, TpmClient
 from tmb.errors import Finding, Severity, TmbError, TpmError, finding
 from tmb.ingest.auth import HEADER, sign_request
-from tmb.ingest.wire import ZERO, qualifying_data
+from tmb.ingest.wire import ZERO, bindings_bytes, qualifying_data
 from tmb.telemetry.source import TelemetrySource, open_source
 
 __all__ = ["Probe", "ProbeStats"]
@@ -350,7 +352,8 @@ class Probe:
                         await self._nonce_event.wait()
             nonce, head = self._nonce, self.chain.head
             assert nonce is not None and head is not None  # noqa: S101
-            qdata = qualifying_data(nonce, head.digest)
+            bindings, covered = await self._bindings()
+            qdata = qualifying_data(nonce, head.digest, covered)
             try:
                 if self._ak_name is None:
                     ak = await self._in_tpm_thread(lambda c: c.read_public(cfg.ak_handle))
@@ -368,25 +371,31 @@ class Probe:
             self._quote_now = False
             due = time.monotonic() + cfg.quote_period_s
             await self._ship_ima()
-            self.buffer.put(
-                "quote",
-                {
-                    "message": base64.b64encode(q.message).decode(),
-                    "signature": base64.b64encode(q.signature).decode(),
-                    "pcrs": q.pcrs.to_dict(),
-                    "nonce": nonce.hex(),
-                    "head": head.to_wire(),
-                    "ak_name": self._ak_name,
-                },
-            )
+            if bindings is not None:  # before the quote that covers it: the daemon holds it when it arrives
+                self.buffer.put("bindings", bindings)
+            doc: dict[str, Any] = {
+                "message": base64.b64encode(q.message).decode(),
+                "signature": base64.b64encode(q.signature).decode(),
+                "pcrs": q.pcrs.to_dict(),
+                "nonce": nonce.hex(),
+                "head": head.to_wire(),
+                "ak_name": self._ak_name,
+            }
+            if covered is not None:
+                doc["bindings"] = covered.hex()
+            self.buffer.put("quote", doc)
             self.stats.quotes += 1
-            pids = set(self._pids) | set(cfg.bind_pids)
-            if pids:
-                procs = await asyncio.to_thread(bind_all, pids)
-                self.buffer.put(
-                    "bindings", {"t_ns": time.time_ns(), "processes": [p.to_wire() for p in procs]}
-                )
             self._wake.set()
+
+    async def _bindings(self) -> tuple[dict[str, Any] | None, bytes | None]:
+        """The process bindings document of the GPU processes now and its digest (the quote covers it), or
+        (None, None) when there is no GPU process to bind."""
+        pids = set(self._pids) | set(self.config.bind_pids)
+        if not pids:
+            return None, None
+        procs = await asyncio.to_thread(bind_all, pids)
+        doc: dict[str, Any] = {"t_ns": time.time_ns(), "processes": [p.to_wire() for p in procs]}
+        return doc, hashlib.sha256(bindings_bytes(doc)).digest()
 
     async def _ship_ima(self) -> None:
         if not self._ima_ready:

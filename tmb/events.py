@@ -1,9 +1,9 @@
 """Events worth telling an operator about, raised by the rooms that see them, delivered by the daemon.
 
-The ingest (a node rebooted, was re-keyed, went stale or unattested) and the verdict pipeline (a
-``model_mismatch``) raise an :class:`Event` through an :data:`EventSink` they were given; they know nothing
-of how it travels. The daemon wires the sink to its notifier (signed, durable webhooks). A sink must not
-block or raise: it records the event and returns.
+The ingest (a node rebooted, was re-keyed, went stale or unattested, attests again) and the verdict
+pipeline (a ``model_mismatch``) raise an :class:`Event` through an :data:`EventSink` they were given; they
+know nothing of how it travels. The daemon wires the sink to its notifier (signed, durable webhooks). A sink
+must not block or raise: it records the event and returns.
 
 The daemon's sink is ``app[DAEMON_KEY].notifier.emit`` (:class:`tmb.daemon.notify.Notifier`): it may be
 called from any thread (the ingest's workers included); it writes the event to a fsynced SQLite outbox (one
@@ -17,7 +17,9 @@ transition once.
 Kinds (stable ids, documented with the webhooks in docs/verdict.md):
 
 =========================  ==========================================================================
-``node.unattested``        a node's evidence stopped attesting (a quote or replay failed)
+``node.unattested``        a node's evidence stopped attesting (a quote failed verification, or its replay,
+                           policy, verity, boot chain or process bindings failed)
+``node.attested``          a node attests again after being unattested, rebooted or stale (not per quote)
 ``node.stale``             no verified quote for ``[attestation] stale_after_s``
 ``node.rekeyed``           an admin approved a new AK or EK for an enrolled node
 ``node.rebooted``          a node came back with a new boot epoch (a new IMA replay and chain segment)
@@ -34,7 +36,14 @@ from typing import Any
 __all__ = ["KINDS", "Event", "EventSink", "discard"]
 
 KINDS = frozenset(
-    {"node.unattested", "node.stale", "node.rekeyed", "node.rebooted", "verdict.model_mismatch"}
+    {
+        "node.unattested",
+        "node.attested",
+        "node.stale",
+        "node.rekeyed",
+        "node.rebooted",
+        "verdict.model_mismatch",
+    }
 )
 
 

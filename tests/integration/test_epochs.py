@@ -93,8 +93,10 @@ async def test_reboot_starts_a_new_epoch_and_the_node_is_attested_again(
         )
     after = _last(ingest)
     assert after["ok"] and after["pcr_matched"], after
-    # rebooted once; the first quote of the new boot, before its IMA log arrived, may say unattested
-    assert [e.kind for e in events if e.kind != "node.unattested"] == ["node.rebooted"]
+    # rebooted once, then attested again once (the first quote of the new boot comes before its IMA log:
+    # the node is recorded as rebooted, not told unattested)
+    assert [e.kind for e in events] == ["node.rebooted", "node.attested"], events
+    assert events[-1].data["after"] == "rebooted"
     assert all(e.subject == NODE for e in events)
     assert ingest.store.node(NODE).ima_end == len(env.log_path.read_bytes())  # type: ignore[union-attr]
     refused = {f["id"] for r in probe.stats.refused for f in r["findings"]}
@@ -144,13 +146,18 @@ def test_silent_node_becomes_stale_and_recovers(tmp_path: Path, swtpm_factory: S
     # a verified quote: no longer stale
     _, bs = sealed(1)
     post(ingest, *bs)
-    assert quote(env, ingest, bs[-1].head).data["ok"]
+    back = quote(env, ingest, bs[-1].head)
+    assert back.data["ok"]
+    assert [e.kind for e in events] == ["node.stale", "node.attested"]  # attested again, told once
+    assert events[-1].data == {"quote_id": back.data["quote_id"], "after": "stale"}
+    assert quote(env, ingest, bs[-1].head).data["ok"] and len(events) == 2
     now[0] += s
     assert ingest.check_stale() == [] and "tmb_node_stale{" not in generate_latest(registry).decode()
     assert "tmb_nodes_stale 0.0" in generate_latest(registry).decode()
     # silent again: stale again, raised again
     now[0] += 6 * s
-    assert ingest.check_stale() == [NODE] and [e.kind for e in events] == ["node.stale", "node.stale"]
+    kinds = ["node.stale", "node.attested", "node.stale"]
+    assert ingest.check_stale() == [NODE] and [e.kind for e in events] == kinds
     ingest.close()
     again: list[Event] = []
     ingest = env.ingest(stale_after_s=5.0, clock_ns=lambda: now[0], events=again.append)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 from swtpm import SwtpmFactory
-from test_probe_support import NODE, NodeEnv, make_node
+from test_probe_support import ENGINE_EXE, NODE, NodeEnv, make_node
 
 from probes.chain import Chain
 from tmb.attest.evidence import audit_bundle, load_bundle
@@ -30,7 +30,7 @@ from tmb.attest.policy import policy_files
 from tmb.errors import InputError
 from tmb.ingest.export import ExportError, RequestContext, export_window
 from tmb.ingest.service import Ingest
-from tmb.ingest.wire import TelemetryBatch
+from tmb.ingest.wire import TelemetryBatch, bindings_bytes
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.signing import Signer, load_or_create_key
 
@@ -121,7 +121,10 @@ def test_export_audits_offline_and_each_edit_is_named(node: NodeEnv, tmp_path: P
         copy = tmp_path / name
         shutil.copytree(bundle, copy)
         data = bytearray((copy / rel).read_bytes())
-        data[at] ^= 0x01
+        if chr(data[at]) in "0123456789abcdef":  # text stays hex (a flip to '`' or 'g' is unparsable)
+            data[at] = ord("1") if data[at] == ord("0") else ord("0")
+        else:
+            data[at] ^= 0x01
         (copy / rel).write_bytes(bytes(data))
         if fix_digest:  # a forger rewrites the manifest's digests too: the cryptographic checks remain
             m = json.loads((copy / "manifest.json").read_text())
@@ -322,3 +325,58 @@ def test_the_callers_policy_brings_its_files_when_the_trail_names_none(node: Nod
     assert (bundle / "policy-files/0-vendor.pem").read_bytes() == cert.read_bytes()
     result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
     assert result.ok, [(f.id, f.context) for f in result.report.errors]
+
+
+def test_quoted_bindings_are_exported_and_an_edited_file_is_named(node: NodeEnv, tmp_path: Path) -> None:
+    """The process bindings document a quote covers is in the bundle as the daemon kept it
+    (``bindings/<sha256>.json``); the audit checks it against the digest the quote's qualifying data
+    covers, and names an edited file even when the forger rewrote the manifest's digests."""
+    ingest = node.ingest()
+    chain = Chain(NODE)
+    assert ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]}).accepted
+    doc = {
+        "t_ns": 1,
+        "processes": [
+            {
+                "pid": 42,
+                "exe": ENGINE_EXE,
+                "maps": [{"path": "/models/m/model.safetensors", "dev": "253:0"}],
+                "error": None,
+            }
+        ],
+    }
+    raw = bindings_bytes(doc)
+    digest = hashlib.sha256(raw).digest()
+    assert ingest.add_bindings(NODE, doc).data["sha256"] == digest.hex()
+    bs = [chain.seal(payload(k)) for k in range(1, 4)]
+    assert ingest.add_batches(NODE, {"batches": [b.to_wire() for b in bs]}).accepted
+    assert ingest.add_ima(NODE, node.ima_doc()).accepted
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    out = ingest.add_quote(NODE, node.quote_doc(nonce, bs[-1].head, digest))
+    assert out.accepted and out.data["ok"], out.findings
+    signer = signer_of(tmp_path)
+    bundle = export(node, ingest, signer, tmp_path / "bundle", T0, T0 + 10**9 * 4)
+    rel = f"bindings/{digest.hex()}.json"
+    assert (bundle / rel).read_bytes() == raw
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quotes"][0]["bindings"] == {"sha256": digest.hex(), "file": rel}
+    result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
+    assert result.ok, [(f.id, f.context) for f in result.report.errors]
+    assert result.bindings == [{"quote": "0", "file": rel, "processes": [{"pid": 42, "exe": ENGINE_EXE}]}]
+
+    copy = tmp_path / "edited"
+    shutil.copytree(bundle, copy)
+    edited = json.loads(raw)
+    edited["processes"][0]["maps"][0]["dev"] = "7:1"  # hide that the model was read past dm-verity
+    (copy / rel).write_bytes(bindings_bytes(edited))
+    m = json.loads((copy / "manifest.json").read_text())
+    m["sha256"].pop(rel)  # the forger rewrites the manifest's digests too
+    (copy / "manifest.json").write_text(json.dumps(m))
+    found = audit_bundle(copy, daemon_keys=[signer.public.raw]).report.errors
+    named = [f for f in found if f.id == "bindings.digest_mismatch"]
+    assert named and named[0].context["file"] == rel, [(f.id, f.context) for f in found]
+    # naming the edited document's digest in the manifest instead breaks the quote's qualifying data
+    m["quotes"][0]["bindings"]["sha256"] = hashlib.sha256((copy / rel).read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(m))
+    found_ids = errors(copy, signer)
+    assert "quote.nonce_mismatch" in found_ids and "bindings.digest_mismatch" not in found_ids, found_ids

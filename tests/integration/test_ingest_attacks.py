@@ -17,7 +17,7 @@ from probes.chain import Chain
 from tmb.ingest.results import IngestResult
 from tmb.ingest.routes import status_of
 from tmb.ingest.service import Ingest
-from tmb.ingest.wire import TelemetryBatch
+from tmb.ingest.wire import TelemetryBatch, bindings_bytes
 from tmb.telemetry.sample import SampleBatch
 
 
@@ -53,11 +53,13 @@ def sealed(n: int) -> tuple[Chain, list[TelemetryBatch]]:
     return chain, [chain.genesis("synthetic")] + [chain.seal(payload(k)) for k in range(1, n + 1)]
 
 
-def quote(env: NodeEnv, ingest: Ingest, head: Any, ima: bool = True) -> IngestResult:
+def quote(
+    env: NodeEnv, ingest: Ingest, head: Any, ima: bool = True, bindings: bytes | None = None
+) -> IngestResult:
     if ima:
         assert status(ingest.add_ima(NODE, env.ima_doc())) == 200
     nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
-    return ingest.add_quote(NODE, env.quote_doc(nonce, head))
+    return ingest.add_quote(NODE, env.quote_doc(nonce, head, bindings))
 
 
 def test_honest_stream_is_attested_and_survives_restart(node: NodeEnv) -> None:
@@ -181,12 +183,15 @@ def test_ima_log_rewritten_or_short(node: NodeEnv) -> None:
     assert status(out) == 200 and "pcr.mismatch" in ids(out) and not out.data["summary"]["pcr_matched"]
 
 
-def _bind(ingest: Ingest, exe: str, maps: list[dict[str, str]]) -> list[str]:
-    out = ingest.add_bindings(
-        NODE, {"t_ns": 1, "processes": [{"pid": 42, "exe": exe, "maps": maps, "error": None}]}
-    )
+def _bind(ingest: Ingest, exe: str, maps: list[dict[str, str]], t_ns: int = 1) -> tuple[list[str], bytes]:
+    """Post one process's bindings: the post's findings (against the last verified quote's state, nothing a
+    verdict reads) and the document's digest, which a quote must cover for it to take effect."""
+    doc = {"t_ns": t_ns, "processes": [{"pid": 42, "exe": exe, "maps": maps, "error": None}]}
+    out = ingest.add_bindings(NODE, doc)
     assert status(out) == 200
-    return ids(out)
+    digest = hashlib.sha256(bindings_bytes(doc)).digest()
+    assert out.data["sha256"] == digest.hex()
+    return ids(out), digest
 
 
 def test_gpu_process_bindings(node: NodeEnv) -> None:
@@ -195,21 +200,21 @@ def test_gpu_process_bindings(node: NodeEnv) -> None:
     post(ingest, *bs)
     assert quote(node, ingest, bs[-1].head).data["ok"]
     model = "/models/llama/model.safetensors"
-    assert (
-        _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "253:0"}, {"path": "/usr/lib/x.so", "dev": "8:1"}])
-        == []
-    )
-    assert _bind(ingest, "/usr/bin/evil", []) == ["binding.exe_not_allowlisted"]
-    assert _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "8:1"}]) == ["binding.model_not_from_verity"]
-    assert _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "7:1"}]) == ["binding.model_bypasses_verity"]
-    # the binding findings ride along the next quote's summary
+    clean = [{"path": model, "dev": "253:0"}, {"path": "/usr/lib/x.so", "dev": "8:1"}]
+    assert _bind(ingest, ENGINE_EXE, clean)[0] == []
+    assert _bind(ingest, "/usr/bin/evil", [])[0] == ["binding.exe_not_allowlisted"]
+    assert _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "8:1"}])[0] == ["binding.model_not_from_verity"]
+    found, digest = _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "7:1"}])
+    assert found == ["binding.model_bypasses_verity"]
+    # the binding findings ride along the summary of the quote that covers the document
     node.measure("/usr/bin/unrelated", b"y")
     node.policy_doc["allow"]["/usr/bin/unrelated"] = [
         "sha256:" + __import__("hashlib").sha256(b"y").hexdigest()
     ]
     ingest.policy = node.policy
-    out = quote(node, ingest, bs[-1].head)
+    out = quote(node, ingest, bs[-1].head, bindings=digest)
     assert "binding.model_bypasses_verity" in ids(out) and not out.ok
+    assert "binding.unquoted" not in ids(out)
 
 
 def test_garbage_quote_does_not_burn_the_nonce(node: NodeEnv) -> None:
@@ -269,31 +274,76 @@ def test_nonce_survives_restart_and_evidence_is_kept_as_received(node: NodeEnv) 
     assert store.blob(ak.digest) == store.node(NODE).ak
 
 
-def test_bindings_count_only_from_the_next_verified_quote(node: NodeEnv) -> None:
-    """A bindings post no quote followed changes nothing a verdict reads (stored findings, the quote
-    summaries); the next verified quote takes it up. Persisted across a restart in between."""
+def test_bindings_count_only_once_a_verified_quote_covers_them(node: NodeEnv) -> None:
+    """A bindings document counts only from the verified quote whose qualifying data covers its digest; a
+    posted document no quote covers never takes effect (``binding.unquoted``), not even later; a quote
+    cannot claim a document it does not cover; a covered document the daemon lacks is an error. Pending
+    state persists across a restart."""
     ingest = node.ingest()
     _, bs = sealed(1)
     post(ingest, *bs)
     assert quote(node, ingest, bs[-1].head).data["ok"]  # the measured state bindings are checked against
     model = "/models/llama/model.safetensors"
-    assert _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "7:1"}]) == ["binding.model_bypasses_verity"]
-    assert ingest.store.findings(NODE) == []  # not in effect: no quote followed it yet
-    first = quote(node, ingest, bs[-1].head, ima=False)
+    found, bad = _bind(ingest, ENGINE_EXE, [{"path": model, "dev": "7:1"}])
+    assert found == ["binding.model_bypasses_verity"]
+    assert ingest.store.findings(NODE) == []  # not in effect: no quote covers it yet
+    first = quote(node, ingest, bs[-1].head, ima=False, bindings=bad)
     assert "binding.model_bypasses_verity" in ids(first) and not first.data["ok"]
-    # an empty list posted after the quote: not in effect yet
-    assert _bind(ingest, ENGINE_EXE, []) == []
+    # a clean document posted, then a quote that does not cover it: it never takes effect
+    found, clean = _bind(ingest, ENGINE_EXE, [])
+    assert found == []
+    second = quote(node, ingest, bs[-1].head, ima=False)
+    assert "binding.unquoted" in ids(second) and "binding.model_bypasses_verity" in ids(second)
+    unquoted = next(f for f in second.findings if f.id == "binding.unquoted")
+    assert unquoted.context == {"sha256": clean.hex(), "covered": None}
     stored = [f["id"] for f in ingest.store.findings(NODE)]
     assert stored.count("binding.model_bypasses_verity") == 1
+    # a quote naming a document its qualifying data does not cover is refused: the TPM did not sign it
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    claimed = dict(node.quote_doc(nonce, bs[-1].head), bindings=clean.hex())
+    out = ingest.add_quote(NODE, claimed)
+    assert status(out) == 422 and "quote.nonce_mismatch" in ids(out), ids(out)
+    # the same document posted again, pending across a daemon restart, then covered: in effect
+    assert _bind(ingest, ENGINE_EXE, [])[1] == clean
     ingest.close()
-    ingest = node.ingest()  # a daemon restart keeps the pending post pending
+    ingest = node.ingest()
     row = ingest.store.node(NODE)
-    assert row is not None and row.state.bindings_pending == [] and row.state.bindings
-    second = quote(node, ingest, bs[-1].head, ima=False)
-    assert "binding.model_bypasses_verity" not in ids(second) and second.data["ok"], ids(second)
-    # a planted entry is likewise not in effect until a quote follows it
-    assert _bind(ingest, "/usr/bin/evil", []) == ["binding.exe_not_allowlisted"]
-    assert [f["id"] for f in ingest.store.findings(NODE)].count("binding.exe_not_allowlisted") == 0
-    third = quote(node, ingest, bs[-1].head, ima=False)
-    assert "binding.exe_not_allowlisted" in ids(third)
+    assert row is not None and row.state.bindings_pending == clean.hex() and row.state.bindings
+    third = quote(node, ingest, bs[-1].head, ima=False, bindings=clean)
+    assert "binding.model_bypasses_verity" not in ids(third) and third.data["ok"], ids(third)
+    # a planted document the quote does not cover (it covers the probe's own) is never in effect
+    found, planted = _bind(ingest, "/usr/bin/evil", [], t_ns=2)
+    assert found == ["binding.exe_not_allowlisted"]
+    fourth = quote(node, ingest, bs[-1].head, ima=False, bindings=clean)
+    assert "binding.exe_not_allowlisted" not in ids(fourth) and fourth.data["ok"] is False
+    unquoted = next(f for f in fourth.findings if f.id == "binding.unquoted")
+    assert unquoted.context == {"sha256": planted.hex(), "covered": clean.hex()}
+    fifth = quote(node, ingest, bs[-1].head, ima=False)  # nothing pending: the covered document stays
+    assert fifth.data["ok"], ids(fifth)
+    stored = [f["id"] for f in ingest.store.findings(NODE)]
+    assert "binding.exe_not_allowlisted" not in stored
+    row = ingest.store.node(NODE)
+    assert row is not None and row.state.bindings_sha256 == clean.hex()
+    # a quote covering a document the daemon never received: an error until a held one is covered
+    missing = quote(node, ingest, bs[-1].head, ima=False, bindings=hashlib.sha256(b"never posted").digest())
+    assert "binding.missing" in ids(missing) and not missing.data["ok"]
+    again = quote(node, ingest, bs[-1].head, ima=False)
+    assert "binding.missing" in ids(again)
+    assert quote(node, ingest, bs[-1].head, ima=False, bindings=clean).data["ok"]
+    ingest.close()
+
+
+def test_bindings_bounds(node: NodeEnv) -> None:
+    """An oversized bindings document is refused (413 ``binding.too_large``), never kept."""
+    ingest = node.ingest()
+    many = {"t_ns": 1, "processes": [{"pid": i, "exe": None, "maps": []} for i in range(5000)]}
+    out = ingest.add_bindings(NODE, many)
+    assert status(out) == 413 and ids(out) == ["binding.too_large"]
+    big = {
+        "t_ns": 1,
+        "processes": [{"pid": 1, "exe": "/x", "maps": [{"path": "/m" * 2_200_000, "dev": "1:1"}]}],
+    }
+    out = ingest.add_bindings(NODE, big)
+    assert status(out) == 413 and ids(out) == ["binding.too_large"]
+    assert ingest.store.records(NODE, "bindings") == []
     ingest.close()

@@ -305,6 +305,8 @@ def test_evidence_retention_keeps_what_later_exports_need(store: IngestBackend) 
             store.keep("n", "ima", t, data, offset, length=len(data))
         store.keep("n", "eventlog", 5, b"log-1")
         store.keep("n", "eventlog", 25, b"log-2")
+        for t, doc in [(14, b"bind-1"), (29, b"bind-2"), (48, b"bind-3")]:  # each before its quote
+            store.keep("n", "bindings", t, doc, processes=1)
         store.add_segment("n", SEG, 0, None, 1)
         quotes = []
         for k, t in enumerate((15, 30, 50)):
@@ -341,8 +343,9 @@ def test_evidence_retention_keeps_what_later_exports_need(store: IngestBackend) 
         if n < 4:
             break
     # 4 batches, 2 quote rows, 2 quote records + 2 message blobs, 2 nonces (q0, q1) + the unused one,
-    # 2 IMA records + 2 blobs, 1 event log record + its blob, 1 finding
-    assert total == 4 + 2 + 4 + 3 + 4 + 2 + 1
+    # 2 IMA records + 2 blobs, 1 event log record + its blob, 2 bindings records (their blobs stay: quotes
+    # name them from their meta), 1 finding
+    assert total == 4 + 2 + 4 + 3 + 4 + 2 + 2 + 1
     assert [r.seq for r in store.batches_overlapping("n", 0, 100)] == [4, 5]
     assert store.quote_summary(quotes[0][0]) is None and store.quote_summary(quotes[2][0]) == {"ok": True}
     assert [r.ref for r in store.quote_records("n", 0, 1 << 40, 10)] == [quotes[2][0]]
@@ -354,6 +357,8 @@ def test_evidence_retention_keeps_what_later_exports_need(store: IngestBackend) 
     assert [store.blob(r.digest) for r in store.records("n", "ima")] == [b"boot2-", b"y"]
     assert [store.blob(r.digest) for r in store.records("n", "eventlog")] == [b"log-2"]
     assert [store.blob(r.digest) for r in store.records("n", "ak")] == [b"ak-bytes"]
+    assert [store.blob(r.digest) for r in store.records("n", "bindings")] == [b"bind-3"]
+    assert store.blob(hashlib.sha256(b"bind-1").digest()) == b"bind-1"
     assert store.findings("n") == [{"id": "kept"}]
     assert _blob_count(store) == blobs - 5
     with store.transaction():  # idempotent

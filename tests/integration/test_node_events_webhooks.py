@@ -31,7 +31,7 @@ from test_serve_pg_evidence import policy_toml
 
 from probes.agent import Probe
 from probes.enrol import EnrolError, enrol
-from probes.tpm import AK_HANDLE, TpmClient
+from probes.tpm import AK_HANDLE, Quote, TpmClient
 from tmb.attest.ekcert import ek_pin
 from tmb.attest.ima_build import LogBuilder
 from tmb.config import AdminConfig, AttestationConfig, Config, IdentityConfig, NotifyConfig
@@ -243,6 +243,60 @@ async def test_a_quote_that_breaks_the_policy_or_the_chain_is_one_unattested_web
     assert s.receiver.kinds() == ["node.unattested"]
 
 
+class FlakyTpm(TpmClient):
+    """The node's TPM, whose quotes' signatures are damaged while ``broken`` is set (as a TPM or AK that
+    went bad would sign): the daemon refuses each such quote (422 ``quote.signature_invalid``)."""
+
+    broken = False
+
+    def quote(self, ak_handle: int, pcrs: Any, qualifying_data: bytes) -> Quote:
+        q = super().quote(ak_handle, pcrs, qualifying_data)
+        if not FlakyTpm.broken:
+            return q
+        sig = bytearray(q.signature)
+        sig[-1] ^= 0x01
+        return dataclasses.replace(q, signature=bytes(sig))
+
+
+def flaky_probe(s: Setup) -> Probe:
+    return Probe(s.env.probe_config(s.daemon.management_url), tpm=lambda: FlakyTpm(s.env.swtpm.tcti))
+
+
+async def test_refused_quotes_are_one_unattested_webhook_and_recovery_one_attested(
+    tmp_path: Path, swtpm_factory: SwtpmFactory
+) -> None:
+    """Quotes refused for failing verification (``quote.*``) turn the node unattested: one
+    ``node.unattested`` webhook for the episode however many are refused, not again after a restart; the
+    first attesting quote after it is one ``node.attested``, and the quotes after that tell nothing."""
+    async with node_daemon(tmp_path, swtpm_factory) as s:
+        FlakyTpm.broken = False
+        probe = flaky_probe(s)
+        async with running(probe):
+            await attested(s, probe, quotes=2)
+            assert s.raised == []
+            FlakyTpm.broken = True
+            refused = len(probe.stats.refused)
+            await until(lambda: len(probe.stats.refused) >= refused + 3, "three refused quotes")
+            await until(lambda: s.of("node.unattested") != [], "the node.unattested webhook")
+        await s.restart()  # the episode is recorded in the store: a restarted daemon does not tell it again
+        probe = flaky_probe(s)
+        async with running(probe):
+            refused = len(probe.stats.refused)
+            await until(lambda: len(probe.stats.refused) >= refused + 2, "two more refused quotes")
+            FlakyTpm.broken = False
+            await until(lambda: raised(s, "node.attested") != [], "the ingest raising node.attested")
+            await attested(s, probe, quotes=3)  # more attesting quotes: not told again
+        await until(lambda: len(s.receiver.got) == 2, "both webhooks delivered")
+    kinds = [e.kind for e in s.raised]  # by both daemons, the one before the restart and the one after
+    assert kinds == ["node.unattested", "node.attested"], s.raised
+    assert s.receiver.kinds() == ["node.unattested", "node.attested"]
+    down, up = s.of("node.unattested")[0]["data"], s.of("node.attested")[0]["data"]
+    assert down["refused"] is True and "quote.signature_invalid" in down["why"], down
+    assert isinstance(down["quote_id"], int)
+    assert up["after"] == "unattested" and up["quote_id"] > down["quote_id"], up
+    assert all(r["kind"] == "quote" for r in probe.stats.refused), probe.stats.refused
+
+
 # -- node.stale --------------------------------------------------------------------------------------------
 async def test_a_silent_node_becomes_stale_once_and_the_kinds_filter_holds(
     tmp_path: Path, swtpm_factory: SwtpmFactory
@@ -293,6 +347,27 @@ async def test_a_silent_node_becomes_stale_once_and_the_kinds_filter_holds(
     assert f'tmb_node_stale{{node="{NODE}"}} 1.0' in metrics
 
 
+async def test_a_stale_node_that_quotes_again_is_one_attested_webhook(
+    tmp_path: Path, swtpm_factory: SwtpmFactory
+) -> None:
+    async with node_daemon(tmp_path, swtpm_factory, stale_after_s=3.0) as s:
+        async with running(s.probe()) as probe:
+            await attested(s, probe)
+        await until(lambda: s.of("node.stale") != [], "the node.stale webhook")
+        async with running(s.probe()) as probe:
+            await until(lambda: s.of("node.attested") != [], "the node.attested webhook")
+            await attested(s, probe, quotes=3)
+            ingest = s.daemon.parts.ingest
+            assert ingest is not None
+            await until(lambda: NODE not in ingest.stale_nodes(), "the stale check seeing the node again")
+    # one node.attested per stale episode (a machine slow enough to miss 3 s of quotes has two)
+    kinds = [e.kind for e in s.raised]
+    assert kinds and kinds == ["node.stale", "node.attested"] * (len(kinds) // 2), s.raised
+    attested_events = s.of("node.attested")
+    assert len(attested_events) == len(kinds) // 2, attested_events
+    assert all(e["data"]["after"] == "stale" for e in attested_events), attested_events
+
+
 # -- node.rebooted -----------------------------------------------------------------------------------------
 async def test_a_tpm_reset_is_one_rebooted_webhook(tmp_path: Path, swtpm_factory: SwtpmFactory) -> None:
     async with node_daemon(tmp_path, swtpm_factory) as s:
@@ -332,16 +407,15 @@ async def test_a_tpm_reset_is_one_rebooted_webhook(tmp_path: Path, swtpm_factory
     first = rebooted[0]["data"]["quote_id"]
     assert isinstance(first, int) and first > before["quote_id"]
     # the new boot's first quote, which starts its epoch, comes before the new boot's IMA log (the probe
-    # ships it once the answer says offset 0): it cannot replay, and is not told as node.unattested
+    # ships it once the answer says offset 0): it cannot replay, and is not told as node.unattested; the
+    # first attesting quote of the new boot is told once as node.attested (after "rebooted"). The process
+    # bindings a quote covers are checked after its own IMA replay: no transient binding failure either.
     others = [e for e in s.raised if e.kind != "node.rebooted"]
-    assert all(e.kind == "node.unattested" and e.data["quote_id"] != first for e in others), s.raised
-    # Known, left for the ingest's bindings: process bindings the probe posts between that quote and
-    # the new log are checked against the new epoch's empty replay (binding.exe_not_measured), in effect
-    # at the next quote: at most one transient node.unattested, for bindings only
-    assert len(others) <= 1 and all(why.startswith("binding.") for e in others for why in e.data["why"]), (
-        others
-    )
+    assert [e.kind for e in others] == ["node.attested"], s.raised
+    back = others[0].data
+    assert back["after"] == "rebooted" and back["quote_id"] > first, back
     assert s.receiver.kinds().count("node.rebooted") == 1
+    assert s.receiver.kinds().count("node.attested") == 1
 
 
 # -- node.rekeyed ------------------------------------------------------------------------------------------
@@ -515,12 +589,13 @@ def test_two_daemons_on_one_database_raise_node_unattested_once(
         env.close()
 
 
-def test_a_refused_quote_does_not_hide_the_next_unattested_one(
+def test_a_refused_quote_is_told_once_with_the_episode_it_starts(
     tmp_path: Path, swtpm_factory: SwtpmFactory
 ) -> None:
-    """A quote that fails verification (here PCR values that are not the quoted ones) is refused and
-    attests nothing; it must not count as the node's last judgement, or a node that sends one before its
-    policy break would never be told unattested."""
+    """A quote that fails verification (here PCR values that are not the quoted ones) is refused, attests
+    nothing, and turns the node unattested: ``node.unattested`` with ``refused`` and the ``quote.*`` ids.
+    The episode is told once: neither the next refused quote nor a verified quote that breaks the policy
+    tells it again; the first ``ok`` quote ends it with one ``node.attested``."""
     from test_ingest_attacks import post, quote, sealed
 
     env = make_node(tmp_path, swtpm_factory)
@@ -530,15 +605,51 @@ def test_a_refused_quote_does_not_hide_the_next_unattested_one(
         _, bs = sealed(1)
         post(ingest, *bs)
         assert quote(env, ingest, bs[-1].head).data["ok"]
-        nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
-        forged = env.quote_doc(nonce, bs[-1].head)
-        forged["pcrs"]["sha256"]["10"] = "00" * 32
-        out = ingest.add_quote(NODE, forged)
-        assert out.refusal is not None and out.refusal.id.startswith("quote."), out.findings
-        assert raised == []  # refused: the node's last verified quote still attests
+        assert raised == []  # a node's first attesting quote is no transition
+
+        def forged_quote() -> None:
+            nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+            forged = env.quote_doc(nonce, bs[-1].head)
+            forged["pcrs"]["sha256"]["10"] = "00" * 32
+            out = ingest.add_quote(NODE, forged)
+            assert out.refusal is not None and out.refusal.id.startswith("quote."), out.findings
+
+        forged_quote()
+        assert [e.kind for e in raised] == ["node.unattested"], raised
+        data = raised[0].data
+        assert data["refused"] is True and data["why"] and all(w.startswith("quote.") for w in data["why"])
+        assert isinstance(data["quote_id"], int) and data["quote_id"] > 0
+        forged_quote()  # still unattested: not told again
         env.measure("/usr/bin/evil", b"not in the policy")
         assert quote(env, ingest, bs[-1].head).data["ok"] is False
         assert [e.kind for e in raised] == ["node.unattested"], raised
+        ingest.close()
+        ingest = env.ingest(events=raised.append)  # a restart: the episode is in the store
+        forged_quote()
+        assert [e.kind for e in raised] == ["node.unattested"], raised
+        # policy errors are sticky until the PCRs reset: a new boot; its first quote starts the epoch (the
+        # log is sent again from offset 0 after it), the next one replays the new log and attests
+        env.tpm.close()
+        env.swtpm.reboot(orderly=True)
+        env.tpm = env.swtpm.client()
+        env.log.close()
+        env.log = open(env.log_path, "wb")  # noqa: SIM115 - closed by env.close
+        env.builder = LogBuilder(env.log)
+        env.measure("boot_aggregate", b"boot")
+        env.measure(PROBE_PATH, PROBE_BYTES)
+        env.measure(ENGINE_EXE, b"engine")
+        env.mount_model()
+        _, bs = sealed(1)
+        post(ingest, *bs)
+        first = quote(env, ingest, bs[-1].head)
+        assert first.data.get("rebooted") and not first.data["ok"], first.findings
+        assert [e.kind for e in raised] == ["node.unattested", "node.rebooted"], raised
+        second = quote(env, ingest, bs[-1].head)
+        assert second.data["ok"], second.findings
+        assert [e.kind for e in raised] == ["node.unattested", "node.rebooted", "node.attested"], raised
+        assert raised[-1].data == {"quote_id": second.data["quote_id"], "after": "unattested"}
+        assert quote(env, ingest, bs[-1].head).data["ok"]  # attested already: nothing more
+        assert len(raised) == 3, raised
     finally:
         ingest.close()
         env.close()

@@ -50,4 +50,11 @@ async def test_probe_batches_become_attested(tmp_path: Path, swtpm_factory: Swtp
     # the genesis (seq 0, no samples) is covered too
     seg = rows[0].segment
     assert ingest.store.batch(NODE, seg, 0).quote_id is not None
+    # the process bindings (bind_pids: this process) are covered by the quotes and in effect, none unquoted
+    state = ingest.store.node(NODE).state
+    assert state.bindings_sha256 is not None, state
+    covered = {r.meta.get("bindings") for r in ingest.store.records(NODE, "quote")}
+    assert state.bindings_sha256 in covered
+    assert {r.digest.hex() for r in ingest.store.records(NODE, "bindings")} >= covered - {None}
+    assert not [f for f in findings if f.id.startswith("binding.")], findings
     env.close()

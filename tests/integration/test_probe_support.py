@@ -87,15 +87,19 @@ class NodeEnv:
         ingest.register_node(NODE, self.ak.tpm2b_public)
         return ingest
 
-    def quote_doc(self, nonce: bytes, head: Head) -> dict[str, Any]:
-        q = self.tpm.quote(AK_HANDLE, {"sha256": [10]}, qualifying_data(nonce, head.digest))
-        return {
+    def quote_doc(self, nonce: bytes, head: Head, bindings: bytes | None = None) -> dict[str, Any]:
+        """A quote over ``head`` with ``nonce``, covering the bindings document of digest ``bindings``."""
+        q = self.tpm.quote(AK_HANDLE, {"sha256": [10]}, qualifying_data(nonce, head.digest, bindings))
+        doc = {
             "message": base64.b64encode(q.message).decode(),
             "signature": base64.b64encode(q.signature).decode(),
             "pcrs": q.pcrs.to_dict(),
             "nonce": nonce.hex(),
             "head": head.to_wire(),
         }
+        if bindings is not None:
+            doc["bindings"] = bindings.hex()
+        return doc
 
     def ima_doc(self, offset: int = 0) -> dict[str, Any]:
         data = self.log_path.read_bytes()[offset:]

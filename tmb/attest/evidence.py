@@ -61,6 +61,8 @@ class QuoteFiles:
     label: str
     daemon_nonce: bytes | None = None  # the daemon's nonce (nonce = H(daemon_nonce ‖ head digest))
     head: bytes | None = None  # the digest of the telemetry chain head the quote names
+    bindings: bytes | None = None  # the digest of the process bindings document the quote covers
+    bindings_file: str | None = None  # that document in the bundle (None: the bundle lacks it)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,24 @@ def _read(root: Path, rel: Any, what: str) -> bytes:
         raise InputError(f"cannot read {what}: {exc.strerror}", path=str(path)) from None
 
 
+def _quote_bindings(root: Path, doc: Any, i: int) -> tuple[bytes | None, str | None]:
+    """A quote's ``bindings`` entry: ``{"sha256": hex, "file": name (absent when the daemon lacked it)}``."""
+    if doc is None:
+        return None, None
+    where = f"manifest: quotes[{i}].bindings"
+    digest = doc.get("sha256") if isinstance(doc, dict) else None
+    try:
+        raw = bytes.fromhex(digest) if isinstance(digest, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise InputError(f"{where} must be {{sha256: 32 bytes of hex, file}}", bundle=str(root))
+    rel = doc.get("file")
+    if rel is not None:
+        _read(root, rel, f"quotes[{i}].bindings.file")[:0]  # a relative name inside the bundle
+    return raw, rel if isinstance(rel, str) else None
+
+
 def load_bundle(root: str | Path) -> Bundle:
     """Read and validate a bundle's manifest; InputError names the bundle and the bad key."""
     root = Path(root)
@@ -137,8 +157,9 @@ def load_bundle(root: str | Path) -> Bundle:
             raise InputError(
                 f"manifest: quotes[{i}] nonce, daemon_nonce or head.digest is not hex", bundle=str(root)
             ) from None
+        bindings, bindings_file = _quote_bindings(root, q.get("bindings"), i)
         if dn is not None and hd is not None:  # the audit derives the extraData itself
-            nonce_b = qualifying_data(dn, hd)
+            nonce_b = qualifying_data(dn, hd, bindings)
         quotes.append(
             QuoteFiles(
                 _read(root, q.get("message"), f"quotes[{i}].message"),
@@ -148,6 +169,8 @@ def load_bundle(root: str | Path) -> Bundle:
                 str(q.get("label", i)),
                 dn,
                 hd,
+                bindings,
+                bindings_file,
             )
         )
     bank = doc.get("pcr_bank", "sha256")
@@ -357,6 +380,7 @@ class AuditResult:
     policy_source: str = ""
     entries: list[EntryRow] = field(default_factory=list)  # the first MAX_ENTRY_ROWS, for reports
     boot: BootAudit | None = None  # the boot chain: event log -> PCRs 0-9 -> boot policy -> boot_aggregate
+    bindings: list[dict[str, Any]] = field(default_factory=list)  # quoted process bindings that held
 
     @property
     def ok(self) -> bool:
@@ -373,6 +397,7 @@ class AuditResult:
             "sha256_mode": self.mode,
             "verity_satisfied": self.verity,
             "boot": self.boot.to_dict() if self.boot is not None else None,
+            "bindings": self.bindings,
             "findings": self.report.to_list(),
         }
 
@@ -418,6 +443,7 @@ def audit_bundle(
     result = AuditResult(str(bundle.root), bundle.node)
     report = result.report
     _audit_export(bundle, report, daemon_keys)
+    result.bindings = _audit_bindings(bundle, report)
     ak = load_ak(bundle.ak)
     _audit_identity(bundle, ak, report, daemon_keys, ek_roots)
     ppath = Path(policy_path) if policy_path is not None else bundle.policy
@@ -643,6 +669,51 @@ def _audit_export(bundle: Bundle, report: Report, daemon_keys: Sequence[bytes]) 
         check_nonce_log(doc, quotes, rel, report, pinned=daemon_keys)
 
 
+def _audit_bindings(bundle: Bundle, report: Report) -> list[dict[str, Any]]:
+    """Each process bindings document a quote covers (its digest is in the quote's qualifying data, which
+    the quote's check verified): the bundle's file must hash to it (``bindings.digest_mismatch``, naming the
+    file: edited or replaced) and be present (``bindings.missing``). Returns, per quote with a document
+    that holds, the quote, the file and its processes (pid, executable): the bindings the audit vouches
+    for."""
+    out: list[dict[str, Any]] = []
+    for q in bundle.quotes:
+        if q.bindings is None:
+            continue
+        ctx: dict[str, Any] = {"quote": q.label, "sha256": q.bindings.hex()}
+        if q.bindings_file is None:
+            report.add(
+                "bindings.missing",
+                "the quote covers a process bindings document the bundle does not hold",
+                **ctx,
+            )
+            continue
+        try:
+            data = _read(bundle.root, q.bindings_file, q.bindings_file)
+        except InputError:
+            data = None
+        if data is None or hashlib.sha256(data).digest() != q.bindings:
+            report.add(
+                "bindings.digest_mismatch",
+                "the process bindings file is not the document the quote covers: edited or replaced",
+                file=q.bindings_file,
+                **ctx,
+            )
+            continue
+        try:
+            doc = json.loads(data)
+            procs = doc.get("processes") if isinstance(doc, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            procs = None
+        if not isinstance(procs, list):
+            report.add("bindings.malformed", "the process bindings document is not {processes: [...]}", **ctx)
+            continue
+        shown = [
+            {"pid": p.get("pid"), "exe": p.get("exe")} for p in procs[:MAX_ENTRY_ROWS] if isinstance(p, dict)
+        ]
+        out.append({"quote": q.label, "file": q.bindings_file, "processes": shown})
+    return out
+
+
 def render_text(result: AuditResult) -> str:
     """The human report ``tmb audit`` prints."""
     lines = [f"evidence bundle: {result.bundle}", f"node: {result.node or '(unnamed)'}", ""]
@@ -662,6 +733,9 @@ def render_text(result: AuditResult) -> str:
     )
     if result.boot is not None:
         lines.extend(boot_lines(result.boot))
+    for b in result.bindings:
+        procs = ", ".join(f"{p['pid']} {p['exe']}" for p in b["processes"]) or "none"
+        lines.append(f"process bindings covered by quote {b['quote']} ({b['file']}): {procs}")
     lines.append(
         "dm-verity model images: "
         + (

@@ -7,7 +7,13 @@ verifiers need nothing of the ingest (:mod:`tmb.ingest.wire` uses these function
 
     batch digest      = SHA-256("tmb-telemetry-batch\\0v1" ‖ u16 len(node) ‖ node ‖ segment ‖ u64 seq
                                 ‖ prev ‖ u32 len(payload) ‖ payload)
-    qualifying data   = SHA-256(daemon nonce ‖ chain head digest)
+    qualifying data   = SHA-256(daemon nonce ‖ chain head digest [‖ bindings digest])
+    bindings digest   = SHA-256(canonical JSON of the process bindings document: sorted keys, no spaces,
+                                ASCII with \\u escapes; :func:`bindings_bytes`)
+
+A quote that names a process bindings document (the probe's ``bindings`` field) has the document's digest
+in its qualifying data after the chain head; a quote that names none has the two-part form (the format
+before bindings were quoted: such a quote covers no bindings document).
 
 Nonce log (``tmb-nonce-log/1``, JSON): ``{"format", "node", "ttl_s", "entries": [{"node", "nonce",
 "issued_ns", "consumed_ns", "quote"}], "key": {"algorithm": "Ed25519", "public_key_hex", "key_id"},
@@ -36,10 +42,12 @@ from tmb.errors import Finding, InputError, ParseError, Report, Severity
 __all__ = [
     "CHAIN_DOMAIN",
     "IDENTITY_FORMAT",
+    "MAX_BINDINGS_BYTES",
     "NONCE_LOG_FORMAT",
     "ChainBatch",
     "IdentityFiles",
     "batch_digest",
+    "bindings_bytes",
     "check_chain",
     "check_identity",
     "check_nonce_log",
@@ -56,6 +64,7 @@ NONCE_LOG_FORMAT = "tmb-nonce-log/1"
 IDENTITY_FORMAT = "tmb-identity/1"
 MAX_IDENTITY_CERTS = 8  # EK certificates one identity record names (enrolment takes at most 4)
 MAX_BATCHES = 1_000_000  # lines of a bundle's batch file
+MAX_BINDINGS_BYTES = 4 * 1024 * 1024  # one canonical bindings document (a few KiB per GPU process)
 
 
 def batch_digest(node: str, segment: bytes, seq: int, prev: bytes, payload: bytes) -> bytes:
@@ -68,9 +77,19 @@ def batch_digest(node: str, segment: bytes, seq: int, prev: bytes, payload: byte
     return h.digest()
 
 
-def qualifying_data(nonce: bytes, head_digest: bytes) -> bytes:
-    """What the probe passes to TPM2_Quote as extraData: SHA-256(daemon nonce ‖ chain head digest)."""
-    return hashlib.sha256(nonce + head_digest).digest()
+def qualifying_data(nonce: bytes, head_digest: bytes, bindings: bytes | None = None) -> bytes:
+    """What the probe passes to TPM2_Quote as extraData: SHA-256(daemon nonce ‖ chain head digest), with
+    the quote's process bindings digest (32 bytes) appended inside when it names one."""
+    if bindings is not None and len(bindings) != 32:
+        raise ValueError("the bindings digest must be 32 bytes (SHA-256)")
+    return hashlib.sha256(nonce + head_digest + (bindings or b"")).digest()
+
+
+def bindings_bytes(doc: Any) -> bytes:
+    """The canonical bytes of a process bindings document (what its digest is taken over, what the evidence
+    trail keeps and a bundle holds): JSON, sorted keys, no spaces, ASCII (``\\u`` escapes). ValueError for
+    what JSON cannot hold (NaN, lone surrogates are escaped, so every str is fine)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 @dataclass(frozen=True)

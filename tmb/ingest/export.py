@@ -9,6 +9,8 @@ What a window's bundle holds, each part as the daemon received it:
   as received), each with its daemon nonce and chain head;
 * the IMA log from byte 0 up to the last of them, written as received: ``ima/<offset>.bin`` segments and
   their concatenation ``ima.log``;
+* the process bindings documents those quotes cover (``bindings/<sha256>.json``, the canonical bytes the
+  daemon kept; each quote's manifest entry names its document's digest, which its qualifying data covers);
 * the telemetry chain: every batch those quotes attested, from the batch after the previous quote's head
   up to each quoted head (``telemetry/batches.jsonl``, wire form), and the window's samples
   (``telemetry.bin``);
@@ -179,6 +181,8 @@ def export_window(
             entry.update(
                 daemon_nonce=q.meta["nonce"], head=q.meta["head"], sha256=q.digest.hex(), quote_id=q.ref
             )
+            if isinstance(q.meta.get("bindings"), str):  # the process bindings document the quote covers
+                entry["bindings"] = _write_bindings(root, store, q.meta["bindings"], budget)
         (root / "ima").mkdir()
         manifest["ima_segments"] = []
         for offset, data in ima:
@@ -206,6 +210,25 @@ def export_window(
         shutil.rmtree(root, ignore_errors=True)
         raise
     return root
+
+
+def _write_bindings(root: Path, store: IngestBackend, digest: str, budget: _Budget) -> dict[str, Any]:
+    """``bindings/<sha256>.json``: the canonical bytes of a bindings document a quote covers, as the daemon
+    kept them; ``{"sha256"}`` alone when the daemon never received it (``binding.missing``)."""
+    entry: dict[str, Any] = {"sha256": digest}
+    try:
+        data = store.blob(bytes.fromhex(digest))
+    except ValueError:
+        data = None
+    if data is None:
+        return entry
+    rel = f"bindings/{digest}.json"
+    if not (root / rel).exists():
+        budget.take(len(data))
+        (root / "bindings").mkdir(exist_ok=True)
+        (root / rel).write_bytes(data)
+    entry["file"] = rel
+    return entry
 
 
 def _write_identity(

@@ -15,7 +15,13 @@ binding.no_verity_device            a model file is mapped but no policy verity 
 binding.model_not_from_verity       a model file is mapped from a device other than the active verity device
 binding.model_bypasses_verity       ... from the verity device's *data* device: dm-verity bypassed
 binding.malformed                   the bindings document does not follow the wire format
+binding.unquoted                    a posted document the next verified quote does not cover: never in effect
+binding.missing                     the quote covers a bindings document the daemon does not hold
 ==================================  =======================================================================
+
+A bindings document counts only once a verified quote covers its digest (the quote's qualifying data,
+:func:`tmb.ingest.wire.qualifying_data`), and is checked at that quote, after its IMA replay
+(:func:`tmb.ingest.quotes.check_quote`). Refused at the post (413): ``binding.too_large``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ row, its summary and the batches it attests, in the caller's transaction."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tmb.attest import tpm2
 from tmb.attest.ima import ImaEntry, Incomplete, parse_record
@@ -18,7 +20,13 @@ from tmb.attest.tpm2 import ClockInfo, PcrValues
 from tmb.errors import Finding, ParseError, Report, Severity
 from tmb.ingest.boot import ParsedLog, check_boot_chain
 from tmb.ingest.epochs import new_boot, old_boot_head, previous_clock, rebooted
-from tmb.ingest.policy import evaluate_entries, evaluate_verity, required_missing
+from tmb.ingest.policy import (
+    DEFAULT_MODEL_PATTERNS,
+    check_bindings,
+    evaluate_entries,
+    evaluate_verity,
+    required_missing,
+)
 from tmb.ingest.results import AttestationSummary
 from tmb.ingest.state import NodeState
 from tmb.ingest.store import IngestBackend, NodeRow
@@ -35,6 +43,7 @@ class QuoteCheck:
     pcr_bank: str
     require_eventlog: bool
     policy_ref: str = ""  # SHA-256 (hex) of the policy text in the evidence trail ("": not recorded)
+    model_patterns: Sequence[str] = DEFAULT_MODEL_PATTERNS  # files the bindings check must see on verity
 
 
 @dataclass(frozen=True)
@@ -62,16 +71,19 @@ def check_quote(
     head: Head,
     now: int,
     pcrs_raw: bytes = b"",
+    bindings: bytes | None = None,
 ) -> QuoteChecked:
     """Check one quote and record it (:class:`~tmb.errors.ParseError` when its structures do not parse):
     its row in ``ingest_quotes`` and, in the evidence trail (:mod:`tmb.ingest.trail`), the TPMS_ATTEST,
-    TPMT_SIGNATURE and PCR values (``pcrs_raw``, the JSON as received) as content-addressed blobs."""
+    TPMT_SIGNATURE and PCR values (``pcrs_raw``, the JSON as received) as content-addressed blobs.
+    ``bindings``: the digest of the process bindings document the quote covers (None: none), part of its
+    qualifying data; once the quote verified, that document is checked and in effect (:func:`_bindings`)."""
     state = row.state
     qr = verify_quote(
         ak,
         message,
         signature,
-        nonce=qualifying_data(nonce, head.digest),
+        nonce=qualifying_data(nonce, head.digest, bindings),
         pcrs=pcrs,
         require_pcrs=[10],
         previous=previous_clock(state, message),  # across a reboot the clock may restart lower
@@ -100,9 +112,9 @@ def check_quote(
     if not report.ok:
         summary = _summary(cfg, row.node, 0, ci, pcr10, False, False, False, report.findings)
         failed = store.add_quote(row.node, now, False, position, summary.to_dict(), message, signature)
-        _keep(store, cfg, row.node, now, failed, False, message, signature, pcrs_raw, nonce, head)
+        _keep(store, cfg, row.node, now, failed, False, message, signature, pcrs_raw, nonce, head, bindings)
         store.add_findings(row.node, now, [f.to_dict() for f in report.errors])
-        return QuoteChecked(False, summary, tuple(report.findings))
+        return QuoteChecked(False, replace(summary, quote_id=failed), tuple(report.findings))
     assert pcr10 is not None  # noqa: S101 (report.ok: PCR 10 was read)
     new_epoch = rebooted(state, ci)
     if new_epoch:  # the first verified quote of a new boot: the IMA replay starts again (tmb.ingest.epochs)
@@ -112,9 +124,9 @@ def check_quote(
     boot_ok = _boot(cfg, eventlog, quoted, matched, state, report)
     required_missing(cfg.policy, state, report)
     verity_ok = evaluate_verity(cfg.policy, state, report)
-    promoted = state.promote_bindings()  # bindings posted before this quote count from it on
-    if promoted:
-        store.add_findings(row.node, now, [f.to_dict() for f in promoted])
+    taken = _bindings(cfg, store, row.node, state, bindings, report)  # the covered document, if any
+    if taken:
+        store.add_findings(row.node, now, [f.to_dict() for f in taken])
     sticky, binding = list(state.sticky), list(state.bindings)
     policy_ok = (
         matched
@@ -124,7 +136,9 @@ def check_quote(
     all_findings = _dedup(list(report.findings) + sticky + binding)
     state.clock = ClockInfo(ci.clock, ci.reset_count, ci.restart_count, ci.safe)
     quote_id = store.add_quote(row.node, now, True, position, {}, message, signature)
-    digest = _keep(store, cfg, row.node, now, quote_id, True, message, signature, pcrs_raw, nonce, head)
+    digest = _keep(
+        store, cfg, row.node, now, quote_id, True, message, signature, pcrs_raw, nonce, head, bindings
+    )
     summary = _summary(cfg, row.node, quote_id, ci, pcr10, matched, policy_ok, verity_ok, all_findings)
     signed = {  # the values the signature covers (an auditor recomputes pcrDigest from them)
         tpm2.alg_name(a): {str(i): v.hex() for a2, i in selected if a2 == a and (v := pcrs.get(a, i))}
@@ -160,11 +174,14 @@ def _keep(
     pcrs_raw: bytes,
     nonce: bytes,
     head: Head,
+    bindings: bytes | None = None,
 ) -> bytes:
-    """The quote as the TPM produced it, in the evidence trail, with the policy it was checked against;
-    returns its digest (SHA-256 of the TPMS_ATTEST, the bytes the signature covers)."""
+    """The quote as the TPM produced it, in the evidence trail, with the policy it was checked against and
+    the bindings document it covers (``bindings``: its digest, hex; absent when it covers none); returns its
+    digest (SHA-256 of the TPMS_ATTEST, the bytes the signature covers)."""
     sig = store.put_blob("quote.signature", signature)
     pcrs = store.put_blob("quote.pcrs", pcrs_raw)
+    extra = {"bindings": bindings.hex()} if bindings is not None else {}
     return store.keep(
         node,
         "quote",
@@ -177,7 +194,56 @@ def _keep(
         nonce=nonce.hex(),
         head=head.to_wire(),
         policy=cfg.policy_ref,
+        **extra,
     )
+
+
+def _bindings(
+    cfg: QuoteCheck,
+    store: IngestBackend,
+    node: str,
+    state: NodeState,
+    covered: bytes | None,
+    report: Report,
+) -> list[Finding]:
+    """At a verified quote, after its IMA replay: the process bindings document the quote covers
+    (``covered``, its digest) is checked against the state the quote verified and takes effect; a pending
+    document it does not cover never does (``binding.unquoted``); a covered document the node never posted
+    is ``binding.missing`` and stays in effect as that error until a covered document replaces it. Without
+    ``covered`` and nothing pending, the document in effect stays. Returns the findings newly in effect."""
+    pending, state.bindings_pending = state.bindings_pending, None
+    if pending is not None and (covered is None or pending != covered.hex()):
+        report.add(
+            "binding.unquoted",
+            "process bindings were posted that the next verified quote does not cover: never in effect "
+            "(a probe that posts bindings after its quote is older than the daemon: upgrade it)",
+            sha256=pending,
+            covered=covered.hex() if covered is not None else None,
+        )
+    if covered is None:
+        return []
+    state.bindings_sha256 = covered.hex()
+    record = store.last_record(node, "bindings", digest=covered)
+    raw = store.blob(covered) if record is not None else None
+    processes: Any = None
+    if raw is not None:
+        try:
+            doc = json.loads(raw)
+            processes = doc.get("processes") if isinstance(doc, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            processes = None
+    local = Report()
+    if not isinstance(processes, list):
+        local.add(
+            "binding.missing",
+            "the quote covers a process bindings document the daemon does not hold",
+            sha256=covered.hex(),
+        )
+    else:
+        check_bindings(cfg.policy, state, processes, cfg.model_patterns, local)
+    report.extend(local.findings)
+    state.bindings = local.errors
+    return local.errors
 
 
 def _summary(

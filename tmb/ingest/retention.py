@@ -19,12 +19,14 @@ nonce log entries   issued before the cutoff and not consumed by a quote whose r
 IMA segments        received before the cutoff and before the start (offset 0) of the IMA log in force
                     at the first kept quote (the replay of every kept quote starts there)
 event logs, AKs,    received before the cutoff and older than the node's record of that kind in force at
-EK records          the first kept quote
+EK records,         the first kept quote
+bindings records
 findings            received before the cutoff
 blobs               of a deleted record, when no record is left that names it by its ``digest``, and only
                     blobs of the kinds records name that way (``ima``, ``eventlog``, ``quote``, ``ak``,
-                    ``ek``): blobs a record names from its ``meta`` (quote signatures and PCR values, EK
-                    certificates, policies, their files and commitments) are kept, and a blob put with
+                    ``ek``): blobs a record names from its ``meta`` (quote signatures and PCR values, the
+                    bindings documents quotes cover, EK certificates, policies, their files and
+                    commitments) are kept, and a blob put with
                     such a kind keeps it whoever else sent the same bytes (:meth:`Trail.put_blob`)
 ==================  =================================================================================
 
@@ -161,7 +163,7 @@ def _prune_node(rows: Rows, lock: Lock, node: str, cutoff_ns: int, budget: int) 
                 (node, int(start[0][0]), cutoff_ns),
                 budget - used,
             )
-        for kind in ("eventlog", "ak", "ek"):
+        for kind in ("eventlog", "ak", "ek", "bindings"):
             if used >= budget:
                 return used
             current = rows(

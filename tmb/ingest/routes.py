@@ -88,6 +88,7 @@ STATUS: Mapping[str, int] = {  # the refusing finding's id -> HTTP status ("fami
     "ingest.too_large": 413,
     "ima.pending_too_large": 413,
     "eventlog.too_large": 413,
+    "binding.too_large": 413,
     "eventlog.malformed": 422,
     "eventlog.truncated": 422,
     "quote.*": 422,

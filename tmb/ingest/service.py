@@ -24,6 +24,7 @@ ima.delta_gap               an IMA delta starting past the bytes received so far
 ima.delta_conflict          an IMA delta that rewrites bytes already received
 ima.pending_too_large       more unquoted IMA bytes than the daemon holds for a node
 eventlog.too_large          an event log larger than 4 MiB
+binding.too_large           a bindings document of more than 4096 processes or 4 MiB (canonical JSON)
 eventlog.malformed          an event log some event of which does not parse (not stored)
 eventlog.truncated          an event log that ends inside an event (not stored)
 quote.*                     the quote's signature, nonce, PCR digest or clock failed
@@ -41,8 +42,8 @@ Identity (:mod:`tmb.ingest.identity`): :meth:`Ingest.enroll` / :meth:`Ingest.act
 EK and AK and set its evidence key; :meth:`Ingest.authenticate` checks an evidence request's HMAC before any
 of the above runs (the routes call it). Epochs and silence: the first verified quote of a new boot restarts
 the IMA replay (:mod:`tmb.ingest.epochs`); :meth:`Ingest.check_stale` finds nodes without a verified quote
-for ``stale_after_s``. Events (``node.rebooted``, ``node.rekeyed``, ``node.stale``, ``node.unattested``) go
-to the ``events`` sink (:mod:`tmb.events`).
+for ``stale_after_s``. Events (``node.rebooted``, ``node.rekeyed``, ``node.stale``, ``node.unattested``,
+``node.attested``) go to the ``events`` sink (:mod:`tmb.events`).
 
 Concurrency: the checks run in worker threads (:meth:`Ingest.submit`), one request of a node at a time in
 arrival order (a per-node :class:`asyncio.Lock`), the database behind one lock. A request that changes a
@@ -85,7 +86,7 @@ from tmb.ingest.results import AttestedWindow, IngestResult, refused, taken
 from tmb.ingest.store import IngestBackend, IngestStore, NodeRow
 from tmb.ingest.wakeup import Wakeups
 from tmb.ingest.window import Windows
-from tmb.ingest.wire import MAX_EVENTLOG_BYTES, Head, TelemetryBatch
+from tmb.ingest.wire import MAX_BINDINGS_BYTES, MAX_EVENTLOG_BYTES, Head, TelemetryBatch, bindings_bytes
 
 if TYPE_CHECKING:
     from tmb.ingest.export import NonceSigner
@@ -95,6 +96,7 @@ __all__ = ["Ingest"]
 MAX_IMA_PENDING = 64 * 1024 * 1024
 MAX_BATCHES_PER_REQUEST = 1024
 PRUNE_SLICE = 1000  # rows one retention pass deletes at most (one transaction; the ingest waits that long)
+MAX_BINDING_PROCESSES = 4096  # processes of one bindings document
 RECHECK_S = 2.0  # shared store: longest sleep of a waiter between looks (a lost NOTIFY only delays)
 UNATTESTED = "unattested"  # the identity record of a node a verified quote turned unattested (_judge)
 
@@ -108,6 +110,11 @@ def _b64(value: Any, name: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ParseError(f"{name} is not valid base64", field=name) from None
+
+
+def _told(record: Mapping[str, Any] | None) -> bool:
+    """Whether the node's ``unattested`` record says ``node.unattested`` was raised (not just a reboot)."""
+    return record is not None and not record.get("rebooted")
 
 
 class _NonceTaken(Exception):
@@ -481,13 +488,15 @@ class Ingest:
 
     def add_quote(self, node: str, doc: Any) -> IngestResult:
         """``{"message", "signature": base64, "pcrs": {bank: {idx: hex}}, "nonce": hex, "head": {...},
-        "ak_name": hex (optional)}``."""
-        unattested = None
+        "ak_name": hex (optional), "bindings": hex (optional)}``: ``bindings``, the digest of the process
+        bindings document the quote covers (in its qualifying data, :func:`~tmb.ingest.wire.
+        qualifying_data`); a quote without it covers none."""
+        judged = None
         with self._db:
             try:
                 with self.store.transaction():
                     result = self._add_quote(node, doc)
-                    unattested = self._judge(node, result)
+                    judged = self._judge(node, result)
             except ParseError as exc:  # found by the quote's checks: nothing of it is kept
                 result = self._malformed(node, exc)
             except _NonceTaken:
@@ -499,30 +508,62 @@ class Ingest:
             self.events(
                 Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
             )
-        if unattested is not None:
-            self.events(Event("node.unattested", node, self.clock_ns(), unattested))
+        if judged is not None:
+            self.events(judged)
         return result
 
-    def _judge(self, node: str, result: IngestResult) -> dict[str, Any] | None:
+    def _judge(self, node: str, result: IngestResult) -> Event | None:
         """In the quote's transaction, the node's row locked (:meth:`_add_quote` took it; daemons sharing
-        the store judge a node's quotes in turn): the ``node.unattested`` event's data when this verified
-        quote turns the node unattested, else None. Whether it is unattested is a record (kind
-        ``unattested``) that the quote turning it sets and the next ``ok`` one clears: a quote refused
-        for failing verification judges nothing (it cannot hide the next failure), nor does the first
-        quote of a new boot, which comes before the new boot's IMA log (:mod:`tmb.ingest.epochs`)."""
-        if not result.accepted or "ok" not in result.data:
-            return None
+        the store judge a node's quotes in turn): the event this quote raises, if any. Whether the node is
+        unattested is a record (kind ``unattested``) that the quote turning it sets and the next ``ok``
+        one clears, so each transition is raised once (not per quote, not again after a restart, not by
+        another daemon on the store):
+
+        * ``node.unattested``: a verified quote whose summary is not ``ok``, or a quote refused for
+          failing verification (a ``quote.*`` refusal: signature, nonce, PCR digest, clock), when the node
+          was not already unattested. The first quote of a new boot, which comes before the new boot's IMA
+          log (:mod:`tmb.ingest.epochs`), raises nothing: it records the node as rebooted (unattested, not
+          told), so a failure of the quotes after it is still raised;
+        * ``node.attested``: an ``ok`` quote when the node was unattested, rebooted, or stale (the
+          ``stale`` record :meth:`check_stale` keeps, marked ``attested_quote`` so it is raised once per
+          stale episode)."""
+        now = self.clock_ns()
         record = self.store.identity(node, UNATTESTED)
-        if result.data["ok"]:
-            if record is not None:
-                self.store.set_identity(node, UNATTESTED, None, self.clock_ns())
+        quote_id = result.data.get("quote_id")
+        if not result.accepted:
+            refusal = result.refusal
+            if refusal is None or not refusal.id.startswith("quote.") or _told(record):
+                return None
+            why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
+            data: dict[str, Any] = {"quote_id": quote_id, "why": why, "refused": True}
+            self.store.set_identity(node, UNATTESTED, data, now)
+            return Event("node.unattested", node, now, data)
+        if "ok" not in result.data:
             return None
-        if record is not None or result.data.get("rebooted"):
+        if result.data["ok"]:
+            after = None
+            if record is not None:
+                self.store.set_identity(node, UNATTESTED, None, now)
+                after = "rebooted" if record.get("rebooted") else "unattested"
+            stale = self.store.identity(node, "stale")
+            if stale is not None and "attested_quote" not in stale:
+                self.store.set_identity(node, "stale", {**stale, "attested_quote": quote_id}, now)
+                after = after or "stale"
+            if after is None and result.data.get("rebooted"):  # a new boot attesting at its first quote
+                after = "rebooted"
+            if after is None:
+                return None
+            return Event("node.attested", node, now, {"quote_id": quote_id, "after": after})
+        if result.data.get("rebooted"):
+            if record is None:
+                self.store.set_identity(node, UNATTESTED, {"quote_id": quote_id, "rebooted": True}, now)
+            return None
+        if _told(record):
             return None
         why = [f.id for f in result.findings if f.severity is Severity.ERROR][:8]
-        data = {"quote_id": result.data.get("quote_id"), "why": why}
-        self.store.set_identity(node, UNATTESTED, data, self.clock_ns())
-        return data
+        data = {"quote_id": quote_id, "why": why}
+        self.store.set_identity(node, UNATTESTED, data, now)
+        return Event("node.unattested", node, now, data)
 
     def _add_quote(self, node: str, doc: Any) -> IngestResult:
         """In the caller's transaction, the node's row locked."""
@@ -541,6 +582,10 @@ class Ingest:
             if len(nonce) != 32:
                 raise ParseError("nonce must be 32 bytes of hex", field="nonce")
             ak_name = doc.get("ak_name")
+            bindings_hex = doc.get("bindings")  # absent or null: the quote covers no bindings document
+            bindings = bytes.fromhex(bindings_hex) if isinstance(bindings_hex, str) else None
+            if bindings_hex is not None and (bindings is None or len(bindings) != 32):
+                raise ParseError("bindings must be null or a SHA-256 of 32 bytes of hex", field="bindings")
         except (ParseError, ValueError) as exc:
             return self._malformed(node, exc if isinstance(exc, ParseError) else ParseError(str(exc)))
         ak = self._ak(row)
@@ -572,12 +617,14 @@ class Ingest:
                 **head.to_wire(),
             )
             return self._refused(node, f)
-        cfg = QuoteCheck(self.policy, self.pcr_bank, self.require_eventlog, self.policy_ref)
+        cfg = QuoteCheck(
+            self.policy, self.pcr_bank, self.require_eventlog, self.policy_ref, self.model_patterns
+        )
         eventlog = self._parsed_eventlog(node)
         now = self.clock_ns()
         pcrs_raw = json.dumps(doc.get("pcrs"), sort_keys=True, separators=(",", ":")).encode()
         checked = check_quote(
-            cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, now, pcrs_raw
+            cfg, self.store, row, ak, eventlog, message, signature, pcrs, nonce, head, now, pcrs_raw, bindings
         )
         if checked.verified and not self.store.consume_nonce(
             node, nonce, now, hashlib.sha256(message).digest()
@@ -586,7 +633,8 @@ class Ingest:
         if not checked.verified:
             refusal = next(f for f in checked.findings if f.severity is Severity.ERROR)
             why = "the quote failed verification"
-            return refused(refusal, checked.findings, self._extra(node), message=why)
+            data = {"quote_id": checked.summary.quote_id, **self._extra(node)}
+            return refused(refusal, checked.findings, data, message=why)
         self._quote_wanted.discard(node)
         summary = checked.summary
         data = {
@@ -603,20 +651,49 @@ class Ingest:
     # ----------------------------------------------------------------------------------------- bindings
 
     def add_bindings(self, node: str, doc: Any) -> IngestResult:
-        """``{"t_ns": int, "processes": [binding...]}``: checked against the last verified quote's state, in
-        effect (the quote summaries' and the stored findings) only from the next verified quote on: a post
-        no quote followed changes no verdict."""
+        """``{"t_ns": int, "processes": [binding...]}``: kept in the evidence trail as its canonical bytes
+        (:func:`~tmb.ingest.wire.bindings_bytes`), pending until a verified quote covers its digest (the
+        quote's ``bindings``): only then is it checked, against the state that quote verified, and in effect
+        (the quote summaries' and the stored findings). A pending document the next verified quote does not
+        cover never takes effect (``binding.unquoted``). The answer's findings are those of the document
+        against the last verified quote's state: what the probe may expect, nothing a verdict reads."""
         with self._db, self.store.transaction():
             row = self._known(node, lock=True)
             if not isinstance(row, NodeRow):
                 return row
             if not isinstance(doc, Mapping) or not isinstance(doc.get("processes"), list):
                 return self._malformed(node, ParseError('expected {"t_ns": int, "processes": [...]}'))
+            if len(doc["processes"]) > MAX_BINDING_PROCESSES:
+                f = _err(
+                    "binding.too_large",
+                    f"a bindings document names at most {MAX_BINDING_PROCESSES} processes",
+                    limit=MAX_BINDING_PROCESSES,
+                )
+                return self._refused(node, f)
+            try:
+                raw = bindings_bytes(doc)
+            except ValueError as exc:
+                return self._malformed(node, ParseError(f"the bindings document is not plain JSON: {exc}"))
+            if len(raw) > MAX_BINDINGS_BYTES:
+                f = _err(
+                    "binding.too_large",
+                    "the bindings document is larger than the daemon keeps",
+                    limit=MAX_BINDINGS_BYTES,
+                    size=len(raw),
+                )
+                return self._refused(node, f)
             report = Report()
             check_bindings(self.policy, row.state, doc["processes"], self.model_patterns, report)
-            row.state.bindings_pending = report.errors  # in effect from the next verified quote on
+            digest = self.store.keep(node, "bindings", self.clock_ns(), raw, processes=len(doc["processes"]))
+            row.state.bindings_pending = digest.hex()  # in effect once a verified quote covers it
             self.store.set_state(node, row.state)
-            return self._taken(node, report.findings, processes=len(doc["processes"]), effective="next_quote")
+            return self._taken(
+                node,
+                report.findings,
+                processes=len(doc["processes"]),
+                sha256=digest.hex(),
+                effective="covering_quote",
+            )
 
     # ----------------------------------------------------------------------------------------- queries
 

@@ -10,8 +10,12 @@ ones the ingest has always written, so databases written before the state was ty
 ``dm``          the dm ``ima-buf`` entries quoted so far (num, offset, size, pcr, template hash, data)
 ``sticky``      policy errors: once a disallowed file ran, the node stays tainted until its PCRs reset
 ``verity``      per satisfied verity rule, the activated device (root, ``major:minor``, data device, entry)
-``bindings``    the error findings of the last process bindings a verified quote followed
-``bindings_pending``  those of bindings posted since the last verified quote (in effect from the next one)
+``bindings``    the error findings of the process bindings document in effect (the last one a verified
+                quote covered, checked at that quote)
+``bindings_sha256``   that document's digest (hex; its canonical bytes are in the evidence trail)
+``bindings_pending``  the digest (hex) of the document posted since the last verified quote: in effect only
+                if the next verified quote covers it (else ``binding.unquoted``). A list here (the
+                findings of a post, as daemons before quoted bindings wrote it) is read as none pending
 ``clock``       the TPM clock of the last verified quote (a later quote must not go back)
 ``ima_first``   IMA's first entry (``boot_aggregate``) once a verified quote covered it
 ``ima_entries`` how many IMA entries verified quotes have covered
@@ -88,19 +92,12 @@ class NodeState:
     sticky: list[Finding] = field(default_factory=list)
     verity: dict[str, VerityDevice] = field(default_factory=dict)
     bindings: list[Finding] = field(default_factory=list)
-    bindings_pending: list[Finding] | None = None  # posted, not yet followed by a verified quote
+    bindings_sha256: str | None = None  # the document in effect (hex), None: none covered yet
+    bindings_pending: str | None = None  # posted, not yet covered by a verified quote (hex digest)
     clock: ClockInfo | None = None
     ima_first: ImaEntry | None = None
     ima_entries: int = 0
     epoch: dict[str, Any] | None = None  # {"reset_count", "started_ns", "segment": hex} (tmb.ingest.epochs)
-
-    def promote_bindings(self) -> list[Finding] | None:
-        """At a verified quote: the bindings posted before it take effect (their findings, or None when
-        none were posted since the last quote)."""
-        pending, self.bindings_pending = self.bindings_pending, None
-        if pending is not None:
-            self.bindings = pending
-        return pending
 
     def hole_before(self, segment: bytes, expected: int, seq: int) -> bool:
         return any(h.covers(segment, expected, seq) for h in self.holes)
@@ -123,7 +120,9 @@ class NodeState:
         if self.epoch is not None:
             doc["epoch"] = self.epoch
         if self.bindings_pending is not None:
-            doc["bindings_pending"] = [f.to_dict() for f in self.bindings_pending]
+            doc["bindings_pending"] = self.bindings_pending
+        if self.bindings_sha256 is not None:
+            doc["bindings_sha256"] = self.bindings_sha256
         if self.clock is not None:
             c = self.clock
             doc["clock"] = {
@@ -162,16 +161,17 @@ class NodeState:
                 for rule, v in doc.get("verity", {}).items()
             },
             bindings=[finding_from_dict(f) for f in doc.get("bindings", [])],
-            bindings_pending=(
-                [finding_from_dict(f) for f in doc["bindings_pending"]]
-                if isinstance(doc.get("bindings_pending"), list)
-                else None
-            ),
+            bindings_sha256=_hex_or_none(doc.get("bindings_sha256")),
+            bindings_pending=_hex_or_none(doc.get("bindings_pending")),
             clock=ClockInfo(**clock) if isinstance(clock, dict) else None,
             ima_first=_entry(doc.get("ima_first")),
             ima_entries=int(doc.get("ima_entries", 0)),
             epoch=dict(doc["epoch"]) if isinstance(doc.get("epoch"), dict) else None,
         )
+
+
+def _hex_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _entry(doc: Any) -> ImaEntry | None:

@@ -4,15 +4,18 @@
 
 =====================  ======================================================================================
 ``ingest_blobs``        content-addressed bytes: ``digest`` = SHA-256(``data``), ``kind`` (``ak``, ``ima``,
-                        ``eventlog``, ``quote`` (the TPMS_ATTEST), ``quote.signature``, ``quote.pcrs``,
-                        ``ek`` (the EK's TPM2B_PUBLIC), ``ek.cert`` (DER), ``policy``, ``policy.file``,
-                        ``commitment``); pruned by :mod:`tmb.ingest.retention`
+                        ``eventlog``, ``bindings`` (canonical JSON), ``quote`` (the TPMS_ATTEST),
+                        ``quote.signature``, ``quote.pcrs``, ``ek`` (the EK's TPM2B_PUBLIC), ``ek.cert``
+                        (DER), ``policy``, ``policy.file``, ``commitment``); pruned by
+                        :mod:`tmb.ingest.retention`
 ``ingest_records``      per node, append-only (old ones pruned), in arrival order: ``kind`` (``ak``,
-                        ``ima``, ``eventlog``, ``quote``, ``ek``; node ``""``: ``policy``), ``received_ns``,
-                        ``digest`` (the blob), ``ref`` (IMA: the segment's byte offset in the node's log;
-                        quote: its ``ingest_quotes`` id) and ``meta`` (JSON; ``ek``: the certificates'
-                        digests and the identity decision, :func:`tmb.ingest.identity.activate`;
-                        ``policy``: the commitments' and referenced files' digests)
+                        ``ima``, ``eventlog``, ``bindings``, ``quote``, ``ek``; node ``""``: ``policy``),
+                        ``received_ns``, ``digest`` (the blob), ``ref`` (IMA: the segment's byte offset in
+                        the node's log; quote: its ``ingest_quotes`` id) and ``meta`` (JSON; ``quote``:
+                        ``bindings``, the digest of the bindings document it covers; ``ek``: the
+                        certificates' digests and the identity decision,
+                        :func:`tmb.ingest.identity.activate`; ``policy``: the commitments' and referenced
+                        files' digests)
 ``ingest_nonces``       every nonce the daemon issued: ``node``, ``nonce``, ``issued_ns``, and once a quote
                         whose signature verified used it, ``consumed_ns`` and ``quote_digest`` (SHA-256 of
                         that quote's TPMS_ATTEST)

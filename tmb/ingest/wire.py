@@ -16,7 +16,10 @@ A *segment* is one run of the probe (a fresh random 16-byte id per start). Its f
 *genesis*) carries an empty sample batch and ``prev`` = the last head the probe persisted before it stopped
 (all zeros on a node's very first start), so consecutive segments link. Every later batch has
 ``prev`` = the digest of batch ``seq - 1``. A quote's qualifying data is ``SHA-256(nonce ‖ head digest)``
-(:func:`qualifying_data`), which covers the head and, through the chain, every batch before it.
+(:func:`qualifying_data`), which covers the head and, through the chain, every batch before it; a quote
+that names a process bindings document (``"bindings": hex`` in the quote) covers it too:
+``SHA-256(nonce ‖ head digest ‖ SHA-256(bindings_bytes(document)))`` (:func:`bindings_bytes`, the
+canonical JSON; the probe posts the document before the quote).
 
 Wire form (JSON, :meth:`TelemetryBatch.to_wire`): ``{"node", "segment": hex, "seq", "prev": hex,
 "payload": base64, "digest": hex}``.
@@ -30,12 +33,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tmb.attest.trail import CHAIN_DOMAIN, batch_digest, qualifying_data
+from tmb.attest.trail import (
+    CHAIN_DOMAIN,
+    MAX_BINDINGS_BYTES,
+    batch_digest,
+    bindings_bytes,
+    qualifying_data,
+)
 from tmb.errors import ParseError
 from tmb.telemetry.sample import SampleBatch
 
 __all__ = [
     "DOMAIN",
+    "MAX_BINDINGS_BYTES",
     "MAX_EVENTLOG_BYTES",
     "MAX_NODE_LEN",
     "SEGMENT_LEN",
@@ -43,6 +53,7 @@ __all__ = [
     "Head",
     "TelemetryBatch",
     "batch_digest",
+    "bindings_bytes",
     "qualifying_data",
 ]
 
