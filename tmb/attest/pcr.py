@@ -21,6 +21,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import io
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,30 @@ from tmb.errors import InputError, ParseError, Report, Severity
 BANK_SIZES: dict[str, int] = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 MODES = ("per-bank", "padded-sha1")
 IMA_PCR = 10
+
+
+# The C hot loop of the binary replay (tmb/attest/_imafast.c, its signature in _imafast.pyi).
+_HotBinary = Callable[
+    [bytes, int, int, int, tuple[bytes, ...], bytes, bytes, str | None, bool, bytes, bytes],
+    tuple[int, int, bytes, bytes, bool],
+]
+
+
+def _load_native() -> tuple[_HotBinary, int] | None:
+    """The C loop and the most template tags it takes, unless ``TMB_IMA_NATIVE=0`` or it did not build
+    (no compiler or headers at install time): then the Python loop runs, with the same results."""
+    if os.environ.get("TMB_IMA_NATIVE", "").strip() == "0":
+        return None
+    try:
+        from tmb.attest import _imafast
+    except ImportError:
+        return None
+    return _imafast.hot_binary, _imafast.MAX_TAGS
+
+
+_native = _load_native()
+#: Which hot loop the binary replay runs: True = the C extension, False = the Python loop.
+NATIVE: bool = _native is not None
 
 
 def check_bank(bank: str) -> str:
@@ -334,11 +359,21 @@ class _Replayer:
         unpack, hlen = head.unpack_from, head.size
         buf, base, pos, size, eof = b"", offset, 0, 0, False
         num = synced = self.index
+        # The C loop (shapes 1 and 2) takes the same records as the Python loops below: the templates of
+        # ``tags`` with the expected tag's name length (``hot``, the expected tag first).
+        native = _native[0] if NATIVE and _native is not None and 0 <= pcr_index < 1 << 32 else None
+        bank2 = self.slots[1][1] if shape == 2 else None
+        hot: tuple[bytes, ...] = ()
         while True:
             # Past MAX_TEMPLATE_DATA bytes of buffer the parser's length limit could matter: no hot loop.
             limit = size - hlen if size <= _ima.MAX_TEMPLATE_DATA else -1
             hit = False  # stopped after an entry that may meet the quoted values
-            if shape == 1:  # the SHA-1 bank alone: its own loop, the commonest layout
+            if native is not None and shape:
+                pos, taken, v1, v2, hit = native(
+                    buf, pos, limit, pcr_index, hot, v1, v2, bank2, per_bank, t1, t2
+                )
+                num += taken
+            elif shape == 1:  # the SHA-1 bank alone: its own loop, the commonest layout
                 while pos <= limit:
                     pcr, th, name, dlen = unpack(buf, pos)
                     start = pos + hlen
@@ -395,6 +430,7 @@ class _Replayer:
                 if name != tag and name in tags:  # a template seen before, another name length
                     tag, head = name, tags[name]
                     unpack, hlen = head.unpack_from, head.size
+                    hot = _hot_tags(tag, tags)
                     continue
             try:
                 entry, end = parse_record(buf, pos, base, num, names)
@@ -411,6 +447,7 @@ class _Replayer:
             name = buf[pos + 24 : pos + 28 + len(entry.template_name)]
             if name not in tags and entry.template_name != "ima":  # validated by the parser: may be hot
                 tags[name] = _head(len(entry.template_name))
+                hot = _hot_tags(tag, tags)
             pending = self.pending
             self._cold(entry, vals, shape, h2, per_bank, pad)
             num = synced = num + 1
@@ -582,6 +619,15 @@ class _Replayer:
 
 # The u32 length of a path field (path + NUL) for paths up to PATH_MAX, as the ascii hot loop builds them.
 _PATH_LENS = [_U32.pack(n + 1) for n in range(4096)]
+
+
+def _hot_tags(tag: bytes, tags: Mapping[bytes, object]) -> tuple[bytes, ...]:
+    """The template tags the C loop takes: ``tag`` first, then the others of its length (as many as it
+    takes; a record of any other is left to the general path, as the Python loop may leave it)."""
+    if not tag or _native is None:
+        return ()
+    same = [t for t in tags if len(t) == len(tag) and t != tag]
+    return (tag, *same)[: _native[1]]
 
 
 def _span(lines: list[bytes], start: int, stop: int, nl: int) -> int:
