@@ -409,3 +409,33 @@ def test_random_buffers_never_read_past_the_end(buf: bytes, pos: int, limit: int
             data, pos, limit, 10, (tag,), bytes(20), bytes(32), "sha256", True, b"", b""
         )
         assert pos <= end <= len(data) and len(v1) == 20 and len(v2) == 32 and (n == 0) == (end == pos)
+
+
+_REFUSE_EXTENSION = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class Refuse(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tmb.attest._imafast":
+            raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, Refuse())
+from tmb.attest import pcr
+r = pcr.replay_file(sys.argv[1], banks=["sha1", "sha256"], mode="per-bank")
+print(pcr.NATIVE, r.entries, r.state.value("sha1").hex(), r.state.value("sha256").hex(), r.report.ids())
+"""
+
+
+def test_an_install_without_the_extension_replays_with_python(tmp_path: Path) -> None:
+    """Where the extension did not build (no compiler): no error, the Python loop, the same values."""
+    log = tmp_path / "log"
+    log.write_bytes(_mixed(40))
+    out = subprocess.run(
+        [sys.executable, "-c", _REFUSE_EXTENSION, str(log)], capture_output=True, text=True, check=True
+    )
+    r = replay_file(log, banks=["sha1", "sha256"], mode="per-bank")
+    want = [False, r.entries, r.state.value("sha1").hex(), r.state.value("sha256").hex(), r.report.ids()]
+    assert out.stdout.split(" ", 4) == [str(v) for v in want[:4]] + [f"{want[4]}\n"]
+    assert out.stderr == ""
