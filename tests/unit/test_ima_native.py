@@ -1,6 +1,7 @@
-"""The binary replay's hot loop in C (tmb/attest/_imafast.c) against its Python twin (what runs with
-``TMB_IMA_NATIVE=0`` or without the extension): the same logs give the same ``ReplayResult`` -- state,
-matched state, mode, entry count, every finding -- on generated, real, damaged and incremental logs.
+"""The replay's hot loops in C (tmb/attest/_imafast.c) against their Python twins (what runs with
+``TMB_IMA_NATIVE=0`` or without the extension): the same logs, binary and ascii, give the same
+``ReplayResult`` -- state, matched state, mode, entry count, every finding -- on generated, real, damaged
+and incremental logs.
 Also: CI fails when the extension did not build, and bad arguments to the C function raise."""
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def _same(
     pcr_index: int = 10,
     chunk: int | None = None,
     tmp: Path | None = None,
+    fmt: str | None = None,
 ) -> ReplayResult:
     """Replay ``data`` (the log bytes after ``state.offset``; or, with ``tmp``, the whole log as a file)
-    with the C loop and with the Python loop; assert the outcomes are identical."""
+    with the C loop and with the Python loop; assert the outcomes are identical. ``fmt``: the format
+    (binary or ascii) when no state says it, else read from the bytes."""
     kw: dict[str, Any] = {"banks": banks, "mode": mode, "expected": expected, "pcr_index": pcr_index}
     outcomes = []
     for native in (True, False):
@@ -108,7 +111,7 @@ def _same(
                     tmp.write_bytes(data)
                     r: Any = replay_file(tmp, state=state, **kw)
                 else:
-                    r = replay_delta(data, state=state or ReplayState(fmt="binary"), **kw)
+                    r = replay_delta(data, state=state or ReplayState(fmt=fmt), **kw)
             except Exception as exc:  # both must refuse alike
                 r = (type(exc), str(exc))
         outcomes.append(r)
@@ -126,11 +129,15 @@ def _record(pcr_index: int, th: bytes, name: bytes, data: bytes) -> bytes:
     return struct.pack("<I20sI", pcr_index, th, len(name)) + name + struct.pack("<I", len(data)) + data
 
 
-def _mixed(n: int, *, sha256_mode: str = "per-bank", seed: int = 0) -> bytes:
+def _mixed(n: int, *, sha256_mode: str = "per-bank", seed: int = 0, fmt: str = "binary") -> bytes:
     """ima-ng mostly, then ima-sig and ima-buf (one name length: both hot once seen), the legacy
     template, violations, PCR 11 entries."""
     out = io.BytesIO()
-    b = LogBuilder(out, sha256_mode=sha256_mode)
+    b = (
+        LogBuilder(out, sha256_mode=sha256_mode)
+        if fmt == "binary"
+        else LogBuilder(None, out, sha256_mode=sha256_mode)
+    )
     b.add("ima-ng", "boot_aggregate", digest=bytes(32))
     for i in range(n):
         k = (i * 7 + seed) % 23
@@ -163,9 +170,7 @@ def _ends(data: bytes) -> list[int]:
 def _values_after(data: bytes, entries: int, banks: tuple[str, ...], mode: str) -> dict[str, bytes]:
     """The PCR 10 values after the first ``entries`` entries (the general path, on the cut log)."""
     cut = _ends(data)[entries - 1]
-    r = replay_delta(
-        data[:cut], state=ReplayState(fmt="binary"), banks=banks, mode=mode, on_entry=lambda e: None
-    )
+    r = replay_delta(data[:cut], state=ReplayState(), banks=banks, mode=mode, on_entry=lambda e: None)
     return {b: r.state.value(b) for b in banks}
 
 
@@ -173,10 +178,11 @@ def _values_after(data: bytes, entries: int, banks: tuple[str, ...], mode: str) 
 
 
 @native_only
+@pytest.mark.parametrize("fmt", ["binary", "ascii"])
 @pytest.mark.parametrize(("banks", "mode"), LAYOUTS)
-def test_generated_logs_agree_with_quotes_met_anywhere(banks: tuple[str, ...], mode: str) -> None:
+def test_generated_logs_agree_with_quotes_met_anywhere(banks: tuple[str, ...], mode: str, fmt: str) -> None:
     sha256_mode = "padded-sha1" if mode == "padded-sha1" else "per-bank"
-    data = _mixed(120, sha256_mode=sha256_mode)
+    data = _mixed(120, sha256_mode=sha256_mode, fmt=fmt)
     full = _same(data, banks=banks, mode=mode)
     assert full.entries == 121 and full.report.ids().count("ima.violation") > 0
     _same(data, banks=banks, mode=mode, pcr_index=11)
@@ -196,21 +202,22 @@ def test_generated_logs_agree_with_quotes_met_anywhere(banks: tuple[str, ...], m
 
 
 @native_only
-def test_damaged_logs_agree(tmp_path: Path) -> None:
-    data = _mixed(30)
+@pytest.mark.parametrize("fmt", ["binary", "ascii"])
+def test_damaged_logs_agree(fmt: str, tmp_path: Path) -> None:
+    data = _mixed(30, fmt=fmt)
     ends = _ends(data)
     # truncated anywhere (a trailing partial record), as a file and as a delta
     for cut in range(4, len(data) + 1, 7):
         _same(data[:cut], banks=("sha1", "sha256"))
     _same(data[: ends[9] + 30], banks=("sha1",), tmp=tmp_path / "log")
     # one byte changed anywhere: mismatched hashes, odd PCRs, lengths past the buffer, malformed records
-    for at in range(0, len(data), 5):
+    for at in range(ends[0], len(data), 5):  # the first entry intact: both read the log's format from it
         bad = bytearray(data)
         bad[at] ^= 0x41
         for banks, mode in LAYOUTS[:3]:
             _same(bytes(bad), banks=banks, mode=mode)
     # a record whose data length claims 4 GiB, and one past the parser's limit
-    for dlen in (0xFFFFFFFF, ima.MAX_TEMPLATE_DATA + 1):
+    for dlen in (0xFFFFFFFF, ima.MAX_TEMPLATE_DATA + 1) if fmt == "binary" else ():
         cut = data[: ends[5]] + struct.pack("<I20sI6sI", 10, bytes(20), 6, b"ima-ng", dlen) + b"x" * 50
         r = _same(cut, banks=("sha1", "sha256"))
         assert r.state.index == 6
@@ -238,8 +245,9 @@ def test_mismatched_hashes_violations_and_other_pcrs_are_handed_back() -> None:
 
 
 @native_only
-def test_incremental_replay_from_saved_states(tmp_path: Path) -> None:
-    data = _mixed(60, seed=5)
+@pytest.mark.parametrize("fmt", ["binary", "ascii"])
+def test_incremental_replay_from_saved_states(fmt: str, tmp_path: Path) -> None:
+    data = _mixed(60, seed=5, fmt=fmt)
     ends = _ends(data)
     final = _values_after(data, len(ends), ("sha1", "sha256"), "per-bank")
     for k in (1, 10, 33, len(ends)):
@@ -298,10 +306,11 @@ _SPEC = st.tuples(
 
 
 @native_only
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     specs=st.lists(_SPEC, max_size=25),
     layout=st.sampled_from(LAYOUTS),
+    fmt=st.sampled_from(["binary", "ascii"]),
     quote_at=st.integers(0, 25),
     flip=st.one_of(st.none(), st.tuples(st.integers(0, 4000), st.integers(1, 255))),
     chunk=st.sampled_from([None, 1, 29, 200]),
@@ -309,20 +318,21 @@ _SPEC = st.tuples(
 def test_fuzz_agrees(
     specs: list[tuple[str, int, bool, bytes]],
     layout: tuple[tuple[str, ...], str],
+    fmt: str,
     quote_at: int,
     flip: tuple[int, int] | None,
     chunk: int | None,
 ) -> None:
-    out = io.BytesIO()
-    b = LogBuilder(out)
+    binary, text = io.BytesIO(), io.BytesIO()
+    b = LogBuilder(binary, text)
     b.add("ima-ng", "boot_aggregate", digest=bytes(32))
     for i, (template, pcr_index, violation, blob) in enumerate(specs):
         digest = hashlib.sha256(blob + bytes([i])).digest()
         if template == "ima":
-            b.add("ima", f"/f{i}", digest=digest[:20], pcr=pcr_index, violation=violation)
+            b.add("ima", f"/f {i}", digest=digest[:20], pcr=pcr_index, violation=violation)
         else:
-            b.add(template, f"/f{i}", digest=digest, sig=blob, buf=blob, pcr=pcr_index, violation=violation)
-    data = out.getvalue()
+            b.add(template, f"/f {i}", digest=digest, sig=blob, buf=blob, pcr=pcr_index, violation=violation)
+    data = binary.getvalue() if fmt == "binary" else text.getvalue()
     banks, mode = layout
     fixed = mode if mode != "auto" else "per-bank"
     expected = _values_after(data, min(quote_at, len(specs)) + 1, banks, fixed)
@@ -330,7 +340,7 @@ def test_fuzz_agrees(
         bad = bytearray(data)
         bad[flip[0]] ^= flip[1]
         data = bytes(bad)
-    _same(data, banks=banks, mode=mode, expected=expected, chunk=chunk)
+    _same(data, banks=banks, mode=mode, expected=expected, chunk=chunk, fmt=fmt)
 
 
 # ------------------------------------------------------------------------- the C function, called badly
@@ -439,3 +449,130 @@ def test_an_install_without_the_extension_replays_with_python(tmp_path: Path) ->
     want = [False, r.entries, r.state.value("sha1").hex(), r.state.value("sha256").hex(), r.report.ids()]
     assert out.stdout.split(" ", 4) == [str(v) for v in want[:4]] + [f"{want[4]}\n"]
     assert out.stderr == ""
+
+
+@native_only
+@pytest.mark.parametrize("sha256_mode", ["per-bank", "padded-sha1"])
+def test_the_c_loops_take_the_common_entries(sha256_mode: str) -> None:
+    """Results alone cannot tell a C loop that refuses every record (the general path would give the
+    same results): on a clean log, each loop takes every entry and ends at the builder's PCR values."""
+    from tmb.attest import _imafast
+
+    binary, text = io.BytesIO(), io.BytesIO()
+    b = LogBuilder(binary, text, sha256_mode=sha256_mode)
+    b.add("ima-ng", "boot_aggregate", digest=bytes(32))
+    for i in range(30):
+        digest = hashlib.sha256(b"%d" % i).digest()
+        if i % 3 == 0:
+            b.add("ima-ng", f"/usr/bin/a b{i}", digest=digest)
+        elif i % 3 == 1:
+            b.add("ima-sig", f"/usr/bin/s{i}", digest=digest, sig=bytes(range(i)))
+        else:
+            b.add("ima-buf", f"buf{i}", digest=digest[:20], alg="sha1", buf=b"x" * i)
+    per_bank = sha256_mode == "per-bank"
+    want = (b.pcrs["sha1"], b.pcrs["sha256"])
+    data = text.getvalue()
+    got = _imafast.hot_ascii(
+        data, 0, b"10", pcr._ASCII_ALGS, bytes(20), bytes(32), "sha256", per_bank, b"", b""
+    )
+    assert got == (len(data), 31, *want, False)
+    data = binary.getvalue()
+    tags = tuple(struct.pack("<I", len(n)) + n for n in (b"ima-sig", b"ima-buf"))
+    at = _ends(data)[0]  # the boot_aggregate (ima-ng: another name length)
+    v1, v2 = (_values_after(data, 1, ("sha1", "sha256"), sha256_mode)[k] for k in ("sha1", "sha256"))
+    pos, n = at, 1
+    while pos < len(data):  # ima-ng records run until the next ima-sig one, and so on
+        before = pos
+        for t in (tags, (struct.pack("<I", 6) + b"ima-ng",)):
+            pos, k, v1, v2, _ = _imafast.hot_binary(
+                data, pos, len(data), 10, t, v1, v2, "sha256", per_bank, b"", b""
+            )
+            n += k
+        assert pos > before
+    assert (pos, n, v1, v2) == (len(data), 31, *want)
+    # a watch value stops the loop right after the entry that reaches it
+    third = _values_after(text.getvalue(), 3, ("sha1",), sha256_mode)["sha1"]
+    got = _imafast.hot_ascii(
+        text.getvalue(), 0, b"10", pcr._ASCII_ALGS, bytes(20), bytes(20), None, False, third, b""
+    )
+    assert got[1:] == (3, third, bytes(20), True) and got[0] == _ends(text.getvalue())[2]
+
+
+@native_only
+def test_bad_arguments_to_the_ascii_loop_raise() -> None:
+    from tmb.attest import _imafast
+
+    line = b"10 " + b"0" * 40 + b" ima-ng sha1:" + b"0" * 40 + b" /x\n"
+    ok: list[Any] = [line, 0, b"10", pcr._ASCII_ALGS, bytes(20), bytes(32), "sha256", True, b"", b""]
+    assert _imafast.hot_ascii(*ok)[:2] == (0, 0)  # its template hash is not SHA-1 of its data
+    bad: list[tuple[int, Any, type[Exception]]] = [
+        (0, "text", TypeError),
+        (1, -1, ValueError),
+        (1, len(line) + 1, ValueError),
+        (2, 10, TypeError),
+        (3, [], TypeError),
+        (3, ((b"sha1", b"", "40"),), TypeError),
+        (3, ((b"sha1", b""),), TypeError),
+        (3, ((b"sha1", b"", 41),), ValueError),
+        (3, ((b"sha1", b"", -2),), ValueError),
+        (3, ((b"sha1", b"", 1 << 80),), OverflowError),
+        (3, ((b"sha1", b"", 40),) * 65, ValueError),
+        (4, bytes(21), ValueError),
+        (5, bytes(20), ValueError),
+        (6, "sha3", ValueError),
+    ]
+    for index, value, exc in bad:
+        args = list(ok)
+        args[index] = value
+        with pytest.raises(exc):
+            _imafast.hot_ascii(*args)
+
+
+@native_only
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(
+        st.one_of(
+            st.binary(max_size=60),
+            st.builds(
+                lambda th, t, alg, d, path: b"10 %s %s %s:%s %s" % (th, t, alg, d, path),
+                st.sampled_from([b"0" * 40, b"ab" * 20, b"zz"]),
+                st.sampled_from([b"ima-ng", b"ima-sig", b"ima-buf", b"ima"]),
+                st.sampled_from([b"sha1", b"sha256", b"md5", b""]),
+                st.sampled_from([b"0" * 40, b"0" * 64, b"0" * 32, b"0", b""]),
+                st.binary(max_size=20),
+            ),
+        ),
+        max_size=6,
+    ),
+    pos=st.integers(0, 400),
+)
+def test_random_ascii_never_reads_past_the_end(lines: list[bytes], pos: int) -> None:
+    from tmb.attest import _imafast
+
+    data = b"\n".join(lines)
+    if pos > len(data):
+        return
+    end, n, v1, v2, _ = _imafast.hot_ascii(
+        data, pos, b"10", pcr._ASCII_ALGS, bytes(20), bytes(64), "sha512", False, b"", b""
+    )
+    assert pos <= end <= len(data) and len(v1) == 20 and len(v2) == 64 and (n == 0) == (end == pos)
+
+
+@native_only
+def test_carriage_returns_in_ascii_lines_agree() -> None:
+    """A path that ends in CR (which the general parser strips as part of a CR LF line end) with a
+    template hash over the data with the CR: a mismatch on every path; a CR inside a path is a path."""
+    digest = hashlib.sha256(b"f").digest()
+    head = struct.pack("<I", 8 + 32) + b"sha256:\0" + digest
+
+    def line(path: bytes, end: bytes) -> bytes:
+        th = hashlib.sha1(head + struct.pack("<I", len(path) + 1) + path + b"\0").hexdigest()
+        return b"10 %s ima-ng sha256:%s %s%s" % (th.encode(), digest.hex().encode(), path, end)
+
+    good = line(b"/ok", b"\n")
+    for odd in (line(b"/x\r", b"\n"), line(b"/x\r", b"\r\n"), line(b"/a\rb", b"\n"), line(b"/a\rb", b"\r\n")):
+        for data in (good + odd + good, odd + good, good + odd.rstrip(b"\n")):
+            for banks, mode in LAYOUTS[:3]:
+                r = _same(data, banks=banks, mode=mode, fmt="ascii")
+                assert ("ima.template_hash_mismatch" in r.report.ids()) == (b"/x\r" in odd)

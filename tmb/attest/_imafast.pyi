@@ -17,3 +17,16 @@ def hot_binary(
     t2: bytes,
     /,
 ) -> tuple[int, int, bytes, bytes, bool]: ...
+def hot_ascii(
+    buf: ReadableBuffer,
+    pos: int,
+    pcr_tag: bytes,
+    algs: tuple[tuple[bytes, bytes, int], ...],
+    v1: bytes,
+    v2: bytes,
+    bank2: str | None,
+    per_bank: bool,
+    t1: bytes,
+    t2: bytes,
+    /,
+) -> tuple[int, int, bytes, bytes, bool]: ...
