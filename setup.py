@@ -1,7 +1,7 @@
-"""The optional C extension of the IMA replay's hot loop; everything else is in pyproject.toml.
+"""The optional C extension of the IMA replay's hot loops; everything else is in pyproject.toml.
 
 ``optional=True``: where it cannot build (no compiler, no OpenSSL or Python headers) the install goes on
-and tmb uses its Python loop (tmb/attest/pcr.py). The Makefile's ``deps`` installs what it needs.
+and tmb uses its Python loops (tmb/attest/pcr.py). The Makefile's ``deps`` installs what it needs.
 """
 
 from setuptools import Extension, setup

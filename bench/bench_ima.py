@@ -10,8 +10,8 @@ Generates a 100,000-entry ima-ng log (SHA-256 file digests) as binary and ascii,
 * tmb incremental: the same log with a saved state 1,000 entries from its end (only the new entries are read).
 
 Repeats each measurement, reports medians, and prints the tmb/Keylime ratio as the last line. Says which
-binary hot loop ran: the C extension (``tmb.attest._imafast``, built by ``pip install``) or the Python
-loop (``TMB_IMA_NATIVE=0``, or where the extension did not build). With
+hot loops ran: the C extension (``tmb.attest._imafast``, built by ``pip install``) or the Python loops
+(``TMB_IMA_NATIVE=0``, or where the extension did not build). With
 ``--profile N``, first prints cProfile's top N functions (by own time) for tmb's binary and ascii SHA-1 runs.
 Run: ``.venv/bin/python bench/bench_ima.py [--entries N] [--repeats R] [--profile N]`` (``make bench``
 installs Keylime).
@@ -133,7 +133,7 @@ def main() -> int:
         ]
     print(f"{n} ima-ng entries, medians of {args.repeats} runs (Keylime {max(1, args.repeats // 2)})")
     loop = "C (tmb.attest._imafast)" if pcr.NATIVE else "Python (TMB_IMA_NATIVE=0 or no C extension)"
-    print(f"binary hot loop: {loop}")
+    print(f"IMA hot loops: {loop}")
     print(f"{'measurement':48} {'seconds':>9} {'entries/s':>12}")
     for name, secs, count in rows:
         print(f"{name:48} {secs:9.4f} {count / secs:12,.0f}")

@@ -1,16 +1,19 @@
 /*
- * tmb.attest._imafast: the binary IMA replay's hot loop in C (optional; tmb/attest/pcr.py falls back to
- * its own Python loop when this does not build or TMB_IMA_NATIVE=0).
+ * tmb.attest._imafast: the IMA replay's hot loops in C (optional; tmb/attest/pcr.py falls back to its
+ * own Python loops when this does not build or TMB_IMA_NATIVE=0).
  *
  * hot_binary() walks binary measurement-list records for as long as each one is the common case: for
  * the expected PCR, with one of the given template tags (u32 name length + name), inside the buffer,
- * and with SHA-1(template data) equal to its template hash. It extends the running SHA-1 value (and,
- * for a second bank, that bank's value) and stops at the first record that is not so, or right after
- * an extend that makes a running value equal a watch value. Everything else (findings, positions,
- * the match check) stays in Python, which makes the results those of the Python loop by construction.
+ * and with SHA-1(template data) equal to its template hash. hot_ascii() does the same for ascii lines
+ * (ima-ng, ima-sig, ima-buf), rebuilding the template data each line stands for. Both extend the
+ * running SHA-1 value (and, for a second bank, that bank's value) and stop at the first record that is
+ * not so, or right after an extend that makes a running value equal a watch value. Everything else
+ * (findings, positions, the match check) stays in Python, which hands every record these refuse to the
+ * general parser: the results are those of the Python loops whichever records the C loops take.
  *
- * Every read is bounds-checked against the buffer; lengths are compared before they are added. The
- * loop runs without the GIL on copies of the small inputs and on a buffer view held for the call.
+ * Every read is bounds-checked against the buffer (or the line); lengths are compared before they are
+ * added. The loops run without the GIL on copies of the small inputs, on bytes objects the call's
+ * argument tuple keeps alive and on a buffer view held for the call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -306,9 +306,10 @@ class _Replayer:
     # template hash that does not match, the legacy ``ima`` template, a record cut by the buffer -- is
     # handed to the general parser and ``step``, so findings and results are those of the general path.
     # Between "syncs" only hot entries pass, which is how the loops know positions without tracking them.
-    # The binary loop's inner ``while`` for shapes 1 and 2 also exists in C (``_imafast.hot_binary``,
-    # taken when ``NATIVE``): the same records, the same stop conditions, positions and running values
-    # handed back; tests/unit/test_ima_native.py holds the two to the same results.
+    # For shapes 1 and 2 the hot records are also replayed in C when ``NATIVE``: ``_imafast.hot_binary``
+    # in place of the binary loop's inner ``while`` (the same records and stop conditions), and
+    # ``_imafast.hot_ascii`` in ``_fast_ascii_native`` (ima-ng, ima-sig and ima-buf lines; anything else
+    # goes to the general parser). tests/unit/test_ima_native.py holds them to the Python loops' results.
 
     def _hot_setup(self) -> tuple[int, list[bytes], Any, bool, bytes]:
         """PCR ``pcr_index``'s running values and the bank layout: shape 1 = SHA-1 only, 2 = SHA-1 and
