@@ -9,7 +9,9 @@ Generates a 100,000-entry ima-ng log (SHA-256 file digests) as binary and ascii,
   SHA-1 + SHA-256 banks, with the same PCR value to match.
 * tmb incremental: the same log with a saved state 1,000 entries from its end (only the new entries are read).
 
-Repeats each measurement, reports medians, and prints the tmb/Keylime ratio as the last line. With
+Repeats each measurement, reports medians, and prints the tmb/Keylime ratio as the last line. Says which
+hot loops ran: the C extension (``tmb.attest._imafast``, built by ``pip install``) or the Python loops
+(``TMB_IMA_NATIVE=0``, or where the extension did not build). With
 ``--profile N``, first prints cProfile's top N functions (by own time) for tmb's binary and ascii SHA-1 runs.
 Run: ``.venv/bin/python bench/bench_ima.py [--entries N] [--repeats R] [--profile N]`` (``make bench``
 installs Keylime).
@@ -31,6 +33,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+from tmb.attest import pcr
 from tmb.attest.ima import iter_log
 from tmb.attest.ima_build import LogBuilder
 from tmb.attest.pcr import replay_file
@@ -129,6 +132,8 @@ def main() -> int:
             ("tmb incremental, last 1,000 entries", median_time(incremental, args.repeats * 4), 1000),
         ]
     print(f"{n} ima-ng entries, medians of {args.repeats} runs (Keylime {max(1, args.repeats // 2)})")
+    loop = "C (tmb.attest._imafast)" if pcr.NATIVE else "Python (TMB_IMA_NATIVE=0 or no C extension)"
+    print(f"IMA hot loops: {loop}")
     print(f"{'measurement':48} {'seconds':>9} {'entries/s':>12}")
     for name, secs, count in rows:
         print(f"{name:48} {secs:9.4f} {count / secs:12,.0f}")

@@ -1,7 +1,8 @@
 """The replay hot loops (``replay_file``/``replay_delta`` with nobody asking for the entries) against the
 general path (the same call with an ``on_entry`` callback: the parser's ImaEntry tuples through ``step``),
 entry by entry and PCR by PCR, on generated logs: every template, violations, other PCRs, both sha256
-modes, every bank layout, damaged and truncated logs, odd ascii lines and chunk boundaries anywhere."""
+modes, every bank layout, damaged and truncated logs, odd ascii lines and chunk boundaries anywhere.
+Every test runs twice: with the binary hot loop in C (tmb/attest/_imafast.c) and with its Python twin."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tmb.attest import ima
+from tmb.attest import pcr as pcr_module
 from tmb.attest.ima import ImaEntry, ascii_entry, iter_ascii, iter_log
 from tmb.attest.ima_build import LogBuilder
 from tmb.attest.pcr import ReplayResult, ReplayState, replay_delta, replay_file
@@ -37,6 +39,15 @@ LAYOUTS: list[tuple[tuple[str, ...], str]] = [
     (("sha1", "sha256", "sha512"), "per-bank"),
     (("sha1", "sha256"), "auto"),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module", params=["native", "python"])
+def hot_loop(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The binary hot loop under test: the C extension, or the Python loop (as with TMB_IMA_NATIVE=0)."""
+    if request.param == "native" and pcr_module._native is None:
+        pytest.skip("the C extension did not build here (test_ima_native.py fails on that in CI)")
+    with mock.patch.object(pcr_module, "NATIVE", request.param == "native"):
+        yield request.param
 
 
 def _ignore(entry: ImaEntry) -> None:

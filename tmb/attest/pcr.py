@@ -21,11 +21,12 @@ from __future__ import annotations
 import binascii
 import hashlib
 import io
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from tmb.attest import ima as _ima
 from tmb.attest.ima import (
@@ -48,6 +49,40 @@ from tmb.errors import InputError, ParseError, Report, Severity
 BANK_SIZES: dict[str, int] = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 MODES = ("per-bank", "padded-sha1")
 IMA_PCR = 10
+
+
+# The C hot loops (tmb/attest/_imafast.c, their signatures in _imafast.pyi).
+_HotBinary = Callable[
+    [bytes, int, int, int, tuple[bytes, ...], bytes, bytes, str | None, bool, bytes, bytes],
+    tuple[int, int, bytes, bytes, bool],
+]
+_HotAscii = Callable[
+    [bytes, int, bytes, tuple[tuple[bytes, bytes, int], ...], bytes, bytes, str | None, bool, bytes, bytes],
+    tuple[int, int, bytes, bytes, bool],
+]
+
+
+class _Native(NamedTuple):
+    binary: _HotBinary
+    ascii: _HotAscii
+    max_tags: int  # the most template tags ``binary`` takes
+
+
+def _load_native() -> _Native | None:
+    """The C loops, unless ``TMB_IMA_NATIVE=0`` or they did not build (no compiler or headers at install
+    time): then the Python loops run, with the same results."""
+    if os.environ.get("TMB_IMA_NATIVE", "").strip() == "0":
+        return None
+    try:
+        from tmb.attest import _imafast
+    except ImportError:
+        return None
+    return _Native(_imafast.hot_binary, _imafast.hot_ascii, _imafast.MAX_TAGS)
+
+
+_native = _load_native()
+#: Which hot loops the replay runs: True = the C extension, False = the Python loops.
+NATIVE: bool = _native is not None
 
 
 def check_bank(bank: str) -> str:
@@ -271,6 +306,10 @@ class _Replayer:
     # template hash that does not match, the legacy ``ima`` template, a record cut by the buffer -- is
     # handed to the general parser and ``step``, so findings and results are those of the general path.
     # Between "syncs" only hot entries pass, which is how the loops know positions without tracking them.
+    # For shapes 1 and 2 the hot records are also replayed in C when ``NATIVE``: ``_imafast.hot_binary``
+    # in place of the binary loop's inner ``while`` (the same records and stop conditions), and
+    # ``_imafast.hot_ascii`` in ``_fast_ascii_native`` (ima-ng, ima-sig and ima-buf lines; anything else
+    # goes to the general parser). tests/unit/test_ima_native.py holds them to the Python loops' results.
 
     def _hot_setup(self) -> tuple[int, list[bytes], Any, bool, bytes]:
         """PCR ``pcr_index``'s running values and the bank layout: shape 1 = SHA-1 only, 2 = SHA-1 and
@@ -334,11 +373,21 @@ class _Replayer:
         unpack, hlen = head.unpack_from, head.size
         buf, base, pos, size, eof = b"", offset, 0, 0, False
         num = synced = self.index
+        # The C loop (shapes 1 and 2) takes the same records as the Python loops below: the templates of
+        # ``tags`` with the expected tag's name length (``hot``, the expected tag first).
+        native = _native.binary if NATIVE and _native is not None and 0 <= pcr_index < 1 << 32 else None
+        bank2 = self.slots[1][1] if shape == 2 else None
+        hot: tuple[bytes, ...] = ()
         while True:
             # Past MAX_TEMPLATE_DATA bytes of buffer the parser's length limit could matter: no hot loop.
             limit = size - hlen if size <= _ima.MAX_TEMPLATE_DATA else -1
             hit = False  # stopped after an entry that may meet the quoted values
-            if shape == 1:  # the SHA-1 bank alone: its own loop, the commonest layout
+            if native is not None and shape:
+                pos, taken, v1, v2, hit = native(
+                    buf, pos, limit, pcr_index, hot, v1, v2, bank2, per_bank, t1, t2
+                )
+                num += taken
+            elif shape == 1:  # the SHA-1 bank alone: its own loop, the commonest layout
                 while pos <= limit:
                     pcr, th, name, dlen = unpack(buf, pos)
                     start = pos + hlen
@@ -395,6 +444,7 @@ class _Replayer:
                 if name != tag and name in tags:  # a template seen before, another name length
                     tag, head = name, tags[name]
                     unpack, hlen = head.unpack_from, head.size
+                    hot = _hot_tags(tag, tags)
                     continue
             try:
                 entry, end = parse_record(buf, pos, base, num, names)
@@ -411,6 +461,7 @@ class _Replayer:
             name = buf[pos + 24 : pos + 28 + len(entry.template_name)]
             if name not in tags and entry.template_name != "ima":  # validated by the parser: may be hot
                 tags[name] = _head(len(entry.template_name))
+                hot = _hot_tags(tag, tags)
             pending = self.pending
             self._cold(entry, vals, shape, h2, per_bank, pad)
             num = synced = num + 1
@@ -424,6 +475,9 @@ class _Replayer:
     ) -> None:
         """Replay ascii lines read with ``read`` (from file offset ``offset``) until EOF, as
         :func:`tmb.attest.ima.iter_ascii` with ``on_error`` would deliver them to ``step``."""
+        if NATIVE and _native is not None and self._hot_setup()[0]:
+            self._fast_ascii_native(_native.ascii, read, offset, on_error)
+            return
         sha1, unhex, pack, join = hashlib.sha1, binascii.a2b_hex, _U32.pack, b"".join
         pcr_index, specs, dngs = self.pcr_index, self.specs, ASCII_DNG
         pcr_tag = str(pcr_index).encode("ascii")
@@ -549,6 +603,60 @@ class _Replayer:
                 if shape:
                     vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
 
+    def _fast_ascii_native(
+        self,
+        hot: _HotAscii,
+        read: Callable[[int], bytes],
+        offset: int,
+        on_error: Callable[[ParseError], None],
+    ) -> None:
+        """``fast_ascii`` for shapes 1 and 2 with the C loop taking the hot lines: ``buf`` holds the log
+        from file offset ``base``; a line the C loop does not take goes to the general parser and
+        ``_cold``, as in ``fast_ascii`` (lines are numbered from ``offset``)."""
+        shape, vals, h2, per_bank, pad = self._hot_setup()
+        v1, v2 = vals[0], vals[-1]
+        t1, t2, _, _ = self._watch()
+        bank2 = self.slots[1][1] if shape == 2 else None
+        pcr_tag = str(self.pcr_index).encode("ascii")
+        num, lineno = self.index, 0
+        buf, base, pos, eof = b"", offset, 0, False
+        while True:
+            pos, taken, v1, v2, hit = hot(buf, pos, pcr_tag, _ASCII_ALGS, v1, v2, bank2, per_bank, t1, t2)
+            if taken:
+                num, lineno = num + taken, lineno + taken
+                self.index, self.offset, self.count = num, base + pos, self.count + taken
+            vals[-1], vals[0] = v2, v1  # v1 last: shape 1 has one slot
+            if hit:
+                self._check_match(vals)
+                t1, t2, _, _ = self._watch()
+                continue
+            end = buf.find(b"\n", pos) + 1
+            if not end:  # the buffer ends inside the line
+                if not eof:
+                    more = read(_ima.CHUNK)
+                    if more:
+                        buf, base, pos = buf[pos:] + more, base + pos, 0
+                        continue
+                    eof = True
+                if pos == len(buf):
+                    return
+                end = len(buf)  # a last line without its newline
+            raw, lineno = buf[pos:end], lineno + 1
+            try:
+                entry = ascii_entry(raw, index=num, offset=base + pos, lineno=lineno)
+            except ParseError as exc:
+                on_error(exc)
+                num += 1
+            else:
+                if entry is not None:
+                    pending = self.pending
+                    self._cold(entry, vals, shape, h2, per_bank, pad)
+                    num += 1
+                    v1, v2 = vals[0], vals[-1]
+                    if self.pending != pending:
+                        t1, t2, _, _ = self._watch()
+            pos = end
+
     def finish(self) -> ReplayResult:
         chosen = self.modes[0]
         if len(self.modes) > 1:
@@ -580,8 +688,19 @@ class _Replayer:
         return ReplayResult(final, hit, chosen, self.count, self.report)
 
 
+# The d-ng algorithms of ascii lines for the C loop: (name, d-ng field up to the digest, hex digits).
+_ASCII_ALGS = tuple((alg, head, digits) for alg, (head, digits) in ASCII_DNG.items())
 # The u32 length of a path field (path + NUL) for paths up to PATH_MAX, as the ascii hot loop builds them.
 _PATH_LENS = [_U32.pack(n + 1) for n in range(4096)]
+
+
+def _hot_tags(tag: bytes, tags: Mapping[bytes, object]) -> tuple[bytes, ...]:
+    """The template tags the C loop takes: ``tag`` first, then the others of its length (as many as it
+    takes; a record of any other is left to the general path, as the Python loop may leave it)."""
+    if not tag or _native is None:
+        return ()
+    same = [t for t in tags if len(t) == len(tag) and t != tag]
+    return (tag, *same)[: _native.max_tags]
 
 
 def _span(lines: list[bytes], start: int, stop: int, nl: int) -> int:
