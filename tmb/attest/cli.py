@@ -69,11 +69,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     au.add_argument(
         "--ek-roots",
-        type=Path,
-        metavar="DIR",
-        help="TPM manufacturer root (and intermediate) certificates, like the daemon's [identity] ek_roots: "
-        "the node's EK certificates in the bundle are verified again against them (default: the "
-        "daemon's decision is reported, audit.ek_not_rechecked)",
+        metavar="DIR|builtin",
+        help="TPM manufacturer root (and intermediate) certificates, like the daemon's [identity] ek_roots "
+        "(a directory, 'builtin' for the curated store shipped with tmb, or 'builtin:DIR'): the node's EK "
+        "certificates in the bundle are verified again against them (default: the daemon's decision is "
+        "reported, audit.ek_not_rechecked)",
     )
     au.set_defaults(func=_cmd_audit)
 
@@ -177,7 +177,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.ek_roots is not None:
         from tmb.attest.ekcert import TrustStore
 
-        roots = TrustStore.from_directory(args.ek_roots)
+        roots = TrustStore.load(args.ek_roots)
     result = audit_bundle(args.bundle, policy_path=args.policy, daemon_keys=keys, ek_roots=roots)
     telemetry = None
     if bundle.telemetry is not None:

@@ -10,7 +10,9 @@ certificate(s) its TPM manufacturer wrote into NV (RSA ``0x01c00002``, ECC ``0x0
 * a certificate's key *is* that EK (SubjectPublicKeyInfo equal), so the TPM that answers ActivateCredential is
   the one the certificate vouches for;
 * the certificate chains to a root of the configured :class:`TrustStore` (a directory of TPM manufacturer
-  roots and intermediates), each link a signature by the next certificate's key with matching names, every
+  roots and intermediates: the operator's own, or ``"builtin"``, the curated snapshot of public manufacturer
+  certificates shipped in ``tmb/data/ek_roots`` with their provenance in its ``ORIGINS.md``, see
+  :meth:`TrustStore.load`), each link a signature by the next certificate's key with matching names, every
   issuer a CA (basicConstraints cA, keyCertSign when keyUsage is present, pathLenConstraint kept), every
   certificate valid at the given time, no unknown critical extension;
 * the TCG EK Credential Profile: keyUsage present with keyEncipherment (RSA EK) or keyAgreement (ECC EK), not
@@ -74,9 +76,11 @@ from tmb.attest.quote import AkPublic, load_ak
 from tmb.errors import ConfigError, Finding, ParseError, Report, Severity
 
 __all__ = [
+    "BUILTIN",
     "EkResult",
     "TpmInfo",
     "TrustStore",
+    "builtin_roots_dir",
     "ek_pin",
     "load_certificates",
     "verify_ek",
@@ -90,6 +94,8 @@ EK_REQUIRED = ("fixedTPM", "fixedParent", "sensitiveDataOrigin", "restricted", "
 EK_FORBIDDEN = ("sign",)
 CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der")
 MAX_CHAIN = 8
+# The keyword of ``[identity] ek_roots`` (and ``--ek-roots``) for the curated store shipped with tmb.
+BUILTIN = "builtin"
 _MAX_PATHS = 16
 # Findings a pin may downgrade to warnings: everything about the certificate, nothing about the EK itself.
 _EK_OWN = {"identity.ek_public_malformed", "identity.ek_attributes"}
@@ -143,6 +149,12 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
     return certs
 
 
+def builtin_roots_dir() -> Path:
+    """The curated store of public TPM manufacturer certificates shipped with tmb (package data;
+    ``ORIGINS.md`` there says where each came from)."""
+    return Path(__file__).resolve().parent.parent / "data" / "ek_roots"
+
+
 def _self_signed(cert: x509.Certificate) -> bool:
     if cert.subject != cert.issuer:
         return False
@@ -158,7 +170,8 @@ class TrustStore:
     """Trusted TPM manufacturer roots (self-signed) and the intermediates that may link an EK to them.
 
     An intermediate helps build a chain but is trusted only through a root. ``origins`` names the file each
-    certificate came from (by SHA-256 fingerprint), for findings and for the curated store's provenance.
+    certificate came from (by SHA-256 fingerprint; ``builtin/NAME`` for the shipped store, whose
+    ``ORIGINS.md`` says where NAME came from), for findings and ``tmb identity roots``.
     """
 
     roots: tuple[x509.Certificate, ...]
@@ -177,7 +190,16 @@ class TrustStore:
     def from_directory(cls, path: str | Path) -> TrustStore:
         """Every ``*.pem``/``*.crt``/``*.cer``/``*.der`` file under ``path`` (recursively); a file that is not
         a certificate, or a directory with no root at all, is a :class:`ConfigError` (fail closed)."""
-        root = Path(path)
+        store = cls._read_directory(Path(path))
+        if not store.roots:
+            raise ConfigError(
+                f"EK trust store {path} holds no self-signed root certificate",
+                hint="put the TPM manufacturers' root CA certificates (PEM or DER) there",
+            )
+        return store
+
+    @classmethod
+    def _read_directory(cls, root: Path, origin_prefix: str = "") -> TrustStore:
         if not root.is_dir():
             raise ConfigError(f"EK trust store {root} is not a directory")
         roots: list[x509.Certificate] = []
@@ -188,16 +210,47 @@ class TrustStore:
                 certs = load_certificates(file.read_bytes())
             except (OSError, ParseError) as exc:
                 raise ConfigError(f"EK trust store: cannot read {file}: {exc}") from None
-            part = cls.from_certificates(certs, str(file.relative_to(root)))
+            part = cls.from_certificates(certs, origin_prefix + file.relative_to(root).as_posix())
             roots += part.roots
             inter += part.intermediates
             origins.update(part.origins)
-        if not roots:
-            raise ConfigError(
-                f"EK trust store {root} holds no self-signed root certificate",
-                hint="put the TPM manufacturers' root CA certificates (PEM or DER) there",
-            )
         return cls(tuple(roots), tuple(inter), origins)
+
+    @classmethod
+    def load(cls, spec: str | Path) -> TrustStore:
+        """The store ``[identity] ek_roots`` names: ``"builtin"`` (the curated manufacturer roots shipped with
+        tmb, :func:`builtin_roots_dir`), a directory (:meth:`from_directory`), or ``"builtin:DIR"``, both
+        (DIR may then hold only intermediates under a builtin root). A directory literally named
+        ``builtin`` is ``./builtin``."""
+        text = str(spec).strip()
+        if not text:
+            raise ConfigError("no EK trust store named", hint=f'name a directory or "{BUILTIN}"')
+        if text != BUILTIN and not text.startswith(BUILTIN + ":"):
+            return cls.from_directory(text)
+        where = builtin_roots_dir()
+        if not where.is_dir():
+            raise ConfigError(
+                f"the builtin EK trust store {where} is missing",
+                hint="tmb was installed without its package data; reinstall it, or name a directory",
+            )
+        store = cls._read_directory(where, BUILTIN + "/")
+        extra = text[len(BUILTIN) + 1 :].strip()
+        if text != BUILTIN:
+            if not extra:
+                raise ConfigError(f"{text!r} names no directory after {BUILTIN + ':'!r}")
+            store = store.merged(cls._read_directory(Path(extra)))
+        if not store.roots:  # the shipped store always has roots; fail closed if a packager emptied it
+            raise ConfigError(f"EK trust store {text!r} holds no self-signed root certificate")
+        return store
+
+    def merged(self, other: TrustStore) -> TrustStore:
+        """Both stores' roots and intermediates (a certificate in both once, with this store's origin)."""
+        seen = {_fingerprint(c) for c in (*self.roots, *self.intermediates)}
+        roots = [c for c in other.roots if _fingerprint(c) not in seen]
+        inter = [c for c in other.intermediates if _fingerprint(c) not in seen]
+        return TrustStore(
+            (*self.roots, *roots), (*self.intermediates, *inter), {**other.origins, **self.origins}
+        )
 
     def is_root(self, cert: x509.Certificate) -> bool:
         return any(_fingerprint(cert) == _fingerprint(r) for r in self.roots)

@@ -2,7 +2,7 @@
 routes in the daemon).
 
 ``python -m tmb.ingest --db FILE --policy POLICY [--port P] [--admin-token T] [--node NODE=AKFILE]...
-[--require-eventlog] [--ek-roots DIR] [--ek-pin PIN]... [--insecure-static-nodes]`` listens and prints
+[--require-eventlog] [--ek-roots DIR|builtin] [--ek-pin PIN]... [--insecure-static-nodes]`` listens and prints
 ``listening on http://127.0.0.1:P``. Nodes enrol (docs/probe.md, "Node identity") with an EK certified by a
 root in ``--ek-roots`` or pinned by ``--ek-pin``; a ``--node`` AK is the AK that node must enrol with.
 """
@@ -74,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="a node without a UEFI event log is not attested (boot.no_eventlog is an error)",
     )
-    parser.add_argument("--ek-roots", default="", help="directory of TPM manufacturer root certificates")
+    parser.add_argument(
+        "--ek-roots",
+        default="",
+        help="TPM manufacturer root certificates: a directory, 'builtin' or 'builtin:DIR'",
+    )
     parser.add_argument("--ek-pin", action="append", default=[], help="SHA-256 pin of an EK (vTPMs)")
     parser.add_argument(
         "--insecure-static-nodes",

@@ -46,7 +46,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tmb.attest.akcheck import check_ak
@@ -95,9 +94,10 @@ class IdentityPolicy:
         auth_skew_s: float = 300.0,
         insecure_static_nodes: bool = False,
     ) -> IdentityPolicy:
-        """From config values: ``ek_roots`` a directory of manufacturer roots (empty: none)."""
+        """From config values: ``ek_roots`` a directory of manufacturer roots, ``"builtin"`` (the curated
+        store shipped with tmb) or ``"builtin:DIR"`` (both; :meth:`TrustStore.load`); empty: none."""
         verify_ek(b"", pins=ek_pins)  # a malformed pin is a ConfigError now, not at the first enrolment
-        trust = TrustStore.from_directory(Path(ek_roots)) if ek_roots else None
+        trust = TrustStore.load(ek_roots) if ek_roots else None
         return cls(trust, tuple(ek_pins), challenge_ttl_s, auth_skew_s, insecure_static_nodes)
 
 
