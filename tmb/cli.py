@@ -25,6 +25,9 @@ SUBCOMMANDS: dict[str, dict[str, str]] = {
         "audit": "re-check an evidence bundle offline (quotes, IMA log, policy, verity)",
     },
     "tmb.attest.quote_cli": {"quote": "TPM 2.0 quotes"},
+    "tmb.attest.identity_cli": {
+        "identity": "node identity: the TPM manufacturer roots EKs are checked against",
+    },
     "tmb.attest.boot_cli": {"boot": "measured boot: UEFI/TCG event logs (replay, decode)"},
     "tmb.telemetry.cli": {"telemetry": "record and inspect GPU telemetry traces"},
     "tmb.fingerprint.cli": {
