@@ -231,3 +231,51 @@ def test_trust_store_directory(tmp_path: Path, pki: tuple[Ca, Ca, TrustStore]) -
     with pytest.raises(ConfigError, match="no self-signed root"):
         TrustStore.from_directory(only_inter)
     assert len(load_certificates(root.pem + inter.pem)) == 2
+
+
+def test_a_sha1_link_is_named_and_refused(tmp_path: Path) -> None:
+    """An intermediate signed with SHA-1 (older manufacturer chains): cryptography verifies no SHA-1
+    certificate signature, so the chain cannot be checked; the refusal says so and how to enrol such a node
+    (a pin), rather than a bare "does not verify". The intermediate is signed by the real ``openssl``."""
+    import subprocess
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    root = Ca("Old TPM Root CA", alg="rsa")
+    (tmp_path / "root.pem").write_bytes(root.cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "root.key").write_bytes(
+        root.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "int.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    (tmp_path / "ext").write_text("basicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign\n")
+    run = {"cwd": tmp_path, "check": True, "capture_output": True}
+    subprocess.run(
+        ["openssl", "req", "-new", "-key", "int.key", "-subj", "/CN=Old TPM EK CA", "-out", "int.csr"],
+        **run,  # type: ignore[arg-type]
+    )
+    subprocess.run(
+        [
+            "openssl", "x509", "-req", "-in", "int.csr", "-CA", "root.pem", "-CAkey", "root.key",
+            "-set_serial", "7", "-days", "30", "-sha1", "-extfile", "ext", "-out", "int.pem",
+        ],
+        **run,  # type: ignore[arg-type]
+    )  # fmt: skip
+    inter = Ca.existing(x509.load_pem_x509_certificate((tmp_path / "int.pem").read_bytes()), key)
+    assert inter.cert.signature_hash_algorithm is not None
+    assert inter.cert.signature_hash_algorithm.name == "sha1"
+    store = TrustStore.from_certificates([root.cert, inter.cert])
+    ek_key, ek = software_ek()
+    result = verify_ek(ek, [inter.issue_ek(ek_key.public_key())], store)
+    assert result.ek_trust is None and errors(result) == ["identity.ek_weak_signature"]
+    message = result.report.errors[0].message
+    assert "SHA-1" in message and "ek_pins" in message and "Old TPM EK CA" in message
+    # the same EK pinned is taken (the pin is the operator's word, not the chain's)
+    pinned = verify_ek(ek, [inter.issue_ek(ek_key.public_key())], store, pins=frozenset({ek_pin(ek)}))
+    assert pinned.ek_trust == "pinned"

@@ -48,7 +48,8 @@ identity.ek_key_usage                  error     keyUsage absent, or without key
 identity.ek_is_ca                      error     the EK certificate says cA=TRUE
 identity.ek_unknown_critical_extension error     a critical extension this verifier does not know
 identity.ek_eku                        warning   extendedKeyUsage without tcg-kp-EKCertificate
-identity.ek_weak_signature             warning   a link of the chain is signed with SHA-1
+identity.ek_weak_signature             error     the only chains found have a link signed with SHA-1, which
+                                                 is not accepted (pin such an EK: ``ek_pins``)
 identity.ek_san_absent                 warning   no TCG subjectAltName (manufacturer, model, version)
 identity.ek_san_malformed              warning   the TCG subjectAltName lacks a field or misformats it
 identity.ek_tpm_info                   info      the TPM manufacturer/model/version the certificate names
@@ -530,6 +531,11 @@ def _paths(
             try:
                 cert.verify_directly_issued_by(candidate)
             except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+                if isinstance(_signature_hash(cert), hashes.SHA1):
+                    problems.append(
+                        f"{SHA1_LINK}{_subject(cert)} is signed with SHA-1 by {_subject(candidate)}"
+                    )
+                    continue
                 problems.append(
                     f"the signature of {_subject(cert)} does not verify with the key of "
                     f"{_subject(candidate)}{': ' + str(exc) if str(exc) else ''}"
@@ -539,6 +545,9 @@ def _paths(
 
     walk([leaf])
     return paths, problems
+
+
+SHA1_LINK = "sha1:"  # marks a dead end of :func:`_paths` that only a SHA-1 signature made
 
 
 def _signature_hash(cert: x509.Certificate) -> hashes.HashAlgorithm | None:
@@ -556,15 +565,6 @@ def _check_path(path: list[x509.Certificate], at: dt.datetime) -> list[Finding]:
             out.append(found)
         if i > 0:
             _check_issuer(cert, below=i - 1, is_root=i == len(path) - 1, out=out)
-        if i < len(path) - 1 and isinstance(_signature_hash(cert), hashes.SHA1):
-            out.append(
-                Finding(
-                    "identity.ek_weak_signature",
-                    f"{_subject(cert)} is signed with SHA-1",
-                    Severity.WARNING,
-                    {"subject": _subject(cert)},
-                )
-            )
     return out
 
 
@@ -577,6 +577,16 @@ def _chain(
     if store is None:
         return [cert], [Finding("identity.ek_untrusted_chain", "no EK trust store is configured")]
     paths, problems = _paths(cert, store, extra)
+    weak = [p.removeprefix(SHA1_LINK) for p in problems if p.startswith(SHA1_LINK)]
+    if not paths and weak:  # cryptography verifies no SHA-1 certificate signature, and neither does tmb
+        return [cert], [
+            Finding(
+                "identity.ek_weak_signature",
+                f"the EK certificate's chain needs a SHA-1 signature ({weak[0]}), which tmb does not verify; "
+                "pin this EK ([identity] ek_pins) to enrol the node",
+                context={"issuer": cert.issuer.rfc4514_string(), "reasons": weak[:8]},
+            )
+        ]
     if not paths:
         return [cert], [
             Finding(
