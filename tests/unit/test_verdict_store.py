@@ -112,13 +112,14 @@ async def test_async_store_group_commits_and_survives_reopen(tmp_path: Path, syn
     assert db.execute("PRAGMA synchronous").fetchone()[0] == {"normal": 1, "full": 2}[sync]
     commits: list[str] = []
     db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
-    # Writes queued in the same loop iteration land in one transaction.
+    # Writes queued in the same loop iteration land in one transaction (inline: the spans at once, the
+    # verdicts, which no response waits for, together once they gathered).
     await asyncio.gather(
         *(store.record_spans([span(i)]) for i in range(20)),
         *(store.publish(final(tmp_path, f"{i:032x}")) for i in range(10)),
     )
     if sync == "normal":
-        assert len(commits) == 1
+        assert len(commits) == 2
     else:
         assert 1 <= len(commits) <= 30
     counts = await store.counts()
@@ -225,35 +226,42 @@ async def test_commits_held_for_the_checkpointer_wait_and_then_commit(tmp_path: 
     store._release()
     await acked
     await published
-    assert commits == ["COMMIT"]  # what queued while held commits together
+    assert commits  # committed once released
     assert (await store.lookup(f"{2:032x}")).state == "pending"
     assert (await store.lookup(f"{1:032x}")).state == "final"
     await store.close()
 
 
-async def test_verdict_writes_linger_and_ride_along_with_the_next_span_write(
+async def test_verdict_writes_gather_for_the_linger_and_commit_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tmb.verdict.async_store as store_mod
 
-    monkeypatch.setattr(store_mod, "LINGER_S", 60.0)  # a verdict alone would wait a minute
+    monkeypatch.setattr(store_mod, "LINGER_S", 60.0)  # verdicts would gather for a minute
     store = AsyncStore(tmp_path / "s.sqlite3")
     commits: list[str] = []
     store.store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)  # type: ignore[attr-defined]
-    await store.record_spans([span(1)])
+    await store.record_spans([span(1), span(2), span(3)])
     assert len(commits) == 1
     published = asyncio.ensure_future(store.publish(final(tmp_path, f"{1:032x}")))
     for _ in range(5):
         await asyncio.sleep(0)
-    assert not published.done() and len(commits) == 1  # lingering: no response waits for it
-    await store.record_spans([span(2)])  # a response waits for this one: both go in its transaction
-    await asyncio.wait_for(published, 5)
-    assert len(commits) == 2 and (await store.lookup(f"{1:032x}")).state == "final"
-    late = asyncio.ensure_future(store.publish(final(tmp_path, f"{2:032x}")))
+    assert not published.done() and len(commits) == 1  # gathering: no response waits for it
+    await store.record_spans([span(4)])  # a response waits for this one: it does not wait for the verdict
+    assert len(commits) == 2 and not published.done()
+    assert (await store.lookup(f"{1:032x}")).state == "pending"
+    second = asyncio.ensure_future(store.publish(final(tmp_path, f"{2:032x}")))
     await asyncio.sleep(0)
-    await store.close()  # closing commits what lingers
+    assert store._later_handle is not None
+    store._later_handle.cancel()
+    store._flush_later()  # the linger is over: both verdicts in one transaction
+    await asyncio.wait_for(asyncio.gather(published, second), 5)
+    assert len(commits) == 3 and (await store.lookup(f"{2:032x}")).state == "final"
+    late = asyncio.ensure_future(store.publish(final(tmp_path, f"{3:032x}")))
+    await asyncio.sleep(0)
+    await store.close()  # closing commits what gathers
     assert late.done() and late.exception() is None
-    assert Store(tmp_path / "s.sqlite3").lookup(f"{2:032x}").state == "final"
+    assert Store(tmp_path / "s.sqlite3").lookup(f"{3:032x}").state == "final"
 
 
 _V1 = """

@@ -53,15 +53,16 @@ class AsyncStore:
 
     Over a SQLite :class:`Store` with ``sync="normal"`` (inline mode), writes run on the event loop's own
     thread: every write queued during one loop iteration is committed in one transaction at the start of the
-    next (``write()`` to the WAL, no fsync); verdict writes, which no response waits for, linger up to
-    ``LINGER_S`` to share a transaction with others; reads run at once, and a background thread checkpoints
-    the WAL every second on its own connection (:meth:`_checkpoint_round`: under steady load it holds the
-    commits for one short catch-up pass, so the WAL starts over instead of growing). Otherwise
-    (``sync="full"``, or another backend such as PostgreSQL) every call is queued to one dedicated thread:
-    writes queued while a transaction commits are written together in the next one (one ``COMMIT``, one fsync,
-    one wake-up of the event loop for the whole group); other calls (reads, prune) run one by one after the
-    group's commit, in the order queued. Either way a caller's future resolves only after the transaction
-    holding its write committed, so the ``ack = "commit"`` guarantee holds per write.
+    next (``write()`` to the WAL, no fsync); verdict writes, which no response waits for, gather for
+    ``LINGER_S`` and then commit together (with the spans queued at that moment), so a batch of verdicts
+    shares the pages it writes; reads run at once, and a background thread checkpoints the WAL every second on
+    its own connection (:meth:`_checkpoint_round`: under steady load it holds the commits for one short
+    catch-up pass, so the WAL starts over instead of growing). Otherwise (``sync="full"``, or another backend
+    such as PostgreSQL) every call is queued to one dedicated thread: writes queued while a transaction
+    commits are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event loop for
+    the whole group); other calls (reads, prune) run one by one after the group's commit, in the order queued.
+    Either way a caller's future resolves only after the transaction holding its write committed, so the ``ack
+    = "commit"`` guarantee holds per write.
     """
 
     def __init__(self, target: str | Path | Backend, *, sync: str = "normal", init: bool = False) -> None:
@@ -78,6 +79,8 @@ class AsyncStore:
         self._batch: list[_Op] = []  # inline mode: writes waiting for the next loop iteration
         self._flush_handle: asyncio.Handle | None = None
         self._flush_soon = False  # the pending flush is for the next iteration (not LINGER_S away)
+        self._later: list[_Op] = []  # inline mode: verdict writes gathering for LINGER_S (see _submit)
+        self._later_handle: asyncio.TimerHandle | None = None
         self._spans: list[Span] | None = None  # add_span: the spans of the write being gathered
         self._spans_future: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # inline mode: the loop that commits
@@ -97,17 +100,27 @@ class AsyncStore:
         fut: asyncio.Future[Any] = loop.create_future()
         if self.inline and kind == _WRITE:
             self._loop = loop
-            self._batch.append((kind, payload, fut))
-            if soon and not self._flush_soon:  # a response waits for this write: next iteration
-                if self._flush_handle is not None:
-                    self._flush_handle.cancel()
-                self._flush_handle = loop.call_soon(self._flush)
-                self._flush_soon = True
-            elif self._flush_handle is None:  # nobody's response waits: gather more first
-                self._flush_handle = loop.call_later(LINGER_S, self._flush)
+            if not soon:  # nobody's response waits: gathered for LINGER_S, then committed together
+                self._later.append((kind, payload, fut))
+                if self._later_handle is None:
+                    self._later_handle = loop.call_later(LINGER_S, self._flush_later)
+            else:  # a response waits for this write: next iteration
+                self._batch.append((kind, payload, fut))
+                if not self._flush_soon:
+                    self._flush_handle = loop.call_soon(self._flush)
+                    self._flush_soon = True
         else:
             self._queue.put((kind, payload, fut))
         return fut
+
+    def _flush_later(self) -> None:
+        """Inline mode: the gathered verdict writes join the next commit, now."""
+        self._later_handle = None
+        self._batch += self._later
+        self._later = []
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
 
     def _flush(self) -> None:
         """Inline mode: commit the writes queued since the last flush, in one transaction."""
@@ -387,9 +400,9 @@ class AsyncStore:
         if self._spans is not None and not self.inline:
             self._seal_spans()
         self._release()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-        self._flush()
+        if self._later_handle is not None:
+            self._later_handle.cancel()
+        self._flush_later()
         self._stop.set()
         if self._thread.is_alive():
             self._queue.put(None)
@@ -406,7 +419,10 @@ WAL_RESTART_FRAMES = 16384  # inline mode: a WAL this long (64 MiB of 4 KiB page
 HOLD_MAX_S = 0.5  # inline mode: the longest commits are held for the checkpointer's catch-up pass
 CATCH_UP_PASSES = 4  # inline mode: passes without holding, before the held one, to shorten what it copies
 HELD_PASS_FRAMES = 256  # inline mode: a tail this short (1 MiB) is left to the held pass
-LINGER_S = 0.005  # inline mode: how long a verdict write waits for company (no response waits for it)
+# inline mode: how long verdict writes gather before they commit together. No response waits for them (a
+# verdict is decided a second or more after its request when evidence is configured); the pages a batch of
+# verdicts writes (the log's tree levels, the tails of the tables) are shared by more of them the longer.
+LINGER_S = 0.05
 PRUNE_SLICE = 2000
 
 
