@@ -225,7 +225,8 @@ class AsyncStore:
 
     def _hold(self, held: threading.Event) -> None:
         """On the loop: no commit runs from now until :meth:`_release` (or :data:`HOLD_MAX_S`)."""
-        if self._stop.is_set():
+        if self._stop.is_set():  # closing: nothing is held, and the checkpointer need not wait
+            held.set()
             return
         self._held = True
         assert self._loop is not None  # noqa: S101 (set by the first write)
