@@ -333,9 +333,14 @@ def test_signed_encoding_splice_equals_canonical_encoding(
     base = verdict(
         worker=worker, correlation_id=correlation, attestation=attestation, telemetry_source=source
     )
+    from tmb.verdict.merkle import leaf_hash
+    from tmb.verdict.tlog import verdict_leaf
+
     for signed in signer.sign_batch([base] * size):
         assert signed.encode() == canonical_bytes(signed.to_dict())
         assert verify_verdict(json.loads(signed.encode()), [signer.public]).ok
+        # the log leaf the signer keeps is the leaf of the signed bytes
+        assert verdict_leaf(signed) == leaf_hash(canonical_bytes(signed.to_dict(signed=False)))
 
 
 def test_evolve_is_replace_without_the_encoding_cache(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,13 +112,14 @@ async def test_async_store_group_commits_and_survives_reopen(tmp_path: Path, syn
     assert db.execute("PRAGMA synchronous").fetchone()[0] == {"normal": 1, "full": 2}[sync]
     commits: list[str] = []
     db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
-    # Writes queued in the same loop iteration land in one transaction.
+    # Writes queued in the same loop iteration land in one transaction (inline: the spans at once, the
+    # verdicts, which no response waits for, together once they gathered).
     await asyncio.gather(
         *(store.record_spans([span(i)]) for i in range(20)),
         *(store.publish(final(tmp_path, f"{i:032x}")) for i in range(10)),
     )
     if sync == "normal":
-        assert len(commits) == 1
+        assert len(commits) == 2
     else:
         assert 1 <= len(commits) <= 30
     counts = await store.counts()
@@ -160,29 +162,106 @@ async def test_inline_store_checkpoints_in_the_background_and_prunes_in_slices(
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed and truncated (or removed) on close
 
 
-async def test_verdict_writes_linger_and_ride_along_with_the_next_span_write(
+async def test_inline_checkpointer_starts_the_wal_over_when_a_commit_lands_during_its_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under steady load a commit lands during every passive checkpoint, so the WAL was never copied whole
+    and never started over (it grew by gigabytes in a benchmark). A round that leaves a long WAL behind
+    holds the loop's commits for a second pass; the next commit then writes the WAL from its start."""
+    import tmb.verdict.async_store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHECKPOINT_INTERVAL_S", 3600.0)  # the test runs the round itself
+    monkeypatch.setattr(store_mod, "WAL_RESTART_FRAMES", 1)
+    monkeypatch.setattr(store_mod, "CATCH_UP_PASSES", 1)
+    path = tmp_path / "s.sqlite3"
+    store = AsyncStore(path)
+    for i in range(20):
+        await store.record_spans([span(i, end_ns=1000 + i)])
+    # A reader's snapshot stops the passes short of the WAL's end, as a commit landing during each pass
+    # does under load (a pass copies what was committed when it began); it is gone after the unheld ones.
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM spans").fetchall()
+    for i in range(20, 40):
+        await store.record_spans([span(i, end_ns=1000 + i)])
+    ck = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    real = store_mod._passive_checkpoint
+    passes: list[tuple[int, int, bool]] = []
+
+    def passive(db: sqlite3.Connection) -> tuple[int, int]:
+        got = real(db)
+        passes.append((*got, store._held))
+        if len(passes) == 2:
+            reader.execute("COMMIT")
+        return got
+
+    monkeypatch.setattr(store_mod, "_passive_checkpoint", passive)
+    await asyncio.to_thread(store._checkpoint_round, ck)
+    assert passes[0][1] < passes[0][0] and passes[1][1] < passes[1][0]  # these left frames behind
+    held = [p[2] for p in passes]
+    assert held == [False, False, True]  # the last pass ran with the loop's commits held
+    assert not store._held
+    wal = path.with_name("s.sqlite3-wal")
+    size = wal.stat().st_size
+    await store.record_spans([span(100, end_ns=2000)])
+    assert wal.stat().st_size == size  # the commit wrote from the WAL's start (appended, it would grow)
+    await store.close()
+    ck.close()
+    reader.close()
+
+
+async def test_commits_held_for_the_checkpointer_wait_and_then_commit(tmp_path: Path) -> None:
+    store = AsyncStore(tmp_path / "s.sqlite3")
+    await store.record_spans([span(1)])
+    commits: list[str] = []
+    store.store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)  # type: ignore[attr-defined]
+    held = threading.Event()
+    store._hold(held)
+    assert held.is_set()
+    acked = store.add_span(span(2))
+    published = asyncio.ensure_future(store.publish(final(tmp_path, f"{1:032x}")))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not acked.done() and not published.done() and commits == []  # held: not committed, not acked
+    store._release()
+    await acked
+    await published
+    assert commits  # committed once released
+    assert (await store.lookup(f"{2:032x}")).state == "pending"
+    assert (await store.lookup(f"{1:032x}")).state == "final"
+    await store.close()
+
+
+async def test_verdict_writes_gather_for_the_linger_and_commit_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tmb.verdict.async_store as store_mod
 
-    monkeypatch.setattr(store_mod, "LINGER_S", 60.0)  # a verdict alone would wait a minute
+    monkeypatch.setattr(store_mod, "LINGER_S", 60.0)  # verdicts would gather for a minute
     store = AsyncStore(tmp_path / "s.sqlite3")
     commits: list[str] = []
     store.store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)  # type: ignore[attr-defined]
-    await store.record_spans([span(1)])
+    await store.record_spans([span(1), span(2), span(3)])
     assert len(commits) == 1
     published = asyncio.ensure_future(store.publish(final(tmp_path, f"{1:032x}")))
     for _ in range(5):
         await asyncio.sleep(0)
-    assert not published.done() and len(commits) == 1  # lingering: no response waits for it
-    await store.record_spans([span(2)])  # a response waits for this one: both go in its transaction
-    await asyncio.wait_for(published, 5)
-    assert len(commits) == 2 and (await store.lookup(f"{1:032x}")).state == "final"
-    late = asyncio.ensure_future(store.publish(final(tmp_path, f"{2:032x}")))
+    assert not published.done() and len(commits) == 1  # gathering: no response waits for it
+    await store.record_spans([span(4)])  # a response waits for this one: it does not wait for the verdict
+    assert len(commits) == 2 and not published.done()
+    assert (await store.lookup(f"{1:032x}")).state == "pending"
+    second = asyncio.ensure_future(store.publish(final(tmp_path, f"{2:032x}")))
     await asyncio.sleep(0)
-    await store.close()  # closing commits what lingers
+    assert store._later_handle is not None
+    store._later_handle.cancel()
+    store._flush_later()  # the linger is over: both verdicts in one transaction
+    await asyncio.wait_for(asyncio.gather(published, second), 5)
+    assert len(commits) == 3 and (await store.lookup(f"{2:032x}")).state == "final"
+    late = asyncio.ensure_future(store.publish(final(tmp_path, f"{3:032x}")))
+    await asyncio.sleep(0)
+    await store.close()  # closing commits what gathers
     assert late.done() and late.exception() is None
-    assert Store(tmp_path / "s.sqlite3").lookup(f"{2:032x}").state == "final"
+    assert Store(tmp_path / "s.sqlite3").lookup(f"{3:032x}").state == "final"
 
 
 _V1 = """

@@ -52,15 +52,17 @@ class AsyncStore:
     """A store for asyncio code: group commit, long-poll wake-ups on publish.
 
     Over a SQLite :class:`Store` with ``sync="normal"`` (inline mode), writes run on the event loop's own
-    thread: every write queued during one loop iteration is committed in one transaction at the start of
-    the next (``write()`` to the WAL, no fsync); verdict writes, which no response waits for, linger up to
-    ``LINGER_S`` to share a transaction with others; reads run at once, and a background thread checkpoints
-    the WAL every second on its own connection. Otherwise (``sync="full"``, or another backend such as
-    PostgreSQL) every call is queued to one dedicated thread: writes queued while a transaction commits
-    are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event loop for the
-    whole group); other calls (reads, prune) run one by one after the group's commit, in the order queued.
-    Either way a caller's future resolves only after the transaction holding its write committed, so the
-    ``ack = "commit"`` guarantee holds per write.
+    thread: every write queued during one loop iteration is committed in one transaction at the start of the
+    next (``write()`` to the WAL, no fsync); verdict writes, which no response waits for, gather for
+    ``LINGER_S`` and then commit together (with the spans queued at that moment), so a batch of verdicts
+    shares the pages it writes; reads run at once, and a background thread checkpoints the WAL every second on
+    its own connection (:meth:`_checkpoint_round`: under steady load it holds the commits for one short
+    catch-up pass, so the WAL starts over instead of growing). Otherwise (``sync="full"``, or another backend
+    such as PostgreSQL) every call is queued to one dedicated thread: writes queued while a transaction
+    commits are written together in the next one (one ``COMMIT``, one fsync, one wake-up of the event loop for
+    the whole group); other calls (reads, prune) run one by one after the group's commit, in the order queued.
+    Either way a caller's future resolves only after the transaction holding its write committed, so the ``ack
+    = "commit"`` guarantee holds per write.
     """
 
     def __init__(self, target: str | Path | Backend, *, sync: str = "normal", init: bool = False) -> None:
@@ -77,8 +79,13 @@ class AsyncStore:
         self._batch: list[_Op] = []  # inline mode: writes waiting for the next loop iteration
         self._flush_handle: asyncio.Handle | None = None
         self._flush_soon = False  # the pending flush is for the next iteration (not LINGER_S away)
+        self._later: list[_Op] = []  # inline mode: verdict writes gathering for LINGER_S (see _submit)
+        self._later_handle: asyncio.TimerHandle | None = None
         self._spans: list[Span] | None = None  # add_span: the spans of the write being gathered
         self._spans_future: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # inline mode: the loop that commits
+        self._held = False  # inline mode: commits wait while the checkpointer catches up (_hold)
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._stop = threading.Event()
         if self.inline:
             self._thread = threading.Thread(target=self._checkpointer, name="tmb-store-ckpt", daemon=True)
@@ -92,20 +99,34 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self.inline and kind == _WRITE:
-            self._batch.append((kind, payload, fut))
-            if soon and not self._flush_soon:  # a response waits for this write: next iteration
-                if self._flush_handle is not None:
-                    self._flush_handle.cancel()
-                self._flush_handle = loop.call_soon(self._flush)
-                self._flush_soon = True
-            elif self._flush_handle is None:  # nobody's response waits: gather more first
-                self._flush_handle = loop.call_later(LINGER_S, self._flush)
+            self._loop = loop
+            if not soon:  # nobody's response waits: gathered for LINGER_S, then committed together
+                self._later.append((kind, payload, fut))
+                if self._later_handle is None:
+                    self._later_handle = loop.call_later(LINGER_S, self._flush_later)
+            else:  # a response waits for this write: next iteration
+                self._batch.append((kind, payload, fut))
+                if not self._flush_soon:
+                    self._flush_handle = loop.call_soon(self._flush)
+                    self._flush_soon = True
         else:
             self._queue.put((kind, payload, fut))
         return fut
 
+    def _flush_later(self) -> None:
+        """Inline mode: the gathered verdict writes join the next commit, now."""
+        self._later_handle = None
+        self._batch += self._later
+        self._later = []
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+
     def _flush(self) -> None:
         """Inline mode: commit the writes queued since the last flush, in one transaction."""
+        if self._held:  # the checkpointer is catching up: the writes stay queued until _release
+            self._flush_handle, self._flush_soon = None, False
+            return
         batch, self._batch, self._flush_handle, self._flush_soon = self._batch, [], None, False
         self._spans = None  # gathered spans are in this batch: the next add_span starts a new write
         if batch:
@@ -159,11 +180,71 @@ class AsyncStore:
         try:
             while not self._stop.wait(CHECKPOINT_INTERVAL_S):
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._checkpoint_round(db)
                 except sqlite3.Error as exc:  # busy or full disk: the next round tries again
                     log.warning("store checkpoint failed: %s", exc)
         finally:
             db.close()
+
+    def _checkpoint_round(self, db: sqlite3.Connection) -> None:
+        """One round of the checkpointer (on its thread, with its connection ``db``).
+
+        A passive checkpoint copies the WAL's frames into the database file while the loop goes on
+        committing. The WAL starts over (its next commit writes from the start of the file) only once every
+        frame was copied; under steady load a commit always lands during the pass (its fsyncs take
+        milliseconds), so the WAL would grow without end: gigabytes in minutes, and every page the loop
+        reads costs more the longer it gets. So when the WAL holds :data:`WAL_RESTART_FRAMES` or more after
+        the pass, more passes copy what was committed during the last one until that is at most
+        :data:`HELD_PASS_FRAMES` (or :data:`CATCH_UP_PASSES` were made), then the loop holds its commits
+        (:meth:`_hold`: writes queue, the requests waiting for them wait) for a last pass that copies the
+        few frames committed meanwhile (nothing, and no fsync, when none was), at
+        most :data:`HOLD_MAX_S`; the next commit then starts the WAL over. Commits are held, never lost, and
+        a request is still acknowledged only once its write committed."""
+        log_frames, _ = _passive_checkpoint(db)  # the WAL's length when the pass began
+        if log_frames < WAL_RESTART_FRAMES:  # it started over lately: commits will not be held
+            return
+        for _ in range(CATCH_UP_PASSES):  # shorten the tail the held pass copies (each pass copies what
+            began = log_frames  # was committed during the last one, mostly less and less)
+            log_frames, _ = _passive_checkpoint(db)
+            if log_frames - began <= HELD_PASS_FRAMES:
+                break
+        loop = self._loop
+        if loop is None:
+            return
+        held = threading.Event()
+        try:
+            loop.call_soon_threadsafe(self._hold, held)
+        except RuntimeError:  # the loop is closed
+            return
+        try:
+            if held.wait(HOLD_MAX_S) and self._held:
+                _passive_checkpoint(db)
+        finally:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._release)
+
+    def _hold(self, held: threading.Event) -> None:
+        """On the loop: no commit runs from now until :meth:`_release` (or :data:`HOLD_MAX_S`)."""
+        if self._stop.is_set():  # closing: nothing is held, and the checkpointer need not wait
+            held.set()
+            return
+        self._held = True
+        assert self._loop is not None  # noqa: S101 (set by the first write)
+        self._hold_timer = self._loop.call_later(HOLD_MAX_S, self._release)
+        held.set()
+
+    def _release(self) -> None:
+        """On the loop: commit what queued while held."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if not self._held:
+            return
+        self._held = False
+        if self._batch and not self._flush_soon:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush()
 
     async def record_spans(self, spans: Sequence[Span]) -> None:
         await self._submit(_WRITE, (spans, None))
@@ -319,9 +400,10 @@ class AsyncStore:
         """Finish what is queued, stop the thread, close the store."""
         if self._spans is not None and not self.inline:
             self._seal_spans()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush()
+        self._release()
+        if self._later_handle is not None:
+            self._later_handle.cancel()
+        self._flush_later()
         self._stop.set()
         if self._thread.is_alive():
             self._queue.put(None)
@@ -334,7 +416,14 @@ class AsyncStore:
 
 
 CHECKPOINT_INTERVAL_S = 1.0
-LINGER_S = 0.005  # inline mode: how long a verdict write waits for company (no response waits for it)
+WAL_RESTART_FRAMES = 16384  # inline mode: a WAL this long (64 MiB of 4 KiB pages) gets a held catch-up pass
+HOLD_MAX_S = 0.5  # inline mode: the longest commits are held for the checkpointer's catch-up pass
+CATCH_UP_PASSES = 4  # inline mode: passes without holding, before the held one, to shorten what it copies
+HELD_PASS_FRAMES = 256  # inline mode: a tail this short (1 MiB) is left to the held pass
+# inline mode: how long verdict writes gather before they commit together. No response waits for them (a
+# verdict is decided a second or more after its request when evidence is configured); the pages a batch of
+# verdicts writes (the log's tree levels, the tails of the tables) are shared by more of them the longer.
+LINGER_S = 0.05
 PRUNE_SLICE = 2000
 
 
@@ -354,6 +443,12 @@ def _commit(store: Backend, writes: list[_Op]) -> list[tuple[asyncio.Future[Any]
             except Exception as exc:
                 done.append((op[2], exc, None))
         return done
+
+
+def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int]:
+    """``PRAGMA wal_checkpoint(PASSIVE)``: (frames in the WAL, frames copied into the database file)."""
+    row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
+    return int(row[1]), int(row[2])
 
 
 _WRITE, _CALL = 0, 1

@@ -140,7 +140,14 @@ class Verdict:
         new.__dict__.update(state)  # frozen blocks __setattr__, not the instance dict
         return new
 
-    def signed_from(self, signing_bytes: bytes, signature: bytes, batch: BatchProof | None = None) -> Verdict:
+    def signed_from(
+        self,
+        signing_bytes: bytes,
+        signature: bytes,
+        batch: BatchProof | None = None,
+        *,
+        leaf: bytes | None = None,
+    ) -> Verdict:
         """The verdict with this signature (and batch proof), keeping its encoding.
 
         ``signing_bytes`` is :meth:`signing_bytes` of this verdict (already checked by
@@ -149,7 +156,8 @@ class Verdict:
         ``,"telemetry_source":`` in the bytes (only ``window``, whose keys are fixed, and a string follow
         it, and a string cannot hold an unescaped quote), so they are spliced in there instead of encoding
         the document a second time. ``tests/unit/test_verdict_signing.py`` checks the result equals
-        :func:`canonical_bytes` of :meth:`to_dict`."""
+        :func:`canonical_bytes` of :meth:`to_dict`. ``leaf``: the log leaf of ``signing_bytes`` when the
+        caller has it already (a batch signer hashed it for the batch tree)."""
         signed = self.evolve(signature=signature.hex(), batch=batch)
         at = signing_bytes.rfind(b',"telemetry_source":')
         extra = b',"signature":"%s"' % signed.signature.encode()
@@ -161,7 +169,8 @@ class Verdict:
                 batch.size,
             )
         object.__setattr__(signed, "_encoded", signing_bytes[:at] + extra + signing_bytes[at:])
-        object.__setattr__(signed, "_leaf", leaf_hash(signing_bytes))  # its leaf in the transparency log
+        # its leaf in the transparency log
+        object.__setattr__(signed, "_leaf", leaf_hash(signing_bytes) if leaf is None else leaf)
         return signed
 
     @classmethod
@@ -219,7 +228,10 @@ def _str(data: Mapping[str, Any], key: str) -> str:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
+    t = type(value)
+    if t is str or t is int or t is bool or value is None:  # most values (isinstance(Mapping) is slow)
+        return value
+    if t is dict or isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
@@ -269,7 +281,7 @@ def _ok(value: Any) -> bool:
 
 def canonical_bytes(data: Mapping[str, Any]) -> bytes:
     """Sorted keys, no whitespace, UTF-8, integers only; raises ValueError on floats or other types."""
-    doc = dict(data)
+    doc = data if type(data) is dict else dict(data)  # _ok walks exact dicts
     if not _ok(doc):
         _check(doc, "$")  # walks again, naming where the bad value is
     return _encode(doc)

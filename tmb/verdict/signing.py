@@ -103,12 +103,13 @@ class Signer:
             for v in verdicts
         ]
         messages = [canonical_bytes(v.to_dict(signed=False)) for v in unsigned]
-        root, paths = merkle_tree([leaf_hash(m) for m in messages])
+        leaves = [leaf_hash(m) for m in messages]
+        root, paths = merkle_tree(leaves)
         n = len(messages)
         signature = self.sign_bytes(batch_message(root, n))
         return [
-            v.signed_from(m, signature, BatchProof(i, n, tuple(h.hex() for h in paths[i])))
-            for i, (v, m) in enumerate(zip(unsigned, messages, strict=True))
+            v.signed_from(m, signature, BatchProof(i, n, tuple(h.hex() for h in paths[i])), leaf=leaf)
+            for i, (v, m, leaf) in enumerate(zip(unsigned, messages, leaves, strict=True))
         ]
 
 

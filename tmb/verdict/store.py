@@ -137,7 +137,7 @@ class EvidenceRef:
 
 def evidence_json(evidence: Sequence[EvidenceRef]) -> str:
     """The ``verdicts.evidence`` column: the references as one JSON array, in order."""
-    return _dumps([e.to_dict() for e in evidence])
+    return _dumps([e.to_dict() for e in evidence]) if evidence else "[]"
 
 
 # One write of a group commit: spans, or a final verdict with its evidence.
