@@ -29,6 +29,7 @@ eventlog.malformed          an event log some event of which does not parse (not
 eventlog.truncated          an event log that ends inside an event (not stored)
 quote.*                     the quote's signature, nonce, PCR digest or clock failed
 epoch.old_boot              after a reboot, a quote over an old-boot chain head (tmb.ingest.epochs)
+ingest.store_unavailable    the store cannot be read or written (an error raised; the routes answer 503)
 ==========================  ===================================================================
 
 Findings reported with evidence that is taken: ``chain.segment_unlinked`` (a new segment's genesis does not
