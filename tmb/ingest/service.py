@@ -505,6 +505,7 @@ class Ingest:
         if result.attested:
             self.wakeups.notify(node)
         if result.accepted and result.data.get("rebooted"):
+            self.windows.forget(node)  # the previous boot's decoded batches (a memo only: frees memory)
             self.events(
                 Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
             )

@@ -1,6 +1,15 @@
 """The verdict engine's view of the evidence: a node's attested window (:class:`AttestedWindow`), read from
-the ingest's store, with each stored batch decoded once (a bounded cache by batch digest: consecutive
-requests' windows overlap the same batches)."""
+the ingest's store, with each stored batch decoded once (a bounded memo by batch digest: consecutive and
+concurrent requests' windows overlap the same batches).
+
+The memo holds what is a pure function of a batch's bytes (its digest names them): the decoded samples and,
+on them, what the engine computes per sample (:meth:`SampleBatch.per_sample`: the fingerprint's per-sample
+features), which the windows cut from the batch gather instead of computing again. Never whether a batch
+is attested: that, the quote and the findings are read from the store for every window. So a reboot, a
+new segment, a fork or a batch not yet attested cannot be answered from the memo; the memo only saves
+decoding and per-sample work. Bounded by batches, by samples in all and by samples of one node (least
+recently used first); a node's entries are dropped when it reboots.
+"""
 
 from __future__ import annotations
 
@@ -15,31 +24,75 @@ from tmb.ingest.state import finding_from_dict
 from tmb.ingest.store import IngestBackend
 from tmb.telemetry.sample import SampleBatch
 
-__all__ = ["DECODED_CACHE", "Windows"]
+__all__ = ["DECODED_CACHE", "DECODED_NODE_SAMPLES", "DECODED_SAMPLES", "Windows"]
 
-DECODED_CACHE = 4096  # decoded sample batches kept (by batch digest)
+DECODED_CACHE = 4096  # decoded sample batches kept (by batch digest), all nodes together
+DECODED_SAMPLES = 250_000  # their samples, all nodes together (about 100 MB with the per-sample features)
+DECODED_NODE_SAMPLES = 64_000  # of one node (an 8-GPU node at 20 Hz: 400 s)
 
 
 class Windows:
-    """Reads windows from ``store`` under ``db`` (the ingest's database lock); decodes outside it."""
+    """Reads windows from ``store`` under ``db`` (the ingest's database lock); decodes outside it. Safe to
+    use from several threads (the memo has its own lock). ``memo=False``: decoded batches do not keep their
+    per-sample work for the windows cut from them (the peer of bench/bench_slices.py)."""
 
-    def __init__(self, store: IngestBackend, db: AbstractContextManager[Any]) -> None:
+    def __init__(self, store: IngestBackend, db: AbstractContextManager[Any], *, memo: bool = True) -> None:
         self.store, self._db = store, db
-        self._decoded: OrderedDict[bytes, SampleBatch] = OrderedDict()
+        self.memo = memo
+        self._decoded: OrderedDict[tuple[str, bytes], int] = OrderedDict()  # LRU order: (node, digest) -> n
+        self._nodes: dict[str, OrderedDict[bytes, SampleBatch]] = {}  # per node, LRU order
+        self._node_samples: dict[str, int] = {}
+        self._samples_held = 0
         self._decoded_lock = threading.Lock()
 
-    def _samples(self, payload: bytes, digest: bytes) -> SampleBatch:
+    @property
+    def held(self) -> tuple[int, int]:
+        """(decoded batches, their samples) in the memo."""
+        with self._decoded_lock:
+            return len(self._decoded), self._samples_held
+
+    def forget(self, node: str) -> None:
+        """Drop the node's decoded batches (it rebooted: its windows move to a new segment)."""
+        with self._decoded_lock:
+            for digest in list(self._nodes.get(node, ())):
+                self._drop(node, digest)
+
+    def _drop(self, node: str, digest: bytes) -> None:
+        n = self._decoded.pop((node, digest))
+        mine = self._nodes[node]
+        del mine[digest]
+        self._samples_held -= n
+        self._node_samples[node] -= n
+        if not mine:
+            del self._nodes[node], self._node_samples[node]
+
+    def _samples(self, node: str, payload: bytes, digest: bytes) -> SampleBatch:
         """A stored batch's samples, decoded once (the engine's windows overlap the same batches)."""
         with self._decoded_lock:
-            batch = self._decoded.get(digest)
-            if batch is not None:
-                self._decoded.move_to_end(digest)
+            mine = self._nodes.get(node)
+            batch = mine.get(digest) if mine is not None else None
+            if mine is not None and batch is not None:
+                self._decoded.move_to_end((node, digest))
+                mine.move_to_end(digest)
                 return batch
         batch = SampleBatch.decode(payload)
+        if self.memo:
+            batch.memoised()
+        n = len(batch)
+        if n > DECODED_NODE_SAMPLES:
+            return batch  # larger than a node's share: not kept
         with self._decoded_lock:
-            self._decoded[digest] = batch
-            while len(self._decoded) > DECODED_CACHE:
-                self._decoded.popitem(last=False)
+            if (node, digest) in self._decoded:  # another thread decoded it meanwhile
+                return self._nodes[node][digest]
+            self._decoded[(node, digest)] = n
+            self._nodes.setdefault(node, OrderedDict())[digest] = batch
+            self._node_samples[node] = self._node_samples.get(node, 0) + n
+            self._samples_held += n
+            mine = self._nodes[node]
+            while self._node_samples[node] > DECODED_NODE_SAMPLES:
+                self._drop(node, next(iter(mine)))
+            while len(self._decoded) > DECODED_CACHE or self._samples_held > DECODED_SAMPLES:
+                self._drop(*next(iter(self._decoded)))
         return batch
 
     def attested_window(self, node: str, t0_ns: int, t1_ns: int) -> AttestedWindow:
@@ -56,7 +109,9 @@ class Windows:
             doc = self.store.quote_summary(max(quote_ids)) if quote_ids else None
         refs = tuple(BatchRef(r.segment, r.seq, r.digest, r.quote_id) for r in rows)
         parts = [
-            p for p in (self._samples(r.payload, r.digest).slice_time(t0_ns, t1_ns) for r in rows) if len(p)
+            p
+            for p in (self._samples(node, r.payload, r.digest).slice_time(t0_ns, t1_ns) for r in rows)
+            if len(p)
         ]
         try:
             samples = SampleBatch.concat(parts) if parts else SampleBatch.empty("nvml")
