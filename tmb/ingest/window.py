@@ -100,7 +100,7 @@ class Windows:
         (None when any is not yet covered by a verified quote, or there are none), and the findings."""
         findings: list[Finding] = []
         with self._db:
-            if self.store.node(node) is None:
+            if not self.store.has_node(node):
                 findings.append(_err("ingest.unknown_node", "this node is not registered", node=node))
                 return AttestedWindow(node, t0_ns, t1_ns, SampleBatch.empty("nvml"), None, tuple(findings))
             rows = self.store.batches_overlapping(node, t0_ns, t1_ns)

@@ -345,22 +345,27 @@ class SampleBatch:
                 table.setdefault(uuid, len(table))
         t = np.concatenate([b.t_ns for b in batches])
         g = np.concatenate([np.array([table[u] for u in b.gpus], dtype=np.int64)[b.gpu] for b in batches])
-        order = np.argsort(t, kind="stable")
-        procs = [row for b in batches for row in b.processes]
+        procs = tuple(row for b in batches for row in b.processes)
+        index: npt.NDArray[np.intp] | slice
+        if t.shape[0] < 2 or bool((t[1:] >= t[:-1]).all()):  # parts in time order (a window's): as they are
+            index = slice(None)  # what the stable sort would give: every sample in place
+        else:
+            index = np.argsort(t, kind="stable")
+            procs = tuple(map(procs.__getitem__, index.tolist()))
         # The parts are valid batches of one source and power field: so is their merge (not re-checked).
         return _derived(
             {
-                "t_ns": t[order],
-                "gpu": g[order],
+                "t_ns": t[index],
+                "gpu": g[index],
                 "gpus": tuple(table),
-                "processes": tuple(map(procs.__getitem__, order.tolist())),
+                "processes": procs,
                 "source": first.source,
                 "synthetic": any(b.synthetic for b in batches),
                 "power_field": first.power_field,
-                **{name: np.concatenate([b.column(name) for b in batches])[order] for name in FLOAT_FIELDS},
+                **{name: np.concatenate([b.column(name) for b in batches])[index] for name in FLOAT_FIELDS},
             },
             tuple(batches),
-            order,
+            index,
         )
 
     # -- per-sample memo ----------------------------------------------------------------------------------
