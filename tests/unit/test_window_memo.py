@@ -312,3 +312,37 @@ def test_cut_batches_equal_validated_ones() -> None:
             assert not rows.flags.writeable
     with pytest.raises(Exception, match="rows"):
         trace.slice_time(T0, T0 + S).per_sample("bad", lambda b: np.zeros(len(b) + 1))
+
+
+@pytest.mark.parametrize("shared_ns", [window_mod.SHARED_READ_NS, 0])
+def test_windows_read_together_equal_windows_read_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_ns: int
+) -> None:
+    """``attested_windows`` (the engine's look-ahead: one read of the store for a group's windows) gives
+    what ``attested_window`` gives for each, attested or not, in one segment or across two."""
+    monkeypatch.setattr(window_mod, "SHARED_READ_NS", shared_ns)
+    trace = _trace(12, seed=12)
+    store = _store(tmp_path, trace.slice_time(T0, T0 + 6 * S), b"\x08" * 16, attest=True)
+    _add_segment(store, trace.slice_time(T0 + 6 * S, T0 + 13 * S), b"\x09" * 16, attest=False, first=0)
+    together, alone = Windows(store, threading.Lock()), Windows(store, threading.Lock(), memo=False)
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        ranges = []
+        for _ in range(int(rng.integers(1, 12))):
+            t0 = T0 + int(rng.integers(-S, 13 * S))
+            ranges.append((t0, t0 + int(rng.integers(1, 3 * S))))
+        got = together.attested_windows(NODE, ranges)
+        for (t0, t1), w in zip(ranges, got, strict=True):
+            want = alone.attested_window(NODE, t0, t1)
+            assert w is not None
+            assert (w.samples.encode(), w.summary, w.findings, w.batches) == (
+                want.samples.encode(),
+                want.summary,
+                want.findings,
+                want.batches,
+            )
+    first_only = together.attested_windows(NODE, [(T0 + 8 * S, T0 + 9 * S), (T0, T0 + S)], lambda w: False)
+    assert first_only[1] is None and first_only[0] is not None and first_only[0].summary is None
+    unknown = together.attested_windows("node-x", [(T0, T0 + S), (T0 + S, T0 + 2 * S)])
+    assert all(w is not None and [f.id for f in w.findings] == ["ingest.unknown_node"] for w in unknown)
+    assert together.attested_windows(NODE, []) == []

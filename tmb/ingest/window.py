@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from tmb.errors import Finding, ParseError, Severity
 from tmb.ingest.results import AttestationSummary, AttestedWindow, BatchRef
 from tmb.ingest.state import finding_from_dict
-from tmb.ingest.store import IngestBackend
+from tmb.ingest.store import BatchRow, IngestBackend
 from tmb.telemetry.sample import SampleBatch
 
-__all__ = ["DECODED_CACHE", "DECODED_NODE_SAMPLES", "DECODED_SAMPLES", "Windows"]
+__all__ = ["DECODED_CACHE", "DECODED_NODE_SAMPLES", "DECODED_SAMPLES", "SHARED_READ_NS", "Windows"]
 
 DECODED_CACHE = 4096  # decoded sample batches kept (by batch digest), all nodes together
 DECODED_SAMPLES = 250_000  # their samples, all nodes together (about 100 MB with the per-sample features)
 DECODED_NODE_SAMPLES = 64_000  # of one node (an 8-GPU node at 20 Hz: 400 s)
+SHARED_READ_NS = 30 * 10**9  # windows read together within this span share one read of their batches
+_NO_SAMPLES = SampleBatch.empty("nvml")  # immutable; built once
 
 
 class Windows:
@@ -98,15 +101,71 @@ class Windows:
     def attested_window(self, node: str, t0_ns: int, t1_ns: int) -> AttestedWindow:
         """The node's samples with ``t0_ns <= t < t1_ns``, the summary of the quote that covers all of them
         (None when any is not yet covered by a verified quote, or there are none), and the findings."""
-        findings: list[Finding] = []
+        got = self.attested_windows(node, [(t0_ns, t1_ns)])[0]
+        assert got is not None  # noqa: S101 (the first window is always built)
+        return got
+
+    def attested_windows(
+        self,
+        node: str,
+        ranges: Sequence[tuple[int, int]],
+        more: Callable[[AttestedWindow], bool] = lambda first: True,
+    ) -> list[AttestedWindow | None]:
+        """:meth:`attested_window` of each of ``ranges`` (``t0_ns, t1_ns``), read from the store at once (one
+        snapshot: one read of the batches when the windows lie within :data:`SHARED_READ_NS`, each quote
+        summary read and parsed once); the windows after the first are cut only when ``more(first)`` says
+        so (else None: the engine wants them only when the first window's evidence is complete)."""
+        if not ranges:
+            return []
         with self._db:
             if not self.store.has_node(node):
-                findings.append(_err("ingest.unknown_node", "this node is not registered", node=node))
-                return AttestedWindow(node, t0_ns, t1_ns, SampleBatch.empty("nvml"), None, tuple(findings))
-            rows = self.store.batches_overlapping(node, t0_ns, t1_ns)
-            stored = self.store.findings(node, t0_ns, t1_ns)
-            quote_ids = [r.quote_id for r in rows if r.quote_id is not None]
-            doc = self.store.quote_summary(max(quote_ids)) if quote_ids else None
+                return [
+                    AttestedWindow(node, t0, t1, _NO_SAMPLES, None, (_unknown(node),)) for t0, t1 in ranges
+                ]
+            lo, hi = min(t0 for t0, _ in ranges), max(t1 for _, t1 in ranges)
+            shared = self.store.batches_overlapping(node, lo, hi) if hi - lo <= SHARED_READ_NS else None
+            reads: list[tuple[list[BatchRow], list[dict[str, Any]]]] = []
+            docs: dict[int, dict[str, Any] | None] = {}
+            for t0, t1 in ranges:
+                if shared is None:
+                    rows = self.store.batches_overlapping(node, t0, t1)
+                else:  # the rows the query for this window would give, in the same order
+                    rows = [r for r in shared if _overlaps(r, t0, t1)]
+                quote_ids = [r.quote_id for r in rows if r.quote_id is not None]
+                if quote_ids and max(quote_ids) not in docs:
+                    docs[max(quote_ids)] = self.store.quote_summary(max(quote_ids))
+                reads.append((rows, self.store.findings(node, t0, t1)))
+        summaries: dict[int, AttestationSummary | None] = {}
+
+        def summary(quote_id: int) -> AttestationSummary | None:
+            if quote_id not in summaries:
+                doc = docs[quote_id]
+                summaries[quote_id] = AttestationSummary.from_dict(doc) if doc else None
+            return summaries[quote_id]
+
+        first = self._cut(node, *ranges[0], *reads[0], summary)
+        out: list[AttestedWindow | None] = [first]
+        if len(ranges) > 1:
+            if more(first):
+                out += [
+                    self._cut(node, t0, t1, *r, summary)
+                    for (t0, t1), r in zip(ranges[1:], reads[1:], strict=True)
+                ]
+            else:
+                out += [None] * (len(ranges) - 1)
+        return out
+
+    def _cut(
+        self,
+        node: str,
+        t0_ns: int,
+        t1_ns: int,
+        rows: list[BatchRow],
+        stored: list[dict[str, Any]],
+        summary: Callable[[int], AttestationSummary | None],
+    ) -> AttestedWindow:
+        """The window from its rows and stored findings (outside the database lock)."""
+        findings: list[Finding] = []
         refs = tuple(BatchRef(r.segment, r.seq, r.digest, r.quote_id) for r in rows)
         parts = [
             p
@@ -114,7 +173,7 @@ class Windows:
             if len(p)
         ]
         try:
-            samples = SampleBatch.concat(parts) if parts else SampleBatch.empty("nvml")
+            samples = (parts[0] if len(parts) == 1 else SampleBatch.concat(parts)) if parts else _NO_SAMPLES
         except ParseError:
             raise
         except Exception as exc:  # mixed sources: InputError
@@ -148,7 +207,16 @@ class Windows:
                 )
             )
             return window(None)
-        return window(AttestationSummary.from_dict(doc) if doc else None)
+        return window(summary(max(r.quote_id for r in rows if r.quote_id is not None)))
+
+
+def _overlaps(row: BatchRow, t0_ns: int, t1_ns: int) -> bool:
+    """``batches_overlapping``'s condition (``t1_ns >= t0 AND t0_ns < t1``; a NULL time never holds)."""
+    return row.t0_ns is not None and row.t1_ns is not None and row.t1_ns >= t0_ns and row.t0_ns < t1_ns
+
+
+def _unknown(node: str) -> Finding:
+    return _err("ingest.unknown_node", "this node is not registered", node=node)
 
 
 def _err(fid: str, message: str, **context: Any) -> Finding:
