@@ -8,11 +8,12 @@ One node, one GPU, synthetic telemetry at 20 Hz in the probe's shape (one sealed
 attested by one verified quote), the demo's two enrolled profiles; ``--rps`` requests a second of telemetry,
 each a few milliseconds long (widened to ``[verdicts] min_window_ms`` = 1 s around its middle, as the
 engine does), so dozens of request windows overlap each second of telemetry, as with continuous batching.
-For each request: ``Ingest.attested_window`` (here ``Windows.attested_window`` on the store) then
-``Engine.decide``; signing and storing are left out (bench_verdicts.py measures them).
+For each request: ``Ingest.attested_window`` (here ``Windows.attested_windows`` on the store, ``--group``
+consecutive requests' windows read together as the engine's look-ahead reads them) then ``Engine.decide``;
+signing and storing are left out (bench_verdicts.py measures them).
 
-The peer, side by side in the same run: the same requests with the memo off (``TMB_WINDOW_MEMO=0``'s path,
-every window cut from freshly decoded batches as before). Prints the ratio LAST: CPU per request without
+The peer, side by side in the same run: the same requests with the memo off (``Windows(memo=False)``: the
+decoded batches kept, but every window's per-sample features computed from its own samples). Prints the ratio LAST: CPU per request without
 the memo / with it.
 
     .venv/bin/python bench/bench_slices.py [--seconds 20] [--rps 200] [--repeats 5] [--profile]
@@ -82,17 +83,30 @@ def spans(seconds: int, rps: int) -> list[Span]:
     return out
 
 
-def run_once(windows: Windows, engine: Engine, todo: list[Span]) -> tuple[float, dict[str, int], list[str]]:
+def run_once(
+    windows: Windows, engine: Engine, todo: list[Span], group: int
+) -> tuple[float, dict[str, int], list[str]]:
+    """Every span's verdict as the engine decides it, reading the windows of ``group`` consecutive spans
+    together (its look-ahead; one window at a time where ``Windows`` cannot read several)."""
     decisions: dict[str, int] = {}
     digests = []
+    together = hasattr(windows, "attested_windows")
     t = time.process_time()
-    for sp in todo:
-        w = widen(sp, engine.settings.min_window_s)
-        got = windows.attested_window(NODE, w.t0_ns, w.t1_ns)
-        verdict, _ = engine.decide(sp, w, got.samples, got.summary, got.findings, got.batches)
-        decisions[verdict.decision.value] = decisions.get(verdict.decision.value, 0) + 1
-        figures = repr((verdict.decision, verdict.fingerprint, verdict.attestation_evidence, verdict.reasons))
-        digests.append(hashlib.sha256(figures.encode()).hexdigest())
+    for g in range(0, len(todo), group):
+        spans_ = todo[g : g + group]
+        ws = [widen(sp, engine.settings.min_window_s) for sp in spans_]
+        if together:
+            got = windows.attested_windows(NODE, [(w.t0_ns, w.t1_ns) for w in ws])
+        else:
+            got = [windows.attested_window(NODE, w.t0_ns, w.t1_ns) for w in ws]
+        for sp, w, a in zip(spans_, ws, got, strict=True):
+            assert a is not None
+            verdict, _ = engine.decide(sp, w, a.samples, a.summary, a.findings, a.batches)
+            decisions[verdict.decision.value] = decisions.get(verdict.decision.value, 0) + 1
+            figures = repr(
+                (verdict.decision, verdict.fingerprint, verdict.attestation_evidence, verdict.reasons)
+            )
+            digests.append(hashlib.sha256(figures.encode()).hexdigest())
     return (time.process_time() - t) / len(todo), decisions, digests
 
 
@@ -101,6 +115,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--rps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--group", type=int, default=16, help="spans whose windows are read together")
     ap.add_argument("--profile", action="store_true", help="cProfile the memo's runs (top 15 by own time)")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
@@ -122,10 +137,10 @@ def main() -> int:
             on = Windows(store, lock)
             e_off = Engine(AsyncStore(tmp / "a.db"), signer, None, profs, EngineSettings(demo=True))
             e_on = Engine(AsyncStore(tmp / "b.db"), signer, None, profs, EngineSettings(demo=True))
-            t_off, _, d_off = run_once(off, e_off, todo)
+            t_off, _, d_off = run_once(off, e_off, todo, args.group)
             if prof is not None:
                 prof.enable()
-            t_on, decisions, d_on = run_once(on, e_on, todo)
+            t_on, decisions, d_on = run_once(on, e_on, todo, args.group)
             if prof is not None:
                 prof.disable()
             same = same and d_off == d_on
