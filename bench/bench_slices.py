@@ -13,8 +13,8 @@ consecutive requests' windows read together as the engine's look-ahead reads the
 signing and storing are left out (bench_verdicts.py measures them).
 
 The peer, side by side in the same run: the same requests with the memo off (``Windows(memo=False)``: the
-decoded batches kept, but every window's per-sample features computed from its own samples). Prints the ratio LAST: CPU per request without
-the memo / with it.
+decoded batches kept, but every window's per-sample features computed from its own samples). Prints the
+ratio LAST: CPU per request without the memo / with it.
 
     .venv/bin/python bench/bench_slices.py [--seconds 20] [--rps 200] [--repeats 5] [--profile]
 """
