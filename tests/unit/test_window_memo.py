@@ -346,3 +346,29 @@ def test_windows_read_together_equal_windows_read_alone(
     unknown = together.attested_windows("node-x", [(T0, T0 + S), (T0 + S, T0 + 2 * S)])
     assert all(w is not None and [f.id for f in w.findings] == ["ingest.unknown_node"] for w in unknown)
     assert together.attested_windows(NODE, []) == []
+
+
+def test_cut_time_is_concat_of_slices() -> None:
+    """``SampleBatch.cut_time`` (a window cut from stored batches without building the slices) equals the
+    concatenation of the slices, also for batches overlapping in time (two GPUs' batches, merged by time),
+    with the per-sample rows gathered from the whole batches."""
+    a = dataclasses.replace(demo_trace(BF16, 4, seed=1, start_ns=T0), gpus=("GPU-A",))
+    b = dataclasses.replace(demo_trace(INT8, 4, seed=2, start_ns=T0 + 3), gpus=("GPU-B",))
+    c = dataclasses.replace(demo_trace(BF16, 2, seed=3, start_ns=T0 + 4 * S), gpus=("GPU-A",))
+    batches = [SampleBatch.decode(x.encode()).memoised() for x in (a, b, c)]
+    rng = np.random.default_rng(5)
+    for _ in range(80):
+        t0 = T0 + int(rng.integers(-S, 6 * S))
+        t1 = t0 + int(rng.integers(0, 4 * S))
+        order = [batches[i] for i in rng.permutation(3)]
+        parts = [p for p in (x.slice_time(t0, t1) for x in order) if len(p)]
+        got = SampleBatch.cut_time(order, t0, t1)
+        if not parts:
+            assert got is None
+            continue
+        want = SampleBatch.concat(parts)
+        assert got is not None and got.encode() == want.encode() and got.gpus == want.gpus
+        rows = got.per_sample(summary_mod.RAW_FEATURES, summary_mod._raw_features)
+        direct = summary_mod._raw_features(SampleBatch.decode(got.encode()))
+        assert np.array_equal(rows, direct, equal_nan=True)
+        assert summarise(got, 1.0) == summarise(SampleBatch.decode(want.encode()), 1.0)

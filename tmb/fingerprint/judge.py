@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from scipy import special
 
@@ -32,6 +32,8 @@ from tmb.fingerprint.loadprofile import MIN_LOAD, MIN_RUNS, LoadProfile
 from tmb.fingerprint.summary import MIN_SAMPLES, WindowSummary
 
 Outcome = Literal["consistent", "inconsistent", "inconclusive"]
+#: Claims whose matching profiles a :class:`Judge` keeps (then it starts again).
+CLAIMS_KEPT: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,25 @@ class Judge:
             raise InputError("no profiles to score against")
         self.profiles = tuple(profiles)
         self.target_far = target_far
+        self._matching: dict[str, tuple[LoadProfile, ...]] = {}  # claim -> the profiles it matches
+
+    def _candidates(self, claim: str) -> tuple[LoadProfile, ...]:
+        """The profiles ``claim`` matches, in order (kept for the next request with the same claim; claims
+        come from requests, so at most :data:`CLAIMS_KEPT` of them)."""
+        got = self._matching.get(claim)
+        if got is None:
+            got = tuple(p for p in self.profiles if p.matches(claim))
+            if len(self._matching) >= CLAIMS_KEPT:
+                self._matching.clear()
+            self._matching[claim] = got
+        return got
 
     def covers(self, claim: str) -> bool:
-        return any(p.matches(claim) for p in self.profiles)
+        return bool(self._candidates(claim))
 
     def judge(self, claimed: str, window: WindowSummary) -> Judgement:
         notes: list[Finding] = []
-        candidates = [p for p in self.profiles if p.matches(claimed)]
+        candidates = list(self._candidates(claimed))
         far = self.target_far or (candidates[0].target_far if candidates else 1e-3)
         n = window.n_samples
 

@@ -167,24 +167,22 @@ class Windows:
         """The window from its rows and stored findings (outside the database lock)."""
         findings: list[Finding] = []
         refs = tuple(BatchRef(r.segment, r.seq, r.digest, r.quote_id) for r in rows)
-        parts = [
-            p
-            for p in (self._samples(node, r.payload, r.digest).slice_time(t0_ns, t1_ns) for r in rows)
-            if len(p)
-        ]
+        batches = [self._samples(node, r.payload, r.digest) for r in rows]
         try:
-            samples = (parts[0] if len(parts) == 1 else SampleBatch.concat(parts)) if parts else _NO_SAMPLES
+            cut = SampleBatch.cut_time(batches, t0_ns, t1_ns)
         except ParseError:
             raise
         except Exception as exc:  # mixed sources: InputError
             findings.append(Finding("ingest.window_mixed_sources", str(exc), Severity.ERROR, {"node": node}))
-            samples = SampleBatch.concat([p for p in parts if p.source == parts[0].source])
+            parts = [p for p in (b.slice_time(t0_ns, t1_ns) for b in batches) if len(p)]
+            cut = SampleBatch.concat([p for p in parts if p.source == parts[0].source])
+        samples = _NO_SAMPLES if cut is None else cut
         findings.extend(finding_from_dict(f) for f in stored)
 
         def window(summary: AttestationSummary | None) -> AttestedWindow:
             return AttestedWindow(node, t0_ns, t1_ns, samples, summary, tuple(findings), refs)
 
-        if not parts:
+        if cut is None:
             findings.append(
                 _err(
                     "ingest.window_empty",

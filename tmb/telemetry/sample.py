@@ -331,42 +331,24 @@ class SampleBatch:
         """
         if not batches:
             raise InputError("concat needs at least one batch")
-        first = batches[0]
-        for b in batches[1:]:
-            if b.source != first.source or b.power_field != first.power_field:
-                raise InputError(
-                    "cannot concatenate batches of different source or power field",
-                    sources=sorted({x.source for x in batches}),
-                    power_fields=sorted({x.power_field for x in batches}),
-                )
-        table: dict[str, int] = {}
+        return _concat([(b, 0, len(b)) for b in batches])
+
+    @staticmethod
+    def cut_time(batches: Sequence[SampleBatch], t0_ns: int, t1_ns: int) -> SampleBatch | None:
+        """``concat`` of the batches' ``slice_time(t0_ns, t1_ns)`` that have samples (the one slice when
+        only one has; None when none has), without building the slices: a window cut from stored batches."""
+        pieces = []
         for b in batches:
-            for uuid in b.gpus:
-                table.setdefault(uuid, len(table))
-        t = np.concatenate([b.t_ns for b in batches])
-        g = np.concatenate([np.array([table[u] for u in b.gpus], dtype=np.int64)[b.gpu] for b in batches])
-        procs = tuple(row for b in batches for row in b.processes)
-        index: npt.NDArray[np.intp] | slice
-        if t.shape[0] < 2 or bool((t[1:] >= t[:-1]).all()):  # parts in time order (a window's): as they are
-            index = slice(None)  # what the stable sort would give: every sample in place
-        else:
-            index = np.argsort(t, kind="stable")
-            procs = tuple(map(procs.__getitem__, index.tolist()))
-        # The parts are valid batches of one source and power field: so is their merge (not re-checked).
-        return _derived(
-            {
-                "t_ns": t[index],
-                "gpu": g[index],
-                "gpus": tuple(table),
-                "processes": procs,
-                "source": first.source,
-                "synthetic": any(b.synthetic for b in batches),
-                "power_field": first.power_field,
-                **{name: np.concatenate([b.column(name) for b in batches])[index] for name in FLOAT_FIELDS},
-            },
-            tuple(batches),
-            index,
-        )
+            lo = int(np.searchsorted(b.t_ns, t0_ns, side="left"))
+            hi = int(np.searchsorted(b.t_ns, t1_ns, side="left"))
+            if hi > lo:
+                pieces.append((b, lo, hi))
+        if not pieces:
+            return None
+        if len(pieces) == 1:
+            b, lo, hi = pieces[0]
+            return b._take(slice(lo, hi))
+        return _concat(pieces)
 
     # -- per-sample memo ----------------------------------------------------------------------------------
 
@@ -459,3 +441,53 @@ def _derived(
         out.__dict__["_memo"] = {}
         out.__dict__["_origin"] = (parents, index)
     return out
+
+
+def _concat(pieces: Sequence[tuple[SampleBatch, int, int]]) -> SampleBatch:
+    """:meth:`SampleBatch.concat` of rows ``lo:hi`` of each batch (each piece keeps its batch's GPU table)."""
+    batches = [b for b, _, _ in pieces]
+    first = batches[0]
+    for b in batches[1:]:
+        if b.source != first.source or b.power_field != first.power_field:
+            raise InputError(
+                "cannot concatenate batches of different source or power field",
+                sources=sorted({x.source for x in batches}),
+                power_fields=sorted({x.power_field for x in batches}),
+            )
+    table: dict[str, int] = {}
+    for b in batches:
+        for uuid in b.gpus:
+            table.setdefault(uuid, len(table))
+    whole = all(lo == 0 and hi == len(b) for b, lo, hi in pieces)
+    t = np.concatenate([b.t_ns[lo:hi] for b, lo, hi in pieces])
+    g = np.concatenate(
+        [np.array([table[u] for u in b.gpus], dtype=np.int64)[b.gpu[lo:hi]] for b, lo, hi in pieces]
+    )
+    procs = tuple(row for b, lo, hi in pieces for row in b.processes[lo:hi])
+    order: npt.NDArray[np.intp] | None = None
+    if t.shape[0] > 1 and not bool((t[1:] >= t[:-1]).all()):  # else what the stable sort would give
+        order = np.argsort(t, kind="stable")
+        procs = tuple(map(procs.__getitem__, order.tolist()))
+    index: npt.NDArray[np.intp] | slice = slice(None) if order is None else order
+    values = {
+        "t_ns": t[index],
+        "gpu": g[index],
+        "gpus": tuple(table),
+        "processes": procs,
+        "source": first.source,
+        "synthetic": any(b.synthetic for b in batches),
+        "power_field": first.power_field,
+        **{
+            name: np.concatenate([b.column(name)[lo:hi] for b, lo, hi in pieces])[index]
+            for name in FLOAT_FIELDS
+        },
+    }
+    # The rows of the whole batches, one after the other, that the result holds (for the per-sample memo).
+    if not whole:
+        offsets = np.cumsum([0] + [len(b) for b in batches[:-1]])
+        rows = np.concatenate(
+            [np.arange(lo, hi) + off for (_, lo, hi), off in zip(pieces, offsets, strict=True)]
+        )
+        index = rows if order is None else rows[order]
+    # The parts are valid batches of one source and power field: so is their merge (not re-checked).
+    return _derived(values, tuple(batches), index)
