@@ -111,31 +111,27 @@ class Windows:
         ranges: Sequence[tuple[int, int]],
         more: Callable[[AttestedWindow], bool] = lambda first: True,
     ) -> list[AttestedWindow | None]:
-        """:meth:`attested_window` of each of ``ranges`` (``t0_ns, t1_ns``), read from the store at once (one
-        snapshot: one read of the batches when the windows lie within :data:`SHARED_READ_NS`, each quote
-        summary read and parsed once); the windows after the first are cut only when ``more(first)`` says
-        so (else None: the engine wants them only when the first window's evidence is complete)."""
+        """:meth:`attested_window` of each of ``ranges`` (``t0_ns, t1_ns``; the engine's span and those it
+        reads ahead, at most 65), read from the store together: one read of the batches when the windows lie
+        within :data:`SHARED_READ_NS`, each quote summary read and parsed once. The windows after the first
+        are read (their findings and quotes; their batches as the first read found them) and cut only when
+        ``more(first)`` says so, else they are None: the engine wants them only once the first window's
+        evidence is complete."""
         if not ranges:
             return []
-        with self._db:
-            if not self.store.has_node(node):
-                return [
-                    AttestedWindow(node, t0, t1, _NO_SAMPLES, None, (_unknown(node),)) for t0, t1 in ranges
-                ]
-            lo, hi = min(t0 for t0, _ in ranges), max(t1 for _, t1 in ranges)
-            shared = self.store.batches_overlapping(node, lo, hi) if hi - lo <= SHARED_READ_NS else None
-            reads: list[tuple[list[BatchRow], list[dict[str, Any]]]] = []
-            docs: dict[int, dict[str, Any] | None] = {}
-            for t0, t1 in ranges:
-                if shared is None:
-                    rows = self.store.batches_overlapping(node, t0, t1)
-                else:  # the rows the query for this window would give, in the same order
-                    rows = [r for r in shared if _overlaps(r, t0, t1)]
-                quote_ids = [r.quote_id for r in rows if r.quote_id is not None]
-                if quote_ids and max(quote_ids) not in docs:
-                    docs[max(quote_ids)] = self.store.quote_summary(max(quote_ids))
-                reads.append((rows, self.store.findings(node, t0, t1)))
+        docs: dict[int, dict[str, Any] | None] = {}
         summaries: dict[int, AttestationSummary | None] = {}
+
+        def read(t0: int, t1: int) -> tuple[list[BatchRow], list[dict[str, Any]]]:
+            """Under the database lock: the window's rows, its quote's summary and its stored findings."""
+            if shared is not None:  # the rows the query for this window would give, in the same order
+                rows = [r for r in shared if _overlaps(r, t0, t1)]
+            else:
+                rows = self.store.batches_overlapping(node, t0, t1)
+            quote_ids = [r.quote_id for r in rows if r.quote_id is not None]
+            if quote_ids and max(quote_ids) not in docs:
+                docs[max(quote_ids)] = self.store.quote_summary(max(quote_ids))
+            return rows, self.store.findings(node, t0, t1)
 
         def summary(quote_id: int) -> AttestationSummary | None:
             if quote_id not in summaries:
@@ -143,16 +139,24 @@ class Windows:
                 summaries[quote_id] = AttestationSummary.from_dict(doc) if doc else None
             return summaries[quote_id]
 
-        first = self._cut(node, *ranges[0], *reads[0], summary)
-        out: list[AttestedWindow | None] = [first]
-        if len(ranges) > 1:
-            if more(first):
-                out += [
-                    self._cut(node, t0, t1, *r, summary)
-                    for (t0, t1), r in zip(ranges[1:], reads[1:], strict=True)
+        with self._db:
+            if not self.store.has_node(node):
+                return [
+                    AttestedWindow(node, t0, t1, _NO_SAMPLES, None, (_unknown(node),)) for t0, t1 in ranges
                 ]
-            else:
-                out += [None] * (len(ranges) - 1)
+            lo, hi = min(t0 for t0, _ in ranges), max(t1 for _, t1 in ranges)
+            shared = self.store.batches_overlapping(node, lo, hi) if hi - lo <= SHARED_READ_NS else None
+            head = read(*ranges[0])
+        first = self._cut(node, *ranges[0], *head, summary)
+        out: list[AttestedWindow | None] = [first]
+        if len(ranges) > 1 and not more(first):
+            out += [None] * (len(ranges) - 1)
+        elif len(ranges) > 1:
+            with self._db:
+                rest = [read(t0, t1) for t0, t1 in ranges[1:]]
+            out += [
+                self._cut(node, t0, t1, *r, summary) for (t0, t1), r in zip(ranges[1:], rest, strict=True)
+            ]
         return out
 
     def _cut(
