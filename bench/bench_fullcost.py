@@ -76,6 +76,8 @@ policy = "{dir}/policy.toml"
 db = "{dir}/ingest.sqlite3"
 wait_s = 5.0
 nodes = ["{node}={ak}"]
+[identity]
+ek_roots = "{dir}/ek-roots"
 [fingerprint]
 profiles = ["{dir}/profiles"]
 """
@@ -130,6 +132,11 @@ def main() -> int:
         demo_setup.enrol_profiles([CLAIM, IMPOSTOR], tmp / "profiles")
         (tmp / "policy.toml").write_text(demo_setup.policy_toml(commitment))
         node = demo_setup.boot_node(NODE, tmp / "nodes" / NODE, commitment)
+        # the TPM "manufacturer": the swtpm's local CA, so the probe enrols (EK certificate, credential)
+        ca = node.swtpm.state_dir.parent / (node.swtpm.state_dir.name + "-ca")
+        (tmp / "ek-roots").mkdir()
+        for cert in ("swtpm-localca-rootca-cert.pem", "issuercert.pem"):
+            (tmp / "ek-roots" / cert).write_bytes((ca / cert).read_bytes())
         try:
             wport, nport, tport, mport = free_port(), free_port(), free_port(), free_port()
             procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(wport)]))

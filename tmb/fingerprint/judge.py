@@ -21,9 +21,9 @@ A fingerprint outcome is statistical evidence, never a proof.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from scipy import special
 
@@ -32,6 +32,8 @@ from tmb.fingerprint.loadprofile import MIN_LOAD, MIN_RUNS, LoadProfile
 from tmb.fingerprint.summary import MIN_SAMPLES, WindowSummary
 
 Outcome = Literal["consistent", "inconsistent", "inconclusive"]
+#: Claims whose matching profiles a :class:`Judge` keeps (then it starts again).
+CLAIMS_KEPT: Final = 1024
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,23 @@ def threshold(far: float, n_features: int) -> float:
     return float(-special.ndtri(far / (2.0 * max(n_features, 1))))
 
 
+Expected = Callable[[LoadProfile, str, int], tuple[tuple[float, float] | None, float]]
+
+
 def statistic(
-    profile: LoadProfile, window: WindowSummary, names: Sequence[str]
+    profile: LoadProfile, window: WindowSummary, names: Sequence[str], expected: Expected | None = None
 ) -> tuple[float, dict[str, float]]:
-    """``max |z|`` over ``names`` and the signed ``z`` per feature, under ``profile`` at the window's load."""
+    """``max |z|`` over ``names`` and the signed ``z`` per feature, under ``profile`` at the window's load
+    (``expected``: :meth:`LoadProfile.expected_scale` at the window's load, as the judge keeps it)."""
     zs: dict[str, float] = {}
     for name in names:
         fs = window.features.get(name)
         if fs is None:
             continue
-        exp, scale = profile.expected_scale(name, window.load, fs.n)
+        if expected is None:
+            exp, scale = profile.expected_scale(name, window.load, fs.n)
+        else:
+            exp, scale = expected(profile, name, fs.n)
         if exp is not None:
             zs[name] = (fs.median - exp[0]) / scale
     return (max((abs(z) for z in zs.values()), default=math.nan), zs)
@@ -104,13 +113,25 @@ class Judge:
             raise InputError("no profiles to score against")
         self.profiles = tuple(profiles)
         self.target_far = target_far
+        self._matching: dict[str, tuple[LoadProfile, ...]] = {}  # claim -> the profiles it matches
+
+    def _candidates(self, claim: str) -> tuple[LoadProfile, ...]:
+        """The profiles ``claim`` matches, in order (kept for the next request with the same claim; claims
+        come from requests, so at most :data:`CLAIMS_KEPT` of them)."""
+        got = self._matching.get(claim)
+        if got is None:
+            got = tuple(p for p in self.profiles if p.matches(claim))
+            if len(self._matching) >= CLAIMS_KEPT:
+                self._matching.clear()
+            self._matching[claim] = got
+        return got
 
     def covers(self, claim: str) -> bool:
-        return any(p.matches(claim) for p in self.profiles)
+        return bool(self._candidates(claim))
 
     def judge(self, claimed: str, window: WindowSummary) -> Judgement:
         notes: list[Finding] = []
-        candidates = [p for p in self.profiles if p.matches(claimed)]
+        candidates = list(self._candidates(claimed))
         far = self.target_far or (candidates[0].target_far if candidates else 1e-3)
         n = window.n_samples
 
@@ -140,11 +161,21 @@ class Judge:
                 load=window.load,
                 enrolled=ranges,
             )
+        kept: dict[tuple[int, str], tuple[tuple[float, float] | None, float]] = {}
+
+        def expected(p: LoadProfile, name: str, n: int) -> tuple[tuple[float, float] | None, float]:
+            """``p.expected_scale`` at the window's load, once per profile and feature of this window (the
+            claimed profile's are needed again against each alternative)."""
+            got = kept.get((id(p), name))
+            if got is None:
+                got = kept[(id(p), name)] = p.expected_scale(name, window.load, n)
+            return got
+
         scored = []
         for p in in_range:
             names = [f for f in p.features if f in window.features]
             if names:
-                stat, zs = statistic(p, window, names)
+                stat, zs = statistic(p, window, names, expected)
                 scored.append((stat, p.key, p, names, zs))
         if not scored:
             return undecided(
@@ -172,7 +203,7 @@ class Judge:
                 )
             )
         thr = threshold(far, len(names))
-        alts = self._alternatives(claim_p, window, names, thr)
+        alts = self._alternatives(claim_p, window, names, thr, expected)
         best = min(alts, key=lambda a: a[1]) if alts else None
         nearest = min(alts, key=lambda a: (a[2], a[0])) if alts else None
         base: dict[str, Any] = {
@@ -223,7 +254,12 @@ class Judge:
         return Judgement("consistent", findings=tuple(notes), **base)
 
     def _alternatives(
-        self, claim_p: LoadProfile, window: WindowSummary, names: Sequence[str], thr: float
+        self,
+        claim_p: LoadProfile,
+        window: WindowSummary,
+        names: Sequence[str],
+        thr: float,
+        expected: Expected,
     ) -> list[tuple[str, float, float]]:
         """(key, statistic of the window under it, power against it) for each applicable alternative."""
         out: list[tuple[str, float, float]] = []
@@ -239,9 +275,9 @@ class Judge:
             own_scale = alt.runs >= MIN_RUNS  # else the claimed profile's scale
             for name in common:
                 fs = window.features[name]
-                c, c_scale = claim_p.expected_scale(name, window.load, fs.n)
+                c, c_scale = expected(claim_p, name, fs.n)
                 if own_scale:
-                    a, a_scale = alt.expected_scale(name, window.load, fs.n)
+                    a, a_scale = expected(alt, name, fs.n)
                 else:
                     a, a_scale = alt.expected(name, window.load), c_scale
                 if a is None:

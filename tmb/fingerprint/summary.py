@@ -94,30 +94,42 @@ def _process_bytes(processes: Sequence[Sequence[tuple[int, int | None]]]) -> Flo
     return out
 
 
-def _feature_matrix(batch: SampleBatch) -> tuple[tuple[str, ...], FloatArray]:
-    """The per-sample feature values as one samples x features matrix (the features with at least one
-    valid value, in :data:`SUMMARY_FEATURES` order; an invalid value is NaN): every feature is validated
-    in one pass over the matrix instead of a handful of array calls per feature."""
+def _raw_features(batch: SampleBatch) -> FloatArray:
+    """Every :data:`SUMMARY_FEATURES` member per sample, unvalidated (samples x features): row ``i`` depends
+    on sample ``i`` alone, so the rows of a window cut from a batch are the batch's rows
+    (:meth:`SampleBatch.per_sample` keeps them on the ingest's decoded batches)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         limit = batch.power_limit_w
         total = batch.mem_total_bytes
         denom = np.where(total > 0, total, np.nan)
-        cols = [
-            batch.power_w / np.where(limit > 0, limit, np.nan),
-            batch.gpu_util / 100.0,
-            batch.mem_util / 100.0,
-            batch.sm_active,
-            batch.tensor_active,
-            batch.mem_used_bytes / denom,
-        ]
-        if any(batch.processes):
-            cols.append(_process_bytes(batch.processes) / denom)
-        names: tuple[str, ...] = SUMMARY_FEATURES[: len(cols)]
-        x: FloatArray = np.column_stack(cols)
-        # non-finite, negative or above the feature's upper bound: invalid (NaN compares False)
-        ok = (x >= 0) & (x <= _UPPER[: len(cols)])
+        x: FloatArray = np.column_stack(
+            [
+                batch.power_w / np.where(limit > 0, limit, np.nan),
+                batch.gpu_util / 100.0,
+                batch.mem_util / 100.0,
+                batch.sm_active,
+                batch.tensor_active,
+                batch.mem_used_bytes / denom,
+                _process_bytes(batch.processes) / denom,  # NaN throughout when no sample lists processes
+            ]
+        )
+    return x
+
+
+#: The key of :func:`_raw_features` in a batch's per-sample memo.
+RAW_FEATURES: Final = "tmb.fingerprint.summary.raw_features"
+
+
+def _feature_matrix(batch: SampleBatch) -> tuple[tuple[str, ...], FloatArray]:
+    """The per-sample feature values as one samples x features matrix (the features with at least one
+    valid value, in :data:`SUMMARY_FEATURES` order; an invalid value is NaN): every feature is validated
+    in one pass over the matrix instead of a handful of array calls per feature."""
+    x = batch.per_sample(RAW_FEATURES, _raw_features)
     if not x.shape[0]:
         return (), x[:, :0]
+    # non-finite, negative or above the feature's upper bound: invalid (NaN compares False)
+    ok = (x >= 0) & (x <= _UPPER)
+    names: tuple[str, ...] = SUMMARY_FEATURES
     if bool(ok.all()):
         return names, x
     valid = ok.any(axis=0)

@@ -506,6 +506,7 @@ class Ingest:
         if result.attested:
             self.wakeups.notify(node)
         if result.accepted and result.data.get("rebooted"):
+            self.windows.forget(node)  # the previous boot's decoded batches (a memo only: frees memory)
             self.events(
                 Event("node.rebooted", node, self.clock_ns(), {"quote_id": result.data.get("quote_id")})
             )
@@ -729,16 +730,31 @@ class Ingest:
         """The node's samples with ``t0_ns <= t < t1_ns``, the summary of the quote that covers all of them
         (None when any is not yet covered by a verified quote, or there are none), and the findings (with
         ``node.stale`` when none covers it and the node is stale)."""
-        window = self.windows.attested_window(node, t0_ns, t1_ns)
+        got = self.attested_windows(node, [(t0_ns, t1_ns)])[0]
+        assert got is not None  # noqa: S101 (the first window is always built)
+        return got
+
+    def attested_windows(
+        self,
+        node: str,
+        ranges: Sequence[tuple[int, int]],
+        more: Callable[[AttestedWindow], bool] = lambda first: True,
+    ) -> list[AttestedWindow | None]:
+        """:meth:`attested_window` of each of ``ranges``, read at once (:meth:`Windows.attested_windows`:
+        those after the first only when ``more(first)``, else None)."""
         since = self._stale.get(node)
-        if window.summary is None and since is not None:
-            stale = _err(
+
+        def stale(window: AttestedWindow | None) -> AttestedWindow | None:
+            if window is None or window.summary is not None or since is None:
+                return window
+            found = _err(
                 "node.stale",
                 f"the node sent no valid quote for more than {self.stale_after_s:g} s",
                 since_ns=since,
             )
-            window = dc_replace(window, findings=(*window.findings, stale))
-        return window
+            return dc_replace(window, findings=(*window.findings, found))
+
+        return [stale(w) for w in self.windows.attested_windows(node, ranges, more)]
 
     def stale_nodes(self) -> dict[str, int]:
         """The stale nodes as the last :meth:`check_stale` found them: node -> since (ns)."""

@@ -207,6 +207,10 @@ class IngestBackend(Protocol):
 
     def upsert_node(self, node: str, ak: bytes, now_ns: int) -> None: ...
     def node(self, node: str, *, lock: bool = False) -> NodeRow | None: ...
+    def has_node(self, node: str) -> bool:
+        """Whether the node is registered (:meth:`node` without reading its state)."""
+        ...
+
     def set_head(self, node: str, segment: bytes, seq: int, head: bytes) -> None: ...
     def set_ima(self, node: str, replay: ReplayState, data: bytes) -> None: ...
     def set_state(self, node: str, state: NodeState) -> None: ...
@@ -393,6 +397,10 @@ class IngestStore(Trail):
             (node,),
         ).fetchone()
         return node_row(row) if row is not None else None
+
+    def has_node(self, node: str) -> bool:
+        row = self.conn.execute("SELECT 1 FROM ingest_nodes WHERE node = ?", (node,)).fetchone()
+        return row is not None
 
     def set_head(self, node: str, segment: bytes, seq: int, head: bytes) -> None:
         self.conn.execute(

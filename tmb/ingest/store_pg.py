@@ -173,6 +173,9 @@ class PgIngestStore(Trail):
         row = self._one(sql + (" FOR UPDATE" if lock else ""), (node,))
         return node_row(row) if row is not None else None
 
+    def has_node(self, node: str) -> bool:
+        return self._one("SELECT 1 FROM ingest_nodes WHERE node = %s", (node,)) is not None
+
     def set_head(self, node: str, segment: bytes, seq: int, head: bytes) -> None:
         self._q(
             "UPDATE ingest_nodes SET segment = %s, seq = %s, head = %s WHERE node = %s",

@@ -33,9 +33,11 @@ def encode_batch(batch: SampleBatch) -> bytes:
     n = len(batch)
     if len(batch.gpus) > 0xFFFF:
         raise InputError("too many GPUs in one batch for the encoding", gpus=len(batch.gpus))
-    # batch.present_fields(), one reduction per column: fmax ignores NaN, so it is NaN only for all-NaN
-    present = tuple(name for name in FLOAT_FIELDS if n and not np.isnan(_FMAX(batch.column(name))))
-    mask = sum(1 << FLOAT_FIELDS.index(name) for name in present)
+    # The float columns as one fields x samples matrix: batch.present_fields() in one reduction (fmax
+    # ignores NaN, so it is NaN only for an all-NaN row) and one NaN bit pattern in one assignment.
+    m = np.stack([batch.column(name) for name in FLOAT_FIELDS]) if n else np.empty((len(FLOAT_FIELDS), 0))
+    keep = np.flatnonzero(~np.isnan(_FMAX(m, axis=1))) if n else np.empty(0, dtype=np.intp)
+    mask = sum(1 << int(j) for j in keep.tolist())
     out = [
         _HEADER.pack(
             MAGIC,
@@ -56,10 +58,9 @@ def encode_batch(batch: SampleBatch) -> bytes:
         out.append(struct.pack("<H", len(raw)) + raw)
     out.append(batch.t_ns.astype("<i8").tobytes())
     out.append(batch.gpu.astype("<u2").tobytes())
-    for name in present:
-        col = batch.column(name).astype("<f8")  # a copy
-        col[np.isnan(col)] = np.nan  # one NaN bit pattern
-        out.append(col.tobytes())
+    cols = np.asarray(m[keep], dtype="<f8")  # a copy (fancy indexing): the present columns in order
+    cols[np.isnan(cols)] = np.nan  # one NaN bit pattern
+    out.append(cols.tobytes())
     out.append(_encode_processes(batch.processes))
     return b"".join(out)
 

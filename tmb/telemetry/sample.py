@@ -12,7 +12,7 @@ The canonical byte encoding of a batch lives in :mod:`tmb.telemetry._codec` and 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
@@ -277,16 +277,23 @@ class SampleBatch:
         return out
 
     def _take(self, index: npt.NDArray[np.intp] | slice) -> SampleBatch:
-        idx = np.arange(len(self))[index]
-        return SampleBatch(
-            t_ns=self.t_ns[idx],
-            gpu=self.gpu[idx],
-            gpus=self.gpus,
-            processes=tuple(self.processes[int(i)] for i in idx),
-            source=self.source,
-            synthetic=self.synthetic,
-            power_field=self.power_field,
-            **{name: self.column(name)[idx] for name in FLOAT_FIELDS},
+        if isinstance(index, slice):  # views of the (read-only) columns
+            procs = self.processes[index]
+        else:
+            procs = tuple(map(self.processes.__getitem__, index.tolist()))
+        return _derived(
+            {
+                "t_ns": self.t_ns[index],
+                "gpu": self.gpu[index],
+                "gpus": self.gpus,
+                "processes": procs,
+                "source": self.source,
+                "synthetic": self.synthetic,
+                "power_field": self.power_field,
+                **{name: self.column(name)[index] for name in FLOAT_FIELDS},
+            },
+            (self,),
+            index,
         )
 
     def slice_time(self, t0_ns: int, t1_ns: int) -> SampleBatch:
@@ -298,9 +305,12 @@ class SampleBatch:
     def for_gpu(self, uuid: str) -> SampleBatch:
         """The samples of one GPU, with a one-entry GPU table (empty when the batch has none for it)."""
         if uuid not in self.gpus:
-            return SampleBatch(**{**self._take(slice(0, 0))._fields(), "gpus": ()})
-        part = self._take(np.flatnonzero(self.gpu == self.gpus.index(uuid)))
-        return SampleBatch(**{**part._fields(), "gpus": (uuid,), "gpu": np.zeros(len(part), dtype=np.int64)})
+            return _derived({**self._take(slice(0, 0))._fields(), "gpus": ()}, (self,), slice(0, 0))
+        index = np.flatnonzero(self.gpu == self.gpus.index(uuid))
+        part = self._take(index)
+        return _derived(
+            {**part._fields(), "gpus": (uuid,), "gpu": np.zeros(len(part), dtype=np.int64)}, (self,), index
+        )
 
     def with_source(self, source: SourceKind) -> SampleBatch:
         """The same samples relabelled (``synthetic`` is kept: a replayed synthetic trace stays synthetic)."""
@@ -321,32 +331,61 @@ class SampleBatch:
         """
         if not batches:
             raise InputError("concat needs at least one batch")
-        first = batches[0]
-        for b in batches[1:]:
-            if b.source != first.source or b.power_field != first.power_field:
-                raise InputError(
-                    "cannot concatenate batches of different source or power field",
-                    sources=sorted({x.source for x in batches}),
-                    power_fields=sorted({x.power_field for x in batches}),
-                )
-        table: dict[str, int] = {}
+        return _concat([(b, 0, len(b)) for b in batches])
+
+    @staticmethod
+    def cut_time(batches: Sequence[SampleBatch], t0_ns: int, t1_ns: int) -> SampleBatch | None:
+        """``concat`` of the batches' ``slice_time(t0_ns, t1_ns)`` that have samples (the one slice when
+        only one has; None when none has), without building the slices: a window cut from stored batches."""
+        pieces = []
         for b in batches:
-            for uuid in b.gpus:
-                table.setdefault(uuid, len(table))
-        t = np.concatenate([b.t_ns for b in batches])
-        g = np.concatenate([np.array([table[u] for u in b.gpus], dtype=np.int64)[b.gpu] for b in batches])
-        order = np.argsort(t, kind="stable")
-        procs = [row for b in batches for row in b.processes]
-        return SampleBatch(
-            t_ns=t[order],
-            gpu=g[order],
-            gpus=tuple(table),
-            processes=tuple(procs[int(i)] for i in order),
-            source=first.source,
-            synthetic=any(b.synthetic for b in batches),
-            power_field=first.power_field,
-            **{name: np.concatenate([b.column(name) for b in batches])[order] for name in FLOAT_FIELDS},
+            lo = int(np.searchsorted(b.t_ns, t0_ns, side="left"))
+            hi = int(np.searchsorted(b.t_ns, t1_ns, side="left"))
+            if hi > lo:
+                pieces.append((b, lo, hi))
+        if not pieces:
+            return None
+        if len(pieces) == 1:
+            b, lo, hi = pieces[0]
+            return b._take(slice(lo, hi))
+        return _concat(pieces)
+
+    # -- per-sample memo ----------------------------------------------------------------------------------
+
+    def memoised(self) -> SampleBatch:
+        """This batch, keeping what :meth:`per_sample` computes from now on, also for the batches cut from
+        it (``slice_time``, ``for_gpu``, ``concat`` of such batches): they gather their rows from it
+        instead of computing them again. For a batch many windows are cut from (the ingest's decoded
+        batches); a batch cut from it keeps it alive while it lives."""
+        self.__dict__.setdefault("_memo", {})
+        return self
+
+    def per_sample(self, key: str, compute: Callable[[SampleBatch], npt.NDArray[Any]]) -> npt.NDArray[Any]:
+        """``compute(self)``: an array with one row per sample, where row ``i`` depends on sample ``i``'s
+        time, readings and processes alone (not on other samples, nor on the GPU table). Kept under ``key``
+        on a :meth:`memoised` batch and on the batches cut from one, whose rows are then gathered from
+        their parents' (the same values: row ``i`` is a function of sample ``i``). Thread-safe: two threads
+        may compute the same rows; either result is kept, and they are equal."""
+        memo: dict[str, npt.NDArray[Any]] | None = self.__dict__.get("_memo")
+        if memo is None:
+            return compute(self)
+        got = memo.get(key)
+        if got is not None:
+            return got
+        origin: tuple[tuple[SampleBatch, ...], npt.NDArray[np.intp] | slice] | None = self.__dict__.get(
+            "_origin"
         )
+        if origin is None:
+            got = compute(self)
+        else:
+            parents, index = origin
+            rows = [p.per_sample(key, compute) for p in parents]
+            got = (rows[0] if len(rows) == 1 else np.concatenate(rows))[index]
+        if got.shape[:1] != (len(self),):
+            raise InputError(f"per-sample {key!r} has {got.shape[:1]} rows, expected {len(self)}")
+        got.setflags(write=False)
+        memo[key] = got
+        return got
 
     # -- comparison and encoding ------------------------------------------------------------------------
 
@@ -384,3 +423,71 @@ class SampleBatch:
             "synthetic": self.synthetic,
             "power_field": self.power_field,
         }
+
+
+def _derived(
+    values: dict[str, Any], parents: tuple[SampleBatch, ...], index: npt.NDArray[np.intp] | slice
+) -> SampleBatch:
+    """A batch cut from valid batches (``parents``: rows ``index`` of their concatenation), built without
+    :meth:`SampleBatch.__post_init__`'s checks and copies: what it checks holds by construction (sorted
+    times, GPU indices in the table, canonical process rows, read-only columns of the right type). Keeps
+    the per-sample memo (:meth:`SampleBatch.per_sample`) when every parent has one."""
+    out = object.__new__(SampleBatch)
+    for name, value in values.items():
+        if isinstance(value, np.ndarray) and value.flags.writeable:
+            value.setflags(write=False)
+        object.__setattr__(out, name, value)
+    if all("_memo" in p.__dict__ for p in parents):
+        out.__dict__["_memo"] = {}
+        out.__dict__["_origin"] = (parents, index)
+    return out
+
+
+def _concat(pieces: Sequence[tuple[SampleBatch, int, int]]) -> SampleBatch:
+    """:meth:`SampleBatch.concat` of rows ``lo:hi`` of each batch (each piece keeps its batch's GPU table)."""
+    batches = [b for b, _, _ in pieces]
+    first = batches[0]
+    for b in batches[1:]:
+        if b.source != first.source or b.power_field != first.power_field:
+            raise InputError(
+                "cannot concatenate batches of different source or power field",
+                sources=sorted({x.source for x in batches}),
+                power_fields=sorted({x.power_field for x in batches}),
+            )
+    table: dict[str, int] = {}
+    for b in batches:
+        for uuid in b.gpus:
+            table.setdefault(uuid, len(table))
+    whole = all(lo == 0 and hi == len(b) for b, lo, hi in pieces)
+    t = np.concatenate([b.t_ns[lo:hi] for b, lo, hi in pieces])
+    g = np.concatenate(
+        [np.array([table[u] for u in b.gpus], dtype=np.int64)[b.gpu[lo:hi]] for b, lo, hi in pieces]
+    )
+    procs = tuple(row for b, lo, hi in pieces for row in b.processes[lo:hi])
+    order: npt.NDArray[np.intp] | None = None
+    if t.shape[0] > 1 and not bool((t[1:] >= t[:-1]).all()):  # else what the stable sort would give
+        order = np.argsort(t, kind="stable")
+        procs = tuple(map(procs.__getitem__, order.tolist()))
+    index: npt.NDArray[np.intp] | slice = slice(None) if order is None else order
+    values = {
+        "t_ns": t[index],
+        "gpu": g[index],
+        "gpus": tuple(table),
+        "processes": procs,
+        "source": first.source,
+        "synthetic": any(b.synthetic for b in batches),
+        "power_field": first.power_field,
+        **{
+            name: np.concatenate([b.column(name)[lo:hi] for b, lo, hi in pieces])[index]
+            for name in FLOAT_FIELDS
+        },
+    }
+    # The rows of the whole batches, one after the other, that the result holds (for the per-sample memo).
+    if not whole:
+        offsets = np.cumsum([0] + [len(b) for b in batches[:-1]])
+        rows = np.concatenate(
+            [np.arange(lo, hi) + off for (_, lo, hi), off in zip(pieces, offsets, strict=True)]
+        )
+        index = rows if order is None else rows[order]
+    # The parts are valid batches of one source and power field: so is their merge (not re-checked).
+    return _derived(values, tuple(batches), index)

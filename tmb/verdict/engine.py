@@ -212,15 +212,15 @@ class Engine:
         deadline = self._deadline(window)
 
         def look() -> tuple[AttestedWindow, list[AttestedWindow | None]]:
-            got = ingest.attested_window(node, window.t0_ns, window.t1_ns)
-            more: list[AttestedWindow | None] = []
-            if ahead and got.covers_end():  # the later spans' windows end about when this one does
-                for w in ahead:
-                    try:
-                        more.append(ingest.attested_window(node, w.t0_ns, w.t1_ns))
-                    except Exception:  # that span's own wait reads it again (and meets the error there)
-                        more.append(None)
-            return got, more
+            ranges = [(w.t0_ns, w.t1_ns) for w in (window, *ahead)]
+            try:  # one read of the store for them all; the later ones cut only once this one is complete
+                got, *more = ingest.attested_windows(node, ranges, AttestedWindow.covers_end)
+            except Exception:  # the later spans' own waits read theirs again (and meet the error there)
+                if not ahead:
+                    raise
+                got, more = ingest.attested_window(node, window.t0_ns, window.t1_ns), []
+            assert got is not None  # noqa: S101 (the first window is always built)
+            return got, (more if ahead and got.covers_end() else [])
 
         while True:
             since = ingest.attested_since(node)  # before looking: a quote landing meanwhile still wakes
