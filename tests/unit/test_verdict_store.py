@@ -190,6 +190,8 @@ async def test_inline_checkpointer_starts_the_wal_over_when_a_commit_lands_durin
 
     def passive(db: sqlite3.Connection) -> tuple[int, int]:
         got = real(db)
+        if db is not ck:  # another store's checkpointer thread (if one runs) calls this function too
+            return got
         passes.append((*got, store._held))
         if len(passes) == 2:
             reader.execute("COMMIT")
