@@ -74,7 +74,7 @@ retention_days = 0
 [attestation]
 policy = "{dir}/policy.toml"
 db = "{dir}/ingest.sqlite3"
-wait_s = 5.0
+# wait_s: the default 20 s; 5 s (one quote period) left the windows that end just after a quote unattested
 nodes = ["{node}={ak}"]
 [identity]
 ek_roots = "{dir}/ek-roots"
