@@ -27,7 +27,7 @@ from tmb.attest.evidence import audit_bundle, load_bundle
 from tmb.attest.imakeys import spki_key_id
 from tmb.attest.imasig import file_id_digest
 from tmb.attest.policy import policy_files
-from tmb.errors import InputError
+from tmb.errors import InputError, Severity
 from tmb.ingest.export import ExportError, RequestContext, export_window
 from tmb.ingest.service import Ingest
 from tmb.ingest.wire import TelemetryBatch, bindings_bytes
@@ -380,3 +380,44 @@ def test_quoted_bindings_are_exported_and_an_edited_file_is_named(node: NodeEnv,
     (copy / "manifest.json").write_text(json.dumps(m))
     found_ids = errors(copy, signer)
     assert "quote.nonce_mismatch" in found_ids and "bindings.digest_mismatch" not in found_ids, found_ids
+
+
+@pytest.mark.parametrize(
+    ("exe", "dev", "want"),
+    [
+        (ENGINE_EXE, "253:0", []),  # the model read through dm-verity: nothing to say
+        (ENGINE_EXE, "7:1", ["binding.model_bypasses_verity"]),  # from the verity device's data device
+        (ENGINE_EXE, "8:1", ["binding.model_not_from_verity"]),  # from another device
+        ("/usr/bin/evil", "253:0", ["binding.exe_not_allowlisted"]),  # not allowed by the policy
+    ],
+)
+def test_the_audit_reapplies_the_bindings_rules_and_finds_what_the_daemon_found(
+    node: NodeEnv, tmp_path: Path, exe: str, dev: str, want: list[str]
+) -> None:
+    """The bindings rules are re-applied offline, against what the quote's IMA replay established in the
+    bundle: the audit finds exactly the daemon's binding findings, so a verdict left unattested by them is
+    re-derived as such (and a daemon that skipped them is caught)."""
+    ingest = node.ingest()
+    chain = Chain(NODE)
+    assert ingest.add_batches(NODE, {"batches": [chain.genesis("synthetic").to_wire()]}).accepted
+    maps = [{"path": "/models/m/model.safetensors", "dev": dev}, {"path": "/usr/lib/x.so", "dev": "8:1"}]
+    doc = {"t_ns": 1, "processes": [{"pid": 42, "exe": exe, "maps": maps, "error": None}]}
+    digest = hashlib.sha256(bindings_bytes(doc)).digest()
+    assert ingest.add_bindings(NODE, doc).accepted
+    bs = [chain.seal(payload(k)) for k in range(1, 4)]
+    assert ingest.add_batches(NODE, {"batches": [b.to_wire() for b in bs]}).accepted
+    assert ingest.add_ima(NODE, node.ima_doc()).accepted
+    nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
+    out = ingest.add_quote(NODE, node.quote_doc(nonce, bs[-1].head, digest))
+    assert out.accepted
+    daemon = sorted(
+        f.id for f in out.findings if f.id.startswith("binding.") and f.severity is Severity.ERROR
+    )
+    assert daemon == want and out.data["ok"] is (not want), out.findings
+    signer = signer_of(tmp_path)
+    bundle = export(node, ingest, signer, tmp_path / "bundle", T0, T0 + 10**9 * 4)
+    result = audit_bundle(bundle, daemon_keys=[signer.public.raw])
+    found = [f for f in result.report.errors if f.id.startswith("binding.")]
+    assert sorted(f.id for f in found) == daemon, [(f.id, f.context) for f in result.report.errors]
+    assert all(f.context["quote"] == "0" for f in found)
+    assert result.ok is (not want)

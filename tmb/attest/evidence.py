@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmb.attest.bindings import DEFAULT_MODEL_PATTERNS, allowed, check_processes, verity_devices
 from tmb.attest.boot_audit import BootAudit, audit_boot, boot_lines
-from tmb.attest.dm import VerityRule, check_verity, dm_events
+from tmb.attest.dm import DM_EVENTS, VerityRule, check_verity, dm_events
 from tmb.attest.ekcert import TrustStore
 from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
@@ -443,7 +444,7 @@ def audit_bundle(
     result = AuditResult(str(bundle.root), bundle.node)
     report = result.report
     _audit_export(bundle, report, daemon_keys)
-    result.bindings = _audit_bindings(bundle, report)
+    result.bindings, documents = _audit_bindings(bundle, report)
     ak = load_ak(bundle.ak)
     _audit_identity(bundle, ak, report, daemon_keys, ek_roots)
     ppath = Path(policy_path) if policy_path is not None else bundle.policy
@@ -462,6 +463,7 @@ def audit_bundle(
     boot_pcrs: dict[str, dict[int, bytes]] | None = None  # PCRs 0-9 of the last verified quote with them
     banks = ["sha1", bundle.pcr_bank] if bundle.pcr_bank != "sha1" else ["sha1"]
     mode = bundle.sha256_mode
+    bound: list[tuple[str, int, list[Any]]] = []  # (quote, IMA entries its replay covers, its processes)
     for q in bundle.quotes:
         label = q.label
         try:
@@ -494,6 +496,8 @@ def audit_bundle(
                 mode = rr.mode
                 matched = rr.matched.index
             result.mode = rr.mode
+            if q.label in documents:
+                bound.append((q.label, state.index, documents[q.label]))
         elif not qr.ok:
             report.add(
                 "audit.quote_rejected",
@@ -518,12 +522,15 @@ def audit_bundle(
     result.entries_attested = state.index
     checker = PolicyChecker(policy, report)
     first: list[ImaEntry] = []
+    measured: list[tuple[int, str, bool]] = []  # (entry, path, measured with an allowed digest): bindings
 
     def on_entry(entry: ImaEntry) -> None:
         if not first:
             first.append(entry)
         if entry.num < state.index:
             checker(entry)
+            if bound:
+                _measured(policy, entry, measured)
         if len(result.entries) < MAX_ENTRY_ROWS:
             try:
                 f = parse_fields(entry)
@@ -551,6 +558,8 @@ def audit_bundle(
     except TmbError as exc:
         report.add("audit.commitment_unreadable", exc.message, **exc.context)
     checker.finish()
+    for label, covered, processes in bound:
+        _recheck_bindings(policy, result.rules, checker.entries, measured, label, covered, processes, report)
     result.boot = audit_boot(
         bundle.eventlog, boot_pcrs, first[0] if first else None, getattr(policy, "boot", None), report
     )
@@ -669,13 +678,51 @@ def _audit_export(bundle: Bundle, report: Report, daemon_keys: Sequence[bytes]) 
         check_nonce_log(doc, quotes, rel, report, pinned=daemon_keys)
 
 
-def _audit_bindings(bundle: Bundle, report: Report) -> list[dict[str, Any]]:
+def _measured(policy: RuntimePolicy, entry: ImaEntry, out: list[tuple[int, str, bool]]) -> None:
+    """The ingest's ``measured`` record of a covered entry (dm events and unparsable entries have none)."""
+    try:
+        f = parse_fields(entry)
+    except ParseError:
+        return
+    if entry.template_name == "ima-buf" and f.name in DM_EVENTS:
+        return
+    ok = not entry.is_violation and allowed(policy, f.name, f.digest_alg, f.digest)
+    out.append((entry.num, f.name, ok))
+
+
+def _recheck_bindings(
+    policy: RuntimePolicy,
+    rules: Sequence[VerityRule],
+    dm_entries: Sequence[ImaEntry],
+    measured: Sequence[tuple[int, str, bool]],
+    label: str,
+    covered: int,
+    processes: list[Any],
+    report: Report,
+) -> None:
+    """The daemon's bindings rules (:func:`tmb.attest.bindings.check_processes`) re-applied to a quote's
+    bindings document, against what the IMA entries its replay covers (the first ``covered``) established:
+    the executables measured with an allowed digest and the dm-verity devices activated."""
+    paths: dict[str, bool] = {}
+    for num, name, ok in measured:
+        if num < covered:
+            paths[name] = paths.get(name, False) or ok
+    local = Report()  # the dm events' own findings are the whole log's, reported once already
+    events = dm_events([e for e in dm_entries if e.num < covered], local)
+    devices = verity_devices(events, check_verity(events, rules, local))
+    found = Report()
+    check_processes(policy, paths, devices.values(), processes, DEFAULT_MODEL_PATTERNS, found)
+    report.extend(_tag(found.findings, quote=label))
+
+
+def _audit_bindings(bundle: Bundle, report: Report) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
     """Each process bindings document a quote covers (its digest is in the quote's qualifying data, which
     the quote's check verified): the bundle's file must hash to it (``bindings.digest_mismatch``, naming the
     file: edited or replaced) and be present (``bindings.missing``). Returns, per quote with a document
     that holds, the quote, the file and its processes (pid, executable): the bindings the audit vouches
-    for."""
+    for; and each such quote's processes (wire form) by quote label, for :func:`_recheck_bindings`."""
     out: list[dict[str, Any]] = []
+    documents: dict[str, list[Any]] = {}
     for q in bundle.quotes:
         if q.bindings is None:
             continue
@@ -711,7 +758,8 @@ def _audit_bindings(bundle: Bundle, report: Report) -> list[dict[str, Any]]:
             {"pid": p.get("pid"), "exe": p.get("exe")} for p in procs[:MAX_ENTRY_ROWS] if isinstance(p, dict)
         ]
         out.append({"quote": q.label, "file": q.bindings_file, "processes": shown})
-    return out
+        documents[q.label] = procs
+    return out, documents
 
 
 def render_text(result: AuditResult) -> str:

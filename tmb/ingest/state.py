@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tmb.attest.bindings import VerityDevice
 from tmb.attest.ima import ImaEntry
 from tmb.attest.tpm2 import ClockInfo
 from tmb.errors import Finding, Severity
@@ -70,16 +71,6 @@ class Hole:
         if not isinstance(first, int) or not isinstance(last, int):
             return None
         return cls(doc["segment"], first, last)
-
-
-@dataclass(frozen=True)
-class VerityDevice:
-    """The dm-verity device a satisfied verity rule activated, as the quoted IMA log shows it."""
-
-    root: str  # the rule's committed root digest
-    dev: str  # "major:minor" of the verity device
-    data_dev: str  # its underlying data device (reads from there bypass dm-verity)
-    entry: int  # IMA entry of the dm_device_resume that activated it
 
 
 @dataclass
