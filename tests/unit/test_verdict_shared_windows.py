@@ -5,7 +5,6 @@ one request at a time."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import math
@@ -30,7 +29,7 @@ from tmb.spans import Outcome, Span
 from tmb.telemetry.sample import SampleBatch
 from tmb.verdict.async_store import AsyncStore
 from tmb.verdict.engine import Engine, EngineSettings, Window, _fingerprint_dict
-from tmb.verdict.signing import Signer, load_or_create_key
+from tmb.verdict.signing import load_or_create_key
 
 T0 = 1_700_000_000 * 10**9
 BF16, INT8 = "llama-1b/bf16/h100", "llama-1b/int8/h100"
@@ -126,28 +125,8 @@ def test_overlapping_requests_decide_as_one_by_one(tmp_path: Path, profiles: lis
         windows.append(Window(span.start_ns, span.end_ns, False))
     load_by_id = {sp.id: next(loads) for sp in spans}
     signer = load_or_create_key(str(tmp_path / "key.pem"))
-    stores = [AsyncStore(str(tmp_path / "a.db")), AsyncStore(str(tmp_path / "b.db"))]
-    try:
-        _decide_all(stores, signer, profiles, spans, windows, load_by_id, trace, refs, summary)
-    finally:
-        for store in stores:
-            asyncio.run(store.close())
-
-
-def _decide_all(
-    stores: list[AsyncStore],
-    signer: Signer,
-    profiles: list[LoadProfile],
-    spans: list[Span],
-    windows: list[Window],
-    load_by_id: dict[str, float | None],
-    trace: SampleBatch,
-    refs: tuple[BatchRef, ...],
-    summary: AttestationSummary,
-) -> None:
-    """Each span decided by one engine sharing windows and by a fresh engine per span (same verdicts)."""
     shared = Engine(
-        stores[0], signer, None, profiles, EngineSettings(demo=True),
+        AsyncStore(str(tmp_path / "a.db")), signer, None, profiles, EngineSettings(demo=True),
         load_of=lambda sp, _w: load_by_id[sp.id],
     )  # fmt: skip
     judge = Judge(profiles)
@@ -156,7 +135,7 @@ def _decide_all(
         samples = trace.slice_time(window.t0_ns, window.t1_ns)
         got, got_refs = shared.decide(span, window, samples, summary, [], batches=refs)
         alone = Engine(
-            stores[1], signer, None, profiles, EngineSettings(demo=True),
+            AsyncStore(str(tmp_path / "b.db")), signer, None, profiles, EngineSettings(demo=True),
             load_of=lambda sp, _w: load_by_id[sp.id],
         )  # fmt: skip
         want, want_refs = alone.decide(span, window, samples, summary, [])

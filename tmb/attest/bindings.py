@@ -26,10 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from tmb.attest.dm import DmEvent
+from tmb.attest.ima import ImaEntry, ImaFields
 from tmb.attest.policy import RuntimePolicy
 from tmb.errors import Report, Severity
 
-__all__ = ["DEFAULT_MODEL_PATTERNS", "VerityDevice", "allowed", "check_processes", "verity_devices"]
+__all__ = [
+    "DEFAULT_MODEL_PATTERNS",
+    "VerityDevice",
+    "check_processes",
+    "measured_ok",
+    "verity_devices",
+]
 
 DEFAULT_MODEL_PATTERNS = (r"\.(safetensors|gguf|bin|pt|pth|onnx|engine|plan|erofs)$",)
 
@@ -48,6 +55,12 @@ def allowed(policy: RuntimePolicy, name: str, alg: str, digest: bytes) -> bool:
     """Whether the policy allows a measurement of ``name`` with this digest (path-bound or any path)."""
     digests = set(policy.allow.get(name, frozenset())) | set(policy.allow_any_path)
     return any(d.digest == digest and (d.alg is None or d.alg == alg) for d in digests)
+
+
+def measured_ok(policy: RuntimePolicy, entry: ImaEntry, fields: ImaFields) -> bool:
+    """Whether ``entry`` (parsed: ``fields``) measured its path with a digest the policy allows (a violation
+    never does): what the ``measured`` map the bindings rules read records per path."""
+    return not entry.is_violation and allowed(policy, fields.name, fields.digest_alg, fields.digest)
 
 
 def verity_devices(events: Sequence[DmEvent], satisfied: Mapping[str, int]) -> dict[str, VerityDevice]:

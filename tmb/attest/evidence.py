@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tmb.attest.bindings import DEFAULT_MODEL_PATTERNS, allowed, check_processes, verity_devices
+from tmb.attest.bindings import DEFAULT_MODEL_PATTERNS, check_processes, measured_ok, verity_devices
 from tmb.attest.boot_audit import BootAudit, audit_boot, boot_lines
 from tmb.attest.dm import DM_EVENTS, VerityRule, check_verity, dm_events
 from tmb.attest.ekcert import TrustStore
-from tmb.attest.ima import ImaEntry, parse_fields
+from tmb.attest.ima import ImaEntry, ImaFields, parse_fields
 from tmb.attest.pcr import BANK_SIZES, ReplayState, replay_file
 from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_policy, policy_references
 from tmb.attest.quote import AkPublic, QuoteResult, load_ak, verify_quote
@@ -527,17 +527,21 @@ def audit_bundle(
     def on_entry(entry: ImaEntry) -> None:
         if not first:
             first.append(entry)
-        if entry.num < state.index:
+        attested = entry.num < state.index
+        if attested:
             checker(entry)
-            if bound:
-                _measured(policy, entry, measured)
-        if len(result.entries) < MAX_ENTRY_ROWS:
-            try:
-                f = parse_fields(entry)
-                name, digest = f.name, f"{f.digest_alg}:{f.digest.hex()}"
-            except ParseError:
-                name, digest = "(unparsable)", ""
-            attested = entry.num < state.index
+        row = len(result.entries) < MAX_ENTRY_ROWS
+        if not row and not (attested and bound):
+            return
+        try:
+            f: ImaFields | None = parse_fields(entry)
+        except ParseError:
+            f = None
+        dm = f is not None and entry.template_name == "ima-buf" and f.name in DM_EVENTS  # checker.entries
+        if attested and bound and f is not None and not dm:
+            measured.append((entry.num, f.name, measured_ok(policy, entry, f)))
+        if row:
+            name, digest = (f.name, f"{f.digest_alg}:{f.digest.hex()}") if f else ("(unparsable)", "")
             result.entries.append(EntryRow(entry.num, entry.template_name, name, digest, attested))
 
     full = replay_file(bundle.ima_log, banks=["sha1"], on_entry=on_entry)
@@ -676,18 +680,6 @@ def _audit_export(bundle: Bundle, report: Report, daemon_keys: Sequence[bytes]) 
             if q.daemon_nonce is not None
         ]
         check_nonce_log(doc, quotes, rel, report, pinned=daemon_keys)
-
-
-def _measured(policy: RuntimePolicy, entry: ImaEntry, out: list[tuple[int, str, bool]]) -> None:
-    """The ingest's ``measured`` record of a covered entry (dm events and unparsable entries have none)."""
-    try:
-        f = parse_fields(entry)
-    except ParseError:
-        return
-    if entry.template_name == "ima-buf" and f.name in DM_EVENTS:
-        return
-    ok = not entry.is_violation and allowed(policy, f.name, f.digest_alg, f.digest)
-    out.append((entry.num, f.name, ok))
 
 
 def _recheck_bindings(

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tmb.attest.bindings import DEFAULT_MODEL_PATTERNS, allowed, check_processes, verity_devices
+from tmb.attest.bindings import DEFAULT_MODEL_PATTERNS, check_processes, measured_ok, verity_devices
 from tmb.attest.dm import DM_EVENTS, check_verity, dm_events
 from tmb.attest.ima import ImaEntry, parse_fields
 from tmb.attest.policy import PolicyChecker, RuntimePolicy
@@ -58,8 +58,7 @@ def evaluate_entries(
                 (entry.num, entry.offset, entry.size, entry.pcr, entry.template_hash.hex(), entry.data.hex())
             )
             continue
-        ok = not entry.is_violation and allowed(policy, fields.name, fields.digest_alg, fields.digest)
-        measured[fields.name] = measured.get(fields.name, False) or ok
+        measured[fields.name] = measured.get(fields.name, False) or measured_ok(policy, entry, fields)
     for f in local:
         report.findings.append(f)
         if f.severity is Severity.ERROR and len(sticky) < MAX_STICKY:
