@@ -4,6 +4,7 @@ none is set), on which listener, the tar archive ``tmb audit`` checks, and the r
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -192,7 +193,10 @@ async def test_two_daemons_on_postgresql_share_the_nonce_log_over_http(
         quote = node.quote_doc(bytes.fromhex(doc["nonce"]), batches[-1].head)
         status, doc = await post(b, "quotes", quote)
         assert status == 200 and doc["ok"], doc
-        status, doc = await post(a, "quotes", quote)
+        status, doc = await post(a, "quotes", quote)  # delivered again, to the other daemon: the same quote
+        assert status == 200 and doc["duplicate"] is True, doc
+        replay = dict(quote, signature=base64.b64encode(b"\x01" * 72).decode())  # not that quote
+        status, doc = await post(a, "quotes", replay)
         assert status == 409 and doc["error"]["type"] == "ingest.nonce_reused", doc
 
         rng = f"/v1/nodes/{NODE}/evidence?from={now - 2_000_000_000}&to={now}"

@@ -124,9 +124,18 @@ def test_quote_replayed(node: NodeEnv) -> None:
     ingest.add_ima(NODE, node.ima_doc())
     nonce = bytes.fromhex(ingest.nonce(NODE).data["nonce"])
     doc = node.quote_doc(nonce, bs[-1].head)
-    assert status(ingest.add_quote(NODE, doc)) == 200
+    first = ingest.add_quote(NODE, doc)
+    assert status(first) == 200 and first.data["ok"]
+    kept = ingest.store.records(NODE, "quote")
+    # The very same quote again (a probe that died before it saw the answer): taken, nothing changes.
     again = ingest.add_quote(NODE, doc)
-    assert status(again) == 409 and ids(again) == ["ingest.nonce_reused"]
+    assert status(again) == 200 and again.data["duplicate"] is True, again.findings
+    assert again.data["quote_id"] == first.data["quote_id"] and "ok" not in again.data
+    assert ingest.store.records(NODE, "quote") == kept and ingest.store.last_quote(NODE) is not None
+    # Its message with another signature is not that quote: a replay.
+    forged = dict(doc, signature=base64.b64encode(b"\x00" * 72).decode())
+    replay = ingest.add_quote(NODE, forged)
+    assert status(replay) == 409 and ids(replay) == ["ingest.nonce_reused"]
     fresh = dict(doc, nonce=ingest.nonce(NODE).data["nonce"])  # old quote, new nonce
     out = ingest.add_quote(NODE, fresh)
     assert status(out) == 422 and "quote.nonce_mismatch" in ids(out)

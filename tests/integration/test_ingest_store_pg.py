@@ -614,7 +614,12 @@ def test_two_daemons_share_the_nonce_log(node: NodeEnv, pg_url: str, tmp_path: P
     for th in threads:
         th.join(WAIT_S)
     outcomes = sorted("taken" if r.refusal is None else r.refusal.id for r in results.values())
-    assert outcomes == ["ingest.nonce_reused", "taken"], [r.findings for r in results.values()]
+    assert outcomes == ["taken", "taken"], [r.findings for r in results.values()]
+    # One consumed the nonce; the other, the same quote, is its duplicate (nothing kept twice).
+    assert sorted(bool(r.data.get("duplicate")) for r in results.values()) == [False, True]
+    assert len({r.data["quote_id"] for r in results.values()}) == 1
+    replay = a.add_quote(NODE, dict(doc, signature=base64.b64encode(b"\x02" * 72).decode()))
+    assert replay.refusal is not None and replay.refusal.id == "ingest.nonce_reused"
 
     assert b.add_batches(NODE, {"batches": [x.to_wire() for x in batches[2:]]}).accepted
     fresh = bytes.fromhex(b.nonce(NODE).data["nonce"])  # issued by B ...

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from aiohttp import web
 from swtpm import SwtpmFactory
 from test_probe_e2e import wait_until
 from test_probe_support import NODE, NodeEnv, make_node, serve
@@ -173,4 +175,51 @@ async def test_tpm_errors_and_slowness(tmp_path: Path, swtpm_factory: SwtpmFacto
     assert probe.stats.tpm_errors >= 4  # three errors and one timeout
     assert ingest.store.count_batches(NODE, attested=True) >= 5
     assert ingest.store.last_quote(NODE)["ok"]
+    env.close()
+
+
+async def test_quote_answer_lost_the_resent_quote_is_a_duplicate(
+    tmp_path: Path, swtpm_factory: SwtpmFactory
+) -> None:
+    """The daemon takes a quote and the connection drops before its answer reaches the probe (a crash or a
+    network cut at the worst moment): the probe keeps the quote and sends it again, byte for byte. That is
+    a delivery, not a replay: taken as a duplicate, nothing refused, nothing kept twice."""
+    env = make_node(tmp_path, swtpm_factory)
+    ingest = env.ingest()
+    lost: list[int] = []
+    async with serve(ingest) as daemon, aiohttp.ClientSession() as upstream:
+
+        async def relay(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            headers = {
+                k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+            }
+            async with upstream.request(
+                request.method, daemon + request.path_qs, data=body, headers=headers
+            ) as r:
+                answer = await r.read()
+                if request.path.endswith("/quotes") and r.status == 200 and not lost:
+                    lost.append(r.status)  # taken by the daemon; the answer never arrives
+                    assert request.transport is not None
+                    request.transport.abort()
+                return web.Response(status=r.status, body=answer, content_type=r.content_type)
+
+        front = web.Application()
+        front.router.add_route("*", "/{tail:.*}", relay)
+        runner = web.AppRunner(front, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            probe = Probe(env.probe_config(f"http://127.0.0.1:{runner.addresses[0][1]}"))
+            stop = asyncio.Event()
+            task = asyncio.create_task(probe.run(stop))
+            await wait_until(lambda: bool(lost) and probe.stats.quotes_acked >= 2)
+            stop.set()
+            await task
+        finally:
+            await runner.cleanup()
+    assert probe.stats.send_errors >= 1  # the lost answer was seen as one
+    assert probe.stats.refused == [], probe.stats.refused
+    quotes = ingest.store.records(NODE, "quote")
+    assert len({q.digest for q in quotes}) == len(quotes)  # every quote kept once
     env.close()

@@ -12,7 +12,8 @@ ingest.ak_unregistered      the quote names an AK other than the node's register
 ingest.malformed            a document (or a batch's payload) does not follow the wire format
 ingest.nonce_unknown        the quote's nonce was never issued to this node (by any daemon on the store)
 ingest.nonce_expired        issued more than ``nonce_ttl_s`` ago
-ingest.nonce_reused         already consumed by an earlier verified quote: a replayed quote
+ingest.nonce_reused         already consumed by an earlier verified quote: a replayed quote (the very
+                            quote that consumed it, delivered again, is taken as a ``duplicate``)
 ingest.quote_head_unknown   the quoted chain head is not a batch the daemon holds
 chain.node_mismatch         a batch sealed for another node
 chain.digest_mismatch       the digest is not the digest of the batch's fields: edited after sealing
@@ -121,6 +122,10 @@ def _told(record: Mapping[str, Any] | None) -> bool:
 class _NonceTaken(Exception):
     """Another transaction consumed the nonce between the check and the consumption (never under the node's
     row lock; kept as a guard)."""
+
+    def __init__(self, nonce: bytes, message: bytes, signature: bytes) -> None:
+        super().__init__("nonce taken")
+        self.quote = (nonce, message, signature)
 
 
 def _err(fid: str, message: str, **context: Any) -> Finding:
@@ -307,6 +312,22 @@ class Ingest:
         if self.clock_ns() - row.issued_ns > int(self.nonce_ttl_s * 1e9):
             return "ingest.nonce_expired"
         return None
+
+    def _delivered_again(
+        self, node: str, nonce: bytes, message: bytes, signature: bytes
+    ) -> IngestResult | None:
+        """The answer to a quote that is, byte for byte (TPMS_ATTEST and signature), the verified quote that
+        consumed ``nonce``: taken as a ``duplicate``, nothing changed (a probe that died, or lost the answer,
+        before it knew the quote was taken sends it again; nobody learns or gains anything from a copy).
+        None for any other quote with a used nonce: a replay, refused ``ingest.nonce_reused``."""
+        digest = hashlib.sha256(message).digest()
+        row = self.store.nonce_row(node, nonce)
+        if row is None or row.quote_digest != digest:
+            return None
+        kept = self.store.last_record(node, "quote", digest=digest)
+        if kept is None or kept.meta.get("signature") != hashlib.sha256(signature).hexdigest():
+            return None
+        return self._taken(node, [], duplicate=True, quote_id=kept.ref)
 
     def _taken(self, node: str, findings: Sequence[Finding], **data: Any) -> IngestResult:
         return taken(findings, {**data, **self._extra(node)})
@@ -500,9 +521,10 @@ class Ingest:
                     judged = self._judge(node, result)
             except ParseError as exc:  # found by the quote's checks: nothing of it is kept
                 result = self._malformed(node, exc)
-            except _NonceTaken:
+            except _NonceTaken as taken_by:
+                again = self._delivered_again(node, *taken_by.quote)
                 f = _err("ingest.nonce_reused", "the nonce was already used: a replayed quote")
-                result = self._refused(node, f)
+                result = again if again is not None else self._refused(node, f)
         if result.attested:
             self.wakeups.notify(node)
         if result.accepted and result.data.get("rebooted"):
@@ -600,6 +622,10 @@ class Ingest:
             )
             return self._refused(node, f)
         problem = self._nonce_problem(node, nonce)  # consumed below, only by a quote that verified
+        if problem == "ingest.nonce_reused":
+            again = self._delivered_again(node, nonce, message, signature)
+            if again is not None:
+                return again
         if problem is not None:
             f = _err(
                 problem,
@@ -631,7 +657,7 @@ class Ingest:
         if checked.verified and not self.store.consume_nonce(
             node, nonce, now, hashlib.sha256(message).digest()
         ):
-            raise _NonceTaken  # rolls the transaction back: the quote is not kept
+            raise _NonceTaken(nonce, message, signature)  # rolls the transaction back: the quote is not kept
         if not checked.verified:
             refusal = next(f for f in checked.findings if f.severity is Severity.ERROR)
             why = "the quote failed verification"
