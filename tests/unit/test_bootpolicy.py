@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vectors import VECTORS
 
 from tmb.attest.bootagg import boot_aggregate
 from tmb.attest.bootpolicy import (
@@ -28,7 +29,6 @@ from tmb.attest.policy import load_policy, policy_from_dict
 from tmb.cli import main
 from tmb.errors import ConfigError, Finding
 
-VECTORS = Path(__file__).resolve().parents[1] / "data" / "vectors"
 SECURE_BOOT_LOG = VECTORS / "keylime/measured_boot/binary_bios_measurements-secureboot"
 SB_CERT_LOG = VECTORS / "go-attestation/sb_cert_eventlog"
 GCE_LOG = VECTORS / "tpm2-tools/event-gce-ubuntu-2104-log.bin"  # grub, Secure Boot off, ima_hash=sha256

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vectors import VECTORS
 
 from tmb.attest.boot_cli import load_pcr_file, parse_pcr_yaml
 from tmb.attest.eventlog import (
@@ -29,7 +30,6 @@ from tmb.attest.eventlog_events import decode_event, parse_image_load, summarize
 from tmb.cli import main
 from tmb.errors import InputError, ParseError
 
-VECTORS = Path(__file__).resolve().parents[1] / "data" / "vectors"
 C1 = sorted((VECTORS / "tpm2-tools").glob("event-*.bin"))
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,19 +7,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-from pathlib import Path
+
+from vectors import VECTORS
 
 from tmb.attest.eventlog import read_eventlog, replay
 from tmb.attest.quote import load_ak, verify_quote
 from tmb.attest.tpm2 import PcrValues
 
-VECTOR = (
-    Path(__file__).resolve().parents[1]
-    / "data"
-    / "vectors"
-    / "go-attestation"
-    / "windows_gcp_shielded_vm.json"
-)
+VECTOR = VECTORS / "go-attestation" / "windows_gcp_shielded_vm.json"
 REPLAYED = (0, 4, 5, 7, 11, 12, 13, 14)  # the PCRs this log measures (PROVENANCE.md, A1)
 
 

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vectors import VECTORS
 
 from tmb.attest import ima
 from tmb.attest import pcr as pcr_module
@@ -25,8 +26,6 @@ from tmb.attest.ima import ImaEntry, ascii_entry, iter_ascii, iter_log
 from tmb.attest.ima_build import LogBuilder
 from tmb.attest.pcr import ReplayResult, ReplayState, replay_delta, replay_file
 from tmb.errors import ParseError
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-data"
 
 # (banks, mode): SHA-1 alone, SHA-1 + one bank both ways, and layouts the hot loops treat generically.
 LAYOUTS: list[tuple[tuple[str, ...], str]] = [
@@ -532,8 +531,6 @@ def test_fuzz_generated_logs_agree(
             _same(log, banks=banks, mode=mode, chunk=chunk, expected=expected)
 
 
-@pytest.mark.shared
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared attestation data not present at {DATA}")
 @pytest.mark.parametrize(
     "name",
     [
@@ -555,4 +552,4 @@ def test_fuzz_generated_logs_agree(
 )
 def test_real_logs_agree(name: str) -> None:
     for banks, mode in LAYOUTS:
-        _same(DATA / name, banks=banks, mode=mode)
+        _same(VECTORS / name, banks=banks, mode=mode)

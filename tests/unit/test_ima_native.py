@@ -22,6 +22,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vectors import VECTORS
 
 from tmb.attest import ima, pcr
 from tmb.attest.ima import iter_log
@@ -29,8 +30,7 @@ from tmb.attest.ima_build import LogBuilder
 from tmb.attest.pcr import ReplayResult, ReplayState, replay_delta, replay_file
 from tmb.errors import ParseError
 
-VECTORS = Path(__file__).resolve().parents[1] / "data" / "vectors" / "tpm2-tss"
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-data"
+TSS = VECTORS / "tpm2-tss"
 BUILT = importlib.util.find_spec("tmb.attest._imafast") is not None
 
 native_only = pytest.mark.skipif(
@@ -259,16 +259,16 @@ def test_incremental_replay_from_saved_states(fmt: str, tmp_path: Path) -> None:
 
 
 def _vectors() -> list[Path]:
-    found = sorted(VECTORS.glob("sml-ima*.bin"))
+    found = sorted(TSS.glob("sml-ima*.bin"))
     assert len(found) == 6, "tests/data/vectors/tpm2-tss lost its IMA logs"
     return found
 
 
 @native_only
-@pytest.mark.parametrize("name", [p.name for p in sorted(VECTORS.glob("sml-ima*.bin"))])
+@pytest.mark.parametrize("name", [p.name for p in sorted(TSS.glob("sml-ima*.bin"))])
 def test_vendored_real_logs_agree(name: str, tmp_path: Path) -> None:
     assert name in [p.name for p in _vectors()]
-    data = (VECTORS / name).read_bytes()
+    data = (TSS / name).read_bytes()
     for banks, mode in LAYOUTS:
         r = _same(data, banks=banks, mode=mode, tmp=tmp_path / "log")
         if "sha256" in banks and mode == "per-bank" and name == "sml-ima-ng-sha1.bin":
@@ -283,11 +283,9 @@ def test_vendored_real_logs_agree(name: str, tmp_path: Path) -> None:
 
 
 @native_only
-@pytest.mark.shared
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared attestation data not present at {SHARED}")
 def test_real_ascii_log_as_binary_agrees() -> None:
-    """The 826-entry rust-keylime ascii log (read in place), written as a binary log."""
-    with open(SHARED / "rust-keylime/ascii_runtime_measurements", "rb") as f:
+    """The 826-entry rust-keylime ascii log (vendored), written as a binary log."""
+    with open(VECTORS / "rust-keylime/ascii_runtime_measurements", "rb") as f:
         entries = list(iter_log(f))
     data = b"".join(_record(e.pcr, e.template_hash, e.template_name.encode(), e.data) for e in entries)
     for banks, mode in LAYOUTS:

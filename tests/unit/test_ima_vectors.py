@@ -1,22 +1,15 @@
-"""Real IMA logs from ../shared/attestation-data (PROVENANCE.md section B), read in place."""
+"""Real IMA logs among the vendored vectors (tests/data/vectors/PROVENANCE.md, section B)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from vectors import VECTORS
 
 from tmb.attest.dm import check_verity, dm_events
 from tmb.attest.ima import iter_log, template_hash_ok
 from tmb.attest.pcr import replay_file
 from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_keylime_policy
 from tmb.errors import ConfigError, Report
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-data"
-pytestmark = [
-    pytest.mark.shared,
-    pytest.mark.skipif(not DATA.is_dir(), reason=f"shared attestation data not present at {DATA}"),
-]
 
 # file, entries, sha1, sha256 (per-bank), sha256 (padded) -- PROVENANCE.md B1-B3
 EXPECTED = [
@@ -66,7 +59,7 @@ def test_replays_to_provenance_values(
     name: str, entries: int, sha1: str, per_bank: str | None, padded: str | None
 ) -> None:
     for mode, want in (("per-bank", per_bank), ("padded-sha1", padded)):
-        result = replay_file(DATA / name, banks=["sha1", "sha256"], mode=mode)
+        result = replay_file(VECTORS / name, banks=["sha1", "sha256"], mode=mode)
         assert result.entries == entries
         assert result.state.value("sha1").hex() == sha1
         if want is not None:
@@ -83,7 +76,7 @@ def test_auto_mode_detects_kernel_behaviour(
     for mode, want in (("per-bank", per_bank), ("padded-sha1", padded)):
         if want is None:
             continue
-        result = replay_file(DATA / name, mode="auto", expected={"sha256": bytes.fromhex(want)})
+        result = replay_file(VECTORS / name, mode="auto", expected={"sha256": bytes.fromhex(want)})
         assert result.matched is not None
         assert result.mode == mode
         assert result.matched.index == entries
@@ -99,7 +92,7 @@ def test_auto_mode_detects_kernel_behaviour(
     ],
 )
 def test_trailing_partial_records_are_named(name: str, offset: int, trailing: int) -> None:
-    result = replay_file(DATA / name)
+    result = replay_file(VECTORS / name)
     partial = [f for f in result.report if f.id == "ima.trailing_partial_record"]
     assert len(partial) == 1
     assert partial[0].context["offset"] == offset
@@ -108,7 +101,7 @@ def test_trailing_partial_records_are_named(name: str, offset: int, trailing: in
 
 
 def test_violation_entries_are_flagged() -> None:
-    result = replay_file(DATA / "tpm2-tss/sml-ima-sig-sha256-invalidated.bin")
+    result = replay_file(VECTORS / "tpm2-tss/sml-ima-sig-sha256-invalidated.bin")
     violations = [f for f in result.report if f.id == "ima.violation"]
     assert [f.context["entry"] for f in violations] == [1]
     assert violations[0].context["path"] == "/init"
@@ -124,29 +117,29 @@ def test_every_template_hash_in_real_logs_is_valid() -> None:
         "keylime/ima_dm/dm_events.ascii",
         "keylime/create_runtime_policy/ima-log-sha256",
     ):
-        with open(DATA / name, "rb") as stream:
+        with open(VECTORS / name, "rb") as stream:
             entries = list(iter_log(stream))
         assert entries, name
         assert all(template_hash_ok(e) for e in entries), name
 
 
 def test_modified_signature_breaks_the_template_hash() -> None:
-    result = replay_file(DATA / "keylime/ima/bad_signatures.ascii", banks=["sha1"])
+    result = replay_file(VECTORS / "keylime/ima/bad_signatures.ascii", banks=["sha1"])
     assert result.report.ids() == ["ima.template_hash_mismatch"]
     assert result.report.findings[0].context["path"] == "/usr/bin/zmore"
 
 
 def test_keylime_policy_allows_its_log_and_empty_policy_fails_closed() -> None:
-    policy = load_keylime_policy(DATA / "keylime/ima/runtime_policy_test.json")
+    policy = load_keylime_policy(VECTORS / "keylime/ima/runtime_policy_test.json")
     report = Report()
     checker = PolicyChecker(policy, report)
-    replay_file(DATA / "keylime/ima/measurements.ascii", on_entry=checker)
+    replay_file(VECTORS / "keylime/ima/measurements.ascii", on_entry=checker)
     checker.finish()
     assert report.ok, report.to_list()
 
     empty = Report()
     checker = PolicyChecker(RuntimePolicy(), empty)
-    replay_file(DATA / "keylime/ima/measurements.ascii", on_entry=checker)
+    replay_file(VECTORS / "keylime/ima/measurements.ascii", on_entry=checker)
     checker.finish()
     assert "policy.empty" in empty.ids()
     assert empty.ids().count("policy.path_not_allowed") == 3
@@ -154,13 +147,13 @@ def test_keylime_policy_allows_its_log_and_empty_policy_fails_closed() -> None:
 
 def test_signed_keylime_envelope_is_refused_clearly() -> None:
     with pytest.raises(ConfigError, match="signed"):
-        load_keylime_policy(DATA / "keylime/runtime_policy/runtime-policy-test-signed.json")
+        load_keylime_policy(VECTORS / "keylime/runtime_policy/runtime-policy-test-signed.json")
 
 
 def test_keylime_dm_events_satisfy_the_verity_rule() -> None:
     from tmb.attest.dm import VerityRule
 
-    with open(DATA / "keylime/ima_dm/dm_events.ascii", "rb") as stream:
+    with open(VECTORS / "keylime/ima_dm/dm_events.ascii", "rb") as stream:
         entries = list(iter_log(stream))
     report = Report()
     events = dm_events(entries, report)

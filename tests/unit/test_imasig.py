@@ -1,6 +1,6 @@
 """IMA file signatures: evmctl-made xattr signatures, openssl-made appended (module) signatures, the
 runtime policy's keyrings and [[require_signature]] rules, measured .ima keys, Keylime verification keys,
-and the real signatures of Keylime's test vectors (PROVENANCE.md B4, read in place)."""
+and the real signatures of Keylime's test vectors (vendored: tests/data/vectors/PROVENANCE.md, B4)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
+from vectors import VECTORS
 
 from tmb.attest.ima import ImaEntry, iter_log
 from tmb.attest.ima_build import Built, LogBuilder, dng
@@ -39,7 +40,7 @@ from tmb.attest.imasig import (
 from tmb.attest.policy import PolicyChecker, RuntimePolicy, load_keylime_policy, load_policy, policy_from_dict
 from tmb.errors import ConfigError, Report, Severity
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-data" / "keylime" / "ima"
+KEYLIME_IMA = VECTORS / "keylime" / "ima"
 EVMCTL = shutil.which("evmctl")
 
 
@@ -624,47 +625,43 @@ def _vector(path: Path) -> list[ImaEntry]:
         return list(iter_log(f))
 
 
-shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared attestation data not present at {SHARED}")
-
-
-@pytest.mark.shared
-@shared
 def test_keylime_vector_signatures() -> None:
     """signatures.ascii: /usr/bin/dd signed with rsa2048, /usr/bin/zmore with the secp256k1 key."""
-    entries = _vector(SHARED / "signatures.ascii")
+    entries = _vector(KEYLIME_IMA / "signatures.ascii")
     both = RuntimePolicy(
-        ima_keys=(*load_key_file(SHARED / "rsa2048pub.pem"), *load_key_file(SHARED / "secp256k1pub.pem")),
+        ima_keys=(
+            *load_key_file(KEYLIME_IMA / "rsa2048pub.pem"),
+            *load_key_file(KEYLIME_IMA / "secp256k1pub.pem"),
+        ),
         require_signature=("/usr/bin/",),
         allow_unknown=True,
     )
     assert _check(both, entries).ok
     rsa_only = RuntimePolicy(
-        ima_keys=tuple(load_key_file(SHARED / "rsa2048pub.pem")),
+        ima_keys=tuple(load_key_file(KEYLIME_IMA / "rsa2048pub.pem")),
         require_signature=("/usr/bin/",),
         allow_unknown=True,
     )
     assert _sigs(_check(rsa_only, entries)) == [("imasig.unknown_key", Severity.ERROR, "/usr/bin/zmore")]
 
 
-@pytest.mark.shared
-@shared
 def test_keylime_vector_bad_signature() -> None:
     """bad_signatures.ascii: the signature-size field of the zmore signature is corrupted."""
-    entries = _vector(SHARED / "bad_signatures.ascii")
-    policy = RuntimePolicy(ima_keys=tuple(load_key_file(SHARED / "secp256k1pub.pem")), allow_unknown=True)
+    entries = _vector(KEYLIME_IMA / "bad_signatures.ascii")
+    policy = RuntimePolicy(
+        ima_keys=tuple(load_key_file(KEYLIME_IMA / "secp256k1pub.pem")), allow_unknown=True
+    )
     report = _check(policy, entries)
     assert _sigs(report) == [("imasig.bad_signature", Severity.ERROR, "/usr/bin/zmore")]
     assert "signature bytes" in report.findings[0].context["reason"]
 
 
-@pytest.mark.shared
-@shared
 def test_keylime_vector_policy_with_verification_keys(tmp_path: Path) -> None:
     """Keylime's own runtime policy for these vectors, its verification-keys filled the way
     keylime-policy does, evaluated over the signed entries and the measured .ima key."""
-    doc = json.loads((SHARED / "runtime_policy_test.json").read_text())
+    doc = json.loads((KEYLIME_IMA / "runtime_policy_test.json").read_text())
     doc["verification-keys"] = _keylime_keyring(
-        (SHARED / "rsa2048pub.pem").read_bytes(), (SHARED / "secp256k1pub.pem").read_bytes()
+        (KEYLIME_IMA / "rsa2048pub.pem").read_bytes(), (KEYLIME_IMA / "secp256k1pub.pem").read_bytes()
     )
     (tmp_path / "kl.json").write_text(json.dumps(doc))
     policy = policy_from_dict(
@@ -672,8 +669,8 @@ def test_keylime_vector_policy_with_verification_keys(tmp_path: Path) -> None:
         base=tmp_path,
     )
     entries = [
-        *_vector(SHARED / "keyrings.ascii"),
-        *_vector(SHARED / "signatures.ascii"),
+        *_vector(KEYLIME_IMA / "keyrings.ascii"),
+        *_vector(KEYLIME_IMA / "signatures.ascii"),
     ]
     assert _check(policy, entries).ok
     # the measured .ima certificate (an EC P-256 key) is parsed and, when trusted, joins the keyring

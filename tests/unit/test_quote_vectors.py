@@ -1,4 +1,4 @@
-"""Real-world quote sets from ../shared/attestation-data (PROVENANCE.md section A), read in place."""
+"""Real-world quote sets among the vendored vectors (tests/data/vectors/PROVENANCE.md, section A)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vectors import VECTORS
 
 from tmb.attest import tpm2
 from tmb.attest.quote import ak_name, load_ak, verify_quote
 from tmb.attest.quote_cli import register
 from tmb.attest.tpm2 import PcrValues
 from tmb.errors import ParseError
-
-DATA = Path(__file__).parents[2] / ".." / "shared" / "attestation-data"
-pytestmark = [
-    pytest.mark.shared,
-    pytest.mark.skipif(not DATA.is_dir(), reason=f"shared attestation data not present at {DATA}"),
-]
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,7 @@ class QuoteSet:
 
 
 def _keylime_checkquote() -> QuoteSet:
-    d = DATA / "keylime" / "checkquote_vector"
+    d = VECTORS / "keylime" / "checkquote_vector"
     return QuoteSet(
         (d / "aik_pub.pem").read_bytes(),
         (d / "quote_tpms_attest.bin").read_bytes(),
@@ -45,7 +40,7 @@ def _keylime_checkquote() -> QuoteSet:
 
 
 def _tpm2tools(ak: str) -> QuoteSet:
-    d = DATA / "keylime" / "tpm2tools_quote_set"
+    d = VECTORS / "keylime" / "tpm2tools_quote_set"
     return QuoteSet(
         (d / ak).read_bytes(),
         (d / "quote.out").read_bytes(),
@@ -57,7 +52,7 @@ def _tpm2tools(ak: str) -> QuoteSet:
 
 
 def _go_attestation() -> QuoteSet:
-    doc = json.loads((DATA / "go-attestation" / "windows_gcp_shielded_vm.json").read_text())
+    doc = json.loads((VECTORS / "go-attestation" / "windows_gcp_shielded_vm.json").read_text())
     b64 = base64.b64decode
     values = {p["Index"]: b64(p["Digest"]) for p in doc["Log"]["PCRs"]}
     return QuoteSet(
@@ -71,7 +66,7 @@ def _go_attestation() -> QuoteSet:
 
 
 def _trustee() -> QuoteSet:
-    doc = json.loads((DATA / "trustee" / "tpm_evidence.json").read_text())
+    doc = json.loads((VECTORS / "trustee" / "tpm_evidence.json").read_text())
     b64 = base64.b64decode
     q = doc["tpm_quote"]
     message = b64(q["message"])
@@ -154,7 +149,7 @@ def test_wrong_expected_hash(qset: QuoteSet) -> None:
 
 def test_keylime_pcr_blob_byte_5_flipped() -> None:
     """keylime flips byte 5 of the serialized PCR blob (the bank id's high byte): an unknown bank."""
-    d = DATA / "keylime" / "checkquote_vector"
+    d = VECTORS / "keylime" / "checkquote_vector"
     blob = bytearray((d / "pcrs_tpm2tools_serialized.bin").read_bytes())
     blob[5] ^= 0x01
     with pytest.raises(ParseError, match="unsupported PCR bank"):
@@ -162,7 +157,7 @@ def test_keylime_pcr_blob_byte_5_flipped() -> None:
 
 
 def test_expected_values_from_provenance() -> None:
-    a = tpm2.parse_attest((DATA / "keylime" / "checkquote_vector" / "quote_tpms_attest.bin").read_bytes())
+    a = tpm2.parse_attest((VECTORS / "keylime" / "checkquote_vector" / "quote_tpms_attest.bin").read_bytes())
     assert (a.clock_info.clock, a.clock_info.reset_count, a.clock_info.restart_count) == (1284787942, 3, 0)
     assert a.clock_info.safe and a.quote is not None
     assert a.quote.pcr_digest.hex() == "6d4d3749132f6257172164cd5ff3135f447973d4a5c84e018901f6753705b701"
@@ -186,7 +181,7 @@ def test_expected_values_from_provenance() -> None:
 
 
 def test_ak_name_and_pem_agree() -> None:
-    d = DATA / "keylime" / "tpm2tools_quote_set"
+    d = VECTORS / "keylime" / "tpm2tools_quote_set"
     pub = (d / "ak.pub").read_bytes()
     assert ak_name(pub) == (d / "ak.name").read_bytes()
     assert ak_name(pub[2:]) == (d / "ak.name").read_bytes()  # TPMT_PUBLIC form
@@ -197,7 +192,7 @@ def test_ak_name_and_pem_agree() -> None:
 
 
 def test_rust_keylime_quote_parses() -> None:
-    text = (DATA / "rust-keylime" / "test-quote.txt").read_text().strip()
+    text = (VECTORS / "rust-keylime" / "test-quote.txt").read_text().strip()
     assert text.startswith("r")
     att_b64, sig_b64, pcr_b64 = text[1:].split(":")
     attest = tpm2.parse_attest(base64.b64decode(att_b64))
@@ -221,7 +216,7 @@ def _cli(*argv: str) -> int:
 
 
 def test_cli_on_tpm2tools_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    d = DATA / "keylime" / "tpm2tools_quote_set"
+    d = VECTORS / "keylime" / "tpm2tools_quote_set"
     base = [
         "quote",
         "verify",
