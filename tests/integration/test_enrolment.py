@@ -35,7 +35,7 @@ from tmb.attest.quote import load_ak
 from tmb.events import Event
 from tmb.ingest.auth import HEADER, sign_request
 from tmb.ingest.identity import IdentityPolicy
-from tmb.ingest.routes import make_app
+from tmb.ingest.routes import ENROL_BURST, ENROL_PEER_BURST, make_app
 from tmb.ingest.service import Ingest
 
 OTHER_HANDLE = 0x81010003
@@ -88,16 +88,38 @@ class Daemon:
         return status, doc, header
 
 
+class Clock:
+    """Time the test moves by hand: seconds for the rate limits, nanoseconds (from the real time at its
+    creation, so the requests' signatures stay in their window) for the ingest."""
+
+    def __init__(self) -> None:
+        self.t, self.base_ns = 0.0, time.time_ns()
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def ns(self) -> int:
+        return self.base_ns + int(self.t * 1e9)
+
+
 @asynccontextmanager
-async def daemon(tmp: Path, policy: IdentityPolicy, **limits: Any) -> AsyncIterator[Daemon]:
+async def daemon(
+    tmp: Path, policy: IdentityPolicy, clock: Clock | None = None, **limits: Any
+) -> AsyncIterator[Daemon]:
     from aiohttp import web
 
     from tmb.attest.policy import policy_from_dict
 
     events: list[Event] = []
     ingest = Ingest(
-        tmp / "ingest.db", policy=policy_from_dict({"version": 1}), identity=policy, events=events.append
+        tmp / "ingest.db",
+        policy=policy_from_dict({"version": 1}),
+        identity=policy,
+        events=events.append,
+        clock_ns=clock.ns if clock is not None else time.time_ns,
     )
+    if clock is not None:
+        limits["clock"] = clock.monotonic
     runner = web.AppRunner(make_app(ingest, admin_token=ADMIN, **limits), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -492,23 +514,62 @@ async def test_enrolment_flood_is_rate_limited_and_leaves_few_challenges(
 ) -> None:
     honest, _ = tpms
     doc = identity_doc(honest)
-    async with daemon(tmp_path, IdentityPolicy(store, challenge_ttl_s=0.05)) as d:
-        statuses = []
-        for i in range(60):  # invented node names, each would get a challenge
-            status, _ = await d.call("POST", f"/v1/ingest/invented-{i}/enroll", doc)
-            statuses.append(status)
-            await asyncio.sleep(0.002)
-        assert statuses.count(429) >= 5 and set(statuses) <= {200, 429}, statuses
-        await asyncio.sleep(0.3)  # the challenges expire; the bucket refills a token
+    clock = Clock()
+    async with daemon(tmp_path, IdentityPolicy(store, challenge_ttl_s=0.05), clock=clock) as d:
+        # invented node names, each would get a challenge: the address's burst does, the rest is refused
+        statuses = [(await d.call("POST", f"/v1/ingest/invented-{i}/enroll", doc))[0] for i in range(60)]
+        assert statuses == [200] * ENROL_PEER_BURST + [429] * (60 - ENROL_PEER_BURST), statuses
+        clock.t += 1.0  # the challenges expire; the address's bucket refills two tokens
         status, _ = await d.call("POST", "/v1/ingest/invented-last/enroll", doc)
         assert status == 200
         conn = d.ingest.store.conn  # type: ignore[attr-defined]
         left = conn.execute("SELECT COUNT(*) FROM ingest_identity WHERE kind = 'challenge'").fetchone()[0]
-        assert left <= 1  # the expired ones were dropped before the last was made
+        assert left == 1  # the expired ones were dropped before the last was made
         status, answer = await d.call(
             "POST", "/v1/ingest/invented-0/activate", {"challenge": "00", "proof": "00"}
         )
-        assert status == 429 or ids(answer) == ["identity.challenge_unknown"], answer  # dropped
+        assert status == 409 and ids(answer) == ["identity.challenge_unknown"], answer  # dropped
+
+
+async def test_enrolment_from_many_addresses_is_still_bounded_in_all(
+    store: TrustStore, tmp_path: Path
+) -> None:
+    """Each address has its own budget, and all of them together the global one: three addresses' bursts
+    are more than it, so the last address is refused by it (the message names no address)."""
+    async with daemon(tmp_path, IdentityPolicy(store), clock=Clock()) as d:
+        refusals: list[str] = []
+        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            connector = aiohttp.TCPConnector(local_addr=(host, 0))
+            async with aiohttp.ClientSession(connector=connector) as http:
+                for i in range(ENROL_PEER_BURST):
+                    async with http.post(f"{d.url}/v1/ingest/n-{i}/enroll", data=b"{}") as resp:
+                        doc = await resp.json()
+                        if resp.status == 429:
+                            refusals.append(doc["error"]["message"])
+                        else:
+                            assert resp.status == 400 and ids(doc) == ["identity.malformed"], doc
+        assert len(refusals) == 3 * ENROL_PEER_BURST - ENROL_BURST, refusals
+        assert not any("address" in m for m in refusals), refusals
+
+
+async def test_one_flooding_address_does_not_lock_out_another_enrolling(
+    tpms: tuple[Swtpm, Swtpm], store: TrustStore, tmp_path: Path
+) -> None:
+    """One client floods enrolment from 127.0.0.1 (invented node names) and is mostly refused; an honest
+    node enrolling meanwhile from 127.0.0.2 is not: the flooder's refused requests spend its own address's
+    bucket, not the budget all addresses share. The clock stands still: nothing refills meanwhile."""
+    honest, _ = tpms
+    doc = identity_doc(honest)
+    async with daemon(tmp_path, IdentityPolicy(store), clock=Clock()) as d:
+        statuses = [(await d.call("POST", f"/v1/ingest/flood-{i}/enroll", doc))[0] for i in range(100)]
+        other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))  # Linux routes 127.0.0.0/8 to lo
+        async with aiohttp.ClientSession(connector=other) as http:
+            node = Daemon(d.url, d.ingest, http, d.events)
+            await honest_posts(node, await enrolled(node, honest))  # enrol and activate: neither a 429
+        assert statuses.count(429) >= 75 and set(statuses) <= {200, 429}, statuses
+        status, refusal = await d.call("POST", "/v1/ingest/flood-last/enroll", doc)
+        assert status == 429 and refusal["error"]["type"] == "ingest.rate_limited", refusal
+        assert "client address" in refusal["error"]["message"], refusal
 
 
 async def test_a_store_failure_is_503_and_the_probe_keeps_its_evidence(

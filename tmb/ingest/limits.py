@@ -2,7 +2,8 @@
 
 * **Rate** (:class:`RateLimit`): a token bucket per node, ``rate_per_s`` refilled up to ``burst``, spent by
   each *authenticated* evidence request (a forged one is refused by its MAC before, and spends nothing of
-  the honest node's budget). Over it: 429 ``ingest.rate_limited``.
+  the honest node's budget). Over it: 429 ``ingest.rate_limited``. Enrolment, unauthenticated, is counted by
+  the client's address (:func:`peer_key`) as well as for all clients together.
 * **Depth** (:func:`check_depth`): a request body nested deeper than :data:`MAX_DEPTH` is a 400
   ``ingest.too_deep`` (JSON that deep is never evidence; Python's parser would recurse on it).
 * **Probe findings** (:func:`check_probe_findings`): a batch post's ``probe_findings`` must be at most
@@ -13,9 +14,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +32,7 @@ __all__ = [
     "check_depth",
     "check_probe_findings",
     "loads_bounded",
+    "peer_key",
 ]
 
 MAX_DEPTH = 32
@@ -101,30 +105,53 @@ def check_probe_findings(findings: Any) -> None:
             )
 
 
+def peer_key(remote: str | None) -> str:
+    """What a client's requests are counted by: its IPv4 address, or its IPv6 address's /64 (a host picks
+    any address of its network's /64 at will); an IPv4-mapped IPv6 address is the IPv4 one. No address, or
+    one that does not parse, is counted as it is."""
+    try:
+        ip = ipaddress.ip_address((remote or "").split("%", 1)[0])
+    except ValueError:
+        return remote or ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class RateLimit:
-    """Token buckets by node: ``rate_per_s`` tokens a second up to ``burst``; 0 turns the limit off."""
+    """Token buckets by key (a node, a client's address): ``rate_per_s`` tokens a second up to ``burst``; 0
+    turns the limit off. At most ``max_keys`` buckets are held: a new key past them evicts the one least
+    recently used (long idle, so full again, unless more than ``max_keys`` keys are busy at once)."""
 
     def __init__(
         self,
         rate_per_s: float,
         burst: int,
         clock: Callable[[], float] = time.monotonic,
-        max_nodes: int = 65536,
+        max_keys: int = 65536,
     ) -> None:
-        self.rate, self.burst, self.clock, self.max_nodes = rate_per_s, burst, clock, max_nodes
-        self._buckets: dict[str, tuple[float, float]] = {}  # node -> (tokens, when)
+        self.rate, self.burst, self.clock, self.max_keys = rate_per_s, burst, clock, max_keys
+        # key -> (tokens, when), the least recently used first
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def take(self, node: str) -> bool:
-        """Spend one token of ``node``'s bucket; False when it is empty."""
+    @property
+    def held(self) -> int:
+        """How many buckets are held."""
+        return len(self._buckets)
+
+    def take(self, key: str) -> bool:
+        """Spend one token of ``key``'s bucket; False when it is empty."""
         if self.rate <= 0:
             return True
         now = self.clock()
-        tokens, then = self._buckets.get(node, (float(self.burst), now))
+        tokens, then = self._buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - then) * self.rate)
-        if tokens < 1.0:
-            self._buckets[node] = (tokens, now)
-            return False
-        if node not in self._buckets and len(self._buckets) >= self.max_nodes:
-            self._buckets.clear()  # only enrolled nodes get here: a bound, never reached in practice
-        self._buckets[node] = (tokens - 1.0, now)
-        return True
+        if key in self._buckets:
+            self._buckets.move_to_end(key)
+        elif len(self._buckets) >= self.max_keys:
+            self._buckets.popitem(last=False)
+        ok = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        return ok

@@ -18,7 +18,9 @@
 The evidence routes (nonce to bindings) answer only requests authenticated by the node's key
 (:mod:`tmb.ingest.auth`: 401 ``auth.*`` otherwise, checked before the body is parsed or the node touched), at
 most ``rate_per_s``/``burst`` a node (429 ``ingest.rate_limited``), JSON at most 32 deep (400
-``ingest.too_deep``); enrolment and activation are :mod:`tmb.ingest.identity`'s. Every answer is JSON.
+``ingest.too_deep``); enrolment and activation are :mod:`tmb.ingest.identity`'s, at most
+``ENROL_PEER_RATE_PER_S``/``ENROL_PEER_BURST`` from one client address (an IPv6 one by its /64), then
+``ENROL_RATE_PER_S``/``ENROL_BURST`` from all together (429 ``ingest.rate_limited``). Every answer is JSON.
 Evidence taken: 200 with the result's data, ``findings`` and ``ok``. Refused: the
 daemon's error envelope (:mod:`tmb.envelope`): ``{"error": {"type": <finding id>, "message"}, "findings":
 [...]}`` plus the answer's data (``nonce``, ``ima_offset``, ... which the probe reads from refusals too),
@@ -35,6 +37,7 @@ import functools
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -43,7 +46,7 @@ from aiohttp import web
 from tmb.envelope import bearer_matches, error_body
 from tmb.errors import Finding, Severity, TmbError
 from tmb.ingest.auth import HEADER
-from tmb.ingest.limits import RateLimit, loads_bounded
+from tmb.ingest.limits import RateLimit, loads_bounded, peer_key
 from tmb.ingest.results import IngestResult
 from tmb.ingest.service import Ingest
 from tmb.ingest.store import EvidenceStoreError
@@ -60,6 +63,10 @@ DEFAULT_BURST = 200
 ENROL_RATE_PER_S = 5.0  # enrolment and activation requests, all nodes together (unauthenticated by nature)
 ENROL_BURST = 50
 ENROL_LIMIT_KEY = web.AppKey("tmb_ingest_enrol_rate", RateLimit)
+ENROL_PEER_RATE_PER_S = 2.0  # ... and from one client address (an IPv6 one by its /64), spent first
+ENROL_PEER_BURST = 20  # (two requests an enrolment: ten nodes behind one address at once)
+ENROL_PEERS = 4096  # client addresses whose enrolment buckets are held (the least recently used goes first)
+ENROL_PEER_LIMIT_KEY = web.AppKey("tmb_ingest_enrol_peer_rate", RateLimit)
 ADMIN_TOKEN_KEY = web.AppKey("tmb_ingest_admin_token", str)
 MAX_BODY = 16 * 1024 * 1024
 
@@ -211,6 +218,14 @@ def _enrolment(method: Method) -> Callable[[web.Request], Awaitable[web.StreamRe
     async def handle(request: web.Request) -> web.StreamResponse:
         ingest = request.app[INGEST_KEY]
         node = request.match_info["node"]
+        peer = peer_key(request.remote)
+        if not request.app[ENROL_PEER_LIMIT_KEY].take(peer):  # first: a flood spends its own address's budget
+            return _error(
+                "ingest.rate_limited",
+                "too many enrolment requests from this client address; try again later",
+                node=node,
+                address=peer,
+            )
         if not request.app[ENROL_LIMIT_KEY].take("*"):
             return _error("ingest.rate_limited", "too many enrolment requests; try again later", node=node)
         try:
@@ -306,15 +321,18 @@ def add_ingest_routes(
     admin_token: str | None = None,
     rate_per_s: float = DEFAULT_RATE_PER_S,
     burst: int = DEFAULT_BURST,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Mount the ingest on ``app`` (state under :data:`INGEST_KEY`); the admin routes answer only requests
-    bearing ``admin_token`` (none without one: the caller decides whether its admin API is on)."""
+    bearing ``admin_token`` (none without one: the caller decides whether its admin API is on). ``clock``
+    (seconds) refills the rate limits' buckets."""
     app[INGEST_KEY] = ingest
     if admin_token:
         app[ADMIN_TOKEN_KEY] = admin_token
     r = app.router
-    app[LIMIT_KEY] = RateLimit(rate_per_s, burst)
-    app[ENROL_LIMIT_KEY] = RateLimit(ENROL_RATE_PER_S, ENROL_BURST)
+    app[LIMIT_KEY] = RateLimit(rate_per_s, burst, clock)
+    app[ENROL_LIMIT_KEY] = RateLimit(ENROL_RATE_PER_S, ENROL_BURST, clock)
+    app[ENROL_PEER_LIMIT_KEY] = RateLimit(ENROL_PEER_RATE_PER_S, ENROL_PEER_BURST, clock, ENROL_PEERS)
     r.add_get("/v1/ingest/{node}/nonce", _store_guard(_nonce))
     r.add_post("/v1/ingest/{node}/batches", _store_guard(_evidence(lambda i: i.add_batches, "batches")))
     r.add_post("/v1/ingest/{node}/quotes", _store_guard(_evidence(lambda i: i.add_quote, "quotes")))
