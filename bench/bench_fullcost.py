@@ -16,7 +16,10 @@ requests come or not: the idle rate (CPU per second with no requests, measured f
 figure with that share taken off too. Prints the decisions the verdicts got, then the ratio LAST: daemon
 CPU per request (everything included) / nginx CPU per request (small JSON).
 
-    .venv/bin/python bench/bench_fullcost.py [--seconds 4] [--repeats 3] [--connections 16]
+With ``--grid-ms 0`` the daemon scores every request on its own window (``[verdicts] window_grid_ms = 0``),
+as tmb did before windows were aligned; run it and the default alternately to compare the two.
+
+    .venv/bin/python bench/bench_fullcost.py [--seconds 4] [--repeats 3] [--connections 16] [--grid-ms MS]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from bench_proxy import NGINX, TICK, WORKER, children, cpu_ticks, free_port, wai
 from sample_infra import demo_setup
 from sample_infra.demo import CLAIM, IMPOSTOR
 from sample_infra.tls import make_server_cert
+from tmb.config import VerdictsConfig
 
 GPU = "GPU-bench-fullcost-0"
 NODE = "node-1"
@@ -68,6 +72,7 @@ health_interval_s = 30
 [verdicts]
 demo = true
 key_file = "{dir}/key.pem"
+window_grid_ms = {grid_ms}
 [store]
 path = "{dir}/tmb.sqlite3"
 retention_days = 0
@@ -117,6 +122,12 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--drain-timeout", type=float, default=120.0, help="longest wait for the verdicts")
     ap.add_argument(
+        "--grid-ms",
+        type=int,
+        default=None,
+        help="[verdicts] window_grid_ms of the daemon (default: tmb's default; 0: each window its own)",
+    )
+    ap.add_argument(
         "--py-spy", metavar="FILE", help="record the daemon with py-spy (raw) during the first run"
     )
     args = ap.parse_args()
@@ -125,6 +136,7 @@ def main() -> int:
             print(f"{tool} is missing: apt-get install -y {tool}", file=sys.stderr)
             return 2
     load_before = os.getloadavg()[0]
+    grid_ms = args.grid_ms if args.grid_ms is not None else VerdictsConfig().window_grid_ms
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="tmb-fullcost-") as d:
         tmp = Path(d)
@@ -159,6 +171,7 @@ def main() -> int:
                     ak=node.ak_path,
                     cert=tls.cert,
                     key=tls.key,
+                    grid_ms=grid_ms,
                 )
             )
             tmb = subprocess.Popen(
@@ -245,7 +258,7 @@ def main() -> int:
     )
     print(
         "one node, probe at 20 Hz + a quote every 5 s; daemon CPU with no requests: "
-        f"{idle_per_s * 1e3:.1f} ms/s"
+        f"{idle_per_s * 1e3:.1f} ms/s; window grid: {grid_ms} ms"
     )
     print(f"verdict decisions (warm-up included): {got}")
     print(f"  nginx          {med(rps_n):8.0f} req/s  {med(nginx_us):8.1f} us CPU per request")

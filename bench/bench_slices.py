@@ -12,11 +12,20 @@ For each request: ``Ingest.attested_window`` (here ``Windows.attested_windows`` 
 consecutive requests' windows read together as the engine's look-ahead reads them) then ``Engine.decide``;
 signing and storing are left out (bench_verdicts.py measures them).
 
-The peer, side by side in the same run: the same requests with the memo off (``Windows(memo=False)``: the
-decoded batches kept, but every window's per-sample features computed from its own samples). Prints the
-ratio LAST: CPU per request without the memo / with it.
+Three ways, side by side in the same run, fresh engines each repeat:
 
-    .venv/bin/python bench/bench_slices.py [--seconds 20] [--rps 200] [--repeats 5] [--profile]
+* ``no memo``: every window's per-sample features computed from its own samples (``Windows(memo=False)``),
+  each request's window its own (``[verdicts] window_grid_ms = 0``);
+* ``memo``: the per-batch memo of the window path, each request's window its own;
+* ``memo + grid``: window ends aligned to the ``--grid-ms`` grid (the default of ``window_grid_ms``), so
+  requests starting within one step share one window, cut, digested, summarised and judged once.
+
+The first two must give the same verdict figures bit for bit (checked); the grid gives other windows (a
+little longer), so its verdicts are compared by their decisions only. Prints the ratio LAST: CPU per
+request with the memo alone / with the memo and the grid.
+
+    .venv/bin/python bench/bench_slices.py [--seconds 20] [--rps 200] [--repeats 5] [--grid-ms 250]
+                                           [--profile]
 """
 
 from __future__ import annotations
@@ -94,7 +103,7 @@ def run_once(
     t = time.process_time()
     for g in range(0, len(todo), group):
         spans_ = todo[g : g + group]
-        ws = [widen(sp, engine.settings.min_window_s) for sp in spans_]
+        ws = [widen(sp, engine.settings.min_window_s, engine.settings.grid_s) for sp in spans_]
         if together:
             got = windows.attested_windows(NODE, [(w.t0_ns, w.t1_ns) for w in ws])
         else:
@@ -116,7 +125,8 @@ def main() -> int:
     ap.add_argument("--rps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--group", type=int, default=16, help="spans whose windows are read together")
-    ap.add_argument("--profile", action="store_true", help="cProfile the memo's runs (top 15 by own time)")
+    ap.add_argument("--grid-ms", type=int, default=int(EngineSettings().grid_s * 1000), help="window grid")
+    ap.add_argument("--profile", action="store_true", help="cProfile the grid's runs (top 15 by own time)")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
@@ -127,40 +137,52 @@ def main() -> int:
         signer = load_or_create_key(tmp / "key.pem")
         todo = spans(args.seconds, args.rps)
         lock = threading.Lock()
-        memo_on, memo_off, ratios = [], [], []
+        times: dict[str, list[float]] = {"no memo": [], "memo": [], "memo + grid": []}
+        ratios = []
         prof = cProfile.Profile() if args.profile else None
         same = True
-        decisions: dict[str, int] = {}
+        decisions: dict[str, dict[str, int]] = {}
+        plain = EngineSettings(demo=True, grid_s=0.0)
+        grid = EngineSettings(demo=True, grid_s=args.grid_ms / 1000)
         for _ in range(args.repeats):
             # fresh engines and windows each repeat: the memo starts cold, as after a restart
             off = Windows(store, lock, memo=False) if _has_memo() else Windows(store, lock)
-            on = Windows(store, lock)
-            e_off = Engine(AsyncStore(tmp / "a.db"), signer, None, profs, EngineSettings(demo=True))
-            e_on = Engine(AsyncStore(tmp / "b.db"), signer, None, profs, EngineSettings(demo=True))
-            t_off, _, d_off = run_once(off, e_off, todo, args.group)
+            e_off = Engine(AsyncStore(tmp / "a.db"), signer, None, profs, plain)
+            t_off, decisions["no memo"], d_off = run_once(off, e_off, todo, args.group)
+            e_on = Engine(AsyncStore(tmp / "b.db"), signer, None, profs, plain)
+            t_on, decisions["memo"], d_on = run_once(Windows(store, lock), e_on, todo, args.group)
+            e_grid = Engine(AsyncStore(tmp / "c.db"), signer, None, profs, grid)
             if prof is not None:
                 prof.enable()
-            t_on, decisions, d_on = run_once(on, e_on, todo, args.group)
+            t_grid, decisions["memo + grid"], _ = run_once(Windows(store, lock), e_grid, todo, args.group)
             if prof is not None:
                 prof.disable()
             same = same and d_off == d_on
-            memo_off.append(t_off)
-            memo_on.append(t_on)
-            ratios.append(t_off / t_on)
+            for name, t in (("no memo", t_off), ("memo", t_on), ("memo + grid", t_grid)):
+                times[name].append(t)
+            ratios.append((t_off / t_on, t_on / t_grid))
         store.close()
     med = statistics.median
     print(
-        f"{len(todo)} requests over {args.seconds} s of 20 Hz telemetry ({args.rps} req/s, 1 s windows), "
-        f"x {args.repeats} repeats (medians); load average before: {load_before:.2f}, after: "
-        f"{os.getloadavg()[0]:.2f}; decisions per repeat: {decisions}"
+        f"{len(todo)} requests over {args.seconds} s of 20 Hz telemetry ({args.rps} req/s, 1 s windows, "
+        f"grid {args.grid_ms} ms), x {args.repeats} repeats (medians); load average before: "
+        f"{load_before:.2f}, after: {os.getloadavg()[0]:.2f}"
     )
+    print(f"decisions per repeat: {decisions}")
     print(f"identical verdict figures and evidence digests with and without the memo: {same}")
-    print(f"  without memo (peer) : {med(memo_off) * 1e6:8.1f} us CPU per request")
-    print(f"  with memo           : {med(memo_on) * 1e6:8.1f} us CPU per request")
+    for name, ts in times.items():
+        print(f"  {name:<12}: {med(ts) * 1e6:8.1f} us CPU per request")
     if prof is not None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
-    print(f"ratio CPU per request without/with the memo (median of same-run ratios): {med(ratios):.2f}")
-    return 0 if same else 1
+    print(
+        "ratio CPU per request without/with the memo (median of same-run ratios): "
+        f"{med(r[0] for r in ratios):.2f}"
+    )
+    print(
+        "ratio CPU per request, memo alone / memo + grid (median of same-run ratios): "
+        f"{med(r[1] for r in ratios):.2f}"
+    )
+    return 0 if same and all(d == decisions["memo"] for d in decisions.values()) else 1
 
 
 def _has_memo() -> bool:

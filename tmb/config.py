@@ -8,7 +8,7 @@ Sections (all optional; defaults and units are documented in docs/config.md)::
     [proxy]     max_body_bytes, inspect_body_bytes, connect_timeout_s, read_timeout_s, total_timeout_s,
                 health_path, health_interval_s, health_timeout_s, max_response_inspect_bytes, engine,
                 header_timeout_s, keepalive_timeout_s, max_connections
-    [verdicts]  key_file, demo, min_window_ms, max_wait_s, log_origin, checkpoint_s
+    [verdicts]  key_file, demo, min_window_ms, window_grid_ms, max_wait_s, log_origin, checkpoint_s
     [store]     path, retention_days, ack, sync, url
     [admin]     enabled, token, token_file
     [metrics]   enabled, token, token_file
@@ -109,6 +109,7 @@ class VerdictsConfig:
     key_file: str = "tmb-verdict-key.pem"  # Ed25519 private key (PKCS#8 PEM), created 0600 if absent
     demo: bool = False  # a synthetic telemetry source may yield `demo` (never `verified`)
     min_window_ms: int = 1000  # windows shorter than this are widened (and say so)
+    window_grid_ms: int = 250  # window ends moved out to this grid: concurrent requests share scoring
     max_wait_s: float = 30.0  # longest ?wait= accepted by GET /v1/verdicts/{id}
     log_origin: str = ""  # the verdict log's name in its checkpoints; empty: "tmb-verdicts/<host name>"
     checkpoint_s: float = 1.0  # sign a log checkpoint this often when the log grew
@@ -581,6 +582,13 @@ def _validate(config: Config) -> None:
     v = config.verdicts
     if v.min_window_ms < 0 or v.max_wait_s < 0:
         fail("verdicts durations must not be negative", "verdicts", "min_window_ms", v.min_window_ms)
+    if not 0 <= v.window_grid_ms <= 60_000:
+        fail(
+            "verdicts.window_grid_ms must be 0..60000 (0: no grid)",
+            "verdicts",
+            "window_grid_ms",
+            v.window_grid_ms,
+        )
     if not 0.05 <= v.checkpoint_s <= 3600:
         fail("verdicts.checkpoint_s must be 0.05..3600 seconds", "verdicts", "checkpoint_s", v.checkpoint_s)
     if v.log_origin and (any(c.isspace() or c == "+" for c in v.log_origin) or len(v.log_origin) > 200):

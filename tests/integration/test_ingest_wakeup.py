@@ -175,7 +175,8 @@ async def test_a_group_of_spans_reads_its_windows_in_one_hop(
         record = await store.lookup(s.id)
         assert record.state == "final" and record.doc is not None
         doc = json.loads(record.doc)
-        window = widen(s, 1.0)
+        window = widen(s, 1.0, engine.settings.grid_s)
+        assert (doc["window"]["t0_ns"], doc["window"]["t1_ns"]) == (window.t0_ns, window.t1_ns)
         alone = ingest.attested_window(NODE, window.t0_ns, window.t1_ns)
         assert alone.covers_end() and doc["attestation"]["verified"] is True
         refs = {r.kind: r.digest for r in await store.evidence(s.id)}

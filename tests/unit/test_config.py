@@ -92,6 +92,8 @@ def test_environment_overrides_every_kind_of_key(tmp_path: Path) -> None:
         ('[[workers]]\nname = "w"\nurl = "http://h:1"\n', {}, "workers[0]", "node"),
         ("", {"TMB_WORKERS_3_URL": "http://h:1"}, "workers[3]", "url"),
         ("[admin]\nenabled = true\n", {}, "admin", "token"),
+        ("[verdicts]\nwindow_grid_ms = -250\n", {}, "verdicts", "window_grid_ms"),
+        ("", {"TMB_VERDICTS_WINDOW_GRID_MS": "3600000"}, "verdicts", "window_grid_ms"),
     ],
 )
 def test_errors_name_file_section_and_key(

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from sample_infra.demo_setup import demo_trace, enrol_profiles
 from tmb.errors import Finding
@@ -302,3 +304,93 @@ async def test_a_failing_event_sink_costs_no_verdict(tmp_path: Path, profiles: l
     rec = await store.lookup(_span().id)
     assert rec.state == "final" and rec.doc is not None and b"model_mismatch" in rec.doc
     await store.close()
+
+
+@settings(max_examples=300, deadline=None)
+@example(start=T0 - 10**10 + 1, length=0, min_ms=1001, grid_ms=0)  # 1.001 * 1e9 < 1001000000
+@given(
+    start=st.integers(T0 - 10**10, T0 + 10**10),
+    length=st.integers(0, 3 * 10**9),
+    min_ms=st.integers(0, 2000),
+    grid_ms=st.sampled_from([0, 1, 100, 250, 333, 1000]),
+)
+def test_a_window_covers_its_request_and_lies_on_the_grid(
+    start: int, length: int, min_ms: int, grid_ms: int
+) -> None:
+    span = _span(start_ns=start, end_ns=start + length)
+    w = widen(span, min_ms / 1000, grid_ms / 1000)
+    assert w.t0_ns <= start and w.t1_ns >= start + length  # the whole request, always
+    assert w.t1_ns - w.t0_ns >= min(min_ms * 10**6, max(length, min_ms * 10**6))
+    grid = grid_ms * 10**6
+    if grid:
+        assert w.t0_ns % grid == 0 and w.t1_ns % grid == 0
+        assert w.t1_ns - w.t0_ns < max(length, min_ms * 10**6) + 2 * grid  # at most a step more each side
+    assert w.widened == ((w.t0_ns, w.t1_ns) != (start, start + length))
+    if not grid:  # no grid: the old window, centred, exactly min_window long for a short request
+        plain = widen(span, min_ms / 1000)
+        assert (w.t0_ns, w.t1_ns) == (plain.t0_ns, plain.t1_ns)
+        if length < min_ms * 10**6:
+            assert (
+                w.t1_ns - w.t0_ns == min_ms * 10**6 and abs((w.t0_ns + w.t1_ns) - (2 * start + length)) <= 1
+            )
+
+
+def test_short_requests_within_one_grid_step_share_one_window() -> None:
+    step = 250 * 10**6
+    base = T0 + 7 * step  # on the grid
+    spans = [_span(start_ns=base + i * 10**6 + 1, end_ns=base + i * 10**6 + 5 * 10**6) for i in range(200)]
+    windows = {(w.t0_ns, w.t1_ns) for w in (widen(s, 1.0, 0.25) for s in spans)}
+    # 200 requests started over 200 ms (widened windows starting within one step, or two): at most 2 windows
+    assert 1 <= len(windows) <= 2, windows
+    assert len({(w.t0_ns, w.t1_ns) for w in (widen(s, 1.0) for s in spans)}) == 200  # without the grid
+
+
+def test_concurrent_requests_are_scored_once_per_window(
+    tmp_path: Path, profiles: list[LoadProfile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's cost follows time, not requests: requests sharing a grid window are summarised and
+    judged once, and each gets the verdict it would get alone."""
+    import tmb.verdict.engine as engine_module
+
+    calls = {"summarise": 0, "judge": 0}
+    real_summarise = engine_module.summarise
+
+    def counted_summarise(*args: object) -> object:
+        calls["summarise"] += 1
+        return real_summarise(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "summarise", counted_summarise)
+    engine = _engine(tmp_path, profiles, load=1.0)
+    assert engine.judge is not None
+    real_judge = engine.judge.judge
+
+    def counted_judge(*args: object) -> object:
+        calls["judge"] += 1
+        return real_judge(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.judge, "judge", counted_judge)
+    trace = demo_trace("llama-1b/bf16/h100", 6, seed=5, start_ns=T0)
+    from tmb.ingest.results import BatchRef
+
+    refs = (BatchRef(b"\x01" * 16, 0, b"\x02" * 32, 1),)
+    verdicts, spans = [], []
+    for i in range(60):  # 60 requests of 20 ms, started 4 ms apart, in the middle of the trace
+        span = _span(
+            id=f"{i:032x}",
+            start_ns=T0 + 2 * 10**9 + i * 4 * 10**6,
+            end_ns=T0 + 2 * 10**9 + i * 4 * 10**6 + 2 * 10**7,
+        )
+        window = widen(span, 1.0, 0.25)
+        samples = trace.slice_time(window.t0_ns, window.t1_ns)
+        verdict, _ = engine.decide(span, window, samples, _summary(), [], batches=refs)
+        verdicts.append(verdict)
+        spans.append(span)
+    distinct = {(v.window.t0_ns, v.window.t1_ns) for v in verdicts}
+    assert len(distinct) <= 2 and calls["summarise"] == len(distinct) and calls["judge"] == len(distinct)
+    (tmp_path / "alone").mkdir()
+    alone = _engine(tmp_path / "alone", profiles, load=1.0)
+    for v, span in list(zip(verdicts, spans, strict=True))[::7]:  # as a fresh engine decides it alone
+        samples = trace.slice_time(v.window.t0_ns, v.window.t1_ns)
+        want, _ = alone.decide(span, v.window, samples, _summary(), [])
+        assert want.fingerprint == v.fingerprint and want.decision is v.decision and want.reasons == v.reasons
+    assert {v.decision for v in verdicts} == {Decision.DEMO}

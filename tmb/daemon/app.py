@@ -468,6 +468,7 @@ def _engine(
     settings = EngineSettings(
         wait_s=config.attestation.wait_s,
         min_window_s=config.verdicts.min_window_ms / 1000,
+        grid_s=config.verdicts.window_grid_ms / 1000,
         demo=config.verdicts.demo,
         target_far=config.fingerprint.target_far or None,
     )

@@ -152,11 +152,13 @@ class Windows:
         if len(ranges) > 1 and not more(first):
             out += [None] * (len(ranges) - 1)
         elif len(ranges) > 1:
+            cut: dict[tuple[int, int], AttestedWindow] = {(ranges[0][0], ranges[0][1]): first}
+            todo = [r for r in dict.fromkeys(ranges[1:]) if r not in cut]  # windows on one grid: read once
             with self._db:
-                rest = [read(t0, t1) for t0, t1 in ranges[1:]]
-            out += [
-                self._cut(node, t0, t1, *r, summary) for (t0, t1), r in zip(ranges[1:], rest, strict=True)
-            ]
+                rest = [read(t0, t1) for t0, t1 in todo]
+            for (t0, t1), r in zip(todo, rest, strict=True):
+                cut[(t0, t1)] = self._cut(node, t0, t1, *r, summary)
+            out += [cut[(t0, t1)] for t0, t1 in ranges[1:]]
         return out
 
     def _cut(

@@ -20,7 +20,11 @@ decision                      when
 ``verified``                  everything held on real GPU telemetry
 ============================  =================================================================
 
-Windows shorter than ``[verdicts] min_window_ms`` are widened symmetrically and the verdict says so. The
+Windows shorter than ``[verdicts] min_window_ms`` are widened symmetrically, then every window's ends are
+moved out to the ``[verdicts] window_grid_ms`` grid of wall-clock time (:func:`widen`), and the verdict
+says so. The grid is what lets concurrent requests on one GPU share their scoring: short requests whose
+widened windows start within one grid step get the same window, so its telemetry is cut, digested,
+summarised and judged once (:meth:`Engine._cached`) however many requests it serves. The
 verdict is signed with the daemon's key (verdicts decided together share one signature over a Merkle
 root, each with its inclusion proof: docs/verdict.md) and published with references to the evidence it
 rests on. Floats never enter the signed encoding: statistics are rendered as decimal strings.
@@ -63,6 +67,7 @@ LOOK_AHEAD = 64  # the next spans' windows of a group read with a span's own (on
 class EngineSettings:
     wait_s: float = 20.0  # longest wait for telemetry + quote after the window ends
     min_window_s: float = 1.0
+    grid_s: float = 0.25  # window ends are moved out to multiples of this (0: not aligned)
     demo: bool = False
     target_far: float | None = None
 
@@ -76,14 +81,21 @@ def _num(value: float | None) -> str | None:
     return f"{value:.6g}"
 
 
-def widen(span: Span, min_window_s: float) -> Window:
-    """The request's window (start to end), widened around its middle to at least ``min_window_s``."""
+def widen(span: Span, min_window_s: float, grid_s: float = 0.0) -> Window:
+    """The request's window: start to end, widened around its middle to at least ``min_window_s``, then its
+    start moved down and its end up to multiples of ``grid_s`` (wall-clock ns since the epoch; 0: not
+    aligned). It always covers the request; ``widened`` says it is longer than the request. Requests whose
+    widened windows start and end within the same grid steps get the same window: with ``grid_s`` dividing
+    ``min_window_s``, every short request starting within one step."""
     t0, t1 = span.start_ns, max(span.end_ns, span.start_ns)
-    need = int(min_window_s * 1e9)
-    if t1 - t0 >= need:
-        return Window(t0, t1, False)
-    mid = (t0 + t1) // 2
-    return Window(mid - need // 2, mid - need // 2 + need, True)
+    need = round(min_window_s * 1e9)  # round: 1.001 * 1e9 is 1000999999.99...
+    if t1 - t0 < need:
+        t0 = (t0 + t1) // 2 - need // 2
+        t1 = t0 + need
+    grid = round(grid_s * 1e9)
+    if grid > 0:
+        t0, t1 = t0 // grid * grid, -(-t1 // grid) * grid
+    return Window(t0, t1, (t0, t1) != (span.start_ns, max(span.end_ns, span.start_ns)))
 
 
 class Engine:
@@ -118,6 +130,7 @@ class Engine:
         """Score with these profiles from now on (an upload replaced or added one)."""
         self.profiles = tuple(profiles)
         self.judge = Judge(profiles, target_far=self.settings.target_far) if profiles else None
+        self._windows.clear()  # judgements under the old profiles
 
     async def on_span(self, span: Span) -> None:
         await self.on_spans([span])
@@ -144,7 +157,7 @@ class Engine:
 
     async def _decide_node(self, node: str, spans: Sequence[Span]) -> None:
         decided: list[tuple[Verdict, list[EvidenceRef]]] = []
-        windows = [widen(span, self.settings.min_window_s) for span in spans]
+        windows = [widen(span, self.settings.min_window_s, self.settings.grid_s) for span in spans]
         ahead: dict[int, AttestedWindow] = {}  # later spans' windows, read along with an earlier one's
         for i, span in enumerate(spans):
             window = windows[i]
@@ -247,11 +260,7 @@ class Engine:
         reasons: list[Reason] = []
         refs: list[EvidenceRef] = []
         if window.widened:
-            reasons.append(
-                Reason(
-                    "window.widened", f"request shorter than {self.settings.min_window_s:g} s: window widened"
-                )
-            )
+            reasons.append(Reason("window.widened", self._widened(span)))
         errors = [f for f in findings if f.severity is Severity.ERROR]
         attestation: dict[str, Any] = {"verified": False}
         if summary is not None:
@@ -361,6 +370,14 @@ class Engine:
         )
         return verdict, refs
 
+    def _widened(self, span: Span) -> str:
+        """Why the window is longer than the request (the ``window.widened`` reason)."""
+        grid = f"{self.settings.grid_s:g} s grid" if self.settings.grid_s > 0 else ""
+        if span.end_ns - span.start_ns < round(self.settings.min_window_s * 1e9):
+            why = f"request shorter than {self.settings.min_window_s:g} s: window widened"
+            return f"{why}, its ends aligned to the {grid}" if grid else why
+        return f"window ends aligned to the {grid}"
+
     def window_load(self, span: Span, window: Window) -> float:
         """Requests in flight on the span's worker over the window (as the proxy counted them); at least
         the request itself when the proxy has no record (a span resumed after a restart)."""
@@ -401,7 +418,12 @@ class Engine:
 
         shared: WindowSummary = self._cached(None if key is None else (*key, span.gpus), features)
         load = float(self.window_load(span, window))
-        return self.judge.judge(claimed, WindowSummary(shared.t0_ns, shared.t1_ns, load, shared.features))
+        judge = self.judge
+        judged: Judgement = self._cached(  # requests sharing the window on one worker share its load too
+            None if key is None else (*key, span.gpus, claimed, load),
+            lambda: judge.judge(claimed, WindowSummary(shared.t0_ns, shared.t1_ns, load, shared.features)),
+        )
+        return judged
 
     def _from_score(self, score: Judgement, synthetic: bool) -> tuple[Decision, list[Reason]]:
         """``model_mismatch`` only from ``inconsistent``; an inconclusive fingerprint does not break a chain
