@@ -5,13 +5,15 @@ Three asyncio tasks share one :class:`Probe`:
 * **seal**: every ``batch_interval_s`` the source yields a :class:`~tmb.telemetry.sample.SampleBatch`; it is
   sealed into the chain, written to the disk buffer and the chain head persisted (``state.json``);
 * **quote**: every ``quote_period_s``, and at once when the daemon asks (``"quote": true`` in a response),
-  with the newest unused daemon nonce: the process bindings of the GPU processes are read, then TPM2_Quote
-  over PCRs 0-10 (+ configured PCRs) with qualifying data ``SHA-256(nonce ‖ head digest)``, or
-  ``SHA-256(nonce ‖ head digest ‖ bindings digest)`` when there are bindings (the quote's ``bindings``), in a
-  worker thread (the loop never blocks; a call slower than ``tpm_timeout_s`` is abandoned); then the IMA
-  records appended since the last read (read *after* the quote, so they include everything the quoted PCR
-  covers), the bindings document and the quote are queued in that order. TPM errors are retried with
-  exponential backoff (0.5 s doubling to 30 s) while batches keep being sealed and shipped;
+  with the newest unused daemon nonce (never one it already quoted with: an answer computed before the
+  daemon took that quote names it again, and a second quote with it would be a replay): the process bindings
+  of the GPU processes are read, then TPM2_Quote over PCRs 0-10 (+ configured PCRs) with qualifying data
+  ``SHA-256(nonce ‖ head digest)``, or ``SHA-256(nonce ‖ head digest ‖ bindings digest)`` when there are
+  bindings (the quote's ``bindings``), in a worker thread (the loop never blocks; a call slower than
+  ``tpm_timeout_s`` is abandoned); then the IMA records appended since the last read (read *after* the
+  quote, so they include everything the quoted PCR covers), the bindings document and the quote are queued
+  in that order. TPM errors are retried with exponential backoff (0.5 s doubling to 30 s) while batches keep
+  being sealed and shipped;
 * **send**: ships the buffer in order (batches grouped, up to 64 a request) and takes the next nonce, the
   quote demand and the daemon's IMA offset from every response. Connection errors and 5xx keep the items
   and retry with backoff (0.2 s doubling to 5 s); a 4xx drops the refused item (it would be refused forever)
@@ -48,6 +50,7 @@ import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,6 +83,7 @@ TPM_BACKOFF = (0.5, 30.0)
 SEND_BACKOFF = (0.2, 5.0)
 MAX_ANSWER_BYTES = 1 << 20  # a daemon answer is a few hundred bytes; a larger one is refused, never buffered
 MAX_IMA_OFFSET = (1 << 63) - 1
+USED_NONCES_KEPT = 64  # nonces this probe quoted with, never taken from an answer again
 MAX_KEPT = 100  # refusals and refused-evidence records kept in ProbeStats (the newest)
 MAX_FINDINGS_KEPT = 16  # findings kept from one refusal answer
 REPEAT_LOG_S = 60.0  # an identical refusal is counted at once but logged again only after this long
@@ -173,6 +177,16 @@ class Probe:
         self.stats = ProbeStats()
         self._nonce: bytes | None = None
         self._nonce_event = asyncio.Event()
+        # Nonces quoted with: an answer computed before the daemon took that quote (one that timed out, or
+        # still in flight) names the nonce again, and a second quote with it would be refused as a replay.
+        self._used: OrderedDict[bytes, None] = OrderedDict()
+        for item in self.buffer.peek(len(self.buffer)):
+            if (
+                item.kind == "quote"
+                and isinstance(item.doc.get("nonce"), str)
+                and _HEX32.match(item.doc["nonce"])
+            ):
+                self._used[bytes.fromhex(item.doc["nonce"])] = None
         self._wake = asyncio.Event()
         self._quote_now = True  # a new segment's genesis is quoted at once
         self._new_segment = False
@@ -366,6 +380,9 @@ class Probe:
                 backoff = min(backoff * 2, TPM_BACKOFF[1])
                 continue
             backoff = TPM_BACKOFF[0]
+            self._used[nonce] = None
+            while len(self._used) > USED_NONCES_KEPT:
+                self._used.popitem(last=False)
             if self._nonce == nonce:
                 self._nonce = None
             self._quote_now = False
@@ -432,8 +449,9 @@ class Probe:
         nonce = doc.get("nonce")
         if nonce is not None:
             if isinstance(nonce, str) and _HEX32.match(nonce):
-                self._nonce = bytes.fromhex(nonce)
-                self._nonce_event.set()
+                if bytes.fromhex(nonce) not in self._used:  # a used one: wait for the next answer's
+                    self._nonce = bytes.fromhex(nonce)
+                    self._nonce_event.set()
             else:
                 self._refuse(_bad_value(route, "nonce", nonce, "32 bytes of hex"))
         quote = doc.get("quote")
@@ -686,6 +704,10 @@ class Probe:
                     self.ima.rewind(offset)
             elif kind == "quote":
                 self._quote_now = True
+                if "ingest.nonce_reused" not in ids:  # the daemon did not consume it: it may be used again
+                    used = sent[0].doc.get("nonce")
+                    if isinstance(used, str) and _HEX32.match(used):
+                        self._used.pop(bytes.fromhex(used), None)
             elif kind == "eventlog":
                 self._eventlog_refused = str(sent[0].doc.get("sha256"))
         for item in sent:

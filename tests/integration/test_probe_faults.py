@@ -12,12 +12,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from swtpm import SwtpmFactory
+from test_epochs import run_until
 from test_probe_e2e import wait_until
 from test_probe_support import NODE, NodeEnv, make_node, serve
 
@@ -178,6 +181,39 @@ async def test_tpm_errors_and_slowness(tmp_path: Path, swtpm_factory: SwtpmFacto
     env.close()
 
 
+Tamper = Callable[[web.Request, bytes, int, bytes], Awaitable[bytes | None]]
+
+
+@asynccontextmanager
+async def _relay(daemon: str, tamper: Tamper) -> AsyncIterator[str]:
+    """A relay on 127.0.0.1 in front of the daemon at ``daemon`` (real sockets both ways); every answer
+    passes through ``tamper(request, request body, status, answer)``: the answer to send on, or None to cut
+    the connection instead (the daemon has taken the request; its answer never arrives)."""
+    async with aiohttp.ClientSession() as upstream:
+
+        async def relay(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            drop = ("host", "content-length")
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+            url = daemon + request.path_qs
+            async with upstream.request(request.method, url, data=body, headers=headers) as r:
+                answer = await tamper(request, body, r.status, await r.read())
+                if answer is None:
+                    assert request.transport is not None
+                    request.transport.abort()
+                return web.Response(status=r.status, body=answer or b"", content_type=r.content_type)
+
+        front = web.Application()
+        front.router.add_route("*", "/{tail:.*}", relay)
+        runner = web.AppRunner(front, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        finally:
+            await runner.cleanup()
+
+
 async def test_quote_answer_lost_the_resent_quote_is_a_duplicate(
     tmp_path: Path, swtpm_factory: SwtpmFactory
 ) -> None:
@@ -187,39 +223,44 @@ async def test_quote_answer_lost_the_resent_quote_is_a_duplicate(
     env = make_node(tmp_path, swtpm_factory)
     ingest = env.ingest()
     lost: list[int] = []
-    async with serve(ingest) as daemon, aiohttp.ClientSession() as upstream:
 
-        async def relay(request: web.Request) -> web.StreamResponse:
-            body = await request.read()
-            headers = {
-                k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
-            }
-            async with upstream.request(
-                request.method, daemon + request.path_qs, data=body, headers=headers
-            ) as r:
-                answer = await r.read()
-                if request.path.endswith("/quotes") and r.status == 200 and not lost:
-                    lost.append(r.status)  # taken by the daemon; the answer never arrives
-                    assert request.transport is not None
-                    request.transport.abort()
-                return web.Response(status=r.status, body=answer, content_type=r.content_type)
+    async def lose_first_quote_answer(
+        request: web.Request, _: bytes, status: int, answer: bytes
+    ) -> bytes | None:
+        if request.path.endswith("/quotes") and status == 200 and not lost:
+            lost.append(status)
+            return None
+        return answer
 
-        front = web.Application()
-        front.router.add_route("*", "/{tail:.*}", relay)
-        runner = web.AppRunner(front, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            probe = Probe(env.probe_config(f"http://127.0.0.1:{runner.addresses[0][1]}"))
-            stop = asyncio.Event()
-            task = asyncio.create_task(probe.run(stop))
-            await wait_until(lambda: bool(lost) and probe.stats.quotes_acked >= 2)
-            stop.set()
-            await task
-        finally:
-            await runner.cleanup()
+    async with serve(ingest) as daemon, _relay(daemon, lose_first_quote_answer) as url:
+        probe = await run_until(env, ingest, url, lambda p: bool(lost) and p.stats.quotes_acked >= 2)
     assert probe.stats.send_errors >= 1  # the lost answer was seen as one
     assert probe.stats.refused == [], probe.stats.refused
     quotes = ingest.store.records(NODE, "quote")
     assert len({q.digest for q in quotes}) == len(quotes)  # every quote kept once
+    env.close()
+
+
+async def test_an_answer_naming_a_used_nonce_is_not_quoted_with_again(
+    tmp_path: Path, swtpm_factory: SwtpmFactory
+) -> None:
+    """An answer the daemon computed before it took the probe's quote (a request that timed out and was
+    served late, or one in flight meanwhile) names that quote's nonce as the next one, and asks for a quote.
+    The probe must not quote with it again: the daemon would refuse that quote as a replay (409)."""
+    env = make_node(tmp_path, swtpm_factory)
+    ingest = env.ingest()
+    quoted: list[str] = []
+    stale: list[str] = []
+
+    async def stale_after_first_quote(request: web.Request, body: bytes, status: int, answer: bytes) -> bytes:
+        if request.path.endswith("/quotes") and status == 200 and not quoted:
+            quoted.append(json.loads(body)["nonce"])
+        elif quoted and not stale and request.path.endswith("/batches") and status == 200:
+            stale.append(quoted[0])  # the next answer is as if computed before that quote was taken
+            return json.dumps({**json.loads(answer), "nonce": quoted[0], "quote": True}).encode()
+        return answer
+
+    async with serve(ingest) as daemon, _relay(daemon, stale_after_first_quote) as url:
+        probe = await run_until(env, ingest, url, lambda p: bool(stale) and p.stats.quotes_acked >= 3)
+    assert probe.stats.refused == [], probe.stats.refused
     env.close()
