@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import hashlib
+import importlib.util
 import io
 import logging
 import pstats
@@ -87,6 +88,12 @@ def main() -> int:
         "--profile", type=int, default=0, metavar="N", help="print cProfile's top N functions first"
     )
     args = ap.parse_args()
+    if importlib.util.find_spec("keylime") is None:
+        print(
+            "keylime (the peer) is missing: `make bench` installs it (pip install -e '.[bench]')",
+            file=sys.stderr,
+        )
+        return 2
     n = args.entries
     with tempfile.TemporaryDirectory() as tmp:
         bin_path, txt_path, builder = make_logs(n, Path(tmp))
