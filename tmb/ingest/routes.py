@@ -32,7 +32,6 @@ PostgreSQL down, locked or full) is a 503 ``ingest.store_unavailable`` with ``Re
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -173,7 +172,7 @@ async def _authentic(request: web.Request, ingest: Ingest, node: str, route: str
     node's rate allows it; else the 401/429 answer. Nothing of the node's evidence is touched before."""
     body = await request.read()
     header = request.headers.get(HEADER)
-    problem = await asyncio.to_thread(ingest.authenticate, node, request.method, route, header, body)
+    problem = await ingest.off_loop(ingest.authenticate, node, request.method, route, header, body)
     if problem is not None:
         return _answer(IngestResult(False, (problem,), {}, problem, problem.message))
     if not request.app[LIMIT_KEY].take(node):

@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import os
@@ -67,6 +68,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -100,6 +102,7 @@ MAX_BATCHES_PER_REQUEST = 1024
 PRUNE_SLICE = 1000  # rows one retention pass deletes at most (one transaction; the ingest waits that long)
 MAX_BINDING_PROCESSES = 4096  # processes of one bindings document
 RECHECK_S = 2.0  # shared store: longest sleep of a waiter between looks (a lost NOTIFY only delays)
+INTAKE_THREADS = 4  # threads of the evidence intake (requests of different nodes; one node's run in turn)
 UNATTESTED = "unattested"  # the identity record of a node a verified quote turned unattested (_judge)
 
 T = TypeVar("T")
@@ -174,12 +177,16 @@ class Ingest:
         self._quote_wanted: set[str] = set()
         self._db = threading.RLock()  # one connection: one request's work at a time
         self._node_locks: dict[str, asyncio.Lock] = {}
+        # The probes' requests run on threads of their own: never queued behind the verdict engine's window
+        # reads on the loop's default executor (a backlog of verdicts must not starve the evidence intake)
+        self._intake = ThreadPoolExecutor(INTAKE_THREADS, thread_name_prefix="tmb-ingest")
         self.windows = Windows(self.store, self._db)
         self.wakeups = Wakeups()
         # Another daemon's quotes wake this one's waiters too (None: only this daemon writes the store).
         self._listener = self.store.listen(self.wakeups.notify, self.wakeups.notify_all)
 
     def close(self) -> None:
+        self._intake.shutdown(wait=True)
         if self._listener is not None:
             self._listener.close()
         with self._db:
@@ -192,7 +199,12 @@ class Ingest:
         requests: the checks never hold the event loop, and a node's evidence is taken in arrival order."""
         lock = self._node_locks.setdefault(node, asyncio.Lock())
         async with lock:
-            return await asyncio.to_thread(handler, node, doc)
+            return await self.off_loop(handler, node, doc)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the intake's own threads (:data:`INTAKE_THREADS`), not the loop's default
+        executor, which the verdict engine's reads may fill."""
+        return await asyncio.get_running_loop().run_in_executor(self._intake, functools.partial(fn, *args))
 
     def attested_since(self, node: str) -> int:
         """A token for :meth:`wait_attested`: read it before looking at the node's evidence."""
