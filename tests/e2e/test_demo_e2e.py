@@ -220,7 +220,7 @@ def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> No
         ("quotes/0.attest", -5, "quote.signature_invalid"),
         (manifest["ima_segments"][-1]["file"], 40, "ima."),
         ("nonces.json", -60, "nonces.signature_invalid"),
-        (manifest["batches"], -100, "chain.digest_mismatch"),
+        (manifest["batches"], "prev", "chain.digest_mismatch"),  # a hex digit of a sealed field
         (commitment, None, "audit.commitment_not_in_verdict"),
         ("policy.toml", 0, "audit.evidence_not_in_verdict"),  # a comment added: not the policy in force
     ]
@@ -236,7 +236,15 @@ def test_exported_bundle_edits_are_named(demo: DemoResult, tmp_path: Path) -> No
             data = bytearray(text.encode())
         elif rel == "policy.toml":
             data += b"\n# edited after the daemon exported it\n"
+        elif at == "prev":  # still well-formed (a flipped bit may leave hex: a parse error, not this check)
+            lines = data.decode().splitlines(keepends=True)
+            i = max(range(len(lines)), key=lambda k: len(lines[k]))
+            doc = json.loads(lines[i])
+            doc["prev"] = ("1" if doc["prev"][0] == "0" else "0") + doc["prev"][1:]
+            lines[i] = json.dumps(doc) + "\n"
+            data = bytearray("".join(lines).encode())
         else:
+            assert isinstance(at, int)
             data[at] ^= 0x01
         (copy / rel).write_bytes(bytes(data))
         run = subprocess.run(
