@@ -91,6 +91,13 @@ OFFSET_RECHECK_S = 10.0  # a refused ima_offset offered again is checked against
 EVENTLOG_RESEND_S = 30.0  # the event log is sent again at most this often (a daemon that keeps losing it)
 _KEY_UNKNOWN = ("auth.bad_mac", "auth.not_enrolled", "auth.missing")  # a 401 that means: enrol again
 _HEX32 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _nonce_of(value: Any) -> bytes | None:
+    """``value`` as a nonce (32 bytes of hex), or None when it is not one."""
+    return bytes.fromhex(value) if isinstance(value, str) and _HEX32.match(value) else None
+
+
 _ROUTES = {
     "batch": "batches",
     "quote": "quotes",
@@ -181,12 +188,8 @@ class Probe:
         # still in flight) names the nonce again, and a second quote with it would be refused as a replay.
         self._used: OrderedDict[bytes, None] = OrderedDict()
         for item in self.buffer.peek(len(self.buffer)):
-            if (
-                item.kind == "quote"
-                and isinstance(item.doc.get("nonce"), str)
-                and _HEX32.match(item.doc["nonce"])
-            ):
-                self._used[bytes.fromhex(item.doc["nonce"])] = None
+            if item.kind == "quote" and (buffered := _nonce_of(item.doc.get("nonce"))) is not None:
+                self._used[buffered] = None
         self._wake = asyncio.Event()
         self._quote_now = True  # a new segment's genesis is quoted at once
         self._new_segment = False
@@ -448,9 +451,10 @@ class Probe:
         checked first. Returns the answer's ``ima_offset`` when it is a sane integer."""
         nonce = doc.get("nonce")
         if nonce is not None:
-            if isinstance(nonce, str) and _HEX32.match(nonce):
-                if bytes.fromhex(nonce) not in self._used:  # a used one: wait for the next answer's
-                    self._nonce = bytes.fromhex(nonce)
+            fresh = _nonce_of(nonce)
+            if fresh is not None:
+                if fresh not in self._used:  # a used one: wait for the next answer's
+                    self._nonce = fresh
                     self._nonce_event.set()
             else:
                 self._refuse(_bad_value(route, "nonce", nonce, "32 bytes of hex"))
@@ -705,9 +709,9 @@ class Probe:
             elif kind == "quote":
                 self._quote_now = True
                 if "ingest.nonce_reused" not in ids:  # the daemon did not consume it: it may be used again
-                    used = sent[0].doc.get("nonce")
-                    if isinstance(used, str) and _HEX32.match(used):
-                        self._used.pop(bytes.fromhex(used), None)
+                    used = _nonce_of(sent[0].doc.get("nonce"))
+                    if used is not None:
+                        self._used.pop(used, None)
             elif kind == "eventlog":
                 self._eventlog_refused = str(sent[0].doc.get("sha256"))
         for item in sent:
