@@ -27,7 +27,7 @@ class Outcome(enum.StrEnum):
 class Span:
     """One request through the proxy. ``worker``/``node``/``gpus`` name the worker that served it."""
 
-    id: str  # tmb request id: 32 lowercase hex digits (128 random bits)
+    id: str  # tmb request id: 32 lowercase hex digits (start millisecond, then 80 random bits)
     correlation_id: str | None  # the client's X-Request-Id, if any (never the key)
     worker: str | None  # None when no worker served the request
     node: str | None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 from multidict import CIMultiDict
 
+from tmb.proxy import contract
 from tmb.proxy.contract import HOP_BY_HOP, strip_hop_by_hop
 from tmb.proxy.inspect import SseTokenCounter, model_from_json, usage_from_json
 from tmb.spans import SPAN_FIELDS, Outcome, Span
@@ -98,3 +101,16 @@ def test_span_round_trips_through_json() -> None:
     assert Span.from_dict(json.loads(json.dumps(span.to_dict()))) == span
     assert tuple(span.to_dict()) == SPAN_FIELDS  # every field, in order (the stored doc's key order)
     assert span.served and not Span.from_dict({**span.to_dict(), "first_byte_ns": None}).served
+
+
+def test_request_ids_start_with_their_millisecond_and_sort_by_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_765_000_000_123_456_789]
+    monkeypatch.setattr(contract, "time_ns", lambda: clock[0])
+    same_ms = [contract.new_request_id() for _ in range(600)]  # more than one pool of random bits
+    clock[0] += 1_000_000
+    later = contract.new_request_id()
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in [*same_ms, later])
+    assert {rid[:12] for rid in same_ms} == {f"{1_765_000_000_123:012x}"}
+    assert later[:12] == f"{1_765_000_000_124:012x}"
+    assert len(set(same_ms)) == 600  # the 80 random bits differ
+    assert all(rid < later for rid in same_ms)  # a later request's id sorts after

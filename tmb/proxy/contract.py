@@ -2,10 +2,11 @@
 
 The engines only do I/O; what they promise is here:
 
-* **Request ids.** Every request gets a tmb id, 128 bits from the OS CSPRNG as 32 lowercase hex digits
-  (:func:`new_request_id`), sent to the client as ``X-TMB-Request-Id`` with the response head and to the
-  worker as a request header. The client's ``X-Request-Id`` is kept only as the span's correlation id; an
-  ``X-TMB-Request-Id`` from the client is not forwarded, nor one from the worker relayed.
+* **Request ids.** Every request gets a tmb id of 32 lowercase hex digits: the wall-clock millisecond it
+  started (12 digits), then 80 bits from the OS CSPRNG (:func:`new_request_id`). It is sent to the client
+  as ``X-TMB-Request-Id`` with the response head and to the worker as a request header. The client's
+  ``X-Request-Id`` is kept only as the span's correlation id; an ``X-TMB-Request-Id`` from the client is
+  not forwarded, nor one from the worker relayed.
 * **Headers.** Hop-by-hop fields (RFC 9110 section 7.6.1: ``Connection`` and the fields it names,
   ``Keep-Alive``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``, ``Proxy-*``) are dropped both
   ways; ``Host`` and ``Expect`` are not forwarded (the worker's own host is sent);
@@ -122,11 +123,17 @@ _ID_POOL: list[str] = []
 
 
 def new_request_id() -> str:
-    """128 bits from the OS CSPRNG as 32 hex digits; fetched 256 ids per system call."""
+    """The wall-clock millisecond (12 hex digits), then 80 bits from the OS CSPRNG (20 hex digits; fetched
+    for 256 ids per system call).
+
+    The time first makes ids of one daemon sort in the order requests started, so the store's indexes on
+    request ids (spans, verdicts, the log's leaves) grow at their right edge: a group commit rewrites a few
+    pages instead of one per id, and the pages it touches stay in the cache however large the store grows.
+    80 random bits stay unguessable (an id names a verdict, which holds the request's times anyway)."""
     if not _ID_POOL:
-        raw = os.urandom(16 * 256).hex()
-        _ID_POOL.extend(raw[i : i + 32] for i in range(0, len(raw), 32))
-    return _ID_POOL.pop()
+        raw = os.urandom(10 * 256).hex()
+        _ID_POOL.extend(raw[i : i + 20] for i in range(0, len(raw), 20))
+    return f"{time_ns() // 1_000_000:012x}{_ID_POOL.pop()}"
 
 
 # -- the failure table ---------------------------------------------------------------------------------
