@@ -7,6 +7,7 @@ import dataclasses
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -264,6 +265,56 @@ async def test_verdict_writes_gather_for_the_linger_and_commit_together(
     await store.close()  # closing commits what gathers
     assert late.done() and late.exception() is None
     assert Store(tmp_path / "s.sqlite3").lookup(f"{3:032x}").state == "final"
+
+
+async def test_a_burst_of_gathered_verdicts_commits_in_chunks_with_spans_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tmb.verdict.async_store as store_mod
+
+    monkeypatch.setattr(store_mod, "LINGER_S", 60.0)  # the test says when the linger is over
+    chunk = store_mod.VERDICT_CHUNK
+    n = 2 * chunk + 10
+    store = AsyncStore(tmp_path / "s.sqlite3")
+    await store.record_spans([span(i) for i in range(n)])
+    commits: list[tuple[int, list[str]]] = []  # per transaction: verdicts, ids of the spans
+    real = store.store.write_batch
+
+    def counting(writes: Any) -> None:
+        real(writes)
+        spans = [s.id for got, _ in writes if got is not None for s in got]
+        commits.append((sum(1 for _, f in writes if f is not None), spans))
+
+    monkeypatch.setattr(store.store, "write_batch", counting)
+    signer = load_or_create_key(tmp_path / "k.pem")
+    verdicts = [final(tmp_path, f"{i:032x}") for i in range(n)]
+    assert all(v.key_id == signer.key_id for v in verdicts)
+    published = [asyncio.ensure_future(store.publish(v)) for v in verdicts]
+    await asyncio.sleep(0)
+    assert commits == [] and store._later_handle is not None  # gathering
+    store._later_handle.cancel()
+    store._flush_later()  # the linger is over: the first chunk commits at once, the rest later
+    assert commits == [(chunk, [])]
+    late = span(n)  # a response that ends while the verdicts drain
+    await store.add_span(late)
+    # its span commits with the next chunk, not behind the whole burst
+    assert commits[1] == (chunk, [late.id])
+    await asyncio.wait_for(asyncio.gather(*published), 5)
+    assert [c[0] for c in commits] == [chunk, chunk, 10]
+    assert [(await store.lookup(v.request_id)).state for v in verdicts] == ["final"] * n
+
+    # closing commits every gathered verdict, chunk by chunk, before the store closes
+    more = [final(tmp_path, f"{i:032x}") for i in range(n, 2 * n)]
+    await store.record_spans([span(i) for i in range(n + 1, 2 * n)])
+    commits.clear()
+    pending = [asyncio.ensure_future(store.publish(v)) for v in more]
+    await asyncio.sleep(0)
+    await store.close()
+    assert all(p.done() and p.exception() is None for p in pending)
+    assert [c[0] for c in commits] == [chunk, chunk, 10]
+    reopened = Store(tmp_path / "s.sqlite3")
+    assert all(reopened.lookup(v.request_id).state == "final" for v in more)
+    reopened.close()
 
 
 _V1 = """
