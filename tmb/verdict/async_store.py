@@ -139,7 +139,7 @@ class AsyncStore:
         while self._draining and verdicts < VERDICT_CHUNK:
             op = self._draining.popleft()
             self._batch.append(op)
-            verdicts += len(op[1]) if isinstance(op[1], list) else 1
+            verdicts += len(_writes(op))
         if self._draining and again:
             assert self._loop is not None  # noqa: S101 (set by the first write)
             self._drain_handle = self._loop.call_soon(self._drain)
@@ -469,18 +469,23 @@ def _commit(store: Backend, writes: list[_Op]) -> list[tuple[asyncio.Future[Any]
     """Commit ``writes`` in one transaction; when that fails, each on its own (the good ones still land)."""
     if not writes:
         return []
-    try:  # an op's payload is one Write or a list of them (publish_many)
-        store.write_batch([w for op in writes for w in (op[1] if isinstance(op[1], list) else [op[1]])])
+    try:
+        store.write_batch([w for op in writes for w in _writes(op)])
         return [(op[2], None, None) for op in writes]
     except Exception:
         done: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         for op in writes:
             try:
-                store.write_batch(op[1] if isinstance(op[1], list) else [op[1]])
+                store.write_batch(_writes(op))
                 done.append((op[2], None, None))
             except Exception as exc:
                 done.append((op[2], exc, None))
         return done
+
+
+def _writes(op: _Op) -> list[Write]:
+    """A write op's payload as a list: one Write, or the list of them ``publish_many`` queued."""
+    return op[1] if isinstance(op[1], list) else [op[1]]
 
 
 def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int]:
